@@ -1,0 +1,237 @@
+"""The ``pushrules`` command line: validate and compile rules, send, inspect, run the daemon.
+
+Exit codes, for CI and scripts: 0 success, 1 problems found or the operation failed, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from engine import __version__
+from engine.problems import Problem, format_github, format_json, format_text, summary
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 1
+EXIT_USAGE = 2
+
+EPILOG = """\
+Typical use:
+  pushrules validate                 check every rule, template and pushrules.yaml here
+  pushrules validate --format github annotate a pull request from CI
+  pushrules compile flight-canceled --event event.json
+                                     show the exact JSON a rule would send
+
+Exit codes: 0 ok, 1 problems found or the operation failed, 2 usage error.
+Docs: docs/rules.md (writing rules), docs/operations.md (running the daemon).
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, exiting 2 on usage errors (its default) with a pointer to --help."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="pushrules",
+        description="Declarative push notification rules for Accengage: YAML rules in git, "
+        "validated against the API, compiled and sent by a daemon.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"pushrules {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser(
+        "validate",
+        help="check rules, templates and pushrules.yaml; exit 1 on any error",
+        description="Check every file of a pushrules project against the Accengage API and the "
+        "rule format. Each problem shows file:line:column, its severity, the Accengage return "
+        "code the same mistake would earn in production, and what to do. Warnings do not fail.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  pushrules validate\n  pushrules validate path/to/project "
+        "--format json",
+    )
+    p.add_argument("dir", nargs="?", default=".", type=Path, help="project folder (default: .)")
+    p.add_argument(
+        "--format",
+        choices=("text", "json", "github"),
+        default="text",
+        help="text for people, json for tools, github for workflow annotations",
+    )
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "compile",
+        help="print the exact requests one firing of a rule would send",
+        description="Render a rule for one firing and print a JSON array with one element per "
+        'HTTP request: {"url", "body"}. The password is shown as ********; an unset '
+        "credential variable does not stop it. Nothing is sent.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  pushrules compile flight-canceled --event event.json\n"
+        '  echo \'{"member_id": "42"}\' | pushrules compile flight-canceled --event -\n'
+        "  pushrules compile daily-digest --at 2026-12-24T09:00:00+01:00",
+    )
+    p.add_argument("rule", help="rule id: the rule file's name without .yaml")
+    _project_argument(p)
+    p.add_argument("--event", metavar="FILE", help="event payload, a JSON object (- for stdin)")
+    p.add_argument(
+        "--at", metavar="ISO8601", help="fire time for `now` (default: the current time)"
+    )
+    p.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="how problems are printed when the rule is invalid",
+    )
+    p.set_defaults(func=cmd_compile)
+
+    return parser
+
+
+def _project_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--project",
+        metavar="DIR",
+        type=Path,
+        default=Path("."),
+        help="project folder holding pushrules.yaml (default: .)",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+# --- validate ------------------------------------------------------------------------------
+
+
+def print_problems(problems: Sequence[Problem], fmt: str, files: int) -> None:
+    if fmt == "json":
+        print(format_json(problems))
+    elif fmt == "github":
+        if problems:
+            print(format_github(problems))
+        print(summary(problems, files), file=sys.stderr)
+    else:
+        if problems:
+            print(format_text(problems))
+        print(summary(problems, files), file=sys.stderr)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from engine.loader import Loader
+
+    root: Path = args.dir
+    if not root.is_dir():
+        print(f"pushrules: {root} is not a folder", file=sys.stderr)
+        return EXIT_USAGE
+    ruleset = Loader(root).load()
+    print_problems(ruleset.problems, args.format, ruleset.files)
+    return EXIT_OK if ruleset.ok else EXIT_PROBLEMS
+
+
+# --- compile -------------------------------------------------------------------------------
+
+
+def read_event(source: str | None) -> dict[str, Any] | None:
+    """The event payload from a file or stdin; it must be a JSON object."""
+    if source is None:
+        return None
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read the event file {source}: {exc.strerror}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            f"the event in {source} is not JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+        ) from None
+    if not isinstance(value, dict):
+        raise UsageError(f"the event in {source} must be a JSON object ({{...}})")
+    return value
+
+
+def parse_time(text: str | None) -> datetime:
+    if text is None:
+        return datetime.now(UTC)
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(
+            f"--at {text!r} is not an ISO 8601 time like 2026-12-24T09:00:00+01:00"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class UsageError(Exception):
+    """Bad input on the command line: exit 2 with the message."""
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from engine.compiler import CompileError, FireContext, compile_fire, for_display
+    from engine.loader import Loader
+    from engine.schedule import parse_timezone
+    from engine.secrets import MissingSecret
+
+    try:
+        event = read_event(args.event)
+        at = parse_time(args.at)
+    except UsageError as exc:
+        print(f"pushrules: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    ruleset = Loader(args.project).load()
+    rule = ruleset.rules.get(args.rule)
+    own = [
+        p
+        for p in ruleset.problems
+        if p.file.startswith("rules/") is False or Path(p.file).stem == args.rule
+    ]
+    if ruleset.project is None or rule is None or any(p.is_error for p in own):
+        if rule is None and not any(Path(p.file).stem == args.rule for p in ruleset.problems):
+            known = ", ".join(sorted(ruleset.rules)) or "none"
+            print(
+                f"pushrules: no rule '{args.rule}' in {args.project / 'rules'} (known: {known})",
+                file=sys.stderr,
+            )
+            return EXIT_PROBLEMS
+        print_problems([p for p in own if p.is_error], args.format, ruleset.files)
+        return EXIT_PROBLEMS
+    project = ruleset.project
+    now = at.astimezone(parse_timezone(rule.timezone))
+    try:
+        requests = compile_fire(rule, project.url, FireContext(now=now, event=event))
+    except CompileError as exc:
+        if args.format == "json":
+            problem = Problem(rule.file, None, None, exc.field, exc.code, "error", exc.message)
+            print(format_json([problem]))
+        else:
+            print(f"pushrules: {exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    try:
+        login = project.login.resolve() if project.login else ""
+    except MissingSecret:
+        login = f"<{project.login.describe()} is not set>" if project.login else ""
+    output = [{"url": r.url, "body": for_display(r.body, login)} for r in requests]
+    print(json.dumps(output, indent=2, ensure_ascii=False))
+    return EXIT_OK

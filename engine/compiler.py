@@ -1,0 +1,307 @@
+"""A rule plus what it fired on -> the exact ``sendInstantMessage`` request bodies.
+
+Pure: no clock, no network, no store. Jinja renders here; ``${macros}`` pass through untouched;
+``for_each`` targets expand here and the targets are cut into requests of at most 100. The
+``user`` object is left out: credentials are added by the dispatcher at send time only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from engine import accengage, templating
+from engine.problems import field_path
+from engine.rules import AppPlan, Rule
+from engine.secrets import MASK
+from engine.yaml_source import Scalar, plain
+
+#: Targets one fire may expand to through for_each before it is refused.
+MAX_EXPANDED_TARGETS = 1_000_000
+
+
+class CompileError(Exception):
+    """Rendering or expanding failed; names the rule and the field so the author can fix it."""
+
+    def __init__(self, rule: str, field: str, message: str, code: int | None = None) -> None:
+        super().__init__(f"rule {rule}, {field}: {message}")
+        self.rule = rule
+        self.field = field
+        self.message = message
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class FireContext:
+    """What a fire knows: when it fired, and the event or feed item that fired it."""
+
+    now: datetime
+    event: Mapping[str, Any] | None = None
+    item: Mapping[str, Any] | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRequest:
+    rule: str
+    chunk: int
+    url: str
+    body: dict[str, Any]  # {"sendInstantMessage": {...}} without "user"
+
+
+def template_context(rule: Rule, ctx: FireContext) -> dict[str, Any]:
+    return {
+        "event": ctx.event if ctx.event is not None else {},
+        "item": ctx.item if ctx.item is not None else {},
+        "now": ctx.now,
+        "rule": {"id": rule.id, "description": rule.description, "timezone": rule.timezone},
+        "vars": _native_tree(rule.vars),
+        **ctx.extra,
+    }
+
+
+def passes_when(rule: Rule, ctx: FireContext) -> bool:
+    """The rule's ``when`` condition (true when it has none)."""
+    if not rule.when:
+        return True
+    try:
+        return bool(templating.evaluate(rule.when, template_context(rule, ctx)))
+    except templating.RenderError as exc:
+        raise CompileError(rule.id, "when", str(exc)) from None
+
+
+def compile_fire(rule: Rule, url: str, ctx: FireContext) -> list[CompiledRequest]:
+    """All requests of one fire; an empty list when for_each targets expand to nothing."""
+    scope = template_context(rule, ctx)
+    messages = [(plan, _api_message(rule, plan, scope)) for plan in rule.apps]
+    targets = list(_expand_targets(rule, scope))
+    chunks = [
+        targets[i : i + accengage.MAX_TARGETS]
+        for i in range(0, len(targets), accengage.MAX_TARGETS)
+    ]
+    return [
+        CompiledRequest(rule.id, index, url, {"sendInstantMessage": _request(messages, chunk)})
+        for index, chunk in enumerate(chunks)
+    ]
+
+
+def _request(
+    messages: Sequence[tuple[AppPlan, dict[str, Any]]], targets: list[dict[str, Any]]
+) -> dict[str, Any]:
+    if len(messages) == 1:
+        plan, message = messages[0]
+        return {
+            "partner": {"id": plan.app.partner},
+            plan.parent_key: plan.parent_value,
+            "message": message,
+            "targets": targets,
+        }
+    return {
+        "messages": [
+            {"partner": {"id": p.app.partner}, p.parent_key: p.parent_value, "message": m}
+            for p, m in messages
+        ],
+        "targets": targets,
+    }
+
+
+def with_user(body: Mapping[str, Any], login: str, password: str) -> dict[str, Any]:
+    """The body as sent: ``user`` first, as in the API's examples."""
+    inner = body["sendInstantMessage"]
+    return {"sendInstantMessage": {"user": {"login": login, "password": password}, **inner}}
+
+
+def for_display(body: Mapping[str, Any], login: str) -> dict[str, Any]:
+    """The body as ``pushrules compile`` shows it: the password masked."""
+    return with_user(body, login, MASK)
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+
+class _Renderer:
+    def __init__(self, rule: Rule, scope: Mapping[str, Any], base: tuple[Any, ...]) -> None:
+        self.rule = rule
+        self.scope = scope
+        self.base = base
+
+    def text(self, value: Any, path: tuple[Any, ...]) -> str:
+        text = str(value)
+        if not templating.is_template(text):
+            return text
+        try:
+            return templating.render(text, self.scope)
+        except templating.RenderError as exc:
+            raise CompileError(self.rule.id, field_path((*self.base, *path)), str(exc)) from None
+
+    def native(self, value: Any, path: tuple[Any, ...]) -> Any:
+        """Apple's dictionaries keep YAML's types; text is rendered."""
+        if isinstance(value, Scalar) and value.typed is not None:
+            return value.typed
+        if isinstance(value, dict):
+            return {str(k): self.native(v, (*path, k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.native(v, (*path, i)) for i, v in enumerate(value)]
+        if isinstance(value, str):
+            return self.text(value, path)
+        return value
+
+    def texts(self, mapping: Mapping[str, Any], path: tuple[Any, ...]) -> dict[str, str]:
+        return {str(k): self.text(v, (*path, k)) for k, v in mapping.items()}
+
+    def custom_params(self, value: Any, path: tuple[Any, ...]) -> list[dict[str, str]]:
+        if isinstance(value, dict):
+            return [{"key": str(k), "value": self.text(v, (*path, k))} for k, v in value.items()]
+        return [
+            {
+                "key": self.text(i["key"], (*path, n, "key")),
+                "value": self.text(i["value"], (*path, n, "value")),
+            }
+            for n, i in enumerate(value)
+        ]
+
+    def aps(self, value: Mapping[str, Any], path: tuple[Any, ...]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if key == "badge":
+                out["badge"] = _integer(item)
+            else:
+                out[str(key)] = self.native(item, (*path, key))
+        return out
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, Scalar) and isinstance(value.typed, bool):
+        return value.typed
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "yes", "on", "1")
+    return bool(value)
+
+
+def _integer(value: Any) -> Any:
+    if isinstance(value, Scalar) and isinstance(value.typed, int):
+        return value.typed
+    return value
+
+
+def _api_message(rule: Rule, plan: AppPlan, scope: Mapping[str, Any]) -> dict[str, Any]:
+    r = _Renderer(rule, scope, ("apps", plan.alias, "message"))
+    out: dict[str, Any] = {}
+    for key, value in plan.message.items():
+        path = (key,)
+        kind = accengage.MESSAGE_FIELDS.get(key, "string")
+        if kind == "boolean":
+            out[key] = _boolean(value)
+        elif kind == "popup":
+            out[key] = r.texts(value, path) if isinstance(value, dict) else _boolean(value)
+        elif kind == "customParams":
+            out[key] = r.custom_params(value, path)
+        elif kind == "content":
+            out[key] = r.texts(value, path)
+        elif kind == "buttons":
+            out[key] = _buttons(r, value, path)
+        elif kind == "aps":
+            out[key] = r.aps(value, path)
+        else:
+            out[key] = r.text(value, path)
+    return out
+
+
+def _buttons(r: _Renderer, value: Mapping[str, Any], path: tuple[Any, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "template" in value:
+        out["template"] = r.text(value["template"], (*path, "template"))
+    buttons = []
+    for index, button in enumerate(value.get("buttons") or []):
+        bpath = (*path, "buttons", index)
+        item: dict[str, Any] = {}
+        for key, field_value in button.items():
+            if key == "id":
+                # The type says String, the example sends a number: send what the author wrote.
+                item["id"] = _integer(field_value)
+            elif key == "destructive":
+                item[key] = _boolean(field_value)
+            elif key == "customParams":
+                item[key] = r.custom_params(field_value, (*bpath, key))
+            else:
+                item[str(key)] = r.text(field_value, (*bpath, key))
+        buttons.append(item)
+    out["buttons"] = buttons
+    return out
+
+
+def _target(r: _Renderer, target: Mapping[str, Any], path: tuple[Any, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in target.items():
+        kpath = (*path, key)
+        if key == "data":
+            out[key] = r.texts(value, kpath)
+        elif key == "aps":
+            out[key] = r.aps(value, kpath)
+        elif isinstance(value, dict):
+            out[str(key)] = {
+                "operator": str(value["operator"]),
+                "value": r.text(value["value"], (*kpath, "value")),
+            }
+        else:
+            out[str(key)] = r.text(value, kpath)
+    return out
+
+
+def _expand_targets(rule: Rule, scope: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    r = _Renderer(rule, scope, ())
+    produced = 0
+    for index, target in enumerate(rule.targets):
+        path = ("targets", index)
+        if "for_each" not in target:
+            produced += 1
+            yield _target(r, target, path)
+            continue
+        try:
+            items = templating.evaluate(str(target["for_each"]), scope)
+        except templating.RenderError as exc:
+            raise CompileError(rule.id, field_path((*path, "for_each")), str(exc)) from None
+        if isinstance(items, str | bytes | Mapping) or not hasattr(items, "__iter__"):
+            raise CompileError(
+                rule.id,
+                field_path((*path, "for_each")),
+                f"must give a list, and gave {type(items).__name__}",
+                9,
+            )
+        name = str(target.get("as") or "item")
+        for item in items:
+            produced += 1
+            if produced > MAX_EXPANDED_TARGETS:
+                raise CompileError(
+                    rule.id,
+                    field_path((*path, "for_each")),
+                    f"expands to more than {MAX_EXPANDED_TARGETS:,} targets",
+                    14,
+                )
+            inner = _Renderer(rule, {**scope, name: item}, ())
+            yield _target(inner, target["target"], (*path, "target"))
+
+
+def _native_tree(value: Any) -> Any:
+    """``vars`` as the template sees them: YAML numbers and booleans typed, text as text."""
+    if isinstance(value, Scalar):
+        return value.typed if value.typed is not None else str(value)
+    if isinstance(value, dict):
+        return {str(k): _native_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_native_tree(v) for v in value]
+    return value
+
+
+__all__ = [
+    "CompileError",
+    "CompiledRequest",
+    "FireContext",
+    "compile_fire",
+    "for_display",
+    "passes_when",
+    "plain",
+    "with_user",
+]

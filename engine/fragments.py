@@ -1,0 +1,82 @@
+"""Reusable pieces a rule pulls with ``use: NAME``: message templates and button sets."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.problems import Problem, field_path
+from engine.schemas import BUTTON_TEMPLATE_CHECKER, MESSAGE_TEMPLATE_CHECKER, SchemaChecker
+from engine.yaml_source import MarkedMap, load, position
+
+MESSAGES_DIR = Path("templates/messages")
+BUTTONS_DIR = Path("templates/buttons")
+
+
+@dataclass(frozen=True)
+class Fragments:
+    messages: Mapping[str, MarkedMap] = field(default_factory=dict)
+    buttons: Mapping[str, MarkedMap] = field(default_factory=dict)
+
+
+def load_fragments(root: Path) -> tuple[Fragments, list[Problem], int]:
+    """Both template folders; a broken template is reported and left out, the rest load."""
+    problems: list[Problem] = []
+    messages, count_m = _load_dir(root, MESSAGES_DIR, MESSAGE_TEMPLATE_CHECKER, problems, 5)
+    buttons, count_b = _load_dir(root, BUTTONS_DIR, BUTTON_TEMPLATE_CHECKER, problems, 23)
+    return Fragments(messages, buttons), problems, count_m + count_b
+
+
+def _load_dir(
+    root: Path, folder: Path, checker: SchemaChecker, problems: list[Problem], code: int
+) -> tuple[dict[str, MarkedMap], int]:
+    found: dict[str, MarkedMap] = {}
+    directory = root / folder
+    if not directory.is_dir():
+        return found, 0
+    paths = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml"))
+    for path in paths:
+        rel = str(folder / path.name)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(Problem(rel, None, None, "", None, "error", f"cannot read: {exc}"))
+            continue
+        loaded = load(text)
+        issues = [
+            Problem(rel, i.line, i.column, "", None, "error", i.message) for i in loaded.issues
+        ]
+        doc = loaded.data
+        if not issues and not isinstance(doc, MarkedMap):
+            issues.append(
+                Problem(
+                    rel,
+                    1,
+                    1,
+                    "",
+                    None,
+                    "error",
+                    "a template must be a mapping of fields (name: value lines)",
+                )
+            )
+        if not issues:
+            for err in checker.check(doc):
+                line, column = position(doc, err.path)
+                err_code = 13 if err.kind == "unknown" else _code_for(err.path, code)
+                issues.append(
+                    Problem(rel, line, column, field_path(err.path), err_code, "error", err.message)
+                )
+        problems.extend(issues)
+        if not any(p.is_error for p in issues):
+            found[path.stem] = doc  # type: ignore[assignment]
+    return found, len(paths)
+
+
+def _code_for(path: tuple[Any, ...], default: int) -> int:
+    if "customParams" in path:
+        return 25 if "buttons" in path else 6
+    if path[-1:] == ("id",) and "buttons" in path:
+        return 24
+    return default

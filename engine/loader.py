@@ -1,0 +1,231 @@
+"""A project folder -> an immutable :class:`RuleSet`, re-checking only files that changed.
+
+A broken file never hides the problems of, nor stops the loading of, the others. When a file
+that was good breaks, its last good version stays in the rule set (the daemon keeps running
+it) and its problems are reported. Many files are checked on all cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import re
+from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.fragments import BUTTONS_DIR, MESSAGES_DIR, Fragments, load_fragments
+from engine.problems import Problem
+from engine.project import CONFIG_NAME, Project, load_project
+from engine.rules import Rule, parse_rule
+
+RULES_DIR = Path("rules")
+_RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: Below this many files to check, starting worker processes costs more than it saves.
+PARALLEL_THRESHOLD = 200
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """Everything the daemon runs on; swapped whole on reload."""
+
+    root: Path
+    project: Project | None
+    fragments: Fragments
+    rules: Mapping[str, Rule]
+    problems: tuple[Problem, ...]
+    files: int
+    stale: frozenset[str] = field(default_factory=frozenset)  # rules kept at a last good version
+
+    @property
+    def ok(self) -> bool:
+        return not any(p.is_error for p in self.problems)
+
+    def for_event(self, name: str) -> list[Rule]:
+        return [r for r in self.rules.values() if r.enabled and r.event == name]
+
+    def problems_of(self, rule_id: str) -> list[Problem]:
+        rel = self.rules[rule_id].file if rule_id in self.rules else None
+        return [p for p in self.problems if p.file == rel]
+
+
+@dataclass(slots=True)
+class _Entry:
+    text_hash: str
+    context: str
+    rule: Rule | None
+    problems: list[Problem]
+
+
+def rule_files(root: Path) -> list[Path]:
+    directory = root / RULES_DIR
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+
+
+def _context_key(root: Path) -> str:
+    """A fingerprint of what every rule depends on: the config and the templates."""
+    digest = hashlib.blake2b(digest_size=16)
+    paths = [root / CONFIG_NAME]
+    for folder in (MESSAGES_DIR, BUTTONS_DIR):
+        directory = root / folder
+        if directory.is_dir():
+            paths.extend(sorted(directory.iterdir()))
+    for path in paths:
+        digest.update(str(path.name).encode())
+        try:
+            digest.update(path.read_bytes())
+        except OSError:
+            digest.update(b"<missing>")
+    return digest.hexdigest()
+
+
+class Loader:
+    """Loads a project folder, remembering each file's result for the next load."""
+
+    def __init__(self, root: Path, *, workers: int | None = None) -> None:
+        self.root = root
+        self.workers = workers if workers is not None else (os.cpu_count() or 1)
+        self._entries: dict[str, _Entry] = {}
+        self._last_good: dict[str, Rule] = {}
+
+    def load(self) -> RuleSet:
+        root = self.root
+        context = _context_key(root)
+        project, problems = load_project(root)
+        fragments, fragment_problems, fragment_files = load_fragments(root)
+        problems = [*problems, *fragment_problems]
+        paths = rule_files(root)
+        texts: dict[str, tuple[str, str, str]] = {}  # rel -> (rule id, text, hash)
+        seen_ids: dict[str, str] = {}
+        for path in paths:
+            rel = str(RULES_DIR / path.name)
+            rule_id = path.stem
+            if rule_id in seen_ids:
+                problems.append(
+                    Problem(
+                        rel,
+                        None,
+                        None,
+                        "",
+                        None,
+                        "error",
+                        f"rule id '{rule_id}' is also {seen_ids[rule_id]}; rename one of the files",
+                    )
+                )
+                continue
+            seen_ids[rule_id] = rel
+            if not _RULE_ID.match(rule_id):
+                problems.append(
+                    Problem(
+                        rel,
+                        None,
+                        None,
+                        "",
+                        None,
+                        "error",
+                        "a rule file name may hold letters, digits, '-', '_' and "
+                        "'.' only (the name is the rule's id)",
+                    )
+                )
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                problems.append(Problem(rel, None, None, "", None, "error", f"cannot read: {exc}"))
+                continue
+            texts[rel] = (rule_id, text, hashlib.blake2b(text.encode(), digest_size=16).hexdigest())
+
+        if project is None:
+            # Without a valid pushrules.yaml no rule can be checked against apps and platforms.
+            rules: dict[str, Rule] = {}
+            self._entries.clear()
+            return RuleSet(
+                root,
+                None,
+                fragments,
+                dict(self._last_good),
+                tuple(problems),
+                1 + fragment_files + len(paths),
+                frozenset(self._last_good),
+            )
+
+        todo = [
+            rel
+            for rel, (_, _, h) in texts.items()
+            if (entry := self._entries.get(rel)) is None
+            or entry.text_hash != h
+            or entry.context != context
+        ]
+        for rel, entry in self._check(todo, texts, project, fragments).items():
+            self._entries[rel] = _Entry(texts[rel][2], context, entry[0], entry[1])
+        for gone in set(self._entries) - set(texts):
+            del self._entries[gone]
+
+        rules = {}
+        stale = set()
+        for rel, (rule_id, _, _) in texts.items():
+            entry = self._entries[rel]
+            problems.extend(entry.problems)
+            if entry.rule is not None:
+                rules[rule_id] = entry.rule
+                self._last_good[rule_id] = entry.rule
+            elif rule_id in self._last_good:
+                rules[rule_id] = self._last_good[rule_id]
+                stale.add(rule_id)
+        for gone in set(self._last_good) - set(rules):
+            del self._last_good[gone]
+        return RuleSet(
+            root,
+            project,
+            fragments,
+            rules,
+            tuple(problems),
+            1 + fragment_files + len(paths),
+            frozenset(stale),
+        )
+
+    def _check(
+        self,
+        todo: list[str],
+        texts: Mapping[str, tuple[str, str, str]],
+        project: Project,
+        fragments: Fragments,
+    ) -> dict[str, tuple[Rule | None, list[Problem]]]:
+        jobs = [(texts[rel][0], rel, texts[rel][1]) for rel in todo]
+        if len(jobs) < PARALLEL_THRESHOLD or self.workers < 2:
+            return {rel: parse_rule(rid, rel, text, project, fragments) for rid, rel, text in jobs}
+        return _check_parallel(jobs, project, fragments, self.workers)
+
+
+_shared: tuple[Project, Fragments] | None = None
+
+
+def _check_chunk(jobs: list[tuple[str, str, str]]) -> list[tuple[str, Rule | None, list[Problem]]]:
+    assert _shared is not None
+    project, fragments = _shared
+    return [(rel, *parse_rule(rid, rel, text, project, fragments)) for rid, rel, text in jobs]
+
+
+def _check_parallel(
+    jobs: list[tuple[str, str, str]], project: Project, fragments: Fragments, workers: int
+) -> dict[str, tuple[Rule | None, list[Problem]]]:
+    """Check on several cores; forked workers inherit the project and templates."""
+    global _shared
+    _shared = (project, fragments)
+    chunks = [jobs[i::workers] for i in range(workers)]
+    try:
+        context = multiprocessing.get_context("fork")
+    except ValueError:  # pragma: no cover - no fork on this platform
+        return {rel: parse_rule(rid, rel, text, project, fragments) for rid, rel, text in jobs}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        results = list(pool.map(_check_chunk, chunks))
+    _shared = None
+    return {rel: (rule, problems) for chunk in results for rel, rule, problems in chunk}
+
+
+def load_ruleset(root: Path) -> RuleSet:
+    return Loader(root).load()

@@ -1,0 +1,198 @@
+"""``pushrules.yaml``: where to send, with which credentials, for which apps, with what defaults."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine import accengage
+from engine.problems import Problem, field_path
+from engine.schemas import PROJECT_CHECKER, is_yaml_int
+from engine.secrets import SecretRef
+from engine.yaml_source import Scalar, load, position
+
+CONFIG_NAME = "pushrules.yaml"
+DEFAULT_STORE = "sqlite:///pushrules.db"
+DEFAULT_LISTEN = "127.0.0.1:8750"
+
+
+@dataclass(frozen=True, slots=True)
+class App:
+    alias: str
+    partner: str
+    platform: str  # "ios" or "android"
+
+
+@dataclass(frozen=True)
+class Project:
+    """The validated configuration; immutable, so a reload swaps it whole."""
+
+    root: Path
+    url: str
+    login: SecretRef | None
+    password: SecretRef | None
+    apps: Mapping[str, App]
+    timezone: str = "UTC"
+    device_fields: frozenset[str] | None = None
+    languages: frozenset[str] | None = None
+    button_templates: Mapping[str, int] = field(default_factory=dict)
+    store: str = DEFAULT_STORE
+    listen: str = DEFAULT_LISTEN
+    intake_token: SecretRef | None = None
+    dispatch: Mapping[str, Any] = field(default_factory=dict)
+
+    def button_count(self, template: str) -> int | None:
+        """Buttons of a category: the app's declared ones first, then Accengage's predefined."""
+        if template in self.button_templates:
+            return self.button_templates[template]
+        return accengage.PREDEFINED_BUTTON_TEMPLATES.get(template)
+
+    def store_url(self) -> str:
+        """The store URL, a relative SQLite path taken from the project folder."""
+        prefix = "sqlite:///"
+        if self.store.startswith(prefix) and not self.store.startswith(prefix + "/"):
+            rest = self.store[len(prefix) :]
+            if rest and rest != ":memory:":
+                return prefix + str((self.root / rest).resolve())
+        return self.store
+
+
+def load_project(root: Path) -> tuple[Project | None, list[Problem]]:
+    """Read and check ``pushrules.yaml``; the project is None when it has errors."""
+    path = root / CONFIG_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, [
+            Problem(
+                CONFIG_NAME,
+                None,
+                None,
+                "",
+                None,
+                "error",
+                f"no {CONFIG_NAME} in {root}; create one (see docs/rules.md) or "
+                "point to the project folder",
+            )
+        ]
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, [Problem(CONFIG_NAME, None, None, "", None, "error", f"cannot read: {exc}")]
+    return parse_project(root, text)
+
+
+def parse_project(root: Path, text: str) -> tuple[Project | None, list[Problem]]:
+    loaded = load(text)
+    problems = [
+        Problem(CONFIG_NAME, i.line, i.column, "", None, "error", i.message) for i in loaded.issues
+    ]
+    doc = loaded.data
+    if doc is None and not problems:
+        problems.append(Problem(CONFIG_NAME, 1, 1, "", None, "error", "the file is empty"))
+    if doc is None or problems:
+        return None, problems
+    if not isinstance(doc, dict):
+        problems.append(
+            Problem(
+                CONFIG_NAME,
+                1,
+                1,
+                "",
+                None,
+                "error",
+                "must be a mapping of settings (name: value lines)",
+            )
+        )
+        return None, problems
+
+    def report(path: tuple[Any, ...], code: int | None, message: str, severity: str = "error"):
+        line, column = position(doc, path)
+        problems.append(
+            Problem(CONFIG_NAME, line, column, field_path(path), code, severity, message)  # type: ignore[arg-type]
+        )
+
+    for err in PROJECT_CHECKER.check(doc):
+        head = err.path[:1]
+        code = {("accengage",): 3, ("apps",): 4}.get(head)
+        if head == ("accengage",) and err.path[1:2] == ("url",):
+            code = None
+        report(err.path, code, err.message)
+
+    accengage_section = doc.get("accengage") if isinstance(doc.get("accengage"), dict) else {}
+    login = _secret(accengage_section, "login", root, report, ("accengage",))
+    password = _secret(accengage_section, "password", root, report, ("accengage",))
+    token = _secret(doc, "intake_token", root, report, ())
+
+    timezone = str(doc.get("timezone") or "UTC")
+    if isinstance(doc.get("timezone"), str):
+        from engine.schedule import TriggerError, parse_timezone
+
+        try:
+            parse_timezone(timezone)
+        except TriggerError as exc:
+            report(("timezone",), None, str(exc))
+
+    if any(p.is_error for p in problems):
+        return None, problems
+    apps = {
+        str(alias): App(str(alias), str(spec["partner"]), str(spec["platform"]))
+        for alias, spec in doc["apps"].items()
+    }
+    project = Project(
+        root=root,
+        url=str(accengage_section["url"]),
+        login=login,
+        password=password,
+        apps=apps,
+        timezone=timezone,
+        device_fields=_names(doc.get("device_fields")),
+        languages=_names(doc.get("languages")),
+        button_templates={
+            str(k): int(v.typed if isinstance(v, Scalar) else v)
+            for k, v in (doc.get("button_templates") or {}).items()
+            if is_yaml_int(v)
+        },
+        store=str(doc.get("store") or DEFAULT_STORE),
+        listen=str(doc.get("listen") or DEFAULT_LISTEN),
+        intake_token=token,
+        dispatch=_typed(doc.get("dispatch") or {}),
+    )
+    return project, problems
+
+
+def _names(value: Any) -> frozenset[str] | None:
+    return None if value is None else frozenset(str(v) for v in value)
+
+
+def _typed(section: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        str(k): (v.typed if isinstance(v, Scalar) and v.typed is not None else v)
+        for k, v in section.items()
+    }
+
+
+def _secret(
+    container: Mapping[str, Any], key: str, root: Path, report: Any, prefix: tuple[str, ...]
+) -> SecretRef | None:
+    """A credential reference; a literal value is refused so it never sits in git."""
+    value = container.get(key)
+    path = (*prefix, key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        report(
+            path,
+            3,
+            f"{key} is written in clear; a secret must never be in the repository. "
+            f"Write {key}: {{env: VARIABLE_NAME}} or {key}: {{file: /path/to/file}}",
+        )
+        return None
+    if not isinstance(value, dict):
+        return None
+    kinds = [k for k in ("env", "file") if k in value]
+    extra = [k for k in value if k not in ("env", "file")]
+    if len(kinds) != 1 or extra or not isinstance(value.get(kinds[0] if kinds else ""), str):
+        report(path, 3, f"{key} must be {{env: VARIABLE_NAME}} or {{file: PATH}}")
+        return None
+    return SecretRef(kinds[0], str(value[kinds[0]]), root)

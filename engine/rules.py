@@ -1,0 +1,854 @@
+"""One rule file -> a checked, immutable :class:`Rule`, or the problems that stop it.
+
+Checks run in the order an author fixes things: the YAML, the shape (Cerberus, see
+:mod:`engine.schemas`), then what needs the project and the templates (apps, platforms, buttons,
+macros, languages, triggers, Jinja). Every problem points at the line in the rule file where the
+author can fix it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from engine import accengage, templating
+from engine.fragments import Fragments
+from engine.problems import Problem, did_you_mean, field_path
+from engine.project import App, Project
+from engine.schemas import RULE_CHECKER, TARGET, SchemaChecker, is_yaml_bool, is_yaml_int
+from engine.yaml_source import MarkedMap, Scalar, load, plain, position
+
+DEFAULT_CATCH_UP = timedelta(minutes=10)
+TRIGGER_KINDS = ("cron", "every", "at", "event", "poll")
+MESSAGE_TEXT_FIELDS = ("subject", "text", "customizedTitle", "longText")
+
+_TARGET_CHECKER = SchemaChecker(TARGET["schema"], allow_unknown=True)
+_TARGET_CHECKER._validator.allow_unknown = TARGET["allow_unknown"]
+
+
+@dataclass(frozen=True, slots=True)
+class AppPlan:
+    """One app of a rule: its partner, its parent message, and its message after merging."""
+
+    alias: str
+    app: App
+    parent_key: str  # "parentMessageId" or "parentMessageExternalId"
+    parent_value: str
+    message: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class QuietHours:
+    start: str  # "HH:MM"
+    end: str
+    then: str  # "defer" or "skip"
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    count: int
+    per: timedelta
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    file: str
+    description: str
+    enabled: bool
+    trigger_kind: str
+    trigger: Mapping[str, Any]
+    timezone: str
+    when: str | None
+    apps: tuple[AppPlan, ...]
+    targets: tuple[Mapping[str, Any], ...]
+    vars: Mapping[str, Any] = field(default_factory=dict)
+    catch_up: timedelta = DEFAULT_CATCH_UP
+    quiet_hours: QuietHours | None = None
+    limit: Limit | None = None
+    digest: str = ""
+
+    @property
+    def event(self) -> str | None:
+        return str(self.trigger["event"]) if self.trigger_kind == "event" else None
+
+    @property
+    def multi_app(self) -> bool:
+        return len(self.apps) > 1
+
+
+Report = Callable[..., None]
+
+
+class _Collector:
+    """Problems of one rule file, positioned from its document."""
+
+    def __init__(self, rel: str, doc: Any) -> None:
+        self.rel = rel
+        self.doc = doc
+        self.problems: list[Problem] = []
+
+    def add(
+        self,
+        path: Sequence[Any],
+        code: int | None,
+        message: str,
+        severity: str = "error",
+        *,
+        at: Sequence[Sequence[Any]] = (),
+    ) -> None:
+        """Report at ``path``, or at the first of ``at`` that exists in the file."""
+        line, column = self._locate([tuple(path), *[tuple(a) for a in at]])
+        self.problems.append(
+            Problem(self.rel, line, column, field_path(path), code, severity, message)  # type: ignore[arg-type]
+        )
+
+    def _locate(self, candidates: list[tuple[Any, ...]]) -> tuple[int | None, int | None]:
+        for candidate in candidates:
+            if _exists(self.doc, candidate):
+                return position(self.doc, candidate)
+        return position(self.doc, candidates[0])
+
+    @property
+    def failed(self) -> bool:
+        return any(p.is_error for p in self.problems)
+
+
+def _exists(doc: Any, path: tuple[Any, ...]) -> bool:
+    node = doc
+    for step in path:
+        if isinstance(node, dict) and step in node:
+            node = node[step]
+        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+            node = node[step]
+        else:
+            return False
+    return True
+
+
+def parse_rule(
+    rule_id: str, rel: str, text: str, project: Project, fragments: Fragments
+) -> tuple[Rule | None, list[Problem]]:
+    """Check one rule file's text; the rule is None when it has an error."""
+    loaded = load(text)
+    out = _Collector(rel, loaded.data)
+    for issue in loaded.issues:
+        out.problems.append(
+            Problem(rel, issue.line, issue.column, "", None, "error", issue.message)
+        )
+    if out.failed:
+        return None, out.problems
+    doc = loaded.data
+    if not isinstance(doc, MarkedMap):
+        out.add(
+            (),
+            None,
+            "a rule must be a mapping with trigger, apps, message and targets"
+            if doc is not None
+            else "the file is empty; a rule needs trigger, apps, message and targets",
+        )
+        return None, out.problems
+    _check_shape(doc, out)
+    if out.failed:
+        return None, out.problems
+    rule = _build(rule_id, rel, doc, project, fragments, out)
+    return (None if out.failed else rule), out.problems
+
+
+def _shape_code(path: tuple[Any, ...], kind: str) -> int | None:
+    """The Accengage return code a shape error in this place would earn."""
+    head = path[0] if path else None
+    in_message = head == "message" or (head == "apps" and "message" in path)
+    if head == "apps" and not in_message:
+        if kind == "unknown":
+            return 13
+        return 10 if str(path[-1]).startswith("parentMessage") else 4
+    if in_message:
+        if "customParams" in path:
+            return 25 if "buttons" in path else 6
+        if kind == "unknown":
+            return 13
+        if "interactiveButtons" in path:
+            if path[-1] == "id":
+                return 24
+            if path[-1] in ("template", "use"):
+                return 23
+        return 5
+    if head == "targets":
+        return 13 if kind == "unknown" and "aps" in path else 9
+    return None
+
+
+def _check_shape(doc: MarkedMap, out: _Collector) -> None:
+    for err in RULE_CHECKER.check(doc):
+        out.add(err.path, _shape_code(err.path, err.kind), err.message)
+
+
+def _build(
+    rule_id: str,
+    rel: str,
+    doc: MarkedMap,
+    project: Project,
+    fragments: Fragments,
+    out: _Collector,
+) -> Rule | None:
+    trigger = doc["trigger"]
+    kind, timezone = _check_trigger(trigger, project, out)
+    when = doc.get("when")
+    if when is not None:
+        _check_expression(when, ("when",), out)
+
+    base_message = _resolve_message(doc["message"], ("message",), fragments, out)
+    apps = _check_apps(doc, base_message, project, fragments, out)
+    targets = tuple(doc["targets"])
+    _check_targets(targets, len(apps) > 1 or len(doc["apps"]) > 1, project, out)
+    for plan in apps:
+        _check_app_message(plan, targets, project, out)
+    catch_up = _duration(doc.get("catch_up"), ("catch_up",), out) or DEFAULT_CATCH_UP
+    quiet = _check_quiet_hours(doc.get("quiet_hours"), out)
+    limit = _check_limit(doc.get("limit"), out)
+    _check_templates(doc, out)
+    if out.failed or kind is None:
+        return None
+    enabled = doc.get("enabled")
+    return Rule(
+        id=rule_id,
+        file=rel,
+        description=str(doc.get("description") or ""),
+        enabled=True if enabled is None else bool(_typed(enabled)),
+        trigger_kind=kind,
+        trigger=trigger,
+        timezone=timezone,
+        when=str(when) if when is not None else None,
+        apps=tuple(apps),
+        targets=targets,
+        vars=doc.get("vars") or {},
+        catch_up=catch_up,
+        quiet_hours=quiet,
+        limit=limit,
+        digest=digest(doc, project, apps),
+    )
+
+
+def digest(doc: Any, project: Project, apps: Sequence[AppPlan]) -> str:
+    """What the rule means, hashed: two loads with the same digest schedule the same jobs."""
+    payload = json.dumps(
+        [plain(doc), [plain(p.message) for p in apps], project.timezone],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _typed(value: Any) -> Any:
+    return value.typed if isinstance(value, Scalar) and value.typed is not None else value
+
+
+# --- triggers ------------------------------------------------------------------------------
+
+
+def _check_trigger(
+    trigger: Mapping[str, Any], project: Project, out: _Collector
+) -> tuple[str | None, str]:
+    from engine import schedule
+
+    kinds = [k for k in TRIGGER_KINDS if k in trigger]
+    timezone = str(trigger.get("timezone") or project.timezone)
+    if "timezone" in trigger:
+        try:
+            schedule.parse_timezone(timezone)
+        except schedule.TriggerError as exc:
+            out.add(("trigger", "timezone"), None, str(exc))
+            return None, timezone
+    if len(kinds) != 1:
+        out.add(
+            ("trigger",),
+            None,
+            "a trigger needs exactly one of cron, every, at, event, poll"
+            + (f" (found {', '.join(kinds)})" if kinds else ""),
+        )
+        return None, timezone
+    kind = kinds[0]
+    if kind == "event":
+        name = str(trigger["event"])
+        if not name or any(c in name for c in "/ ?#"):
+            out.add(
+                ("trigger", "event"),
+                None,
+                "an event name is one word like flight.canceled (no spaces or slashes)",
+            )
+        return kind, timezone
+    if kind == "poll":
+        poll = trigger["poll"]
+        url = str(poll["url"])
+        if not url.startswith(("http://", "https://")):
+            out.add(
+                ("trigger", "poll", "url"), None, "the feed URL must start with http:// or https://"
+            )
+        _duration(poll.get("every"), ("trigger", "poll", "every"), out)
+        if poll.get("timeout") is not None:
+            _duration(poll.get("timeout"), ("trigger", "poll", "timeout"), out)
+        if not templating.is_expression(str(poll["key"])) and not str(poll["key"]).isidentifier():
+            _check_text(poll["key"], ("trigger", "poll", "key"), out)
+        return kind, timezone
+    try:
+        tz = schedule.parse_timezone(timezone)
+        schedule.schedule_for(trigger, tz)
+    except schedule.TriggerError as exc:
+        out.add(("trigger", kind), None, str(exc))
+        return None, timezone
+    return kind, timezone
+
+
+def _duration(value: Any, path: tuple[Any, ...], out: _Collector) -> timedelta | None:
+    if value is None:
+        return None
+    from engine import schedule
+
+    try:
+        return schedule.parse_duration(str(value))
+    except schedule.TriggerError as exc:
+        out.add(path, None, str(exc))
+        return None
+
+
+def _check_quiet_hours(value: Any, out: _Collector) -> QuietHours | None:
+    if value is None:
+        return None
+    ok = True
+    for key in ("from", "to"):
+        text = str(value[key])
+        parts = text.split(":")
+        valid = (
+            len(parts) == 2
+            and all(p.isdigit() for p in parts)
+            and int(parts[0]) < 24
+            and int(parts[1]) < 60
+        )
+        if not valid:
+            out.add(
+                ("quiet_hours", key),
+                None,
+                f"'{text}' is not a time of day; write HH:MM in quotes, like \"21:00\"",
+            )
+            ok = False
+    if not ok:
+        return None
+    return QuietHours(str(value["from"]), str(value["to"]), str(value.get("then") or "defer"))
+
+
+def _check_limit(value: Any, out: _Collector) -> Limit | None:
+    if value is None:
+        return None
+    count = int(_typed(value["count"]))
+    if count < 1:
+        out.add(("limit", "count"), None, "must be at least 1")
+    per = _duration(value["per"], ("limit", "per"), out)
+    return Limit(count, per) if per and count >= 1 else None
+
+
+# --- messages and apps ---------------------------------------------------------------------
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> MarkedMap:
+    """``over`` on top of ``base``; mappings merge, everything else is replaced."""
+    merged = MarkedMap(getattr(over, "line", 0), getattr(over, "column", 0))
+    for source in (base, over):
+        merged.key_marks.update(getattr(source, "key_marks", {}))
+        for key, value in source.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = deep_merge(merged[key], value)
+            else:
+                merged[key] = value
+    return merged
+
+
+def _resolve_message(
+    message: Mapping[str, Any], path: tuple[Any, ...], fragments: Fragments, out: _Collector
+) -> MarkedMap:
+    """Apply ``use:`` for the message and for its buttons; siblings override the template."""
+    resolved = _use(message, path, fragments.messages, "templates/messages", 5, out)
+    buttons = resolved.get("interactiveButtons")
+    if isinstance(buttons, dict):
+        resolved["interactiveButtons"] = _use(
+            buttons, (*path, "interactiveButtons"), fragments.buttons, "templates/buttons", 23, out
+        )
+    return resolved
+
+
+def _use(
+    value: Mapping[str, Any],
+    path: tuple[Any, ...],
+    library: Mapping[str, MarkedMap],
+    folder: str,
+    code: int,
+    out: _Collector,
+) -> MarkedMap:
+    name = value.get("use")
+    own = MarkedMap(getattr(value, "line", 0), getattr(value, "column", 0))
+    own.key_marks.update(getattr(value, "key_marks", {}))
+    own.update((k, v) for k, v in value.items() if k != "use")
+    if name is None:
+        return own
+    template = library.get(str(name))
+    if template is None:
+        out.add(
+            (*path, "use"),
+            code,
+            f"no template '{name}' in {folder}/{did_you_mean(str(name), library)}; "
+            f"known: {', '.join(sorted(library)) or 'none'}",
+        )
+        return own
+    return deep_merge(template, own)
+
+
+def _check_apps(
+    doc: MarkedMap,
+    base_message: MarkedMap,
+    project: Project,
+    fragments: Fragments,
+    out: _Collector,
+) -> list[AppPlan]:
+    plans = []
+    for alias, settings in doc["apps"].items():
+        path = ("apps", alias)
+        app = project.apps.get(str(alias))
+        if app is None:
+            out.add(
+                path,
+                4,
+                f"no app '{alias}' in pushrules.yaml"
+                f"{did_you_mean(str(alias), project.apps)}; known apps: "
+                f"{', '.join(sorted(project.apps))}",
+            )
+            continue
+        settings = settings or {}
+        parents = [k for k in ("parentMessageId", "parentMessageExternalId") if k in settings]
+        if not parents:
+            out.add(
+                path,
+                10,
+                "each app needs parentMessageId or parentMessageExternalId: the "
+                "Accengage message this push is attached to",
+            )
+            continue
+        if len(parents) == 2:
+            out.add(
+                path, 10, "give parentMessageId or parentMessageExternalId, not both", "warning"
+            )
+        message = base_message
+        if settings.get("message"):
+            override = _resolve_message(settings["message"], (*path, "message"), fragments, out)
+            message = deep_merge(base_message, override)
+        plans.append(AppPlan(str(alias), app, parents[0], str(settings[parents[0]]), message))
+    return plans
+
+
+def _message_paths(alias: str, sub: Sequence[Any]) -> tuple[tuple[Any, ...], ...]:
+    """Where in the rule file a merged message field may come from, most specific first."""
+    return (
+        ("apps", alias, "message", *sub),
+        ("message", *sub),
+        ("apps", alias, "message", "use"),
+        ("message", "use"),
+        ("message", "interactiveButtons", "use"),
+        ("message",),
+    )
+
+
+def _check_app_message(
+    plan: AppPlan, targets: Sequence[Any], project: Project, out: _Collector
+) -> None:
+    message = plan.message
+    alias, platform = plan.alias, plan.app.platform
+
+    def add(sub: Sequence[Any], code: int | None, text: str, severity: str = "error") -> None:
+        paths = _message_paths(alias, sub)
+        out.add(
+            paths[1] if _exists(out.doc, paths[1]) else paths[0], code, text, severity, at=paths
+        )
+
+    wrong = (
+        accengage.ANDROID_ONLY_MESSAGE_FIELDS
+        if platform == "ios"
+        else accengage.IOS_ONLY_MESSAGE_FIELDS
+    )
+    for name in sorted(wrong & set(message)):
+        other = "Android" if platform == "ios" else "iOS"
+        add(
+            (name,),
+            5,
+            f"{name} is for {other} apps only, and app '{alias}' is "
+            f"{'iOS' if platform == 'ios' else 'Android'}; move it under "
+            f"apps.<{other.lower()} app>.message",
+        )
+
+    custom = message.get("customParams")
+    if custom is not None:
+        for sub, text in _custom_params_problems(custom):
+            add(("customParams", *sub), 6, text)
+
+    if message.get("sound") == "custom" and not message.get("soundName"):
+        add(("sound",), 5, "sound: custom needs soundName (the sound file in the app)", "warning")
+    opening = message.get("richPushOpening")
+    if opening is not None and opening not in accengage.RICH_PUSH_OPENINGS:
+        add(
+            ("richPushOpening",),
+            5,
+            f"richPushOpening '{opening}' is not one Accengage documents; use webview or browser",
+            "warning",
+        )
+    language = message.get("language")
+    if (
+        language is not None
+        and project.languages is not None
+        and not templating.is_template(str(language))
+        and language not in project.languages
+    ):
+        add(
+            ("language",),
+            17,
+            f"language '{language}' is not one of the project's languages "
+            f"({', '.join(sorted(project.languages))})"
+            f"{did_you_mean(str(language), project.languages)}",
+        )
+
+    buttons = message.get("interactiveButtons")
+    if isinstance(buttons, dict):
+        _check_buttons(buttons, plan, project, add)
+
+    _check_macros(message, targets, project, add)
+
+    size = len(json.dumps(plain(message), ensure_ascii=False).encode())
+    limit = accengage.MAX_PAYLOAD_BYTES[platform]
+    if size > limit:
+        add(
+            (),
+            None,
+            f"the message for '{alias}' takes {size:,} bytes; {platform} refuses "
+            f"pushes over {limit:,} bytes: shorten the texts or data",
+            "warning",
+        )
+
+
+def _custom_params_problems(value: Any) -> Iterator[tuple[tuple[Any, ...], str]]:
+    """customParams is a mapping of text, or the API's list of {key, value}."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(item, str):
+                yield (key,), "each custom parameter value must be text"
+        return
+    for index, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) != {"key", "value"}:
+            yield (index,), "each item must be {key: ..., value: ...}"
+        elif not all(isinstance(item[k], str) for k in ("key", "value")):
+            yield (index,), "key and value must be text"
+
+
+def _check_buttons(
+    buttons: Mapping[str, Any], plan: AppPlan, project: Project, add: Report
+) -> None:
+    platform = plan.app.platform
+    template = buttons.get("template")
+    if template is None:
+        if platform == "ios":
+            add(
+                ("interactiveButtons",),
+                23,
+                "iOS buttons need a template: the button category "
+                "declared in the app (or an Accengage predefined one like yes_no_category)",
+            )
+        count = None
+    else:
+        count = project.button_count(str(template))
+        if count is None:
+            known = list(project.button_templates) + list(accengage.PREDEFINED_BUTTON_TEMPLATES)
+            add(
+                ("interactiveButtons", "template"),
+                23,
+                f"button template '{template}' is neither an Accengage predefined category nor "
+                "declared under button_templates in pushrules.yaml"
+                f"{did_you_mean(str(template), known)}",
+                "warning",
+            )
+    items = buttons.get("buttons") or []
+    maximum = accengage.MAX_BUTTONS[platform]
+    if len(items) > maximum:
+        add(
+            ("interactiveButtons", "buttons"),
+            24,
+            f"{len(items)} buttons, but "
+            f"{'iOS' if platform == 'ios' else 'Android'} shows at most {maximum}",
+            "warning",
+        )
+    seen: set[str] = set()
+    for index, button in enumerate(items):
+        sub = ("interactiveButtons", "buttons", index)
+        button_id = button.get("id")
+        text = str(button_id)
+        if not is_yaml_int(button_id) and not text.isdigit():
+            add(
+                (*sub, "id"),
+                24,
+                f"button id '{text}' must be the button's number in its template (1, 2, ...)",
+            )
+        elif text in seen:
+            add((*sub, "id"), 24, f"button id {text} is used twice")
+        elif count is not None and not 1 <= int(text) <= count:
+            add(
+                (*sub, "id"),
+                24,
+                f"button id {text} is beyond template '{template}', which has "
+                f"{count} button{'s' if count != 1 else ''}",
+            )
+        seen.add(text)
+        action = button.get("action")
+        if action is not None and action not in accengage.BUTTON_ACTIONS:
+            if action == "urlSheme":
+                add(
+                    (*sub, "action"),
+                    5,
+                    "urlSheme is the spelling of Accengage's button page; "
+                    "the API documents urlScheme: check which your account accepts",
+                    "warning",
+                )
+            else:
+                add(
+                    (*sub, "action"),
+                    5,
+                    f"'{action}' is not a button action"
+                    f"{did_you_mean(str(action), accengage.BUTTON_ACTIONS)}; use one of: "
+                    f"{', '.join(accengage.BUTTON_ACTIONS)}",
+                )
+        if platform == "ios":
+            for name in sorted(accengage.ANDROID_ONLY_BUTTON_FIELDS & set(button)):
+                add(
+                    (*sub, name),
+                    5,
+                    f"{name} is shown on Android only; on iOS the button comes from its category",
+                    "warning",
+                )
+        custom = button.get("customParams")
+        if custom is not None:
+            for csub, text in _custom_params_problems(custom):
+                add((*sub, "customParams", *csub), 25, text)
+
+
+def _message_texts(message: Mapping[str, Any]) -> Iterator[tuple[tuple[Any, ...], str]]:
+    """Texts Accengage fills ``${macros}`` in, with their paths."""
+    for name in MESSAGE_TEXT_FIELDS:
+        if isinstance(message.get(name), str):
+            yield (name,), message[name]
+    aps = message.get("aps")
+    if isinstance(aps, dict):
+        yield from _alert_texts(aps.get("alert"), ("aps", "alert"))
+
+
+def _alert_texts(alert: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], str]]:
+    if isinstance(alert, str):
+        yield path, alert
+    elif isinstance(alert, dict):
+        for key, value in alert.items():
+            if isinstance(value, str):
+                yield (*path, key), value
+
+
+def _target_data_names(target: Mapping[str, Any]) -> set[str]:
+    inner = target.get("target") if "for_each" in target else target
+    data = inner.get("data") if isinstance(inner, dict) else None
+    return {str(k) for k in data} if isinstance(data, dict) else set()
+
+
+def _check_macros(
+    message: Mapping[str, Any], targets: Sequence[Any], project: Project, add: Report
+) -> None:
+    message_data = message.get("data")
+    fillable = {str(k) for k in message_data} if isinstance(message_data, dict) else set()
+    devices = project.device_fields or frozenset()
+    severity = "error" if project.device_fields is not None else "warning"
+    hint = (
+        ""
+        if project.device_fields is not None
+        else " (declare device_fields in pushrules.yaml to make this check exact)"
+    )
+    for path, text in _message_texts(message):
+        for name in templating.macros(text):
+            if name in fillable or name in devices:
+                continue
+            missing = [i for i, t in enumerate(targets) if name not in _target_data_names(t)]
+            if missing:
+                which = ", ".join(f"targets[{i}]" for i in missing[:5])
+                add(
+                    path,
+                    15,
+                    f"${{{name}}} cannot be filled for {which}: add {name} to the "
+                    f"message's data, to each target's data, or to device_fields{hint}",
+                    severity,
+                )
+
+
+# --- targets -------------------------------------------------------------------------------
+
+
+def _check_targets(
+    targets: Sequence[Any], multi_app: bool, project: Project, out: _Collector
+) -> None:
+    static = 0
+    for index, target in enumerate(targets):
+        path = ("targets", index)
+        if "for_each" in target or "target" in target or "as" in target:
+            _check_dynamic_target(target, path, multi_app, project, out)
+            continue
+        static += 1
+        _check_one_target(target, path, multi_app, project, out)
+    if static > accengage.MAX_TARGETS:
+        out.add(
+            ("targets",),
+            14,
+            f"{static} targets; Accengage takes at most "
+            f"{accengage.MAX_TARGETS} per request. Use a segment, a static list, or "
+            "for_each (which is split into requests of 100)",
+        )
+
+
+def _check_dynamic_target(
+    target: Mapping[str, Any],
+    path: tuple[Any, ...],
+    multi_app: bool,
+    project: Project,
+    out: _Collector,
+) -> None:
+    extra = sorted(set(target) - {"for_each", "as", "target"})
+    if extra:
+        out.add(
+            (*path, extra[0]),
+            9,
+            "a for_each target holds only for_each, as and target; move the criteria under target",
+        )
+    if "for_each" not in target or "target" not in target:
+        out.add(path, 9, 'a dynamic target needs for_each: "{{ ... }}" and target: {...}')
+        return
+    _check_expression(target["for_each"], (*path, "for_each"), out)
+    name = str(target.get("as") or "item")
+    if not name.isidentifier():
+        out.add((*path, "as"), 9, f"'{name}' must be a plain name like p or passenger")
+    inner = target["target"]
+    for err in _TARGET_CHECKER.check(inner):
+        out.add((*path, "target", *err.path), 9, err.message)
+    _check_one_target(inner, (*path, "target"), multi_app, project, out)
+
+
+def _check_one_target(
+    target: Mapping[str, Any],
+    path: tuple[Any, ...],
+    multi_app: bool,
+    project: Project,
+    out: _Collector,
+) -> None:
+    criteria = [
+        k
+        for k in target
+        if k not in accengage.TARGET_KEYS and k not in ("for_each", "as", "target")
+    ]
+    lists = [k for k in target if k in accengage.SINGLE_APP_ONLY_TARGET_KEYS]
+    if not criteria and not lists:
+        out.add(
+            path,
+            9,
+            "a target needs at least one criterion (like memberId), a segmentId or a static list",
+        )
+    if multi_app:
+        for key in lists:
+            out.add(
+                (*path, key),
+                9,
+                f"{key} works with one app only; a rule for several apps must target by criteria",
+            )
+    if project.device_fields is not None:
+        for key in criteria:
+            if key not in project.device_fields:
+                out.add(
+                    (*path, key),
+                    9,
+                    f"'{key}' is not a device field"
+                    f"{did_you_mean(str(key), project.device_fields)}; known: "
+                    f"{', '.join(sorted(project.device_fields))} (device_fields in "
+                    "pushrules.yaml)",
+                )
+
+
+# --- Jinja ---------------------------------------------------------------------------------
+
+
+def _check_expression(value: Any, path: tuple[Any, ...], out: _Collector) -> None:
+    text = str(value)
+    if not templating.is_expression(text):
+        out.add(path, None, 'must be one Jinja expression in {{ }}, like "{{ event.passengers }}"')
+        return
+    _check_text(value, path, out)
+
+
+def _check_text(
+    value: Any, path: tuple[Any, ...], out: _Collector, names: frozenset[str] = frozenset()
+) -> None:
+    text = str(value)
+    if not templating.is_template(text):
+        return
+    problem = templating.syntax_problem(text, names)
+    if problem:
+        out.add(path, None, problem)
+
+
+def _walk_strings(value: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], str]]:
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _walk_strings(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _walk_strings(item, (*path, index))
+
+
+def _check_templates(doc: MarkedMap, out: _Collector) -> None:
+    for section in ("message", "apps", "description"):
+        for path, text in _walk_strings(doc.get(section), (section,)):
+            _check_text(text, path, out)
+    for index, target in enumerate(doc.get("targets") or []):
+        names = frozenset()
+        if isinstance(target, dict) and "for_each" in target:
+            names = frozenset({str(target.get("as") or "item")})
+        for path, text in _walk_strings(target, ("targets", index)):
+            if path[-1] not in ("for_each", "as"):
+                _check_text(text, path, out, names)
+
+
+def compile_templates(rule: Rule) -> None:
+    """Compile every template the rule holds now, so a fire compiles nothing (cache warm-up)."""
+    for plan in rule.apps:
+        for _, text in _walk_strings(plan.message, ()):
+            if templating.is_template(text):
+                templating.compile_text(text)
+    for _, text in _walk_strings(list(rule.targets), ()):
+        if templating.is_template(text):
+            if templating.is_expression(text):
+                templating.compile_expression(text)
+            templating.compile_text(text)
+    if rule.when:
+        templating.compile_expression(rule.when)
+
+
+__all__ = [
+    "AppPlan",
+    "Limit",
+    "QuietHours",
+    "Rule",
+    "compile_templates",
+    "deep_merge",
+    "is_yaml_bool",
+    "parse_rule",
+]

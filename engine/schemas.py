@@ -1,0 +1,320 @@
+"""Cerberus schemas of the files a user writes, and the plain-language reading of their errors.
+
+The shapes follow the Accengage API (ACCENGAGE_API.md) with the rule-level keys of DESIGN.md.
+Scalars arrive as text (see :mod:`engine.yaml_source`), so the two API types that are not text,
+boolean and integer, are custom types that accept a plain YAML ``true`` or ``12``.
+What Cerberus cannot say (cross-field and cross-file rules) is checked in :mod:`engine.validate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import cerberus
+from cerberus import errors as cerr
+
+from engine import accengage
+from engine.problems import did_you_mean
+from engine.yaml_source import Scalar
+
+TEXT: dict[str, Any] = {"type": "string"}
+BOOL: dict[str, Any] = {"type": "yamlbool"}
+INT: dict[str, Any] = {"type": "yamlint"}
+
+CUSTOM_PARAMS: dict[str, Any] = {"type": ["dict", "list"]}  # shape checked in validate.py
+
+CRITERION: dict[str, Any] = {
+    "type": ["string", "dict"],
+    "schema": {
+        "operator": {"type": "string", "required": True, "allowed": list(accengage.OPERATORS)},
+        "value": {"type": "string", "required": True},
+    },
+}
+
+APS: dict[str, Any] = {
+    "type": "dict",
+    "schema": {
+        "alert": {"type": ["string", "dict"]},
+        "sound": TEXT,
+        "badge": INT,
+    },
+}
+
+BUTTON: dict[str, Any] = {
+    "type": "dict",
+    "schema": {
+        "id": {"type": "string", "required": True},
+        "action": {"type": "string"},  # value list checked in validate.py (urlSheme warns)
+        "url": TEXT,
+        "title": TEXT,
+        "icon": TEXT,
+        "destructive": BOOL,
+        "customParams": CUSTOM_PARAMS,
+    },
+}
+
+BUTTONS: dict[str, Any] = {
+    "type": "dict",
+    "schema": {
+        "use": TEXT,
+        "template": TEXT,
+        "buttons": {"type": "list", "schema": BUTTON},
+    },
+}
+
+
+def _message_schema() -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name, kind in accengage.MESSAGE_FIELDS.items():
+        fields[name] = {
+            "string": TEXT,
+            "boolean": BOOL,
+            "popup": {
+                "type": ["yamlbool", "dict"],
+                "schema": {name: TEXT for name in accengage.POPUP_FIELDS},
+            },
+            "customParams": CUSTOM_PARAMS,
+            "content": {"type": "dict", "valuesrules": TEXT},
+            "buttons": BUTTONS,
+            "aps": APS,
+        }[kind]
+    fields["sound"] = {"type": "string", "allowed": list(accengage.SOUNDS)}
+    fields["use"] = TEXT
+    return fields
+
+
+MESSAGE: dict[str, Any] = _message_schema()
+
+TARGET: dict[str, Any] = {
+    "type": "dict",
+    "allow_unknown": CRITERION,  # every other key is a device field criterion
+    "schema": {
+        "segmentId": TEXT,
+        "staticListId": TEXT,
+        "staticListExternalId": TEXT,
+        "data": {"type": "dict", "valuesrules": TEXT},
+        "aps": APS,
+        "for_each": TEXT,
+        "as": TEXT,
+        "target": {"type": "dict"},  # checked as a target of its own in validate.py
+    },
+}
+
+TRIGGER: dict[str, Any] = {
+    "cron": TEXT,
+    "every": TEXT,
+    "at": TEXT,
+    "event": TEXT,
+    "timezone": TEXT,
+    "poll": {
+        "type": "dict",
+        "schema": {
+            "url": {"type": "string", "required": True},
+            "every": {"type": "string", "required": True},
+            "items": TEXT,
+            "key": {"type": "string", "required": True},
+            "timeout": TEXT,
+            "on_first_poll": {"type": "string", "allowed": ["record", "send"]},
+        },
+    },
+}
+
+RULE: dict[str, Any] = {
+    "description": TEXT,
+    "enabled": BOOL,
+    "trigger": {"type": "dict", "required": True, "schema": TRIGGER},
+    "when": TEXT,
+    "apps": {
+        "type": "dict",
+        "required": True,
+        "empty": False,
+        "valuesrules": {
+            "type": "dict",
+            "nullable": True,
+            "schema": {
+                "parentMessageId": TEXT,
+                "parentMessageExternalId": TEXT,
+                "message": {"type": "dict", "schema": MESSAGE},
+            },
+        },
+    },
+    "message": {"type": "dict", "required": True, "schema": MESSAGE},
+    "targets": {"type": "list", "required": True, "empty": False, "schema": TARGET},
+    "vars": {"type": "dict"},
+    "catch_up": TEXT,
+    "quiet_hours": {
+        "type": "dict",
+        "schema": {
+            "from": {"type": "string", "required": True},
+            "to": {"type": "string", "required": True},
+            "then": {"type": "string", "allowed": ["defer", "skip"]},
+        },
+    },
+    "limit": {
+        "type": "dict",
+        "schema": {"count": {**INT, "required": True}, "per": {"type": "string", "required": True}},
+    },
+}
+
+SECRET: dict[str, Any] = {"type": ["dict", "string"]}  # shape checked in project.py
+
+PROJECT: dict[str, Any] = {
+    "accengage": {
+        "type": "dict",
+        "required": True,
+        "schema": {
+            "url": {"type": "string", "required": True},
+            "login": {**SECRET, "required": True},
+            "password": {**SECRET, "required": True},
+        },
+    },
+    "apps": {
+        "type": "dict",
+        "required": True,
+        "empty": False,
+        "valuesrules": {
+            "type": "dict",
+            "schema": {
+                "partner": {"type": "string", "required": True},
+                "platform": {
+                    "type": "string",
+                    "required": True,
+                    "allowed": list(accengage.PLATFORMS),
+                },
+            },
+        },
+    },
+    "timezone": TEXT,
+    "device_fields": {"type": "list", "schema": TEXT},
+    "languages": {"type": "list", "schema": TEXT},
+    "button_templates": {"type": "dict", "valuesrules": INT},
+    "store": TEXT,
+    "listen": TEXT,
+    "intake_token": SECRET,
+    "dispatch": {
+        "type": "dict",
+        "schema": {
+            "concurrency": INT,
+            "rate_per_second": INT,
+            "max_attempts": INT,
+            "timeout": TEXT,
+            "on_unknown_outcome": {"type": "string", "allowed": ["park", "retry"]},
+        },
+    },
+}
+
+
+def is_yaml_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return True
+    return isinstance(value, Scalar) and isinstance(value.typed, bool)
+
+
+def is_yaml_int(value: object) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return True
+    return (
+        isinstance(value, Scalar)
+        and isinstance(value.typed, int)
+        and not isinstance(value.typed, bool)
+    )
+
+
+class _Validator(cerberus.Validator):
+    """Cerberus with the two YAML-aware types."""
+
+    def _validate_type_yamlbool(self, value: object) -> bool:
+        return is_yaml_bool(value)
+
+    def _validate_type_yamlint(self, value: object) -> bool:
+        return is_yaml_int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaError:
+    """One thing Cerberus found, already in words for a rule author."""
+
+    path: tuple[Any, ...]
+    kind: str  # "unknown", "type", "allowed", "required", "empty", "null"
+    message: str
+
+
+_TYPE_WORDS = {
+    "string": "text",
+    "dict": "a mapping (name: value lines)",
+    "list": "a list (lines starting with '- ')",
+    "yamlbool": "true or false",
+    "yamlint": "a whole number",
+}
+
+
+def _type_words(constraint: object) -> str:
+    names = constraint if isinstance(constraint, list | tuple) else [constraint]
+    return " or ".join(_TYPE_WORDS.get(str(n), str(n)) for n in names)
+
+
+class SchemaChecker:
+    """A reusable validator for one schema: Cerberus compiles a schema once, then checks fast."""
+
+    def __init__(self, schema: Mapping[str, Any], *, allow_unknown: bool = False) -> None:
+        self._validator = _Validator(dict(schema), allow_unknown=allow_unknown)
+
+    def check(self, document: Mapping[str, Any]) -> list[SchemaError]:
+        self._validator.validate(document, normalize=False)
+        return list(self._read(self._validator._errors))
+
+    def _read(self, errors: Any) -> Iterator[SchemaError]:
+        for error in errors:
+            if error.child_errors:
+                yield from self._read(error.child_errors)
+                continue
+            yield self._explain(error)
+
+    def _explain(self, error: cerr.ValidationError) -> SchemaError:
+        path = tuple(error.document_path)
+        name = path[-1] if path else ""
+        if error.code == cerr.UNKNOWN_FIELD.code:
+            known = _known_fields(error.schema_path, self._validator.schema)
+            hint = did_you_mean(str(name), known)
+            choices = f"; allowed here: {', '.join(sorted(known))}" if known and not hint else ""
+            return SchemaError(path, "unknown", f"'{name}' is not a known field{hint}{choices}")
+        if error.code == cerr.BAD_TYPE.code:
+            return SchemaError(path, "type", f"must be {_type_words(error.constraint)}")
+        if error.code == cerr.UNALLOWED_VALUE.code:
+            allowed = [str(a) for a in error.constraint]
+            hint = did_you_mean(str(error.value), allowed)
+            return SchemaError(
+                path,
+                "allowed",
+                f"'{error.value}' is not allowed{hint}; use one of: {', '.join(allowed)}",
+            )
+        if error.code == cerr.REQUIRED_FIELD.code:
+            return SchemaError(path, "required", "is missing; add it")
+        if error.code == cerr.EMPTY_NOT_ALLOWED.code:
+            return SchemaError(path, "empty", "must not be empty")
+        if error.code == cerr.NOT_NULLABLE.code:
+            return SchemaError(path, "null", "has no value; write one or remove the line")
+        return SchemaError(path, "other", str(error.rule or "invalid value"))
+
+
+def _known_fields(schema_path: tuple[Any, ...], root: Mapping[str, Any]) -> list[str]:
+    """Field names the schema allows next to an unknown one (for "did you mean")."""
+    node: Any = root
+    for step in schema_path[:-1]:
+        try:
+            node = node[step]
+        except (KeyError, TypeError, IndexError):
+            return []
+    if isinstance(node, Mapping):
+        inner = node.get("schema", node)
+        if isinstance(inner, Mapping):
+            return [str(k) for k in inner]
+    return []
+
+
+RULE_CHECKER = SchemaChecker(RULE)
+PROJECT_CHECKER = SchemaChecker(PROJECT)
+MESSAGE_TEMPLATE_CHECKER = SchemaChecker(MESSAGE)
+BUTTON_TEMPLATE_CHECKER = SchemaChecker(BUTTONS["schema"])

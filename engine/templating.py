@@ -1,0 +1,222 @@
+"""Jinja2 for rule texts: sandboxed, strict about undefined names, bounded in time and memory.
+
+``{{ ... }}`` and ``{% ... %}`` are ours, rendered when a rule fires; ``${name}`` is an Accengage
+macro that Jinja leaves alone. Values that come from an event are data: rendering is one pass,
+so an event field holding ``{{ 7*7 }}`` is sent as those characters.
+
+Templates are compiled once per distinct source text and cached, so loading 1,000 rules that
+share expressions compiles each expression once, and firing a rule compiles nothing.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+from collections.abc import Callable, Iterator, Mapping
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+from jinja2 import meta
+from jinja2.sandbox import SandboxedEnvironment
+
+#: Characters one rendering may produce.
+MAX_OUTPUT = 100_000
+#: Items one ``range`` may hold, and loop steps one rendering may take over ranges.
+MAX_RANGE = 10_000
+#: Length of a string or list that ``*`` or ``+`` may build.
+MAX_SEQUENCE = 100_000
+
+CONTEXT_NAMES = frozenset({"event", "item", "now", "rule", "vars"})
+
+_MARKERS = ("{{", "{%", "{#")
+_WHOLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>.*)\}\}\s*$", re.DOTALL)
+MACRO = re.compile(r"\$\{([^}]*)\}")
+
+
+class RenderError(Exception):
+    """A template failed when the rule fired; the message says which name or limit."""
+
+
+class _BoundedEnvironment(SandboxedEnvironment):
+    """A sandbox that also refuses to build huge strings and lists."""
+
+    intercepted_binops = frozenset({"*", "+", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and _is_number(left) and _is_number(right) and abs(right) > 100:
+            raise RenderError(f"{left} ** {right} is too large to compute in a template")
+        if operator == "*":
+            size = _product_size(left, right)
+            if size > MAX_SEQUENCE:
+                raise RenderError(
+                    f"the template builds text or a list of {size:,} items; "
+                    f"the limit is {MAX_SEQUENCE:,}"
+                )
+        if (
+            operator == "+"
+            and _is_sized(left)
+            and _is_sized(right)
+            and len(left) + len(right) > MAX_SEQUENCE
+        ):
+            raise RenderError(f"the template builds text longer than {MAX_SEQUENCE:,}")
+        return super().call_binop(context, operator, left, right)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_sized(value: object) -> bool:
+    return isinstance(value, str | list | tuple)
+
+
+def _product_size(left: object, right: object) -> int:
+    if _is_sized(left) and isinstance(right, int):
+        return len(left) * right  # type: ignore[arg-type]
+    if _is_sized(right) and isinstance(left, int):
+        return len(right) * left  # type: ignore[arg-type]
+    return 0
+
+
+_range_budget: contextvars.ContextVar[int] = contextvars.ContextVar("range_budget", default=0)
+
+
+def _bounded_range(*args: int) -> range:
+    """``range`` with a per-item cap and a per-rendering budget, so nested loops stay bounded."""
+    result = range(*args)
+    left = _range_budget.get() - len(result)
+    if len(result) > MAX_RANGE or left < 0:
+        raise RenderError(
+            f"range of {len(result):,} items goes past the template's limit of "
+            f"{MAX_RANGE:,} loop steps"
+        )
+    _range_budget.set(left)
+    return result
+
+
+def _make_env() -> _BoundedEnvironment:
+    env = _BoundedEnvironment(
+        undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True
+    )
+    env.globals = {"range": _bounded_range, "dict": dict}
+    return env
+
+
+ENV = _make_env()
+
+
+def is_template(text: str) -> bool:
+    """Whether Jinja would read anything in this text (fast path for the plain majority)."""
+    return "{" in text and any(m in text for m in _MARKERS)
+
+
+def syntax_problem(text: str, names: frozenset[str] = frozenset()) -> str | None:
+    """Why Jinja cannot read this text, in words an author can act on; None when it can."""
+    try:
+        if "{#" in text and _has_comment(text):
+            return (
+                "'{#' starts a Jinja comment, so the text after it would vanish; to show the "
+                "characters, write {{ '{#' }}"
+            )
+        ast = ENV.parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        hint = ""
+        if "{%" in text:
+            hint = "; to show '{%' literally, write {{ '{%' }}"
+        return f"Jinja syntax: {exc.message} (line {exc.lineno} of the text){hint}"
+    allowed = CONTEXT_NAMES | names
+    unknown = sorted(meta.find_undeclared_variables(ast) - allowed - set(ENV.globals))
+    if unknown:
+        return (
+            f"unknown name '{unknown[0]}' in the template; the names a template can use here "
+            f"are {', '.join(sorted(allowed))}"
+        )
+    return None
+
+
+def _has_comment(text: str) -> bool:
+    return any(token == "comment_begin" for _, token, _ in ENV.lex(text))
+
+
+@lru_cache(maxsize=8192)
+def compile_text(text: str) -> jinja2.Template:
+    return ENV.from_string(text)
+
+
+@lru_cache(maxsize=4096)
+def compile_expression(text: str) -> Callable[..., Any]:
+    """``"{{ expr }}"`` as a callable giving the expression's value (a list, a boolean...)."""
+    match = _WHOLE_EXPRESSION.match(text)
+    if not match:
+        raise RenderError("must be one Jinja expression written as {{ ... }}")
+    return ENV.compile_expression(match.group("expr"), undefined_to_none=False)
+
+
+def is_expression(text: str) -> bool:
+    return bool(_WHOLE_EXPRESSION.match(text)) and text.count("{{") == 1
+
+
+def render(text: str, context: Mapping[str, Any]) -> str:
+    """Render one text, bounded in output size; undefined names and limits raise RenderError."""
+    if not is_template(text):
+        return text
+    template = compile_text(text)
+    _range_budget.set(MAX_RANGE)
+    try:
+        return _collect(template.generate(context))
+    except RenderError:
+        raise
+    except jinja2.UndefinedError as exc:
+        raise RenderError(_undefined_words(exc)) from None
+    except jinja2.TemplateError as exc:
+        raise RenderError(f"template error: {exc}") from None
+    except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as exc:
+        raise RenderError(f"template error: {exc}") from None
+
+
+def evaluate(text: str, context: Mapping[str, Any]) -> Any:
+    """The value of a ``{{ expr }}`` text (for ``when`` and ``for_each``)."""
+    expression = compile_expression(text)
+    _range_budget.set(MAX_RANGE)
+    try:
+        value = expression(**context)
+    except RenderError:
+        raise
+    except jinja2.UndefinedError as exc:
+        raise RenderError(_undefined_words(exc)) from None
+    except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError) as exc:
+        raise RenderError(f"template error: {exc}") from None
+    if isinstance(value, jinja2.Undefined):
+        try:
+            str(value)
+        except jinja2.UndefinedError as exc:
+            raise RenderError(_undefined_words(exc)) from None
+    return value
+
+
+def _collect(chunks: Iterator[str]) -> str:
+    out: list[str] = []
+    size = 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size > MAX_OUTPUT:
+            raise RenderError(f"the template renders more than {MAX_OUTPUT:,} characters")
+        out.append(chunk)
+    return "".join(out)
+
+
+def _undefined_words(exc: jinja2.UndefinedError) -> str:
+    text = str(exc.message or exc)
+    match = re.search(r"'([^']+)' is undefined", text)
+    if match:
+        return f"'{match.group(1)}' is undefined (not in the event, item or vars given)"
+    match = re.search(r"has no attribute '([^']+)'", text)
+    if match:
+        return f"'{match.group(1)}' is undefined: {text}"
+    return text
+
+
+def macros(text: str) -> list[str]:
+    """The Accengage ``${name}`` macros in a text, in order, without repeats."""
+    return list(dict.fromkeys(m.strip() for m in MACRO.findall(text)))

@@ -1,0 +1,261 @@
+"""YAML as the author wrote it: every node keeps its line and column, every scalar its text.
+
+Rule authors are not developers, so YAML's implicit typing must not change what they meant:
+``memberId: 0012`` stays ``"0012"``, ``language: no`` stays ``"no"``. Every scalar is loaded as
+:class:`Scalar`, a ``str`` holding the text as written, with the YAML type it would have had
+kept aside for the few fields the API types as boolean or integer. Nulls become ``None``.
+Duplicate keys are an error instead of a silent overwrite.
+
+Parsing uses libyaml (``CSafeLoader``) when available: it is several times faster than the
+pure-Python loader and keeps marks just the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+try:
+    _Loader: type = yaml.CSafeLoader
+except AttributeError:  # pragma: no cover - libyaml missing
+    _Loader = yaml.SafeLoader
+
+_STR = "tag:yaml.org,2002:str"
+_NULL = "tag:yaml.org,2002:null"
+_BOOL = "tag:yaml.org,2002:bool"
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+_MAP = "tag:yaml.org,2002:map"
+_SEQ = "tag:yaml.org,2002:seq"
+_TYPED = {_BOOL, _INT, _FLOAT}
+_KNOWN = {_STR, _NULL, _BOOL, _INT, _FLOAT, _MAP, _SEQ, "tag:yaml.org,2002:timestamp"}
+
+#: Nodes a document may expand to through aliases before it is refused ("billion laughs").
+MAX_NODES = 200_000
+
+_constructor = yaml.constructor.SafeConstructor()
+
+
+class Scalar(str):
+    """A scalar as written. ``typed`` is the bool/int/float YAML would have made of a plain one."""
+
+    __slots__ = ("column", "line", "typed")
+    line: int
+    column: int
+    typed: bool | int | float | None
+
+    def __new__(cls, text: str, line: int, column: int, typed: Any = None) -> Scalar:
+        obj = super().__new__(cls, text)
+        obj.line = line
+        obj.column = column
+        obj.typed = typed
+        return obj
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Scalar, (str(self), self.line, self.column, self.typed))
+
+
+class MarkedMap(dict):
+    """A mapping with the position of itself and of each key."""
+
+    __slots__ = ("column", "key_marks", "line")
+
+    def __init__(self, line: int, column: int) -> None:
+        super().__init__()
+        self.line = line
+        self.column = column
+        self.key_marks: dict[str, tuple[int, int]] = {}
+
+
+class MarkedList(list):
+    """A sequence with its position."""
+
+    __slots__ = ("column", "line")
+
+    def __init__(self, line: int, column: int) -> None:
+        super().__init__()
+        self.line = line
+        self.column = column
+
+
+@dataclass(frozen=True, slots=True)
+class YamlIssue:
+    """Something wrong with the YAML itself; positions are 1-based."""
+
+    line: int | None
+    column: int | None
+    message: str
+
+
+@dataclass(slots=True)
+class Loaded:
+    data: Any
+    issues: list[YamlIssue]
+
+
+def load(text: str) -> Loaded:
+    """Parse one YAML document. Never raises: YAML errors come back as issues."""
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        return Loaded(None, [_syntax_issue(exc, mark)])
+    except yaml.YAMLError as exc:
+        return Loaded(None, [YamlIssue(None, None, f"not valid YAML: {exc}")])
+    except (UnicodeDecodeError, ValueError) as exc:
+        return Loaded(None, [YamlIssue(None, None, f"not readable as text: {exc}")])
+    if node is None:
+        return Loaded(None, [])
+    builder = _Builder()
+    try:
+        data = builder.build(node)
+    except _TooLarge:
+        return Loaded(
+            None,
+            [
+                YamlIssue(
+                    1,
+                    1,
+                    f"the document expands to more than {MAX_NODES} values through "
+                    "aliases (&/*); write the values out instead",
+                )
+            ],
+        )
+    return Loaded(data, builder.issues)
+
+
+def _syntax_issue(exc: yaml.MarkedYAMLError, mark: Any) -> YamlIssue:
+    problem = exc.problem or exc.context or "syntax error"
+    hint = ""
+    if "expected a single document" in str(exc):
+        problem = "the file holds several YAML documents (---); keep one rule per file"
+    elif "found character '\\t'" in problem:
+        hint = "; indent with spaces, YAML does not allow tabs"
+    elif "mapping values are not allowed" in problem:
+        hint = "; a value containing ': ' must be quoted"
+    elif "found undefined alias" in problem:
+        hint = "; define the anchor (&name) before using it"
+    elif problem.startswith("found character '@'") or problem.startswith("found character '`'"):
+        hint = "; quote values that start with @ or `"
+    if mark is None:
+        return YamlIssue(None, None, f"YAML syntax: {problem}{hint}")
+    return YamlIssue(mark.line + 1, mark.column + 1, f"YAML syntax: {problem}{hint}")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Builder:
+    """Turns composed nodes into Scalar / MarkedMap / MarkedList, collecting issues."""
+
+    def __init__(self) -> None:
+        self.issues: list[YamlIssue] = []
+        self.count = 0
+        self.seen: dict[int, tuple[Any, int]] = {}
+
+    def build(self, node: yaml.Node) -> Any:
+        done = self.seen.get(id(node))
+        if done is not None:
+            # An alias: the same node again. Reuse it, but count what it expands to, so that
+            # nested aliases cannot blow up whoever walks the data later.
+            self.count += done[1]
+            if self.count > MAX_NODES:
+                raise _TooLarge
+            return done[0]
+        before = self.count
+        self.count += 1
+        if self.count > MAX_NODES:
+            raise _TooLarge
+        line, column = node.start_mark.line + 1, node.start_mark.column + 1
+        if node.tag not in _KNOWN:
+            self.issues.append(
+                YamlIssue(line, column, f"YAML tag {node.tag} is not supported; remove it")
+            )
+        if isinstance(node, yaml.ScalarNode):
+            result = self._scalar(node, line, column)
+        elif isinstance(node, yaml.SequenceNode):
+            result = MarkedList(line, column)
+            result.extend(self.build(item) for item in node.value)
+        else:
+            result = self._mapping(node, line, column)
+        self.seen[id(node)] = (result, self.count - before)
+        return result
+
+    def _scalar(self, node: yaml.ScalarNode, line: int, column: int) -> Scalar | None:
+        tag = node.tag
+        if tag == _NULL:
+            return None
+        typed = None
+        if tag in _TYPED:
+            try:
+                typed = _constructor.construct_object(node)
+            except (yaml.YAMLError, ValueError):
+                typed = None
+        return Scalar(node.value, line, column, typed)
+
+    def _mapping(self, node: yaml.MappingNode, line: int, column: int) -> MarkedMap:
+        result = MarkedMap(line, column)
+        for key_node, value_node in node.value:
+            kline, kcol = key_node.start_mark.line + 1, key_node.start_mark.column + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                self.issues.append(YamlIssue(kline, kcol, "a key must be a plain name"))
+                continue
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                self.issues.append(
+                    YamlIssue(
+                        kline,
+                        kcol,
+                        "merge keys (<<) are not supported; use `use:` "
+                        "templates or write the keys out",
+                    )
+                )
+                continue
+            key = key_node.value
+            if key in result:
+                first = result.key_marks[key][0]
+                self.issues.append(
+                    YamlIssue(
+                        kline,
+                        kcol,
+                        f"duplicate key '{key}' (first set on line {first}); remove one of them",
+                    )
+                )
+                continue
+            result.key_marks[key] = (kline, kcol)
+            result[Scalar(key, kline, kcol)] = self.build(value_node)
+        return result
+
+
+def position(doc: Any, path: tuple[Any, ...]) -> tuple[int | None, int | None]:
+    """Line and column of the node at ``path``, or of its nearest existing ancestor.
+
+    For a key that exists, the key's own position is given (where the author looks).
+    """
+    node = doc
+    best: tuple[int | None, int | None] = (getattr(doc, "line", None), getattr(doc, "column", None))
+    for step in path:
+        if isinstance(node, MarkedMap):
+            if step not in node:
+                break
+            best = node.key_marks.get(step, best)
+            node = node[step]
+        elif isinstance(node, MarkedList) and isinstance(step, int) and 0 <= step < len(node):
+            node = node[step]
+            best = (getattr(node, "line", best[0]), getattr(node, "column", best[1]))
+        else:
+            break
+    return best
+
+
+def plain(value: Any) -> Any:
+    """The same data as built-in types (str, list, dict, None), for output and hashing."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, Scalar):
+        return str(value)
+    return value
