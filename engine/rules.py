@@ -100,17 +100,20 @@ class _Collector:
         severity: str = "error",
         *,
         at: Sequence[Sequence[Any]] = (),
+        at_value: bool = False,
     ) -> None:
         """Report at ``path``, or at the first of ``at`` that exists in the file."""
-        line, column = self._locate([tuple(path), *[tuple(a) for a in at]])
+        line, column = self._locate([tuple(path), *[tuple(a) for a in at]], at_value)
         self.problems.append(
             Problem(self.rel, line, column, field_path(path), code, severity, message)  # type: ignore[arg-type]
         )
 
-    def _locate(self, candidates: list[tuple[Any, ...]]) -> tuple[int | None, int | None]:
+    def _locate(
+        self, candidates: list[tuple[Any, ...]], at_value: bool
+    ) -> tuple[int | None, int | None]:
         for candidate in candidates:
             if _exists(self.doc, candidate):
-                return position(self.doc, candidate)
+                return position(self.doc, candidate, at_value=at_value)
         return position(self.doc, candidates[0])
 
     @property
@@ -185,7 +188,12 @@ def _shape_code(path: tuple[Any, ...], kind: str) -> int | None:
 
 def _check_shape(doc: MarkedMap, out: _Collector) -> None:
     for err in RULE_CHECKER.check(doc):
-        out.add(err.path, _shape_code(err.path, err.kind), err.message)
+        out.add(
+            err.path,
+            _shape_code(err.path, err.kind),
+            err.message,
+            at_value=err.kind in ("type", "allowed"),
+        )
 
 
 def _build(
@@ -396,6 +404,7 @@ def _use(
         return own
     template = library.get(str(name))
     if template is None:
+        own["use"] = name  # left unresolved: later checks skip what they cannot know
         out.add(
             (*path, "use"),
             code,
@@ -518,7 +527,7 @@ def _check_app_message(
         )
 
     buttons = message.get("interactiveButtons")
-    if isinstance(buttons, dict):
+    if isinstance(buttons, dict) and "use" not in buttons:
         _check_buttons(buttons, plan, project, add)
 
     _check_macros(message, targets, project, add)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import cerberus
 from cerberus import errors as cerr
@@ -222,14 +222,32 @@ def is_yaml_int(value: object) -> bool:
     )
 
 
+class _YamlBoolType(type):
+    def __instancecheck__(cls, value: object) -> bool:
+        return is_yaml_bool(value)
+
+
+class _YamlIntType(type):
+    def __instancecheck__(cls, value: object) -> bool:
+        return is_yaml_int(value)
+
+
+class YamlBool(metaclass=_YamlBoolType):
+    """Matches what YAML reads as a boolean (``isinstance`` is all Cerberus asks of a type)."""
+
+
+class YamlInt(metaclass=_YamlIntType):
+    """Matches what YAML reads as a whole number."""
+
+
 class _Validator(cerberus.Validator):
     """Cerberus with the two YAML-aware types."""
 
-    def _validate_type_yamlbool(self, value: object) -> bool:
-        return is_yaml_bool(value)
-
-    def _validate_type_yamlint(self, value: object) -> bool:
-        return is_yaml_int(value)
+    types_mapping: ClassVar[dict[str, Any]] = {
+        **cerberus.Validator.types_mapping,
+        "yamlbool": cerberus.TypeDefinition("yamlbool", (YamlBool,), ()),
+        "yamlint": cerberus.TypeDefinition("yamlint", (YamlInt,), ()),
+    }
 
 
 @dataclass(frozen=True, slots=True)

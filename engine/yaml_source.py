@@ -229,10 +229,13 @@ class _Builder:
         return result
 
 
-def position(doc: Any, path: tuple[Any, ...]) -> tuple[int | None, int | None]:
+def position(
+    doc: Any, path: tuple[Any, ...], *, at_value: bool = False
+) -> tuple[int | None, int | None]:
     """Line and column of the node at ``path``, or of its nearest existing ancestor.
 
-    For a key that exists, the key's own position is given (where the author looks).
+    For a key that exists, the key's own position is given (where the author looks), or with
+    ``at_value`` the position of its value when that value is a scalar (a wrong value).
     """
     node = doc
     best: tuple[int | None, int | None] = (getattr(doc, "line", None), getattr(doc, "column", None))
@@ -247,6 +250,9 @@ def position(doc: Any, path: tuple[Any, ...]) -> tuple[int | None, int | None]:
             best = (getattr(node, "line", best[0]), getattr(node, "column", best[1]))
         else:
             break
+    else:
+        if at_value and isinstance(node, Scalar):
+            return node.line, node.column
     return best
 
 

@@ -1,0 +1,39 @@
+"""Building small projects on disk for tests."""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+from pathlib import Path
+
+from engine.loader import Loader, RuleSet
+from engine.problems import Problem
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_project(root: Path, config: str | None = None) -> Path:
+    """A copy of the repository's example project (config and templates, no rules)."""
+    root.mkdir(parents=True, exist_ok=True)
+    if config is None:
+        shutil.copy(REPO / "pushrules.yaml", root / "pushrules.yaml")
+    else:
+        (root / "pushrules.yaml").write_text(textwrap.dedent(config))
+    shutil.copytree(REPO / "templates", root / "templates", dirs_exist_ok=True)
+    (root / "rules").mkdir(exist_ok=True)
+    return root
+
+
+def write_rule(root: Path, name: str, text: str) -> Path:
+    path = root / "rules" / f"{name}.yaml"
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+
+
+def load(root: Path) -> RuleSet:
+    return Loader(root, workers=1).load()
+
+
+def problems(root: Path, *, severity: str | None = None) -> list[Problem]:
+    found = list(load(root).problems)
+    return [p for p in found if severity is None or p.severity == severity]

@@ -1,0 +1,438 @@
+"""Each problem of DESIGN.md §3 from a broken rule, at the line the author must fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, load, make_project, problems, write_rule
+
+GOOD = """
+trigger: {event: flight.canceled}
+apps:
+  flights-ios: {parentMessageId: "1"}
+message:
+  subject: Flight canceled
+  text: "Hi ${first_name}"
+targets:
+  - memberId: "{{ event.member_id }}"
+"""
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "project")
+
+
+def only(found: list, severity: str = "error"):
+    selected = [p for p in found if p.severity == severity]
+    assert len(selected) == 1, selected
+    return selected[0]
+
+
+def test_repository_examples_validate_clean() -> None:
+    ruleset = load(REPO)
+    assert ruleset.ok, ruleset.problems
+    assert not [p for p in ruleset.problems if p.severity == "warning"]
+    assert {"flight-canceled", "hello-all-apps", "flight-canceled-buttons"} <= set(ruleset.rules)
+
+
+def test_good_rule_has_no_problem(root: Path) -> None:
+    write_rule(root, "ok", GOOD)
+    assert problems(root) == []
+
+
+# --- code 3: credentials ---
+
+
+def test_code_3_literal_password(tmp_path: Path) -> None:
+    root = make_project(
+        tmp_path,
+        """
+        accengage:
+          url: https://api.example.invalid/sendInstantMessage.php
+          login: {env: LOGIN}
+          password: hunter2
+        apps:
+          flights-ios: {partner: p1, platform: ios}
+        """,
+    )
+    p = only(problems(root))
+    assert (p.file, p.line, p.code, p.field) == ("pushrules.yaml", 5, 3, "accengage.password")
+    assert "hunter2" not in p.message
+    assert "{env:" in p.message
+
+
+def test_code_3_missing_login(tmp_path: Path) -> None:
+    root = make_project(
+        tmp_path,
+        """
+        accengage:
+          url: https://api.example.invalid/sendInstantMessage.php
+          password: {env: PASSWORD}
+        apps:
+          flights-ios: {partner: p1, platform: ios}
+        """,
+    )
+    p = only(problems(root))
+    assert (p.code, p.field) == (3, "accengage.login")
+
+
+# --- code 4: apps ---
+
+
+def test_code_4_unknown_app_alias_with_suggestion(root: Path) -> None:
+    write_rule(root, "r", GOOD.replace("flights-ios:", "flight-ios:"))
+    p = only(problems(root))
+    assert (p.line, p.code, p.field) == (3, 4, "apps.flight-ios")
+    assert "did you mean 'flights-ios'" in p.message
+
+
+def test_code_4_app_without_partner(tmp_path: Path) -> None:
+    root = make_project(
+        tmp_path,
+        """
+        accengage:
+          url: https://api.example.invalid/sendInstantMessage.php
+          login: {env: LOGIN}
+          password: {env: PASSWORD}
+        apps:
+          flights-ios: {platform: ios}
+        """,
+    )
+    p = only(problems(root))
+    assert (p.line, p.code, p.field) == (7, 4, "apps.flights-ios.partner")
+
+
+# --- code 5: message fields ---
+
+
+def test_code_5_sound_outside_its_list(root: Path) -> None:
+    write_rule(root, "r", GOOD.replace("  text:", "  sound: loud\n  text:"))
+    p = only(problems(root))
+    assert (p.line, p.column, p.code, p.field) == (6, 10, 5, "message.sound")
+    assert "None, default, custom" in p.message
+
+
+def test_code_5_android_field_in_ios_app(root: Path) -> None:
+    write_rule(root, "r", GOOD.replace("  text:", "  bigPicture: cat.png\n  text:"))
+    p = only(problems(root))
+    assert (p.line, p.code, p.field) == (6, 5, "message.bigPicture")
+    assert "Android" in p.message
+
+
+def test_code_5_ios_field_in_android_app_via_per_app_override(root: Path) -> None:
+    rule = GOOD.replace(
+        '  flights-ios: {parentMessageId: "1"}',
+        '  flights-ios: {parentMessageId: "1"}\n'
+        "  flights-android:\n"
+        '    parentMessageId: "2"\n'
+        "    message: {badge: '+1'}",
+    )
+    write_rule(root, "r", rule)
+    p = only(problems(root))
+    assert (p.line, p.code) == (6, 5)
+    assert p.field == "apps.flights-android.message.badge"
+
+
+def test_code_5_content_available_must_be_boolean(root: Path) -> None:
+    write_rule(root, "r", GOOD.replace("  text:", "  contentAvailable: sometimes\n  text:"))
+    p = only(problems(root))
+    assert (p.line, p.code) == (6, 5)
+    assert "true or false" in p.message
+
+
+def test_code_5_unknown_message_template(root: Path) -> None:
+    write_rule(root, "r", GOOD.replace("  subject:", "  use: flight-cancelled\n  subject:"))
+    p = only(problems(root))
+    assert (p.line, p.code, p.field) == (5, 5, "message.use")
+    assert "did you mean 'flight-canceled'" in p.message
+
+
+# --- code 6 / 25: custom params ---
+
+
+def test_code_6_bad_custom_params(root: Path) -> None:
+    write_rule(root, "r", GOOD.replace("  text:", "  customParams: [{key: a}]\n  text:"))
+    p = only(problems(root))
+    assert (p.line, p.code) == (6, 6)
+
+
+def test_code_25_bad_button_custom_params(root: Path) -> None:
+    rule = GOOD.replace(
+        "  text:",
+        "  interactiveButtons:\n"
+        "    template: yes_no_category\n"
+        "    buttons:\n"
+        "      - id: 1\n"
+        "        customParams: [{value: x}]\n"
+        "  text:",
+    )
+    write_rule(root, "r", rule)
+    p = only(problems(root))
+    assert (p.line, p.code) == (10, 25)
+
+
+# --- code 9: targets ---
+
+
+def test_code_9_unknown_operator(root: Path) -> None:
+    write_rule(root, "r", GOOD + "  - opencount: {operator: '=>', value: '1'}\n")
+    p = only(problems(root))
+    assert (p.line, p.code, p.field) == (9, 9, "targets[1].opencount.operator")
+    assert "did you mean" in p.message
+
+
+def test_code_9_segment_in_multi_app_rule(root: Path) -> None:
+    rule = GOOD.replace(
+        '  flights-ios: {parentMessageId: "1"}',
+        '  flights-ios: {parentMessageId: "1"}\n  flights-android: {parentMessageId: "2"}',
+    )
+    write_rule(root, "r", rule + "  - segmentId: '12'\n")
+    p = only(problems(root))
+    assert (p.line, p.code, p.field) == (10, 9, "targets[1].segmentId")
+
+
+def test_code_9_criterion_not_a_device_field(root: Path) -> None:
+    write_rule(root, "r", GOOD + "  - langage: en\n")
+    p = only(problems(root))
+    assert (p.line, p.code) == (9, 9)
+    assert "did you mean 'language'" in p.message
+
+
+# --- code 10: parent message ---
+
+
+def test_code_10_no_parent_message(root: Path) -> None:
+    write_rule(root, "r", GOOD.replace('{parentMessageId: "1"}', "{}"))
+    p = only(problems(root))
+    assert (p.line, p.code, p.field) == (3, 10, "apps.flights-ios")
+
+
+# --- code 13: unknown fields ---
+
+
+def test_code_13_unknown_message_field_with_suggestion(root: Path) -> None:
+    write_rule(root, "r", GOOD.replace("  subject:", "  subjet: x\n  subject:"))
+    p = only(problems(root))
+    assert (p.line, p.column, p.code, p.field) == (5, 3, 13, "message.subjet")
+    assert "did you mean 'subject'" in p.message
+
+
+def test_rule_level_unknown_key_has_no_code(root: Path) -> None:
+    write_rule(root, "r", GOOD + "descripton: typo\n")
+    p = only(problems(root))
+    assert (p.line, p.code) == (9, None)
+    assert "did you mean 'description'" in p.message
+
+
+# --- code 14: too many static targets ---
+
+
+def test_code_14_more_than_100_static_targets(root: Path) -> None:
+    many = "".join(f"  - memberId: 'm{i}'\n" for i in range(100))
+    write_rule(root, "r", GOOD + many)
+    p = only(problems(root))
+    assert (p.line, p.code, p.field) == (7, 14, "targets")
+
+
+# --- code 15: macros ---
+
+
+def test_code_15_macro_nothing_can_fill(root: Path) -> None:
+    write_rule(root, "r", GOOD.replace("Hi ${first_name}", "Hi ${nickname}"))
+    p = only(problems(root))
+    assert (p.line, p.code, p.field) == (6, 15, "message.text")
+    assert "${nickname}" in p.message
+
+
+def test_code_15_filled_by_target_data_is_fine(root: Path) -> None:
+    rule = GOOD.replace("Hi ${first_name}", "Hi ${nickname}")
+    write_rule(root, "r", rule + "    data: {nickname: Pat}\n")
+    assert problems(root) == []
+
+
+# --- code 17: language ---
+
+
+def test_code_17_language_not_declared(root: Path) -> None:
+    write_rule(root, "r", GOOD.replace("  text:", "  language: de\n  text:"))
+    p = only(problems(root))
+    assert (p.line, p.code, p.field) == (6, 17, "message.language")
+
+
+# --- code 23 / 24: buttons ---
+
+
+def test_code_23_ios_buttons_without_template(root: Path) -> None:
+    rule = GOOD.replace("  text:", "  interactiveButtons:\n    buttons: [{id: 1}]\n  text:")
+    write_rule(root, "r", rule)
+    p = only(problems(root))
+    assert (p.line, p.code) == (6, 23)
+
+
+def test_code_23_unknown_button_template_file(root: Path) -> None:
+    rule = GOOD.replace("  text:", "  interactiveButtons: {use: confirm-or-rebok}\n  text:")
+    write_rule(root, "r", rule)
+    p = only(problems(root))
+    assert (p.line, p.code, p.field) == (6, 23, "message.interactiveButtons.use")
+    assert "did you mean 'confirm-or-rebook'" in p.message
+
+
+def test_code_23_undeclared_category_is_a_warning(root: Path) -> None:
+    rule = GOOD.replace(
+        "  text:", "  interactiveButtons: {template: my_cat, buttons: [{id: 1}]}\n  text:"
+    )
+    write_rule(root, "r", rule)
+    p = only(problems(root), "warning")
+    assert (p.line, p.code) == (6, 23)
+    assert not problems(root, severity="error")
+
+
+@pytest.mark.parametrize(
+    ("buttons", "words"),
+    [
+        ("[{id: 1}, {id: 3}]", "beyond template 'yes_no_category'"),
+        ("[{id: 1}, {id: 1}]", "used twice"),
+        ("[{id: first}]", "button's number"),
+        ("[{action: close}]", "missing"),
+    ],
+)
+def test_code_24_bad_button_ids(root: Path, buttons: str, words: str) -> None:
+    rule = GOOD.replace(
+        "  text:",
+        f"  interactiveButtons: {{template: yes_no_category, buttons: {buttons}}}\n  text:",
+    )
+    write_rule(root, "r", rule)
+    p = only(problems(root))
+    assert (p.line, p.code) == (6, 24)
+    assert words in p.message
+
+
+# --- warnings ---
+
+
+def test_warnings_do_not_fail(root: Path) -> None:
+    rule = GOOD.replace(
+        "  text:",
+        "  sound: custom\n"
+        "  richPushOpening: popup\n"
+        "  interactiveButtons:\n"
+        "    template: yes_no_category\n"
+        "    buttons: [{id: 1, action: urlSheme, title: Go}]\n"
+        "  text:",
+    )
+    write_rule(root, "r", rule)
+    found = problems(root)
+    assert all(p.severity == "warning" for p in found), found
+    messages = " | ".join(p.message for p in found)
+    assert "soundName" in messages
+    assert "richPushOpening" in messages
+    assert "urlScheme" in messages
+    assert "Android only" in messages
+    assert load(root).ok
+
+
+def test_oversized_payload_is_a_warning(root: Path) -> None:
+    write_rule(root, "r", GOOD.replace("Hi ${first_name}", "x" * 5000))
+    p = only(problems(root), "warning")
+    assert "4,096 bytes" in p.message
+
+
+def test_too_many_buttons_for_android_is_a_warning(root: Path) -> None:
+    rule = GOOD.replace("flights-ios", "flights-android").replace(
+        "  text:",
+        "  interactiveButtons: {buttons: [{id: 1}, {id: 2}, {id: 3}, {id: 4}]}\n  text:",
+    )
+    write_rule(root, "r", rule)
+    p = only(problems(root), "warning")
+    assert "at most 3" in p.message
+
+
+# --- no code: YAML, triggers, Jinja ---
+
+
+def test_yaml_syntax_error_has_line(root: Path) -> None:
+    write_rule(root, "r", GOOD.replace("  subject: Flight canceled", "  subject: [Flight"))
+    p = only(problems(root))
+    assert p.code is None
+    assert p.line is not None and p.line >= 5
+    assert "YAML syntax" in p.message
+
+
+def test_duplicate_key_is_an_error(root: Path) -> None:
+    write_rule(root, "r", GOOD.replace("  text:", "  subject: Again\n  text:"))
+    p = only(problems(root))
+    assert (p.line, p.code) == (6, None)
+    assert "duplicate key 'subject' (first set on line 5)" in p.message
+
+
+def test_bad_cron_is_reported_on_the_trigger(root: Path) -> None:
+    write_rule(root, "r", GOOD.replace("{event: flight.canceled}", '{cron: "0 25 * * *"}'))
+    p = only(problems(root))
+    assert (p.line, p.code, p.field) == (1, None, "trigger.cron")
+    assert "25" in p.message
+
+
+def test_bad_timezone_suggests(root: Path) -> None:
+    rule = GOOD.replace("{event: flight.canceled}", '{cron: "0 9 * * *", timezone: Europe/Pari}')
+    write_rule(root, "r", rule)
+    p = only(problems(root))
+    assert p.field == "trigger.timezone"
+    assert "Europe/Paris" in p.message
+
+
+def test_two_triggers_is_an_error(root: Path) -> None:
+    write_rule(root, "r", GOOD.replace("{event: flight.canceled}", "{event: a, every: 5m}"))
+    p = only(problems(root))
+    assert p.field == "trigger"
+    assert "exactly one" in p.message
+
+
+def test_jinja_syntax_error(root: Path) -> None:
+    write_rule(root, "r", GOOD.replace("Hi ${first_name}", "Hi {{ event.name }"))
+    p = only(problems(root))
+    assert (p.line, p.code, p.field) == (6, None, "message.text")
+    assert "Jinja syntax" in p.message
+
+
+def test_jinja_comment_in_prose_is_reported(root: Path) -> None:
+    write_rule(root, "r", GOOD.replace("Hi ${first_name}", "Deal {#1 today} ${first_name}"))
+    p = only(problems(root))
+    assert p.line == 6
+    assert "{{ '{#' }}" in p.message
+
+
+def test_one_broken_file_does_not_hide_others(root: Path) -> None:
+    write_rule(root, "a-broken", "trigger: [")
+    write_rule(root, "b-good", GOOD)
+    write_rule(root, "c-bad", GOOD.replace("  text:", "  sound: loud\n  text:"))
+    ruleset = load(root)
+    files = {p.file for p in ruleset.problems}
+    assert files == {"rules/a-broken.yaml", "rules/c-bad.yaml"}
+    assert set(ruleset.rules) == {"b-good"}
+
+
+def test_broken_template_file_is_reported_and_rules_using_it_fail(root: Path) -> None:
+    (root / "templates" / "buttons" / "bad.yaml").write_text("template: x\nbuttons: [{idd: 1}]\n")
+    rule = GOOD.replace("  text:", "  interactiveButtons: {use: bad}\n  text:")
+    write_rule(root, "r", rule)
+    found = problems(root, severity="error")
+    by_file = {p.file: p for p in found}
+    assert by_file["templates/buttons/bad.yaml"].code == 13
+    assert by_file["rules/r.yaml"].code == 23
+
+
+def test_last_good_version_is_kept_after_a_file_breaks(root: Path) -> None:
+    from engine.loader import Loader
+
+    write_rule(root, "r", GOOD)
+    loader = Loader(root, workers=1)
+    first = loader.load()
+    assert "r" in first.rules
+    write_rule(root, "r", GOOD.replace("  text:", "  sound: loud\n  text:"))
+    second = loader.load()
+    assert second.rules["r"] is first.rules["r"]
+    assert second.stale == {"r"}
+    assert not second.ok
