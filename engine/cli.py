@@ -145,7 +145,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not root.is_dir():
         print(f"pushrules: {root} is not a folder", file=sys.stderr)
         return EXIT_USAGE
-    ruleset = Loader(root).load()
+    ruleset = Loader(root, problems_only=True).load()
     print_problems(ruleset.problems, args.format, ruleset.files)
     return EXIT_OK if ruleset.ok else EXIT_PROBLEMS
 

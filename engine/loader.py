@@ -86,8 +86,13 @@ def _context_key(root: Path) -> str:
 class Loader:
     """Loads a project folder, remembering each file's result for the next load."""
 
-    def __init__(self, root: Path, *, workers: int | None = None) -> None:
+    def __init__(
+        self, root: Path, *, workers: int | None = None, problems_only: bool = False
+    ) -> None:
+        """``problems_only``: a check that needs no rules back (``validate``) skips sending
+        them from the worker processes."""
         self.root = root
+        self.problems_only = problems_only
         self.workers = workers if workers is not None else (os.cpu_count() or 1)
         self._entries: dict[str, _Entry] = {}
         self._last_good: dict[str, Rule] = {}
@@ -160,7 +165,7 @@ class Loader:
             or entry.text_hash != h
             or entry.context != context
         ]
-        for rel, entry in self._check(todo, texts, project, fragments).items():
+        for rel, entry in self._check(todo, texts, project, fragments, context).items():
             self._entries[rel] = _Entry(texts[rel][2], context, entry[0], entry[1])
         for gone in set(self._entries) - set(texts):
             del self._entries[gone]
@@ -194,33 +199,41 @@ class Loader:
         texts: Mapping[str, tuple[str, str, str]],
         project: Project,
         fragments: Fragments,
+        context: str,
     ) -> dict[str, tuple[Rule | None, list[Problem]]]:
-        jobs = [(texts[rel][0], rel, texts[rel][1]) for rel in todo]
+        jobs = [(texts[rel][0], rel, texts[rel][1], f"{texts[rel][2]}-{context}") for rel in todo]
         if len(jobs) < PARALLEL_THRESHOLD or self.workers < 2:
-            return {rel: parse_rule(rid, rel, text, project, fragments) for rid, rel, text in jobs}
-        return _check_parallel(jobs, project, fragments, self.workers)
+            return {job[1]: parse_rule(*job[:3], project, fragments, job[3]) for job in jobs}
+        return _check_parallel(jobs, project, fragments, self.workers, self.problems_only)
 
 
-_shared: tuple[Project, Fragments] | None = None
+_shared: tuple[Project, Fragments, bool] | None = None
 
 
-def _check_chunk(jobs: list[tuple[str, str, str]]) -> list[tuple[str, Rule | None, list[Problem]]]:
+Job = tuple[str, str, str, str]  # rule id, relative path, text, digest
+
+
+def _check_chunk(jobs: list[Job]) -> list[tuple[str, Rule | None, list[Problem]]]:
     assert _shared is not None
-    project, fragments = _shared
-    return [(rel, *parse_rule(rid, rel, text, project, fragments)) for rid, rel, text in jobs]
+    project, fragments, problems_only = _shared
+    out = []
+    for rule_id, rel, text, digest in jobs:
+        rule, problems = parse_rule(rule_id, rel, text, project, fragments, digest)
+        out.append((rel, None if problems_only else rule, problems))
+    return out
 
 
 def _check_parallel(
-    jobs: list[tuple[str, str, str]], project: Project, fragments: Fragments, workers: int
+    jobs: list[Job], project: Project, fragments: Fragments, workers: int, problems_only: bool
 ) -> dict[str, tuple[Rule | None, list[Problem]]]:
     """Check on several cores; forked workers inherit the project and templates."""
     global _shared
-    _shared = (project, fragments)
+    _shared = (project, fragments, problems_only)
     chunks = [jobs[i::workers] for i in range(workers)]
     try:
         context = multiprocessing.get_context("fork")
     except ValueError:  # pragma: no cover - no fork on this platform
-        return {rel: parse_rule(rid, rel, text, project, fragments) for rid, rel, text in jobs}
+        return {job[1]: parse_rule(*job[:3], project, fragments, job[3]) for job in jobs}
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         results = list(pool.map(_check_chunk, chunks))
     _shared = None

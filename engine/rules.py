@@ -134,9 +134,18 @@ def _exists(doc: Any, path: tuple[Any, ...]) -> bool:
 
 
 def parse_rule(
-    rule_id: str, rel: str, text: str, project: Project, fragments: Fragments
+    rule_id: str,
+    rel: str,
+    text: str,
+    project: Project,
+    fragments: Fragments,
+    digest: str = "",
 ) -> tuple[Rule | None, list[Problem]]:
-    """Check one rule file's text; the rule is None when it has an error."""
+    """Check one rule file's text; the rule is None when it has an error.
+
+    ``digest`` identifies what the rule means (its text and everything it depends on), so a
+    reload can tell which rules changed.
+    """
     loaded = load(text)
     out = _Collector(rel, loaded.data)
     for issue in loaded.issues:
@@ -158,7 +167,7 @@ def parse_rule(
     _check_shape(doc, out)
     if out.failed:
         return None, out.problems
-    rule = _build(rule_id, rel, doc, project, fragments, out)
+    rule = _build(rule_id, rel, doc, project, fragments, out, digest or _text_digest(text))
     return (None if out.failed else rule), out.problems
 
 
@@ -203,6 +212,7 @@ def _build(
     project: Project,
     fragments: Fragments,
     out: _Collector,
+    digest: str,
 ) -> Rule | None:
     trigger = doc["trigger"]
     kind, timezone = _check_trigger(trigger, project, out)
@@ -238,18 +248,12 @@ def _build(
         catch_up=catch_up,
         quiet_hours=quiet,
         limit=limit,
-        digest=digest(doc, project, apps),
+        digest=digest,
     )
 
 
-def digest(doc: Any, project: Project, apps: Sequence[AppPlan]) -> str:
-    """What the rule means, hashed: two loads with the same digest schedule the same jobs."""
-    payload = json.dumps(
-        [plain(doc), [plain(p.message) for p in apps], project.timezone],
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+def _text_digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 def _typed(value: Any) -> Any:
@@ -532,7 +536,7 @@ def _check_app_message(
 
     _check_macros(message, targets, project, add)
 
-    size = len(json.dumps(plain(message), ensure_ascii=False).encode())
+    size = len(json.dumps(message, ensure_ascii=False, default=str).encode())
     limit = accengage.MAX_PAYLOAD_BYTES[platform]
     if size > limit:
         add(

@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import Any
 
 import jinja2
-from jinja2 import meta
+from jinja2 import nodes
 from jinja2.sandbox import SandboxedEnvironment
 
 #: Characters one rendering may produce.
@@ -111,8 +111,23 @@ def is_template(text: str) -> bool:
     return "{" in text and any(m in text for m in _MARKERS)
 
 
+#: ``{{ name.attr }}`` alone, the most common template: valid without asking the parser.
+_SIMPLE_REFERENCE = re.compile(r"\{\{\s*([A-Za-z_]\w*)(?:\.[A-Za-z_]\w*)*\s*\}\}")
+
+
 def syntax_problem(text: str, names: frozenset[str] = frozenset()) -> str | None:
     """Why Jinja cannot read this text, in words an author can act on; None when it can."""
+    return _syntax_problem(text, names)
+
+
+@lru_cache(maxsize=16384)
+def _syntax_problem(text: str, names: frozenset[str]) -> str | None:
+    allowed = CONTEXT_NAMES | names
+    if "{%" not in text and "{#" not in text:
+        rest = _SIMPLE_REFERENCE.sub("", text)
+        if "{{" not in rest and "}}" not in rest:
+            used = set(_SIMPLE_REFERENCE.findall(text))
+            return _unknown_names(used, allowed)
     try:
         if "{#" in text and _has_comment(text):
             return (
@@ -125,14 +140,23 @@ def syntax_problem(text: str, names: frozenset[str] = frozenset()) -> str | None
         if "{%" in text:
             hint = "; to show '{%' literally, write {{ '{%' }}"
         return f"Jinja syntax: {exc.message} (line {exc.lineno} of the text){hint}"
-    allowed = CONTEXT_NAMES | names
-    unknown = sorted(meta.find_undeclared_variables(ast) - allowed - set(ENV.globals))
-    if unknown:
-        return (
-            f"unknown name '{unknown[0]}' in the template; the names a template can use here "
-            f"are {', '.join(sorted(allowed))}"
-        )
-    return None
+    return _unknown_names(_loaded_names(ast), allowed)
+
+
+def _loaded_names(ast: nodes.Template) -> set[str]:
+    """Names a template reads that it does not set itself (loops, set, macros)."""
+    stored = {n.name for n in ast.find_all(nodes.Name) if n.ctx in ("store", "param")}
+    return {n.name for n in ast.find_all(nodes.Name) if n.ctx == "load"} - stored
+
+
+def _unknown_names(used: set[str], allowed: frozenset[str]) -> str | None:
+    unknown = sorted(used - allowed - set(ENV.globals) - {"loop"})
+    if not unknown:
+        return None
+    return (
+        f"unknown name '{unknown[0]}' in the template; the names a template can use here "
+        f"are {', '.join(sorted(allowed))}"
+    )
 
 
 def _has_comment(text: str) -> bool:
