@@ -20,7 +20,7 @@ from engine.fragments import Fragments
 from engine.problems import Problem, did_you_mean, field_path
 from engine.project import App, Project
 from engine.schemas import RULE_CHECKER, TARGET, SchemaChecker, is_yaml_bool, is_yaml_int
-from engine.yaml_source import MarkedMap, Scalar, load, plain, position
+from engine.yaml_source import MarkedMap, Scalar, load, position
 
 DEFAULT_CATCH_UP = timedelta(minutes=10)
 TRIGGER_KINDS = ("cron", "every", "at", "event", "poll")
