@@ -98,8 +98,8 @@ CRITERION_FIELDS = ("operator", "value")
 CUSTOM_PARAM_FIELDS = ("key", "value")
 INTERACTIVE_BUTTONS_FIELDS = ("template", "buttons")
 
-#: Message fields whose ``${name}`` macros Accengage fills (so do the string values of ``aps.alert``,
-#: the message's and each target's).
+#: Message fields whose ``${name}`` macros Accengage fills; so do the string values of
+#: ``aps.alert``, the message's and each target's.
 MACRO_FIELDS = ("subject", "text", "customizedTitle", "longText")
 
 #: Accengage's predefined iOS button categories and their number of buttons.
