@@ -38,6 +38,8 @@ SOUNDS = ("None", "default", "custom")
 OPERATORS = ("=", "!=", "<", "<=", ">", ">=")
 BUTTON_ACTIONS = ("browser", "email", "phone", "store", "sms", "webView", "urlScheme", "close")
 RICH_PUSH_OPENINGS = ("webview", "browser")
+#: Accengage's own button page spells urlScheme this way; taken, with a warning at validate time.
+BUTTON_ACTION_VARIANTS = ("urlSheme",)
 
 #: Message fields and the type the API gives them ("string", "boolean", "popup", "customParams",
 #: "content", "buttons", "aps").

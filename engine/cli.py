@@ -19,6 +19,7 @@ from engine.problems import Problem, format_github, format_json, format_text, su
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
+SANDBOX_PORT = 8751  # engine.sandbox.DEFAULT_PORT, kept here so --help does not load the server
 
 EPILOG = """\
 Typical use:
@@ -94,6 +95,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="how problems are printed when the rule is invalid",
     )
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser(
+        "sandbox",
+        help="serve a fake Accengage endpoint on loopback for trials and tests",
+        description="Serve POST /sendInstantMessage.php on loopback. Each request is checked as "
+        "Accengage would check it and answered with the documented return codes; every request "
+        "is recorded (GET /requests) and faults can be injected here or via POST /_faults.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  pushrules sandbox\n  pushrules sandbox --fail-rate 0.2 --latency 50"
+        "\n  pushrules sandbox --code 11          # every valid request: message limit exceeded",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)")
+    p.add_argument(
+        "--port", type=int, default=SANDBOX_PORT, help=f"default {SANDBOX_PORT}; 0 picks a free one"
+    )
+    p.add_argument(
+        "--fail-rate",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="share of requests answered HTTP 503, from 0 to 1",
+    )
+    p.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="delay before each answer, in milliseconds",
+    )
+    p.add_argument(
+        "--code", type=int, metavar="N", help="answer this return code to every valid request"
+    )
+    p.add_argument(
+        "--record", type=Path, metavar="FILE", help="append each request to FILE as JSON lines"
+    )
+    p.add_argument("--seed", type=int, help="makes --fail-rate repeatable")
+    p.set_defaults(func=cmd_sandbox)
 
     return parser
 
@@ -220,7 +258,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     project = ruleset.project
     now = at.astimezone(parse_timezone(rule.timezone))
     try:
-        requests = compile_fire(rule, project.url, FireContext(now=now, event=event))
+        requests = compile_fire(rule, project, FireContext(now=now, event=event))
     except CompileError as exc:
         if args.format == "json":
             problem = Problem(rule.file, None, None, exc.field, exc.code, "error", exc.message)
@@ -234,4 +272,33 @@ def cmd_compile(args: argparse.Namespace) -> int:
         login = f"<{project.login.describe()} is not set>" if project.login else ""
     output = [{"url": r.url, "body": for_display(r.body, login)} for r in requests]
     print(json.dumps(output, indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
+# --- sandbox -------------------------------------------------------------------------------
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    """Serve the sandbox in the foreground; 2 on a bad option, 1 when the port is taken."""
+    from engine.sandbox import SandboxConfig, serve
+
+    try:
+        config = SandboxConfig(
+            fail_rate=args.fail_rate,
+            latency_ms=args.latency,
+            code=args.code,
+            record_path=args.record,
+            seed=args.seed,
+        )
+    except ValueError as problem:
+        print(f"pushrules sandbox: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        serve(config, args.host, args.port)
+    except OSError as problem:
+        print(
+            f"pushrules sandbox: cannot listen on {args.host}:{args.port}: {problem}",
+            file=sys.stderr,
+        )
+        return EXIT_PROBLEMS
     return EXIT_OK

@@ -14,6 +14,8 @@ from typing import Any
 
 from engine import accengage, templating
 from engine.problems import field_path
+from engine.project import Project
+from engine.request_check import check_request
 from engine.rules import AppPlan, Rule
 from engine.secrets import MASK
 from engine.yaml_source import Scalar, plain
@@ -72,8 +74,12 @@ def passes_when(rule: Rule, ctx: FireContext) -> bool:
         raise CompileError(rule.id, "when", str(exc)) from None
 
 
-def compile_fire(rule: Rule, url: str, ctx: FireContext) -> list[CompiledRequest]:
-    """All requests of one fire; an empty list when for_each targets expand to nothing."""
+def compile_fire(rule: Rule, project: Project, ctx: FireContext) -> list[CompiledRequest]:
+    """All requests of one fire; an empty list when for_each targets expand to nothing.
+
+    Each request passes the same check the sandbox answers with before it is returned, so what
+    rendering produced (an event's values) cannot send Accengage a request it would refuse.
+    """
     scope = template_context(rule, ctx)
     messages = [(plan, _api_message(rule, plan, scope)) for plan in rule.apps]
     targets = list(_expand_targets(rule, scope))
@@ -81,10 +87,27 @@ def compile_fire(rule: Rule, url: str, ctx: FireContext) -> list[CompiledRequest
         targets[i : i + accengage.MAX_TARGETS]
         for i in range(0, len(targets), accengage.MAX_TARGETS)
     ]
-    return [
-        CompiledRequest(rule.id, index, url, {"sendInstantMessage": _request(messages, chunk)})
+    requests = [
+        CompiledRequest(
+            rule.id, index, project.url, {"sendInstantMessage": _request(messages, chunk)}
+        )
         for index, chunk in enumerate(chunks)
     ]
+    for request in requests:
+        _last_check(rule, project, request)
+    return requests
+
+
+def _last_check(rule: Rule, project: Project, request: CompiledRequest) -> None:
+    code, label = check_request(
+        with_user(request.body, "login", "password"),
+        {},
+        languages=project.languages,
+        device_fields=project.device_fields,
+    )
+    if code != 0:
+        where = f"request {request.chunk + 1}" if request.chunk else "the request"
+        raise CompileError(rule.id, where, f"Accengage would answer {code}: {label}", code)
 
 
 def _request(

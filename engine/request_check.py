@@ -303,7 +303,10 @@ def _check_buttons(buttons: object, path: str, problems: list[Problem]) -> None:
                     problems.append((5, f"{where}.destructive must be a boolean"))
             elif not isinstance(value, str):
                 problems.append((5, f"{where}.{key} must be a string"))
-            elif key == "action" and value not in api.BUTTON_ACTIONS:
+            elif key == "action" and value not in (
+                *api.BUTTON_ACTIONS,
+                *api.BUTTON_ACTION_VARIANTS,
+            ):
                 problems.append((5, f"{where}.action must be one of {_ACTIONS}"))
 
 

@@ -15,7 +15,6 @@ Other routes: ``GET /healthz``; ``GET /_faults`` shows the faults in force.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import itertools
@@ -488,52 +487,7 @@ def serve(
         sock.close()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``pushrules sandbox``."""
-    parser.add_argument("--host", default=DEFAULT_HOST, help=f"default {DEFAULT_HOST}")
-    parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks one"
-    )
-    parser.add_argument(
-        "--fail-rate", type=float, default=0.0, metavar="R", help="share of HTTP 503s, 0 to 1"
-    )
-    parser.add_argument(
-        "--latency", type=float, default=0.0, metavar="MS", help="delay before each answer"
-    )
-    parser.add_argument(
-        "--code", type=int, metavar="N", help="answer this return code to every valid request"
-    )
-    parser.add_argument(
-        "--record", type=Path, metavar="FILE", help="append each request to FILE as JSON lines"
-    )
-    parser.add_argument("--seed", type=int, help="makes --fail-rate repeatable")
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """Runs ``pushrules sandbox``; 2 on a bad option, 1 when the port cannot be had."""
-    try:
-        config = SandboxConfig(
-            fail_rate=args.fail_rate,
-            latency_ms=args.latency,
-            code=args.code,
-            record_path=args.record,
-            seed=args.seed,
-        )
-    except ValueError as problem:
-        print(f"pushrules sandbox: {problem}", file=sys.stderr)
-        return 2
-    try:
-        serve(config, args.host, args.port)
-    except OSError as problem:
-        print(
-            f"pushrules sandbox: cannot listen on {args.host}:{args.port}: {problem}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m engine.sandbox", description=__doc__)
-    add_arguments(_parser)
-    raise SystemExit(run_from_args(_parser.parse_args()))
+    from engine.cli import main
+
+    raise SystemExit(main(["sandbox", *sys.argv[1:]]))

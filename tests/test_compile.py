@@ -100,7 +100,7 @@ BUTTONS = {
 def compile_example(rule_id: str, event: dict | None) -> list[dict]:
     ruleset = load(REPO)
     rule = ruleset.rules[rule_id]
-    requests = compile_fire(rule, "http://x/sendInstantMessage.php", FireContext(NOW, event))
+    requests = compile_fire(rule, ruleset.project, FireContext(NOW, event))
     return [r.body["sendInstantMessage"] for r in requests]
 
 
@@ -142,12 +142,12 @@ def rule_from(tmp_path: Path, text: str, name: str = "r"):
     write_rule(root, name, text)
     ruleset = load(root)
     assert ruleset.ok, ruleset.problems
-    return ruleset.rules[name]
+    return ruleset.rules[name], ruleset.project
 
 
 def test_yaml_scalars_are_sent_exactly_as_written(tmp_path: Path) -> None:
-    rule = rule_from(tmp_path, GOOD.replace("0012", "0012\n    data: {n: 1e3}"))
-    [req] = compile_fire(rule, "u", FireContext(NOW, {"subject": "S"}))
+    rule, project = rule_from(tmp_path, GOOD.replace("0012", "0012\n    data: {n: 1e3}"))
+    [req] = compile_fire(rule, project, FireContext(NOW, {"subject": "S"}))
     target = req.body["sendInstantMessage"]["targets"][0]
     assert target["memberId"] == "0012"
     assert target["language"] == "no"
@@ -156,32 +156,32 @@ def test_yaml_scalars_are_sent_exactly_as_written(tmp_path: Path) -> None:
 
 
 def test_event_values_are_data_never_template_code(tmp_path: Path) -> None:
-    rule = rule_from(tmp_path, GOOD)
-    [req] = compile_fire(rule, "u", FireContext(NOW, {"subject": "{{ 7*7 }} {% if 1 %}x"}))
+    rule, project = rule_from(tmp_path, GOOD)
+    [req] = compile_fire(rule, project, FireContext(NOW, {"subject": "{{ 7*7 }} {% if 1 %}x"}))
     assert req.body["sendInstantMessage"]["message"]["subject"] == "{{ 7*7 }} {% if 1 %}x"
 
 
 def test_macros_are_never_touched(tmp_path: Path) -> None:
-    rule = rule_from(tmp_path, GOOD)
-    [req] = compile_fire(rule, "u", FireContext(NOW, {"subject": "${first_name}"}))
+    rule, project = rule_from(tmp_path, GOOD)
+    [req] = compile_fire(rule, project, FireContext(NOW, {"subject": "${first_name}"}))
     message = req.body["sendInstantMessage"]["message"]
     assert message["text"] == "Hi ${first_name}"
     assert message["subject"] == "${first_name}"
 
 
 def test_undefined_name_names_rule_field_and_name(tmp_path: Path) -> None:
-    rule = rule_from(tmp_path, GOOD)
+    rule, project = rule_from(tmp_path, GOOD)
     with pytest.raises(CompileError) as info:
-        compile_fire(rule, "u", FireContext(NOW, {}))
+        compile_fire(rule, project, FireContext(NOW, {}))
     assert info.value.rule == "r"
     assert info.value.field == "apps.flights-ios.message.subject"
     assert "subject" in info.value.message
 
 
 def test_runaway_template_is_bounded(tmp_path: Path) -> None:
-    rule = rule_from(tmp_path, GOOD.replace("{{ event.subject }}", "{{ 'x' * 10**9 }}"))
+    rule, project = rule_from(tmp_path, GOOD.replace("{{ event.subject }}", "{{ 'x' * 10**9 }}"))
     with pytest.raises(CompileError, match="limit"):
-        compile_fire(rule, "u", FireContext(NOW, {}))
+        compile_fire(rule, project, FireContext(NOW, {}))
 
 
 FOR_EACH = """
@@ -200,10 +200,10 @@ targets:
 
 
 def test_for_each_targets_are_cut_into_requests_of_100(tmp_path: Path) -> None:
-    rule = rule_from(tmp_path, FOR_EACH)
+    rule, project = rule_from(tmp_path, FOR_EACH)
     passengers = [{"id": f"m{i}", "name": f"N{i}"} for i in range(250)]
     requests = compile_fire(
-        rule, "u", FireContext(NOW, {"flight": "AF1", "passengers": passengers})
+        rule, project, FireContext(NOW, {"flight": "AF1", "passengers": passengers})
     )
     sizes = [len(r.body["sendInstantMessage"]["targets"]) for r in requests]
     assert sizes == [100, 100, 50]
@@ -216,18 +216,18 @@ def test_for_each_targets_are_cut_into_requests_of_100(tmp_path: Path) -> None:
 
 
 def test_for_each_over_nothing_sends_nothing(tmp_path: Path) -> None:
-    rule = rule_from(tmp_path, FOR_EACH)
-    assert compile_fire(rule, "u", FireContext(NOW, {"flight": "AF1", "passengers": []})) == []
+    rule, project = rule_from(tmp_path, FOR_EACH)
+    assert compile_fire(rule, project, FireContext(NOW, {"flight": "AF1", "passengers": []})) == []
 
 
 def test_for_each_over_a_non_list_is_an_error(tmp_path: Path) -> None:
-    rule = rule_from(tmp_path, FOR_EACH)
+    rule, project = rule_from(tmp_path, FOR_EACH)
     with pytest.raises(CompileError, match="must give a list"):
-        compile_fire(rule, "u", FireContext(NOW, {"flight": "AF1", "passengers": "bob"}))
+        compile_fire(rule, project, FireContext(NOW, {"flight": "AF1", "passengers": "bob"}))
 
 
 def test_when_condition(tmp_path: Path) -> None:
-    rule = rule_from(
+    rule, project = rule_from(
         tmp_path,
         GOOD + 'when: "{{ event.delay_minutes is not defined or event.delay_minutes > 60 }}"\n',
     )
@@ -238,8 +238,8 @@ def test_when_condition(tmp_path: Path) -> None:
 
 def test_now_and_vars_in_templates(tmp_path: Path) -> None:
     text = GOOD.replace("{{ event.subject }}", "{{ vars.greeting }} {{ now.strftime('%H:%M') }}")
-    rule = rule_from(tmp_path, text + "vars: {greeting: Morning}\n")
-    [req] = compile_fire(rule, "u", FireContext(NOW, {}))
+    rule, project = rule_from(tmp_path, text + "vars: {greeting: Morning}\n")
+    [req] = compile_fire(rule, project, FireContext(NOW, {}))
     assert req.body["sendInstantMessage"]["message"]["subject"] == "Morning 09:00"
 
 
@@ -251,8 +251,8 @@ def test_per_app_override_is_deep_merged(tmp_path: Path) -> None:
         "    parentMessageExternalId: ext-2\n"
         "    message: {bigPicture: cat.png, data: {b: '2'}}",
     ).replace('  text: "Hi ${first_name}"', '  text: "Hi ${first_name}"\n  data: {a: "1"}')
-    rule = rule_from(tmp_path, text)
-    [req] = compile_fire(rule, "u", FireContext(NOW, {"subject": "S"}))
+    rule, project = rule_from(tmp_path, text)
+    [req] = compile_fire(rule, project, FireContext(NOW, {"subject": "S"}))
     ios, android = req.body["sendInstantMessage"]["messages"]
     assert ios["message"]["badge"] == "+1"
     assert "bigPicture" not in ios["message"]
@@ -260,3 +260,15 @@ def test_per_app_override_is_deep_merged(tmp_path: Path) -> None:
     assert android["message"]["data"] == {"a": "1", "b": "2"}
     assert android["message"]["bigPicture"] == "cat.png"
     assert "badge" not in android["message"]
+
+
+def test_rendered_values_pass_the_api_check_before_anything_is_sent(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        '  text: "Hi ${first_name}"', '  text: "Hi ${first_name}"\n  language: "{{ event.lang }}"'
+    )
+    rule, project = rule_from(tmp_path, text)
+    [req] = compile_fire(rule, project, FireContext(NOW, {"subject": "S", "lang": "fr"}))
+    assert req.body["sendInstantMessage"]["message"]["language"] == "fr"
+    with pytest.raises(CompileError) as info:
+        compile_fire(rule, project, FireContext(NOW, {"subject": "S", "lang": "de"}))
+    assert info.value.code == 17

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import socket
@@ -15,12 +14,11 @@ import httpx
 import pytest
 
 from engine import accengage as api
+from engine.cli import build_parser, main
 from engine.sandbox import (
     DEFAULT_PORT,
     RunningSandbox,
     SandboxConfig,
-    add_arguments,
-    run_from_args,
     start_in_thread,
 )
 
@@ -345,15 +343,14 @@ def test_down_then_up_on_the_same_port_keeping_few_records() -> None:
             assert http.post(second.url, json=BASE).json()["returnCode"] == "0"
 
 
-def test_cli_arguments_and_refusals(capsys: pytest.CaptureFixture[str]) -> None:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    defaults = parser.parse_args([])
+def test_cli_defaults_and_refusals(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    defaults = parser.parse_args(["sandbox"])
     assert (defaults.host, defaults.port, defaults.code) == ("127.0.0.1", DEFAULT_PORT, None)
-    assert run_from_args(parser.parse_args(["--fail-rate", "2"])) == 2
+    assert main(["sandbox", "--fail-rate", "2"]) == 2
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = str(taken.getsockname()[1])
-        assert run_from_args(parser.parse_args(["--port", port])) == 1
+        assert main(["sandbox", "--port", port]) == 1
     assert "pushrules sandbox:" in capsys.readouterr().err
 
 
