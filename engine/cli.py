@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rule", help="rule id: the rule file's name without .yaml")
     _project_argument(p)
     p.add_argument("--event", metavar="FILE", help="event payload, a JSON object (- for stdin)")
+    p.add_argument(
+        "--item", metavar="FILE", help="feed item for a poll rule, a JSON object (- for stdin)"
+    )
     p.add_argument(
         "--at", metavar="ISO8601", help="fire time for `now` (default: the current time)"
     )
@@ -184,15 +189,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"pushrules: {root} is not a folder", file=sys.stderr)
         return EXIT_USAGE
     ruleset = Loader(root, problems_only=True).load()
-    print_problems(ruleset.problems, args.format, ruleset.files)
+    problems = list(ruleset.problems)
+    if args.format == "github":
+        # Annotations attach to the repository's paths: name the files from here, not DIR.
+        problems = [replace(p, file=os.path.relpath(root / p.file)) for p in problems]
+    print_problems(problems, args.format, ruleset.files)
     return EXIT_OK if ruleset.ok else EXIT_PROBLEMS
 
 
 # --- compile -------------------------------------------------------------------------------
 
 
-def read_event(source: str | None) -> dict[str, Any] | None:
-    """The event payload from a file or stdin; it must be a JSON object."""
+def read_event(source: str | None, what: str = "event") -> dict[str, Any] | None:
+    """An event payload or feed item from a file or stdin; it must be a JSON object."""
     if source is None:
         return None
     try:
@@ -227,13 +236,20 @@ class UsageError(Exception):
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from engine.compiler import CompileError, FireContext, compile_fire, for_display
+    from engine.compiler import (
+        CompileError,
+        FireContext,
+        compile_fire,
+        for_display,
+        passes_when,
+    )
     from engine.loader import Loader
     from engine.schedule import parse_timezone
     from engine.secrets import MissingSecret
 
     try:
         event = read_event(args.event)
+        item = read_event(args.item, "item")
         at = parse_time(args.at)
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
@@ -257,8 +273,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
         return EXIT_PROBLEMS
     project = ruleset.project
     now = at.astimezone(parse_timezone(rule.timezone))
+    context = FireContext(now=now, event=event, item=item)
     try:
-        requests = compile_fire(rule, project, FireContext(now=now, event=event))
+        if not passes_when(rule, context):
+            print(
+                f"pushrules: `when` is false for this {'item' if item else 'event'}: the rule "
+                "would not fire, nothing would be sent",
+                file=sys.stderr,
+            )
+            print("[]")
+            return EXIT_OK
+        requests = compile_fire(rule, project, context)
     except CompileError as exc:
         if args.format == "json":
             problem = Problem(rule.file, None, None, exc.field, exc.code, "error", exc.message)

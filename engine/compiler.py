@@ -81,7 +81,9 @@ def compile_fire(rule: Rule, project: Project, ctx: FireContext) -> list[Compile
     rendering produced (an event's values) cannot send Accengage a request it would refuse.
     """
     scope = template_context(rule, ctx)
-    messages = [(plan, _api_message(rule, plan, scope)) for plan in rule.apps]
+    messages = [
+        (plan, _parent(rule, plan, scope), _api_message(rule, plan, scope)) for plan in rule.apps
+    ]
     targets = list(_expand_targets(rule, scope))
     chunks = [
         targets[i : i + accengage.MAX_TARGETS]
@@ -102,29 +104,35 @@ def _last_check(rule: Rule, project: Project, request: CompiledRequest) -> None:
     code, label = check_request(
         with_user(request.body, "login", "password"),
         {},
-        languages=project.languages,
-        device_fields=project.device_fields,
+        languages=sorted(project.languages) if project.languages is not None else None,
+        device_fields=sorted(project.device_fields) if project.device_fields is not None else None,
     )
     if code != 0:
         where = f"request {request.chunk + 1}" if request.chunk else "the request"
         raise CompileError(rule.id, where, f"Accengage would answer {code}: {label}", code)
 
 
+def _parent(rule: Rule, plan: AppPlan, scope: Mapping[str, Any]) -> str:
+    """The parent message id, which may come from the event."""
+    renderer = _Renderer(rule, scope, ("apps", plan.alias))
+    return renderer.text(plan.parent_value, (plan.parent_key,))
+
+
 def _request(
-    messages: Sequence[tuple[AppPlan, dict[str, Any]]], targets: list[dict[str, Any]]
+    messages: Sequence[tuple[AppPlan, str, dict[str, Any]]], targets: list[dict[str, Any]]
 ) -> dict[str, Any]:
     if len(messages) == 1:
-        plan, message = messages[0]
+        plan, parent, message = messages[0]
         return {
             "partner": {"id": plan.app.partner},
-            plan.parent_key: plan.parent_value,
+            plan.parent_key: parent,
             "message": message,
             "targets": targets,
         }
     return {
         "messages": [
-            {"partner": {"id": p.app.partner}, p.parent_key: p.parent_value, "message": m}
-            for p, m in messages
+            {"partner": {"id": p.app.partner}, p.parent_key: parent, "message": m}
+            for p, parent, m in messages
         ],
         "targets": targets,
     }

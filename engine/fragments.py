@@ -19,6 +19,7 @@ BUTTONS_DIR = Path("templates/buttons")
 class Fragments:
     messages: Mapping[str, MarkedMap] = field(default_factory=dict)
     buttons: Mapping[str, MarkedMap] = field(default_factory=dict)
+    broken: frozenset[str] = frozenset()  # "messages/NAME" or "buttons/NAME" with errors
 
 
 def load_fragments(root: Path) -> tuple[Fragments, list[Problem], int]:
@@ -26,7 +27,10 @@ def load_fragments(root: Path) -> tuple[Fragments, list[Problem], int]:
     problems: list[Problem] = []
     messages, count_m = _load_dir(root, MESSAGES_DIR, MESSAGE_TEMPLATE_CHECKER, problems, 5)
     buttons, count_b = _load_dir(root, BUTTONS_DIR, BUTTON_TEMPLATE_CHECKER, problems, 23)
-    return Fragments(messages, buttons), problems, count_m + count_b
+    broken = frozenset(
+        f"{Path(p.file).parent.name}/{Path(p.file).stem}" for p in problems if p.is_error
+    )
+    return Fragments(messages, buttons, broken), problems, count_m + count_b
 
 
 def _load_dir(

@@ -16,6 +16,7 @@ from engine.yaml_source import Scalar, load, position
 CONFIG_NAME = "pushrules.yaml"
 DEFAULT_STORE = "sqlite:///pushrules.db"
 DEFAULT_LISTEN = "127.0.0.1:8750"
+STORE_PREFIXES = ("sqlite://", "postgresql://", "postgresql+psycopg://")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,13 +126,7 @@ def parse_project(root: Path, text: str) -> tuple[Project | None, list[Problem]]
     token = _secret(doc, "intake_token", root, report, ())
 
     timezone = str(doc.get("timezone") or "UTC")
-    if isinstance(doc.get("timezone"), str):
-        from engine.schedule import TriggerError, parse_timezone
-
-        try:
-            parse_timezone(timezone)
-        except TriggerError as exc:
-            report(("timezone",), None, str(exc))
+    _check_settings(doc, report)
 
     if any(p.is_error for p in problems):
         return None, problems
@@ -159,6 +154,45 @@ def parse_project(root: Path, text: str) -> tuple[Project | None, list[Problem]]
         dispatch=_typed(doc.get("dispatch") or {}),
     )
     return project, problems
+
+
+def _check_settings(doc: Mapping[str, Any], report: Any) -> None:
+    """Settings whose text has a shape: a timezone, a store URL, an address, a duration."""
+    from engine.schedule import TriggerError, parse_duration, parse_timezone
+
+    if isinstance(doc.get("timezone"), str):
+        try:
+            parse_timezone(str(doc["timezone"]))
+        except TriggerError as exc:
+            report(("timezone",), None, str(exc))
+    store = doc.get("store")
+    if isinstance(store, str) and not store.startswith(STORE_PREFIXES):
+        report(
+            ("store",),
+            None,
+            f"'{store}' is not a store URL; write sqlite:///pushrules.db "
+            "or postgresql+psycopg://user@host/database",
+        )
+    listen = doc.get("listen")
+    if isinstance(listen, str):
+        host, _, port = listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            report(
+                ("listen",),
+                None,
+                f"'{listen}' is not an address; write HOST:PORT, like {DEFAULT_LISTEN}",
+            )
+    url = (
+        (doc.get("accengage") or {}).get("url") if isinstance(doc.get("accengage"), dict) else None
+    )
+    if isinstance(url, str) and not url.startswith(("http://", "https://")):
+        report(("accengage", "url"), None, "the Accengage URL must start with https://")
+    dispatch = doc.get("dispatch")
+    if isinstance(dispatch, dict) and isinstance(dispatch.get("timeout"), str):
+        try:
+            parse_duration(str(dispatch["timeout"]))
+        except TriggerError as exc:
+            report(("dispatch", "timeout"), None, str(exc))
 
 
 def _names(value: Any) -> frozenset[str] | None:

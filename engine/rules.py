@@ -226,6 +226,7 @@ def _build(
     _check_targets(targets, len(apps) > 1 or len(doc["apps"]) > 1, project, out)
     for plan in apps:
         _check_app_message(plan, targets, project, out)
+    _check_target_macros(targets, base_message, project, out)
     catch_up = _duration(doc.get("catch_up"), ("catch_up",), out) or DEFAULT_CATCH_UP
     quiet = _check_quiet_hours(doc.get("quiet_hours"), out)
     limit = _check_limit(doc.get("limit"), out)
@@ -383,11 +384,11 @@ def _resolve_message(
     message: Mapping[str, Any], path: tuple[Any, ...], fragments: Fragments, out: _Collector
 ) -> MarkedMap:
     """Apply ``use:`` for the message and for its buttons; siblings override the template."""
-    resolved = _use(message, path, fragments.messages, "templates/messages", 5, out)
+    resolved = _use(message, path, fragments, "messages", 5, out)
     buttons = resolved.get("interactiveButtons")
     if isinstance(buttons, dict):
         resolved["interactiveButtons"] = _use(
-            buttons, (*path, "interactiveButtons"), fragments.buttons, "templates/buttons", 23, out
+            buttons, (*path, "interactiveButtons"), fragments, "buttons", 23, out
         )
     return resolved
 
@@ -395,8 +396,8 @@ def _resolve_message(
 def _use(
     value: Mapping[str, Any],
     path: tuple[Any, ...],
-    library: Mapping[str, MarkedMap],
-    folder: str,
+    fragments: Fragments,
+    kind: str,
     code: int,
     out: _Collector,
 ) -> MarkedMap:
@@ -406,15 +407,18 @@ def _use(
     own.update((k, v) for k, v in value.items() if k != "use")
     if name is None:
         return own
+    library: Mapping[str, MarkedMap] = getattr(fragments, kind)
     template = library.get(str(name))
     if template is None:
         own["use"] = name  # left unresolved: later checks skip what they cannot know
-        out.add(
-            (*path, "use"),
-            code,
-            f"no template '{name}' in {folder}/{did_you_mean(str(name), library)}; "
-            f"known: {', '.join(sorted(library)) or 'none'}",
-        )
+        if f"{kind}/{name}" in fragments.broken:
+            message = f"template '{name}' has errors: fix templates/{kind}/{name}.yaml first"
+        else:
+            message = (
+                f"no template '{name}' in templates/{kind}/"
+                f"{did_you_mean(str(name), library)}; known: {', '.join(sorted(library)) or 'none'}"
+            )
+        out.add((*path, "use"), code, message)
         return own
     return deep_merge(template, own)
 
@@ -463,12 +467,18 @@ def _check_apps(
 
 def _message_paths(alias: str, sub: Sequence[Any]) -> tuple[tuple[Any, ...], ...]:
     """Where in the rule file a merged message field may come from, most specific first."""
+    buttons: tuple[tuple[Any, ...], ...] = ()
+    if sub[:1] == ("interactiveButtons",):
+        buttons = (
+            ("apps", alias, "message", "interactiveButtons", "use"),
+            ("message", "interactiveButtons", "use"),
+        )
     return (
         ("apps", alias, "message", *sub),
         ("message", *sub),
+        *buttons,
         ("apps", alias, "message", "use"),
         ("message", "use"),
-        ("message", "interactiveButtons", "use"),
         ("message",),
     )
 
@@ -704,6 +714,33 @@ def _check_macros(
                 )
 
 
+def _check_target_macros(
+    targets: Sequence[Any], message: Mapping[str, Any], project: Project, out: _Collector
+) -> None:
+    """A target's own ``aps.alert`` is filled like the message: its data, the message's, a
+    device field."""
+    message_data = message.get("data")
+    fillable = {str(k) for k in message_data} if isinstance(message_data, dict) else set()
+    fillable |= project.device_fields or frozenset()
+    severity = "error" if project.device_fields is not None else "warning"
+    for index, target in enumerate(targets):
+        inner = target.get("target") if "for_each" in target else target
+        if not isinstance(inner, dict) or not isinstance(inner.get("aps"), dict):
+            continue
+        base = ("targets", index, *(("target",) if inner is not target else ()), "aps")
+        own = fillable | _target_data_names(target)
+        for path, text in _alert_texts(inner["aps"].get("alert"), (*base, "alert")):
+            for name in templating.macros(text):
+                if name not in own:
+                    out.add(
+                        path,
+                        15,
+                        f"${{{name}}} cannot be filled: add {name} to this "
+                        "target's data, to the message's data, or to device_fields",
+                        severity,
+                    )
+
+
 # --- targets -------------------------------------------------------------------------------
 
 
@@ -800,7 +837,10 @@ def _check_one_target(
 def _check_expression(value: Any, path: tuple[Any, ...], out: _Collector) -> None:
     text = str(value)
     if not templating.is_expression(text):
-        out.add(path, None, 'must be one Jinja expression in {{ }}, like "{{ event.passengers }}"')
+        example = (
+            "{{ event.delay_minutes > 60 }}" if path == ("when",) else "{{ event.passengers }}"
+        )
+        out.add(path, None, f'must be one Jinja expression in {{{{ }}}}, like "{example}"')
         return
     _check_text(value, path, out)
 

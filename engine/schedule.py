@@ -146,49 +146,6 @@ def _suggest_zones(name: str, keys: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(found))[:3]
 
 
-def _either(options: list[str]) -> str:
-    quoted = [f"'{o}'" for o in options]
-    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
-
-
-def _zoneinfo_accepts(name: str) -> bool:
-    try:
-        zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        return False
-    return True
-
-
-def _suggest_zones(name: str, keys: Iterable[str]) -> list[str]:
-    """Close IANA names: the city is compared first, within the region when it is known."""
-    keys = sorted(keys)
-    wanted = name.replace(" ", "_")
-    by_lower = {k.lower(): k for k in keys}
-    if wanted.lower() in by_lower:
-        return [by_lower[wanted.lower()]]
-    region, _, city = wanted.lower().rpartition("/")
-    known_region = any(k.lower().startswith(region + "/") for k in keys) if region else False
-    cities: dict[str, list[str]] = {}
-    for key in keys:
-        key_region, _, key_city = key.lower().rpartition("/")
-        if not known_region or key_region == region:
-            cities.setdefault(key_city, []).append(key)
-    if city in cities:
-        return cities[city][:3]
-    close = difflib.get_close_matches(city, list(cities), n=3, cutoff=0.7)
-    found = [k for c in close for k in cities[c]]
-    if not found:
-        found = [
-            by_lower[c] for c in difflib.get_close_matches(wanted.lower(), list(by_lower), n=3)
-        ]
-    return list(dict.fromkeys(found))[:3]
-
-
-@lru_cache(maxsize=1)
-def _regions(keys: tuple[str, ...] | list[str]) -> frozenset[str]:
-    return frozenset(k.lower().rpartition("/")[0] for k in keys)
-
-
 # --------------------------------------------------------------------------- durations
 
 _UNITS = {"d": timedelta(days=1), "h": timedelta(hours=1), "m": MINUTE, "s": SECOND}

@@ -25,8 +25,11 @@ INT: dict[str, Any] = {"type": "yamlint"}
 
 CUSTOM_PARAMS: dict[str, Any] = {"type": ["dict", "list"]}  # shape checked in validate.py
 
+# Nested schemas say allow_unknown: False because Cerberus hands a parent's allow_unknown down
+# to them, and a target allows unknown keys (its criteria).
 CRITERION: dict[str, Any] = {
     "type": ["string", "dict"],
+    "allow_unknown": False,
     "schema": {
         "operator": {"type": "string", "required": True, "allowed": list(accengage.OPERATORS)},
         "value": {"type": "string", "required": True},
@@ -35,6 +38,7 @@ CRITERION: dict[str, Any] = {
 
 APS: dict[str, Any] = {
     "type": "dict",
+    "allow_unknown": False,
     "schema": {
         "alert": {"type": ["string", "dict"]},
         "sound": TEXT,
@@ -302,7 +306,12 @@ class SchemaChecker:
             return SchemaError(path, "type", f"must be {_type_words(error.constraint)}")
         if error.code == cerr.UNALLOWED_VALUE.code:
             allowed = [str(a) for a in error.constraint]
-            hint = did_you_mean(str(error.value), allowed)
+            value = str(error.value)
+            hint = (
+                f" (did you mean '{value[::-1]}'?)"
+                if value[::-1] in allowed and value[::-1] != value
+                else did_you_mean(value, allowed)
+            )
             return SchemaError(
                 path,
                 "allowed",

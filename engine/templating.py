@@ -62,6 +62,16 @@ class _BoundedEnvironment(SandboxedEnvironment):
             raise RenderError(f"the template builds text longer than {MAX_SEQUENCE:,}")
         return super().call_binop(context, operator, left, right)
 
+    def call(self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        """Calls in templates (``'x'.center(n)``, ``'{:>9}'.format(...)``) stay bounded too."""
+        name = getattr(__obj, "__name__", "")
+        # The sandbox wraps str.format; the string it formats is behind __wrapped__.
+        owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
+        if isinstance(owner, str):
+            _check_width(name, (owner, *args))
+        result = super().call(__context, __obj, *args, **kwargs)
+        return _check_size(f"{name}()" if name else "a call", result)
+
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
@@ -88,11 +98,42 @@ def _bounded_range(*args: int) -> range:
     left = _range_budget.get() - len(result)
     if len(result) > MAX_RANGE or left < 0:
         raise RenderError(
-            f"range of {len(result):,} items goes past the template's limit of "
-            f"{MAX_RANGE:,} loop steps"
+            f"the template's loops over range() take more than {MAX_RANGE:,} steps in all"
         )
     _range_budget.set(left)
     return result
+
+
+#: Filters and str methods whose first argument is a width: the result is at least that long.
+_WIDTH_FUNCTIONS = frozenset({"center", "indent", "ljust", "rjust", "zfill"})
+_FORMAT_WIDTH = re.compile(r"\d{6,}")
+
+
+def _check_width(name: str, args: tuple[Any, ...]) -> None:
+    """Refuse before building: a huge width or format field would allocate it at once."""
+    if name in _WIDTH_FUNCTIONS:
+        widths = [a for a in args if isinstance(a, int) and not isinstance(a, bool)]
+        if any(w > MAX_SEQUENCE for w in widths):
+            raise RenderError(f"{name}() with a width over {MAX_SEQUENCE:,} characters")
+    elif name == "format" and any(isinstance(a, str) and _FORMAT_WIDTH.search(a) for a in args):
+        raise RenderError(f"a format width over {MAX_SEQUENCE:,} characters")
+
+
+def _check_size(name: str, result: Any) -> Any:
+    if _is_sized(result) and len(result) > MAX_SEQUENCE:
+        raise RenderError(f"{name} built {len(result):,} items; the limit is {MAX_SEQUENCE:,}")
+    return result
+
+
+def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _check_width(name, args[1:] if name == "indent" else args)
+        return _check_size(f"the {name} filter", function(*args, **kwargs))
+
+    # Jinja passes the context or environment first to filters marked so; keep the mark.
+    if hasattr(function, "jinja_pass_arg"):
+        bounded.jinja_pass_arg = function.jinja_pass_arg  # type: ignore[attr-defined]
+    return bounded
 
 
 def _make_env() -> _BoundedEnvironment:
@@ -100,6 +141,7 @@ def _make_env() -> _BoundedEnvironment:
         undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True
     )
     env.globals = {"range": _bounded_range, "dict": dict}
+    env.filters = {name: _bounded_filter(name, f) for name, f in env.filters.items()}
     return env
 
 

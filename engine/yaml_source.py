@@ -30,7 +30,9 @@ _FLOAT = "tag:yaml.org,2002:float"
 _MAP = "tag:yaml.org,2002:map"
 _SEQ = "tag:yaml.org,2002:seq"
 _TYPED = {_BOOL, _INT, _FLOAT}
-_KNOWN = {_STR, _NULL, _BOOL, _INT, _FLOAT, _MAP, _SEQ, "tag:yaml.org,2002:timestamp"}
+#: ``=`` alone resolves to YAML 1.1's "value" type; for us it is the text "=".
+_VALUE = "tag:yaml.org,2002:value"
+_KNOWN = {_STR, _NULL, _BOOL, _INT, _FLOAT, _MAP, _SEQ, _VALUE, "tag:yaml.org,2002:timestamp"}
 
 #: Nodes a document may expand to through aliases before it is refused ("billion laughs").
 MAX_NODES = 200_000
@@ -101,7 +103,7 @@ def load(text: str) -> Loaded:
         node = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        return Loaded(None, [_syntax_issue(exc, mark)])
+        return Loaded(None, [_syntax_issue(exc, mark, text)])
     except yaml.YAMLError as exc:
         return Loaded(None, [YamlIssue(None, None, f"not valid YAML: {exc}")])
     except (UnicodeDecodeError, ValueError) as exc:
@@ -126,19 +128,46 @@ def load(text: str) -> Loaded:
     return Loaded(data, builder.issues)
 
 
-def _syntax_issue(exc: yaml.MarkedYAMLError, mark: Any) -> YamlIssue:
+#: Characters YAML reads as syntax at the start of a value; such a value must be quoted.
+_INDICATORS = {
+    "\t": "YAML does not allow tabs: indent with spaces",
+    "@": "quote values that start with @",
+    "`": "quote values that start with `",
+    "*": 'a value starting with * must be quoted, like "*/15 * * * *" (YAML reads * as an alias)',
+    "&": "a value starting with & must be quoted (YAML reads & as an anchor)",
+    "!": 'a value starting with ! must be quoted, like "!=" (YAML reads ! as a tag)',
+    ">": 'a value starting with > must be quoted, like ">="',
+    "|": "a value starting with | must be quoted",
+    "%": "a value starting with % must be quoted",
+    "{": 'Jinja in YAML must be quoted, like "{{ event.id }}"',
+}
+
+
+def _char_at(text: str, mark: Any) -> str:
+    lines = text.splitlines()
+    if mark is None or mark.line >= len(lines):
+        return ""
+    line = lines[mark.line]
+    return line[mark.column] if mark.column < len(line) else ""
+
+
+def _syntax_issue(exc: yaml.MarkedYAMLError, mark: Any, text: str) -> YamlIssue:
     problem = exc.problem or exc.context or "syntax error"
     hint = ""
+    char = _char_at(text, mark)
+    if char not in _INDICATORS:
+        char = _char_at(text, exc.context_mark)
     if "expected a single document" in str(exc):
         problem = "the file holds several YAML documents (---); keep one rule per file"
-    elif "found character '\\t'" in problem:
-        hint = "; indent with spaces, YAML does not allow tabs"
+    elif char in _INDICATORS:
+        hint = "; " + _INDICATORS[char]
     elif "mapping values are not allowed" in problem:
-        hint = "; a value containing ': ' must be quoted"
+        hint = (
+            "; a value containing ': ' must be quoted, or a key is indented differently from "
+            "the keys around it"
+        )
     elif "found undefined alias" in problem:
-        hint = "; define the anchor (&name) before using it"
-    elif problem.startswith("found character '@'") or problem.startswith("found character '`'"):
-        hint = "; quote values that start with @ or `"
+        hint = "; define the anchor (&name) before using it, or quote a value starting with *"
     if mark is None:
         return YamlIssue(None, None, f"YAML syntax: {problem}{hint}")
     return YamlIssue(mark.line + 1, mark.column + 1, f"YAML syntax: {problem}{hint}")
@@ -171,9 +200,14 @@ class _Builder:
             raise _TooLarge
         line, column = node.start_mark.line + 1, node.start_mark.column + 1
         if node.tag not in _KNOWN:
-            self.issues.append(
-                YamlIssue(line, column, f"YAML tag {node.tag} is not supported; remove it")
-            )
+            if node.tag.startswith("!"):
+                message = (
+                    f'a value starting with ! must be quoted, like "{node.tag}" (YAML reads '
+                    "! as a tag)"
+                )
+            else:
+                message = f"YAML tag {node.tag} is not supported; remove it"
+            self.issues.append(YamlIssue(line, column, message))
         if isinstance(node, yaml.ScalarNode):
             result = self._scalar(node, line, column)
         elif isinstance(node, yaml.SequenceNode):
@@ -201,7 +235,13 @@ class _Builder:
         for key_node, value_node in node.value:
             kline, kcol = key_node.start_mark.line + 1, key_node.start_mark.column + 1
             if not isinstance(key_node, yaml.ScalarNode):
-                self.issues.append(YamlIssue(kline, kcol, "a key must be a plain name"))
+                message = "a key must be a plain name"
+                if isinstance(key_node, yaml.MappingNode):
+                    message = (
+                        "this reads as a mapping inside a mapping: Jinja in YAML must be quoted, "
+                        'like memberId: "{{ event.id }}"'
+                    )
+                self.issues.append(YamlIssue(kline, kcol, message))
                 continue
             if key_node.tag == "tag:yaml.org,2002:merge":
                 self.issues.append(

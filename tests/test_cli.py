@@ -58,10 +58,14 @@ def test_validate_json_format(broken: Path, capsys: pytest.CaptureFixture[str]) 
     }
 
 
-def test_validate_github_format(broken: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["validate", str(broken), "--format", "github"]) == 1
+def test_validate_github_format(
+    broken: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Annotations name files from the repository (the working folder), not from DIR.
+    monkeypatch.chdir(broken.parent)
+    assert main(["validate", broken.name, "--format", "github"]) == 1
     line = capsys.readouterr().out.strip()
-    assert line.startswith("::error file=rules/x.yaml,line=5,col=10,title=pushrules [5]::")
+    assert line.startswith("::error file=p/rules/x.yaml,line=5,col=10,title=pushrules [5]::")
 
 
 def test_warnings_exit_0(tmp_path: Path) -> None:

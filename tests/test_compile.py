@@ -227,7 +227,7 @@ def test_for_each_over_a_non_list_is_an_error(tmp_path: Path) -> None:
 
 
 def test_when_condition(tmp_path: Path) -> None:
-    rule, project = rule_from(
+    rule, _ = rule_from(
         tmp_path,
         GOOD + 'when: "{{ event.delay_minutes is not defined or event.delay_minutes > 60 }}"\n',
     )

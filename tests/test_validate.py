@@ -436,3 +436,45 @@ def test_last_good_version_is_kept_after_a_file_breaks(root: Path) -> None:
     assert second.rules["r"] is first.rules["r"]
     assert second.stale == {"r"}
     assert not second.ok
+
+
+@pytest.mark.parametrize(
+    ("setting", "field"),
+    [
+        ("store: whatever", "store"),
+        ("listen: nonsense", "listen"),
+        ("dispatch: {timeout: 10 seconds}", "dispatch.timeout"),
+        ("timezone: GMT+2", "timezone"),
+    ],
+)
+def test_settings_with_a_shape_are_checked(tmp_path: Path, setting: str, field: str) -> None:
+    root = make_project(tmp_path / "p")
+    config = root / "pushrules.yaml"
+    key = setting.split(":")[0]
+    lines = [line for line in config.read_text().splitlines() if not line.startswith(key + ":")]
+    config.write_text("\n".join([*lines, setting]) + "\n")
+    p = only(problems(root))
+    assert (p.file, p.field) == ("pushrules.yaml", field)
+    assert p.line == len(lines) + 1
+
+
+def test_target_aps_is_checked_like_the_message_aps(root: Path) -> None:
+    write_rule(root, "r", GOOD + "    aps: {alert: 'Hi', sond: x}\n")
+    write_rule(root, "s", GOOD + "    aps: {alert: 'Hi ${nickname}'}\n")
+    found = sorted(problems(root), key=lambda p: p.file)
+    assert [(p.file, p.line, p.code, p.field) for p in found] == [
+        ("rules/r.yaml", 9, 13, "targets[0].aps.sond"),
+        ("rules/s.yaml", 9, 15, "targets[0].aps.alert"),
+    ]
+
+
+def test_misspelt_criterion_key(root: Path) -> None:
+    write_rule(root, "r", GOOD + "  - opencount: {operator: '>', value: '3', valeu: '4'}\n")
+    p = only(problems(root))
+    assert (p.code, p.field) == (9, "targets[1].opencount.valeu")
+
+
+def test_unquoted_yaml_indicators_say_to_quote(root: Path) -> None:
+    write_rule(root, "r", GOOD.replace("{event: flight.canceled}", "{cron: */15 * * * *}"))
+    p = only(problems(root))
+    assert "must be quoted" in p.message
