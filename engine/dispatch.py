@@ -1,0 +1,865 @@
+"""Send outbox rows to Accengage so that each compiled request arrives once, or a person is told.
+
+The rules, in the order they matter:
+
+* A row is claimed (``sending``, under a lease) before its request leaves, and its result is
+  written after; a process that dies in between leaves it ``sending`` until ``recover`` parks it
+  ``in_doubt``. Nothing whose fate is unknown is ever resent without a person saying so.
+* An error that proves the request never reached Accengage (no connection, the connection pool
+  was full, the body could not be fully written) is retried with backoff. An error after the
+  request may have arrived (read timeout, connection dropped before the answer) is ``in_doubt``
+  by default (``on_unknown_outcome="park"``), or retried if the operator prefers duplicates to
+  delays (``"retry"``).
+* HTTP 429 and 5xx are retried, honouring ``Retry-After``. A 200 answer is read for its
+  ``returnCode`` (a string in the documentation, a number accepted too): 0 is sent, 1 and 11
+  (:data:`engine.accengage.RETRYABLE_CODES`) are retried, any other code is permanent
+  (``failed``) and recorded with the API's meaning.
+* A 2xx answer that is not the documented JSON is ``in_doubt``: Accengage may well have sent
+  the push, so resending blindly could send it twice.
+* Credentials are resolved for each attempt and exist only in the request bytes: never stored,
+  logged, or put in an error message (answers are scrubbed of them before they are recorded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import json
+import logging
+import os
+import random
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+import httpx
+
+from engine import __version__
+from engine.accengage import RETRYABLE_CODES, describe
+from engine.secrets import MASK, MissingSecret, SecretRef
+from engine.store import (
+    DEAD,
+    FAILED,
+    IN_DOUBT,
+    RETRYING,
+    SENT,
+    AttemptResult,
+    OutboxRow,
+    ResultUpdate,
+    Store,
+    utcnow,
+)
+
+LOG = logging.getLogger("pushrules.dispatch")
+
+OutcomeKind = Literal["sent", "retry", "failed", "unknown"]
+UnknownPolicy = Literal["park", "retry"]
+
+#: The request provably never reached Accengage: safe to send again. A write error or timeout
+#: belongs here because the body was not fully handed to the network, and Accengage cannot act
+#: on a JSON body it has not fully received (the request is framed by Content-Length).
+NOT_SENT_ERRORS: tuple[type[BaseException], ...] = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.WriteError,
+    httpx.WriteTimeout,
+    httpx.UnsupportedProtocol,
+    httpx.LocalProtocolError,
+    httpx.ProxyError,
+    httpx.InvalidURL,
+)
+#: Statuses that ask for another try (the request was not acted on, or may pass later).
+RETRY_STATUSES = frozenset({408, 425, 429}) | frozenset(range(500, 600))
+SNIPPET = 200
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_HEADERS = {"content-type": "application/json", "user-agent": f"pushrules/{__version__}"}
+
+
+# --- settings and credentials ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    """How hard to push. The defaults suit one Accengage account from one host."""
+
+    #: Requests in flight at once. 16: httpx's pool loses throughput and tail latency beyond
+    #: about 16 concurrent requests to one host (encode/httpx#3215); benchmarks/dispatch.py.
+    concurrency: int = 16
+    #: Rows claimed at a time, in flight or queued (0: 32, or twice ``concurrency`` if more).
+    #: A claim costs about a millisecond on SQLite whatever its size, hence batches; but a
+    #: claimed row counts as in flight for ``recover``, so a crash parks up to this many rows
+    #: in_doubt, some of which never left. Keep it small.
+    claim_batch: int = 0
+    #: Requests started per second at most (None: no limit but ``concurrency``).
+    rate_per_second: float | None = None
+    timeout: httpx.Timeout = field(
+        default_factory=lambda: httpx.Timeout(connect=5.0, read=30.0, write=10.0, pool=10.0)
+    )
+    #: Whole-request limit: a server trickling its answer cannot hold a slot forever.
+    deadline: float = 60.0
+    max_attempts: int = 8
+    backoff_base: float = 1.0
+    backoff_max: float = 300.0
+    #: A Retry-After longer than this is cut to it.
+    retry_after_max: float = 3600.0
+    #: When a credential cannot be read, try again after this long (the attempt is not counted).
+    missing_secret_retry: float = 60.0
+    #: How long a claimed row may stay ``sending`` before ``recover`` deems its process dead.
+    lease: timedelta = timedelta(minutes=10)
+    on_unknown_outcome: UnknownPolicy = "park"
+    #: Sleep when nothing is due.
+    idle_sleep: float = 0.5
+    #: How often ``run`` parks rows of dead processes.
+    recover_every: float = 30.0
+    #: Results wait up to this long, or until ``concurrency`` of them are ready, to be written
+    #: together: a transaction costs about a millisecond on SQLite whatever its size. Safety is
+    #: the same; a crash in that window parks those rows in_doubt instead of marking them sent.
+    flush_interval: float = 0.05
+    keepalive_expiry: float = 4.0
+    #: Where store calls run. "inline" on the event loop suits SQLite (a local file, a
+    #: millisecond a call): in a thread, each of sqlite3's GIL releases costs a wait of up to
+    #: the 5 ms switch interval while the loop is busy sending, which cut throughput by a third
+    #: in benchmarks/dispatch.py. "thread" suits PostgreSQL, whose round trips would otherwise
+    #: stall the loop. "auto" picks by the store's dialect.
+    store_calls: Literal["auto", "inline", "thread"] = "auto"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.concurrency < 1:
+            problems.append("concurrency must be at least 1")
+        if self.max_attempts < 1:
+            problems.append("max_attempts must be at least 1")
+        if self.rate_per_second is not None and self.rate_per_second <= 0:
+            problems.append("rate_per_second must be positive (or None for no limit)")
+        if self.backoff_base <= 0 or self.backoff_max < self.backoff_base:
+            problems.append("backoff_base must be positive and backoff_max at least backoff_base")
+        if self.store_calls not in ("auto", "inline", "thread"):
+            problems.append('store_calls must be "auto", "inline" or "thread"')
+        if self.on_unknown_outcome not in ("park", "retry"):
+            problems.append('on_unknown_outcome must be "park" or "retry"')
+        if self.lease.total_seconds() < 2 * self.deadline:
+            problems.append(
+                f"lease ({self.lease.total_seconds():g} s) must be at least twice the request "
+                f"deadline ({self.deadline:g} s), or requests still in flight would be parked"
+            )
+        if problems:
+            raise ValueError("dispatch settings: " + "; ".join(problems))
+
+    @property
+    def batch(self) -> int:
+        return self.claim_batch or max(2 * self.concurrency, min(32, 8 * self.concurrency))
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where the Accengage login and password live; read at send time, never kept."""
+
+    login: SecretRef
+    password: SecretRef
+
+    def resolve(self) -> tuple[str, str]:
+        """Both values, or :class:`MissingSecret` naming the reference that failed."""
+        return self.login.resolve(), self.password.resolve()
+
+    def __repr__(self) -> str:
+        return f"Credentials(login={self.login}, password={self.password})"
+
+
+# --- the pure core ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one attempt tells about a request."""
+
+    kind: OutcomeKind
+    http_status: int | None = None
+    return_code: int | None = None
+    return_label: str | None = None
+    message_id: str | None = None
+    error: str | None = None
+    retry_after: float | None = None
+
+
+def with_user(body: str, login: str, password: str) -> bytes:
+    """The stored body as sent: ``user`` first, as in the API's examples."""
+    inner = json.loads(body)["sendInstantMessage"]
+    doc = {"sendInstantMessage": {"user": {"login": login, "password": password}, **inner}}
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def snippet(content: bytes | str, limit: int = SNIPPET) -> str:
+    text = content.decode("utf-8", "replace") if isinstance(content, bytes) else content
+    return text[:limit]
+
+
+def parse_return_code(value: Any) -> int | None:
+    """``"0"``, ``0`` and ``" 5 "`` are codes; booleans, floats and words are not."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        stripped = value.strip()
+        if stripped.isascii() and stripped.lstrip("-").isdigit():
+            return int(stripped)
+    return None
+
+
+def parse_answer(content: bytes) -> tuple[int, str | None, str | None] | None:
+    """``(returnCode, returnLabel, messageId)`` from a documented answer, else None.
+
+    The documentation names no field for the message id ("you will only get the messageid");
+    ``messageId`` is read, in any letter case.
+    """
+    try:
+        doc = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    code = parse_return_code(doc.get("returnCode"))
+    if code is None:
+        return None
+    label = doc.get("returnLabel")
+    message_id = next((v for k, v in doc.items() if k.lower() in ("messageid", "message_id")), None)
+    return (
+        code,
+        None if label is None else str(label),
+        None if message_id is None else str(message_id),
+    )
+
+
+def parse_retry_after(value: str | None, now: datetime) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP-date."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - now).total_seconds())
+
+
+def classify_response(
+    status: int, headers: Mapping[str, str], content: bytes, now: datetime
+) -> Outcome:
+    """An HTTP answer -> what happened to the request."""
+    if status in RETRY_STATUSES:
+        return Outcome(
+            "retry",
+            http_status=status,
+            error=f"HTTP {status} from Accengage: {snippet(content, 120)!r}; will try again",
+            retry_after=parse_retry_after(headers.get("retry-after"), now),
+        )
+    if not 200 <= status < 300:
+        return Outcome(
+            "failed",
+            http_status=status,
+            error=(
+                f"HTTP {status} from Accengage: {snippet(content, 120)!r}; not retried: check "
+                "accengage.url in pushrules.yaml, then resend the row"
+            ),
+        )
+    parsed = parse_answer(content)
+    if parsed is None:
+        label = f"answer is not the documented JSON: {snippet(content)}"
+        return Outcome(
+            "unknown",
+            http_status=status,
+            return_label=label,
+            error=(
+                f"HTTP {status} with an answer that is not the documented JSON: Accengage may "
+                "have sent the push; check, then resend or drop the row"
+            ),
+        )
+    code, label, message_id = parsed
+    label = label or describe(code)
+    if code == 0:
+        return Outcome("sent", status, code, label, message_id)
+    if code in RETRYABLE_CODES:
+        error = f"Accengage code {code} ({describe(code)}): will try again"
+        return Outcome("retry", status, code, label, message_id, error)
+    error = (
+        f"Accengage refused the request with code {code} ({describe(code)}); not retried: "
+        "fix the rule, then resend the row"
+    )
+    return Outcome("failed", status, code, label, message_id, error)
+
+
+def classify_error(exc: BaseException, deadline: float | None = None) -> Outcome:
+    """An exception raised while sending -> was the request sent, and what now."""
+    name = type(exc).__name__
+    detail = str(exc).strip()
+    what = f"{name}: {detail}" if detail else name
+    if isinstance(exc, NOT_SENT_ERRORS):
+        return Outcome("retry", error=f"{what} (the request did not reach Accengage; will retry)")
+    if isinstance(exc, TimeoutError) and deadline is not None:
+        what = f"no complete answer within the {deadline:g} s deadline"
+    return Outcome(
+        "unknown",
+        error=(
+            f"{what} (the request may have reached Accengage: check whether the push arrived, "
+            "then resend or drop the row)"
+        ),
+    )
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2^(attempt-1))], so retries spread out."""
+    return rng.uniform(0.0, min(cap, base * 2.0 ** max(0, attempt - 1)))
+
+
+def decide(
+    outcome: Outcome,
+    attempts: int,
+    settings: DispatchSettings,
+    now: datetime,
+    rng: random.Random,
+) -> tuple[str, datetime | None]:
+    """The row's next state (and when to try again) after attempt number ``attempts``."""
+    if outcome.kind == "sent":
+        return SENT, None
+    if outcome.kind == "failed":
+        return FAILED, None
+    if outcome.kind == "unknown" and settings.on_unknown_outcome == "park":
+        return IN_DOUBT, None
+    if attempts >= settings.max_attempts:
+        return DEAD, None
+    if outcome.retry_after is not None:
+        delay = min(outcome.retry_after, settings.retry_after_max)
+    else:
+        delay = backoff_delay(attempts, settings.backoff_base, settings.backoff_max, rng)
+    return RETRYING, now + timedelta(seconds=delay)
+
+
+def redact(text: str | None, secrets: Iterable[str]) -> str | None:
+    """Mask each secret (and its JSON-escaped form) wherever an answer echoes it."""
+    if text is None:
+        return None
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, MASK)
+            escaped = json.dumps(secret, ensure_ascii=False)[1:-1]
+            if escaped != secret:
+                text = text.replace(escaped, MASK)
+    return text
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+@dataclass
+class DispatchStats:
+    """Counters the daemon's /metrics reads; only ever grow."""
+
+    attempts: int = 0
+    by_state: Counter[str] = field(default_factory=Counter)  # sent, retrying, failed, dead...
+    by_return_code: Counter[int] = field(default_factory=Counter)
+    by_http_status: Counter[int] = field(default_factory=Counter)
+    by_error: Counter[str] = field(default_factory=Counter)  # exception names, "credentials"
+    latency_count: int = 0
+    latency_sum: float = 0.0
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+
+    def observe(self, attempt: AttemptResult, state: str, error_kind: str | None) -> None:
+        self.attempts += 1
+        self.by_state[state] += 1
+        if attempt.return_code is not None:
+            self.by_return_code[attempt.return_code] += 1
+        if attempt.http_status is not None:
+            self.by_http_status[attempt.http_status] += 1
+            self.latency_count += 1
+            self.latency_sum += attempt.duration_s
+            for i, bound in enumerate(LATENCY_BUCKETS):
+                if attempt.duration_s <= bound:
+                    self.latency_buckets[i] += 1
+        if error_kind is not None:
+            self.by_error[error_kind] += 1
+
+    @property
+    def handled(self) -> int:
+        return self.attempts
+
+    @property
+    def sent(self) -> int:
+        return self.by_state[SENT]
+
+    @property
+    def retries(self) -> int:
+        return self.by_state[RETRYING]
+
+
+# --- the I/O edge ----------------------------------------------------------------------------
+
+
+class _RateLimiter:
+    """Start at most ``rate`` requests a second, evenly spaced."""
+
+    def __init__(self, rate: float) -> None:
+        self._interval = 1.0 / rate
+        self._next = 0.0
+
+    async def acquire(self) -> None:
+        now = time.monotonic()
+        slot = max(now, self._next)
+        self._next = slot + self._interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+
+class _ResultWriter:
+    """Writes results in small batches from a thread, so sending never waits for the disk.
+
+    A result not yet written when the process dies leaves its row ``sending``, which recover
+    parks as ``in_doubt``: batching shortens no safety margin, it only widens that window by
+    ``flush_interval``.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, interval: float, size: int) -> None:
+        self._dispatcher = dispatcher
+        self._interval = interval
+        self._size = size
+        self._items: list[ResultUpdate] = []
+        self._full = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._has_items = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="pushrules-result-writer")
+
+    def add(self, update: ResultUpdate) -> None:
+        self._items.append(update)
+        self._has_items.set()
+        if len(self._items) >= self._size:
+            self._full.set()
+
+    async def _loop(self) -> None:
+        while not self._closing:
+            await self._has_items.wait()
+            if self._closing:
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._full.wait()
+            await self.flush()
+
+    async def flush(self) -> None:
+        async with self._lock:
+            self._has_items.clear()
+            self._full.clear()
+            batch, self._items = self._items, []
+            if batch:
+                await self._write(batch)
+
+    async def _write(self, batch: list[ResultUpdate]) -> None:
+        delay = 0.1
+        for attempt in range(1, 6):
+            try:
+                await self._dispatcher._db(self._dispatcher.store.record_results, batch)
+                return
+            except Exception as exc:  # the database is down or locked: keep the batch, retry
+                if attempt == 5:
+                    LOG.error(
+                        "could not record the results of rows %s: %s; they stay 'sending' and "
+                        "will be parked in_doubt when their lease runs out",
+                        [u.row_id for u in batch],
+                        exc,
+                    )
+                    return
+                LOG.warning("recording results failed (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay *= 2
+
+    async def close(self) -> None:
+        self._closing = True
+        self._has_items.set()
+        if self._task is not None:
+            await self._task
+        await self.flush()
+
+
+class _Pipeline:
+    """``concurrency`` workers draining a queue of claimed rows."""
+
+    def __init__(self, dispatcher: Dispatcher, writer: _ResultWriter, low_water: int) -> None:
+        self._dispatcher = dispatcher
+        self._writer = writer
+        self.low_water = low_water
+        self.queue: asyncio.Queue[OutboxRow | None] = asyncio.Queue()
+        self.inflight = 0
+        #: Set when the load falls to the low-water mark: time to claim more.
+        self.wake = asyncio.Event()
+        n = dispatcher.settings.concurrency
+        self._workers = [asyncio.create_task(self._work(), name=f"send-{i}") for i in range(n)]
+
+    @property
+    def load(self) -> int:
+        return self.queue.qsize() + self.inflight
+
+    def feed(self, rows: Sequence[OutboxRow]) -> None:
+        for row in rows:
+            self.queue.put_nowait(row)
+
+    async def _work(self) -> None:
+        while True:
+            row = await self.queue.get()
+            if row is None:
+                self.queue.task_done()
+                return
+            self.inflight += 1
+            try:
+                await self._dispatcher._handle(row, self._writer)
+            except Exception:  # a bug: the row stays 'sending' and recover parks it in_doubt
+                LOG.exception("unexpected error while sending row %s; it will be parked", row.id)
+            finally:
+                self.inflight -= 1
+                self.queue.task_done()
+                if self.load <= self.low_water:
+                    self.wake.set()
+
+    async def close(self, *, cancel: bool = False) -> list[OutboxRow]:
+        """Stop the workers after their current request; returns the rows never started."""
+        leftovers: list[OutboxRow] = []
+        while not self.queue.empty():
+            item = self.queue.get_nowait()
+            self.queue.task_done()
+            if item is not None:
+                leftovers.append(item)
+        if cancel:
+            for task in self._workers:
+                task.cancel()
+        for _ in self._workers:
+            self.queue.put_nowait(None)
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        return leftovers
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Dispatcher:
+    """Claims due outbox rows and sends them with bounded concurrency.
+
+    One per process; several processes (or hosts, on PostgreSQL) may share one store.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        settings: DispatchSettings | None = None,
+        credentials: Credentials | None = None,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        worker_id: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        on_attempt: Callable[[OutboxRow, AttemptResult, str], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if credentials is None:
+            raise ValueError("the dispatcher needs Credentials(login=..., password=...)")
+        self.store = store
+        self.settings = settings or DispatchSettings()
+        self.credentials = credentials
+        self.worker_id = worker_id or default_worker_id()
+        self.stats = DispatchStats()
+        self._clock = clock
+        self._on_attempt = on_attempt
+        self._rng = rng or random.Random()
+        s = self.settings
+        mode = s.store_calls
+        if mode == "auto":
+            mode = "inline" if getattr(store, "dialect", "") == "sqlite" else "thread"
+        self._inline_store = mode == "inline"
+        limiter = _RateLimiter(s.rate_per_second) if s.rate_per_second else None
+        self._limiter = limiter
+        self._client = httpx.AsyncClient(
+            transport=transport,
+            timeout=s.timeout,
+            limits=httpx.Limits(
+                max_connections=s.concurrency,
+                max_keepalive_connections=s.concurrency,
+                keepalive_expiry=s.keepalive_expiry,
+            ),
+            headers=_HEADERS,
+            follow_redirects=False,
+        )
+
+    def __repr__(self) -> str:
+        return f"Dispatcher({self.store!r}, worker_id={self.worker_id!r})"
+
+    async def _db(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run a store call where ``settings.store_calls`` says."""
+        if self._inline_store:
+            return fn(*args, **kwargs)
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def __aenter__(self) -> Dispatcher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # -- one attempt --------------------------------------------------------------------------
+
+    async def _attempt(self, row: OutboxRow) -> tuple[AttemptResult, Outcome | None, str | None]:
+        """Send one row once. Outcome None: nothing was sent (a credential is missing)."""
+        started = self._clock()
+        try:
+            login, password = self.credentials.resolve()
+        except MissingSecret as exc:
+            error = (
+                f"credentials unavailable: {exc}; nothing was sent, will try again in "
+                f"{self.settings.missing_secret_retry:g} s"
+            )
+            return AttemptResult(started, 0.0, error=error), None, "credentials"
+        try:
+            content = with_user(row.body, login, password)
+        except (ValueError, KeyError, TypeError) as exc:  # a damaged row: nothing was sent
+            error = f"the stored request cannot be read ({type(exc).__name__}); not sent"
+            return AttemptResult(started, 0.0, error=error), Outcome("failed", error=error), None
+        if self._limiter is not None:
+            await self._limiter.acquire()
+            started = self._clock()
+        t0 = time.monotonic()
+        error_kind = None
+        try:
+            async with asyncio.timeout(self.settings.deadline):
+                response = await self._client.post(row.url, content=content)
+            outcome = classify_response(
+                response.status_code, response.headers, response.content, self._clock()
+            )
+        except Exception as exc:
+            outcome = classify_error(exc, self.settings.deadline)
+            error_kind = type(exc).__name__
+        duration = time.monotonic() - t0
+        # The password always; the login too unless too short to mask without mangling text.
+        secrets = (password, login) if len(login) >= 4 else (password,)
+        attempt = AttemptResult(
+            started_at=started,
+            duration_s=duration,
+            http_status=outcome.http_status,
+            return_code=outcome.return_code,
+            return_label=redact(outcome.return_label, secrets),
+            message_id=outcome.message_id,
+            error=redact(outcome.error, secrets),
+        )
+        return attempt, outcome, error_kind
+
+    async def _handle(self, row: OutboxRow, writer: _ResultWriter) -> None:
+        attempt, outcome, error_kind = await self._attempt(row)
+        now = self._clock()
+        if outcome is None:
+            state = RETRYING
+            next_at: datetime | None = now + timedelta(seconds=self.settings.missing_secret_retry)
+        else:
+            state, next_at = decide(outcome, row.attempts, self.settings, now, self._rng)
+        writer.add(
+            ResultUpdate(
+                row.id,
+                attempt,
+                state,
+                next_at,
+                claimed_by=row.claimed_by,
+                count_attempt=outcome is not None,
+                worker=self.worker_id,
+            )
+        )
+        self.stats.observe(attempt, state, error_kind)
+        _log_result(row, attempt, state, next_at)
+        if self._on_attempt is not None:
+            self._on_attempt(row, attempt, state)
+
+    # -- batches --------------------------------------------------------------------------------
+
+    async def _claim(self, limit: int) -> list[OutboxRow]:
+        s = self.settings
+        return await self._db(self.store.claim, self.worker_id, limit, self._clock(), s.lease)
+
+    async def _claim_quietly(self, limit: int) -> list[OutboxRow]:
+        try:
+            return await self._claim(limit)
+        except Exception as exc:  # the database is away: say so, and try again later
+            LOG.error("could not claim rows from the store: %s", exc)
+            return []
+
+    async def _recover(self) -> None:
+        try:
+            parked = await self._db(self.store.recover, self._clock())
+        except Exception as exc:
+            LOG.error("could not look for abandoned rows: %s", exc)
+            return
+        if parked:
+            LOG.error(
+                "rows %s were in flight when their process stopped: parked in_doubt; check "
+                "whether Accengage sent them, then resend or drop each",
+                parked,
+            )
+
+    async def _unclaim(self, rows: Sequence[OutboxRow]) -> None:
+        by_claim: dict[str, list[int]] = {}
+        for row in rows:
+            by_claim.setdefault(row.claimed_by or "", []).append(row.id)
+        for claim, ids in by_claim.items():
+            try:
+                await self._db(self.store.unclaim, ids, claim, now=self._clock())
+            except Exception as exc:
+                LOG.error("could not give back unsent rows %s: %s", ids, exc)
+
+    async def _process(self, rows: Sequence[OutboxRow]) -> None:
+        """Send these claimed rows and write their results before returning."""
+        writer = _ResultWriter(self, self.settings.flush_interval, self.settings.batch)
+        writer.start()
+        pipe = _Pipeline(self, writer, low_water=0)
+        try:
+            pipe.feed(rows)
+            await pipe.queue.join()
+        finally:
+            leftovers = await pipe.close()
+            await writer.close()
+            await self._unclaim(leftovers)
+
+    async def run_once(self, limit: int | None = None) -> int:
+        """Claim one batch of due rows and send it; returns how many rows were handled."""
+        rows = await self._claim(limit or self.settings.batch)
+        if rows:
+            await self._process(rows)
+        return len(rows)
+
+    async def run(self, stop: asyncio.Event, *, drain: bool = False) -> None:
+        """Send due rows until ``stop`` is set (or, with ``drain``, until none is due).
+
+        On stop, requests in flight finish and rows claimed but not started are given back.
+        Cancelling the task instead abandons requests in flight: their rows stay ``sending``
+        and are parked ``in_doubt`` once their lease runs out.
+        """
+        s = self.settings
+        await self._recover()
+        next_recover = time.monotonic() + s.recover_every
+        writer = _ResultWriter(self, s.flush_interval, s.batch)
+        writer.start()
+        pipe = _Pipeline(self, writer, low_water=s.batch // 2)
+        watcher = asyncio.create_task(_set_when(stop, pipe.wake))
+        cancelled = False
+        try:
+            while not stop.is_set():
+                if time.monotonic() >= next_recover:
+                    await self._recover()
+                    next_recover = time.monotonic() + s.recover_every
+                pipe.wake.clear()
+                idle = False
+                if pipe.load <= pipe.low_water:
+                    wanted = s.batch - pipe.load
+                    rows = await self._claim_quietly(wanted)
+                    if not rows and drain and pipe.load == 0:
+                        await writer.flush()  # a retry due at once counts as due
+                        rows = await self._claim_quietly(wanted)
+                        if not rows:
+                            break
+                    pipe.feed(rows)
+                    idle = len(rows) < wanted  # the store has nothing more due right now
+                    if pipe.load <= pipe.low_water and not idle:
+                        continue
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(s.idle_sleep if idle else None):
+                        await pipe.wake.wait()
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        finally:
+            watcher.cancel()
+            leftovers = await pipe.close(cancel=cancelled)
+            await writer.close()
+            await self._unclaim(leftovers)
+
+    async def deliver(self, ids: Sequence[int], wait: float) -> list[OutboxRow]:
+        """Send these rows now, retrying them for up to ``wait`` seconds; returns them as left.
+
+        What still waits for a retry after ``wait`` stays in the store for the daemon.
+        """
+        deadline = time.monotonic() + wait
+        wanted = list(dict.fromkeys(ids))
+        while True:
+            rows = await self._db(
+                self.store.claim_ids, self.worker_id, wanted, self._clock(), self.settings.lease
+            )
+            if rows:
+                await self._process(rows)
+            current = await self._db(self.store.get_many, wanted, attempts=False)
+            waiting = [r for r in current if r.state == RETRYING]
+            if not waiting:
+                break
+            due = min(r.next_attempt_at for r in waiting)
+            delay = max(0.0, (due - self._clock()).total_seconds())
+            if time.monotonic() + delay > deadline:
+                break
+            await asyncio.sleep(delay)
+        return await self._db(self.store.get_many, wanted)
+
+
+async def _set_when(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
+
+
+def _log_result(
+    row: OutboxRow, attempt: AttemptResult, state: str, next_at: datetime | None
+) -> None:
+    where = f"row {row.id} ({row.rule} / {row.idem_key} #{row.chunk})"
+    ms = attempt.duration_s * 1000.0
+    if state == SENT:
+        LOG.debug("%s sent in %.0f ms: messageId %s", where, ms, attempt.message_id)
+    elif state == RETRYING:
+        LOG.info(
+            "%s attempt %d not delivered: %s; next attempt at %s",
+            where,
+            row.attempts,
+            attempt.error,
+            next_at.isoformat(timespec="seconds") if next_at else "?",
+        )
+    elif state == FAILED:
+        LOG.warning("%s failed for good: %s", where, attempt.error)
+    elif state == DEAD:
+        LOG.error(
+            "%s gave up after %d attempts; last: %s. Resend it once the cause is fixed",
+            where,
+            row.attempts,
+            attempt.error,
+        )
+    elif state == IN_DOUBT:
+        LOG.error("%s parked in_doubt: %s", where, attempt.error)
+
+
+__all__ = [
+    "Credentials",
+    "DispatchSettings",
+    "DispatchStats",
+    "Dispatcher",
+    "Outcome",
+    "backoff_delay",
+    "classify_error",
+    "classify_response",
+    "decide",
+    "parse_answer",
+    "parse_retry_after",
+    "parse_return_code",
+    "redact",
+    "with_user",
+]

@@ -1,0 +1,1032 @@
+"""The outbox: every compiled request is a row before anything is sent.
+
+One code path (SQLAlchemy Core) for SQLite, the default, and PostgreSQL, for several instances
+sharing one outbox. A fire's requests are written in one transaction under a unique
+``(rule, idem_key, chunk)`` key, so a repeated fire inserts nothing; the dispatcher then claims
+due rows under a lease, sends them and records each attempt. A row whose process died while its
+request was in flight is parked as ``in_doubt`` for a person: the store never resends it alone.
+
+States and moves (``docs`` and the dispatcher rely on these):
+
+    held -----release----> pending <---resend--- in_doubt | failed | dead | dropped
+    pending | retrying --hold--> held
+    pending | retrying (due, rule not paused) --claim--> sending
+    sending --result--> sent | retrying | failed | dead | in_doubt
+    sending --lease expired (recover)--> in_doubt
+    in_doubt --the same claim's answer, arriving late--> sent | retrying | failed | dead
+    sending --unclaim (graceful stop, never sent)--> pending | retrying
+    held | pending | retrying | in_doubt | failed | dead --drop--> dropped
+
+Timestamps are timezone-aware UTC in Python and naive UTC in the database, which both dialects
+store and compare alike. The password never reaches the store: :meth:`Store.enqueue` refuses a
+body that carries the ``user`` object.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    bindparam,
+    case,
+    create_engine,
+    event,
+    func,
+    literal_column,
+    make_url,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine, RowMapping
+from sqlalchemy.sql.elements import ColumnElement
+
+DEFAULT_URL: Final = "sqlite:///pushrules.db"
+SCHEMA_VERSION: Final = 1
+
+HELD, PENDING, SENDING, SENT = "held", "pending", "sending", "sent"
+RETRYING, FAILED, DEAD, IN_DOUBT, DROPPED = "retrying", "failed", "dead", "in_doubt", "dropped"
+STATES: Final = (HELD, PENDING, SENDING, SENT, RETRYING, FAILED, DEAD, IN_DOUBT, DROPPED)
+#: States the dispatcher may claim once ``next_attempt_at`` has come.
+DUE_STATES: Final = (PENDING, RETRYING)
+#: States a result may be written over: ``in_doubt`` too, when the lease ran out while the
+#: request was still in flight and its answer came after all (a known outcome beats a doubt).
+RESULT_STATES: Final = (SENDING, IN_DOUBT)
+RESENDABLE: Final = (IN_DOUBT, FAILED, DEAD, DROPPED)
+DROPPABLE: Final = (HELD, PENDING, RETRYING, IN_DOUBT, FAILED, DEAD)
+#: States a person looks at.
+ATTENTION_STATES: Final = (HELD, IN_DOUBT, FAILED, DEAD)
+#: States a result may set.
+RESULT_TARGETS: Final = (SENT, RETRYING, FAILED, DEAD, IN_DOUBT)
+
+MAX_KEY_LENGTH: Final = 1000
+#: Every PostgreSQL instance creating the schema at once takes this advisory lock first.
+_SCHEMA_LOCK: Final = 0x70757368  # "push"
+
+
+def _states(*states: str) -> ColumnElement[bool]:
+    """``state IN ('a', 'b')`` with literals, not parameters: the planners (SQLite's above all)
+    only use a partial index whose WHERE they can match, and it works within executemany."""
+    return outbox.c.state.in_([literal_column(f"'{s}'") for s in states])
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC in Python, naive UTC in the database: portable, sortable, comparable."""
+
+    impl = DateTime(timezone=False)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r} given to the store: pass an aware one")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+_ID = BigInteger().with_variant(Integer, "sqlite")  # SQLite's rowid must be INTEGER
+metadata = MetaData()
+
+schema_version_table = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("applied_at", UTCDateTime, nullable=False),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("rule", String(255), nullable=False),
+    Column("idem_key", Text, nullable=False),
+    Column("chunk", Integer, nullable=False),
+    Column("url", Text, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("next_attempt_at", UTCDateTime, nullable=False),
+    Column("claimed_by", String(255)),
+    Column("claimed_until", UTCDateTime),
+    Column("last_http_status", Integer),
+    Column("return_code", Integer),
+    Column("return_label", Text),
+    Column("message_id", String(255)),
+    Column("last_error", Text),
+    Column("sent_at", UTCDateTime),
+    UniqueConstraint("rule", "idem_key", "chunk", name="uq_outbox_fire"),
+    sqlite_autoincrement=True,  # ids are never reused, even after the newest row is pruned
+)
+# Claim reads due rows oldest first: a partial index keeps that cheap with a large history.
+Index(
+    "ix_outbox_due",
+    outbox.c.next_attempt_at,
+    outbox.c.id,
+    sqlite_where=_states(*DUE_STATES),
+    postgresql_where=_states(*DUE_STATES),
+)
+Index(
+    "ix_outbox_sending",
+    outbox.c.claimed_until,
+    sqlite_where=_states(SENDING),
+    postgresql_where=_states(SENDING),
+)
+# Rows that need a person, for the operator's lists. Partial on purpose: an index on every
+# state would tempt SQLite's planner (before ANALYZE) away from ix_outbox_due for claims.
+Index(
+    "ix_outbox_attention",
+    outbox.c.state,
+    outbox.c.id,
+    sqlite_where=_states(*ATTENTION_STATES),
+    postgresql_where=_states(*ATTENTION_STATES),
+)
+
+attempts_table = Table(
+    "attempts",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("outbox_id", _ID, ForeignKey("outbox.id", ondelete="CASCADE"), nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("duration_ms", Float, nullable=False),
+    Column("http_status", Integer),
+    Column("return_code", Integer),
+    Column("return_label", Text),
+    Column("message_id", String(255)),
+    Column("error", Text),
+    Column("outcome", String(16), nullable=False),
+    Column("worker", String(255)),
+    Index("ix_attempts_outbox", "outbox_id", "id"),
+    sqlite_autoincrement=True,
+)
+
+seen_keys = Table(
+    "seen_keys",
+    metadata,
+    Column("scope", String(255), primary_key=True),
+    Column("key", String(MAX_KEY_LENGTH), primary_key=True),
+    Column("seen_at", UTCDateTime, nullable=False),
+)
+
+pauses = Table(
+    "pauses",
+    metadata,
+    Column("rule", String(255), primary_key=True),
+    Column("until", UTCDateTime),
+    Column("paused_at", UTCDateTime, nullable=False),
+)
+
+# -- statements on the hot path, built once (building one costs more than running it) --------
+
+_ACTIVE_PAUSES = select(pauses.c.rule).where(
+    or_(pauses.c.until.is_(None), pauses.c.until > bindparam("now", type_=UTCDateTime))
+)
+
+
+def _claim_statement(*, by_ids: bool, paused: bool) -> Any:
+    due = select(outbox.c.id).where(_states(*DUE_STATES))
+    if by_ids:
+        due = due.where(outbox.c.id.in_(bindparam("ids", expanding=True)))
+    else:
+        due = due.where(outbox.c.next_attempt_at <= bindparam("now", type_=UTCDateTime))
+    if paused:
+        due = due.where(outbox.c.rule.not_in(bindparam("paused", expanding=True)))
+    due = (
+        due.order_by(outbox.c.next_attempt_at, outbox.c.id)
+        .limit(bindparam("limit", type_=Integer))
+        .with_for_update(skip_locked=True)  # PostgreSQL; SQLite holds the write lock instead
+    )
+    return (
+        update(outbox)
+        .where(outbox.c.id.in_(due))
+        .values(
+            state=SENDING,
+            attempts=outbox.c.attempts + 1,
+            claimed_by=bindparam("token", type_=String),
+            claimed_until=bindparam("until", type_=UTCDateTime),
+            updated_at=bindparam("now", type_=UTCDateTime),
+        )
+        .returning(*outbox.columns)
+    )
+
+
+_CLAIM_DUE = _claim_statement(by_ids=False, paused=False)
+_CLAIM_DUE_PAUSED = _claim_statement(by_ids=False, paused=True)
+_CLAIM_IDS = _claim_statement(by_ids=True, paused=False)
+_CLAIM_IDS_PAUSED = _claim_statement(by_ids=True, paused=True)
+
+# The attempt's number is the row's count at claim time, read in the same transaction.
+_INSERT_ATTEMPT = attempts_table.insert().values(
+    outbox_id=bindparam("b_id"),
+    number=select(outbox.c.attempts).where(outbox.c.id == bindparam("b_id")).scalar_subquery(),
+)
+_RECORD_VALUES = {
+    "state": bindparam("b_state", type_=String),
+    "next_attempt_at": func.coalesce(
+        bindparam("b_next", type_=UTCDateTime), outbox.c.next_attempt_at
+    ),
+    "claimed_until": None,
+    "last_http_status": bindparam("b_status", type_=Integer),
+    "return_code": bindparam("b_code", type_=Integer),
+    "return_label": bindparam("b_label", type_=Text),
+    "message_id": func.coalesce(bindparam("b_msgid", type_=String), outbox.c.message_id),
+    "last_error": bindparam("b_error", type_=Text),
+    "sent_at": func.coalesce(bindparam("b_sent", type_=UTCDateTime), outbox.c.sent_at),
+    "attempts": outbox.c.attempts - bindparam("b_uncount", type_=Integer),
+    "updated_at": bindparam("b_now", type_=UTCDateTime),
+}
+_RECORD = (
+    update(outbox)
+    .where(outbox.c.id == bindparam("b_id"), _states(*RESULT_STATES))
+    .values(_RECORD_VALUES)
+)
+_RECORD_FENCED = _RECORD.where(outbox.c.claimed_by == bindparam("b_claim", type_=String))
+
+#: Migrations from version N to N + 1, run in order inside the schema transaction.
+MIGRATIONS: dict[int, Any] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """What one HTTP attempt observed; the dispatcher builds it, the store keeps it."""
+
+    started_at: datetime
+    duration_s: float
+    http_status: int | None = None
+    return_code: int | None = None
+    return_label: str | None = None
+    message_id: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRow:
+    id: int
+    number: int
+    started_at: datetime
+    duration_ms: float
+    http_status: int | None
+    return_code: int | None
+    return_label: str | None
+    message_id: str | None
+    error: str | None
+    outcome: str
+    worker: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    id: int
+    rule: str
+    idem_key: str
+    chunk: int
+    url: str
+    body: str = field(repr=False)
+    state: str
+    attempts: int
+    created_at: datetime
+    updated_at: datetime
+    next_attempt_at: datetime
+    claimed_by: str | None
+    claimed_until: datetime | None
+    last_http_status: int | None
+    return_code: int | None
+    return_label: str | None
+    message_id: str | None
+    last_error: str | None
+    sent_at: datetime | None
+    attempt_log: tuple[AttemptRow, ...] = ()
+
+    def request(self) -> dict[str, Any]:
+        """The stored request body, without ``user``."""
+        return json.loads(self.body)
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    ids: list[int]
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Fire:
+    """One fire for :meth:`Store.enqueue_many`: all its requests go in or none do."""
+
+    rule: str
+    idem_key: str
+    requests: Sequence[tuple[str, Mapping[str, Any]]]
+
+
+@dataclass(frozen=True, slots=True)
+class ResultUpdate:
+    """One attempt's outcome for :meth:`Store.record_results`.
+
+    ``claimed_by`` fences the write to the claim that made the attempt, so a late answer
+    cannot overwrite a row an operator has resent since. ``count_attempt=False`` gives the
+    attempt back (nothing was sent: a missing secret), so it does not bring the row closer to
+    ``dead``.
+    """
+
+    row_id: int
+    attempt: AttemptResult
+    new_state: str
+    next_attempt_at: datetime | None = None
+    claimed_by: str | None = None
+    count_attempt: bool = True
+    worker: str | None = None
+
+
+class TransitionError(ValueError):
+    """An operator action that the row's state does not allow; the message says why."""
+
+
+def encode_body(body: Mapping[str, Any]) -> str:
+    """The stored JSON text of a request body; refuses one that carries credentials."""
+    if not isinstance(body, Mapping) or set(body) != {"sendInstantMessage"}:
+        raise ValueError('a request body must be {"sendInstantMessage": {...}} and nothing else')
+    inner = body["sendInstantMessage"]
+    if not isinstance(inner, Mapping):
+        raise ValueError("sendInstantMessage must be an object")
+    if "user" in inner:
+        raise ValueError(
+            "a request body given to the outbox carries the `user` object: credentials are "
+            "added at send time and must never be stored; remove `user` from the body"
+        )
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
+def _check_key(what: str, value: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string")
+    if len(value) > MAX_KEY_LENGTH:
+        raise ValueError(f"{what} is {len(value)} characters long; at most {MAX_KEY_LENGTH}")
+
+
+def _aware(value: datetime, what: str) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError(f"{what} must be timezone-aware (UTC)")
+    return value
+
+
+def _outbox_row(m: RowMapping, log: tuple[AttemptRow, ...] = ()) -> OutboxRow:
+    return OutboxRow(**{c.name: m[c.name] for c in outbox.columns}, attempt_log=log)
+
+
+def _attempt_row(m: RowMapping) -> AttemptRow:
+    return AttemptRow(
+        id=m["id"],
+        number=m["number"],
+        started_at=m["started_at"],
+        duration_ms=m["duration_ms"],
+        http_status=m["http_status"],
+        return_code=m["return_code"],
+        return_label=m["return_label"],
+        message_id=m["message_id"],
+        error=m["error"],
+        outcome=m["outcome"],
+        worker=m["worker"],
+    )
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy's "begin" hook start transactions (BEGIN IMMEDIATE), not the driver.
+    dbapi_connection.isolation_level = None
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=15000")
+    # FULL: a claim is on disk before its request leaves, so a power cut cannot make a sent
+    # row pending again. Results are written in batches, which keeps the fsyncs few.
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # A writer takes the write lock at BEGIN: a claim's read and its update see the same
+    # snapshot, and concurrent writers wait (busy_timeout) instead of failing with
+    # SQLITE_BUSY_SNAPSHOT. A reader takes no lock, so an operator's ``history`` never holds up
+    # the dispatcher.
+    read_only = conn.get_execution_options().get(_READ_ONLY, False)
+    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+_READ_ONLY: Final = "pushrules_read_only"
+
+
+class Store:
+    """The outbox and its few companions (attempts, seen keys, pauses) in one database."""
+
+    def __init__(self, url: str = DEFAULT_URL, *, echo: bool = False) -> None:
+        self.url = url
+        if make_url(url).get_backend_name() not in {"sqlite", "postgresql"}:
+            raise ValueError(
+                f"store {url!r}: only sqlite:///FILE and postgresql+psycopg://... are supported"
+            )
+        self.engine: Engine = self._make_engine(url, echo)
+        self.dialect = self.engine.dialect.name
+        self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        self._create_schema()
+
+    @staticmethod
+    def _make_engine(url: str, echo: bool) -> Engine:
+        if url.startswith("sqlite"):
+            if url in {"sqlite://", "sqlite:///:memory:"}:
+                raise ValueError("the outbox needs a file: use sqlite:///path/to/pushrules.db")
+            engine = create_engine(url, echo=echo, connect_args={"timeout": 15})
+            event.listen(engine, "connect", _sqlite_on_connect)
+            event.listen(engine, "begin", _sqlite_begin)
+            return engine
+        return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=8, max_overflow=8)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _read(self) -> Connection:
+        """A connection for reading only (on SQLite: a plain BEGIN, no write lock)."""
+        return self.engine.connect().execution_options(**{_READ_ONLY: True})
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    # -- schema ------------------------------------------------------------------------------
+
+    def _create_schema(self) -> None:
+        with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
+            metadata.create_all(conn, checkfirst=True)
+            current = conn.execute(select(func.max(schema_version_table.c.version))).scalar()
+            if current is None:
+                conn.execute(
+                    schema_version_table.insert().values(
+                        version=SCHEMA_VERSION, applied_at=utcnow()
+                    )
+                )
+                return
+            if current > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"the store's schema is version {current}, newer than this pushrules "
+                    f"understands ({SCHEMA_VERSION}): upgrade pushrules"
+                )
+            for version in range(current, SCHEMA_VERSION):
+                MIGRATIONS[version](conn)
+                conn.execute(
+                    schema_version_table.insert().values(version=version + 1, applied_at=utcnow())
+                )
+
+    def schema_version(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute(select(func.max(schema_version_table.c.version))).scalar_one())
+
+    # -- enqueue -----------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        rule: str,
+        idem_key: str,
+        requests: Sequence[tuple[str, Mapping[str, Any]]],
+        *,
+        now: datetime,
+        state: str = PENDING,
+        not_before: datetime | None = None,
+    ) -> EnqueueResult:
+        """Write all requests of one fire in one transaction, or find the fire already there."""
+        return self.enqueue_many(
+            [Fire(rule, idem_key, requests)], now=now, state=state, not_before=not_before
+        )[0]
+
+    def enqueue_many(
+        self,
+        fires: Sequence[Fire],
+        *,
+        now: datetime,
+        state: str = PENDING,
+        not_before: datetime | None = None,
+    ) -> list[EnqueueResult]:
+        """Several fires in one transaction (throughput); each is created whole or found whole.
+
+        Chunk 0 of a fire is its lock: ``INSERT .. ON CONFLICT DO NOTHING`` on it decides, under
+        the unique constraint, which of several concurrent inserters owns the fire; only the
+        owner inserts the other chunks, so a fire is never half new.
+        """
+        _aware(now, "now")
+        if state not in (PENDING, HELD):
+            raise ValueError(f"a new row is pending or held, not {state!r}")
+        due = _aware(not_before, "not_before") if not_before is not None else now
+        prepared: list[tuple[Fire, list[dict[str, Any]]]] = []
+        for fire in fires:
+            _check_key("rule", fire.rule)
+            _check_key("idem_key", fire.idem_key)
+            if not fire.requests:
+                raise ValueError(f"fire {fire.rule}/{fire.idem_key} has no request")
+            rows = []
+            for chunk, (url, body) in enumerate(fire.requests):
+                if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                    raise ValueError(f"request URL {url!r} must start with http:// or https://")
+                rows.append(
+                    {
+                        "rule": fire.rule,
+                        "idem_key": fire.idem_key,
+                        "chunk": chunk,
+                        "url": url,
+                        "body": encode_body(body),
+                        "state": state,
+                        "attempts": 0,
+                        "created_at": now,
+                        "updated_at": now,
+                        "next_attempt_at": due,
+                    }
+                )
+            prepared.append((fire, rows))
+        if len({(f.rule, f.idem_key) for f, _ in prepared}) != len(prepared):
+            raise ValueError("the same (rule, idem_key) appears twice in one enqueue_many call")
+
+        # The same order in every transaction: two concurrent calls sharing fires then wait for
+        # each other on PostgreSQL instead of deadlocking.
+        ordered = sorted(prepared, key=lambda p: (p[0].rule, p[0].idem_key))
+        with self.engine.begin() as conn:
+            heads = [rows[0] for _, rows in ordered]
+            stmt = (
+                self._insert(outbox)
+                .on_conflict_do_nothing(index_elements=["rule", "idem_key", "chunk"])
+                .returning(outbox.c.rule, outbox.c.idem_key, outbox.c.id)
+            )
+            won = {(r.rule, r.idem_key): r.id for r in conn.execute(stmt, heads)} if heads else {}
+            tails = [
+                row
+                for fire, rows in prepared
+                if (fire.rule, fire.idem_key) in won
+                for row in rows[1:]
+            ]
+            tail_ids: dict[tuple[str, str, int], int] = {}
+            if tails:
+                ins = outbox.insert().returning(
+                    outbox.c.rule, outbox.c.idem_key, outbox.c.chunk, outbox.c.id
+                )
+                for r in conn.execute(ins, tails):
+                    tail_ids[(r.rule, r.idem_key, r.chunk)] = r.id
+            results: list[EnqueueResult] = []
+            for fire, rows in prepared:
+                key = (fire.rule, fire.idem_key)
+                if key in won:
+                    ids = [won[key]] + [tail_ids[(*key, row["chunk"])] for row in rows[1:]]
+                    results.append(EnqueueResult(ids, True))
+                else:
+                    existing = conn.execute(
+                        select(outbox.c.id)
+                        .where(outbox.c.rule == fire.rule, outbox.c.idem_key == fire.idem_key)
+                        .order_by(outbox.c.chunk)
+                    ).scalars()
+                    results.append(EnqueueResult(list(existing), False))
+            return results
+
+    # -- claim -------------------------------------------------------------------------------
+
+    def _claim(
+        self,
+        worker: str,
+        now: datetime,
+        lease: timedelta,
+        *,
+        limit: int,
+        ids: Sequence[int] | None,
+    ) -> list[OutboxRow]:
+        _aware(now, "now")
+        if limit <= 0 or (ids is not None and not ids):
+            return []
+        params: dict[str, Any] = {
+            "now": now,
+            "limit": limit,
+            "token": f"{worker}#{secrets.token_hex(4)}",  # fences results to this very claim
+            "until": now + lease,
+        }
+        with self.engine.begin() as conn:
+            paused = set(conn.execute(_ACTIVE_PAUSES, {"now": now}).scalars())
+            if "*" in paused:
+                return []
+            params["paused"] = sorted(paused)
+            if ids is None:
+                stmt = _CLAIM_DUE_PAUSED if paused else _CLAIM_DUE
+            else:
+                stmt = _CLAIM_IDS_PAUSED if paused else _CLAIM_IDS
+                params["ids"] = list(ids)
+            rows = [_outbox_row(m) for m in conn.execute(stmt, params).mappings()]
+        rows.sort(key=lambda r: (r.next_attempt_at, r.id))
+        return rows
+
+    def claim(self, worker: str, limit: int, now: datetime, lease: timedelta) -> list[OutboxRow]:
+        """Move up to ``limit`` due rows to ``sending`` under a lease, oldest first.
+
+        Rows of paused rules stay where they are. Each claimed row's ``attempts`` already counts
+        the attempt about to be made, so a crash mid-request still counts.
+        """
+        return self._claim(worker, now, lease, limit=limit, ids=None)
+
+    def claim_ids(
+        self, worker: str, ids: Sequence[int], now: datetime, lease: timedelta
+    ) -> list[OutboxRow]:
+        """Claim these rows if they are pending or retrying, due or not (``send`` / ``fire``)."""
+        return self._claim(worker, now, lease, limit=len(ids), ids=ids)
+
+    def unclaim(self, ids: Sequence[int], claimed_by: str, *, now: datetime | None = None) -> int:
+        """Give back claimed rows that were never sent (a graceful stop)."""
+        if not ids:
+            return 0
+        with self.engine.begin() as conn:
+            res = conn.execute(
+                update(outbox)
+                .where(
+                    outbox.c.id.in_(list(ids)),
+                    outbox.c.state == SENDING,
+                    outbox.c.claimed_by == claimed_by,
+                )
+                .values(
+                    state=case((outbox.c.attempts > 1, RETRYING), else_=PENDING),
+                    attempts=outbox.c.attempts - 1,
+                    claimed_until=None,
+                    updated_at=now or utcnow(),
+                )
+            )
+            return res.rowcount
+
+    # -- results -----------------------------------------------------------------------------
+
+    def record_result(
+        self,
+        row_id: int,
+        attempt: AttemptResult,
+        new_state: str,
+        next_attempt_at: datetime | None = None,
+        *,
+        claimed_by: str | None = None,
+        count_attempt: bool = True,
+        worker: str | None = None,
+    ) -> bool:
+        """Write one attempt and the row's new state in one transaction; False if fenced out."""
+        update_ = ResultUpdate(
+            row_id, attempt, new_state, next_attempt_at, claimed_by, count_attempt, worker
+        )
+        return self.record_results([update_]) == 1
+
+    def record_results(self, updates: Sequence[ResultUpdate]) -> int:
+        """Write many results in one transaction; returns how many rows took their new state.
+
+        Every attempt goes into the history; a row whose claim is no longer the one that made
+        the attempt (resent and claimed again meanwhile) keeps its state.
+        """
+        if not updates:
+            return 0
+        history: list[dict[str, Any]] = []
+        fenced: list[dict[str, Any]] = []
+        unfenced: list[dict[str, Any]] = []
+        for u in updates:
+            if u.new_state not in RESULT_TARGETS:
+                raise ValueError(f"a result cannot move a row to {u.new_state!r}")
+            if u.new_state == RETRYING and u.next_attempt_at is None:
+                raise ValueError("a retrying row needs next_attempt_at")
+            a = u.attempt
+            _aware(a.started_at, "attempt.started_at")
+            finished = a.started_at + timedelta(seconds=a.duration_s)
+            history.append(
+                {
+                    "b_id": u.row_id,
+                    "started_at": a.started_at,
+                    "duration_ms": round(a.duration_s * 1000.0, 3),
+                    "http_status": a.http_status,
+                    "return_code": a.return_code,
+                    "return_label": a.return_label,
+                    "message_id": a.message_id,
+                    "error": a.error,
+                    "outcome": u.new_state,
+                    "worker": u.worker or (u.claimed_by or "").split("#")[0] or None,
+                }
+            )
+            params = {
+                "b_id": u.row_id,
+                "b_claim": u.claimed_by,
+                "b_state": u.new_state,
+                "b_next": u.next_attempt_at if u.new_state == RETRYING else None,
+                "b_status": a.http_status,
+                "b_code": a.return_code,
+                "b_label": a.return_label,
+                "b_msgid": a.message_id,
+                "b_error": a.error,
+                "b_sent": finished if u.new_state == SENT else None,
+                "b_uncount": 0 if u.count_attempt else 1,
+                "b_now": finished,
+            }
+            (fenced if u.claimed_by is not None else unfenced).append(params)
+
+        applied = 0
+        with self.engine.begin() as conn:
+            conn.execute(_INSERT_ATTEMPT, history)
+            if fenced:
+                applied += self._update_many(conn, _RECORD_FENCED, fenced)
+            if unfenced:
+                applied += self._update_many(conn, _RECORD, unfenced)
+        return applied
+
+    def _update_many(self, conn: Connection, stmt: Any, params: list[dict[str, Any]]) -> int:
+        if len(params) == 1 or not self.engine.dialect.supports_sane_multi_rowcount:
+            return sum(conn.execute(stmt, p).rowcount for p in params)
+        return conn.execute(stmt, params).rowcount
+
+    def recover(self, now: datetime) -> list[int]:
+        """Park rows whose lease ran out while ``sending`` as ``in_doubt``; returns their ids.
+
+        Their process died (or lost its database) while the request was in flight: whether
+        Accengage got it is unknown, so a person decides (``resend`` or ``drop``).
+        """
+        _aware(now, "now")
+        message = (
+            "the lease ran out while the request was in flight (the process that sent it died "
+            "or lost the database): Accengage may or may not have it; check, then resend or drop"
+        )
+        with self.engine.begin() as conn:
+            parked = conn.execute(
+                update(outbox)
+                .where(_states(SENDING), outbox.c.claimed_until < now)
+                .values(state=IN_DOUBT, claimed_until=None, last_error=message, updated_at=now)
+                .returning(outbox.c.id, outbox.c.attempts, outbox.c.claimed_by)
+            ).all()
+            if parked:
+                conn.execute(
+                    attempts_table.insert(),
+                    [
+                        {
+                            "outbox_id": p.id,
+                            "number": p.attempts,
+                            "started_at": now,
+                            "duration_ms": 0.0,
+                            "error": message,
+                            "outcome": IN_DOUBT,
+                            "worker": (p.claimed_by or "").split("#")[0] or None,
+                        }
+                        for p in parked
+                    ],
+                )
+        return sorted(p.id for p in parked)
+
+    # -- operator actions --------------------------------------------------------------------
+
+    def _transition(
+        self, row_id: int, allowed: Sequence[str], values: dict[str, Any], verb: str
+    ) -> OutboxRow:
+        with self.engine.begin() as conn:
+            res = conn.execute(
+                update(outbox)
+                .where(outbox.c.id == row_id, outbox.c.state.in_(allowed))
+                .values(values)
+            )
+            if res.rowcount == 0:
+                state = conn.execute(select(outbox.c.state).where(outbox.c.id == row_id)).scalar()
+                if state is None:
+                    raise TransitionError(f"there is no outbox row {row_id}")
+                raise TransitionError(
+                    f"row {row_id} is {state}: only {', '.join(allowed)} rows can be {verb}"
+                )
+        row = self.get(row_id)
+        assert row is not None
+        return row
+
+    def resend(self, row_id: int, *, now: datetime | None = None) -> OutboxRow:
+        """Send a parked or given-up row again, with a fresh attempt budget (history is kept)."""
+        now = now or utcnow()
+        values = {
+            "state": PENDING,
+            "attempts": 0,
+            "next_attempt_at": now,
+            "claimed_by": None,
+            "claimed_until": None,
+            "updated_at": now,
+        }
+        return self._transition(row_id, RESENDABLE, values, "resent")
+
+    def drop(self, row_id: int, *, now: datetime | None = None) -> OutboxRow:
+        """Give up on a row for good (it stays in the history as ``dropped``)."""
+        values = {"state": DROPPED, "claimed_until": None, "updated_at": now or utcnow()}
+        return self._transition(row_id, DROPPABLE, values, "dropped")
+
+    def release(
+        self,
+        *,
+        rule: str | None = None,
+        ids: Sequence[int] | None = None,
+        now: datetime | None = None,
+    ) -> int:
+        """Move held rows (all, one rule's, or these ids) to pending."""
+        q = update(outbox).where(outbox.c.state == HELD)
+        if rule is not None:
+            q = q.where(outbox.c.rule == rule)
+        if ids is not None:
+            q = q.where(outbox.c.id.in_(list(ids)))
+        with self.engine.begin() as conn:
+            return conn.execute(q.values(state=PENDING, updated_at=now or utcnow())).rowcount
+
+    def hold(
+        self,
+        *,
+        rule: str | None = None,
+        ids: Sequence[int] | None = None,
+        now: datetime | None = None,
+    ) -> int:
+        """Move not-yet-sent rows (pending, retrying) to held."""
+        q = update(outbox).where(outbox.c.state.in_(DUE_STATES))
+        if rule is not None:
+            q = q.where(outbox.c.rule == rule)
+        if ids is not None:
+            q = q.where(outbox.c.id.in_(list(ids)))
+        with self.engine.begin() as conn:
+            return conn.execute(q.values(state=HELD, updated_at=now or utcnow())).rowcount
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _with_attempts(self, conn: Connection, rows: list[RowMapping]) -> list[OutboxRow]:
+        if not rows:
+            return []
+        logs: dict[int, list[AttemptRow]] = {}
+        ids = [m["id"] for m in rows]
+        for start in range(0, len(ids), 500):
+            q = (
+                select(attempts_table)
+                .where(attempts_table.c.outbox_id.in_(ids[start : start + 500]))
+                .order_by(attempts_table.c.id)
+            )
+            for a in conn.execute(q).mappings():
+                logs.setdefault(a["outbox_id"], []).append(_attempt_row(a))
+        return [_outbox_row(m, tuple(logs.get(m["id"], ()))) for m in rows]
+
+    def get(self, row_id: int) -> OutboxRow | None:
+        rows = self.get_many([row_id])
+        return rows[0] if rows else None
+
+    def get_many(self, ids: Iterable[int], *, attempts: bool = True) -> list[OutboxRow]:
+        """These rows, in the order asked (unknown ids are left out)."""
+        wanted = list(ids)
+        if not wanted:
+            return []
+        with self._read() as conn:
+            found = list(conn.execute(select(outbox).where(outbox.c.id.in_(wanted))).mappings())
+            rows = self._with_attempts(conn, found) if attempts else [_outbox_row(m) for m in found]
+        by_id = {r.id: r for r in rows}
+        return [by_id[i] for i in wanted if i in by_id]
+
+    def history(
+        self,
+        rule: str | None = None,
+        states: Iterable[str] | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[OutboxRow]:
+        """Newest rows first, each with its attempts."""
+        q = select(outbox)
+        if rule is not None:
+            q = q.where(outbox.c.rule == rule)
+        if states is not None:
+            wanted = list(states)
+            unknown = sorted(set(wanted) - set(STATES))
+            if unknown:
+                raise ValueError(
+                    f"unknown state(s) {', '.join(unknown)}; known: {', '.join(STATES)}"
+                )
+            q = q.where(outbox.c.state.in_(wanted))
+        if since is not None:
+            q = q.where(outbox.c.created_at >= _aware(since, "since"))
+        q = q.order_by(outbox.c.id.desc()).limit(limit)
+        with self._read() as conn:
+            return self._with_attempts(conn, list(conn.execute(q).mappings()))
+
+    def backlog(self) -> dict[str, int]:
+        """Rows by state, every state present (zeros included)."""
+        counts = dict.fromkeys(STATES, 0)
+        with self._read() as conn:
+            for state, n in conn.execute(
+                select(outbox.c.state, func.count()).group_by(outbox.c.state)
+            ):
+                counts[state] = n
+        return counts
+
+    def next_due(self) -> datetime | None:
+        """When the earliest pending or retrying row is due (the dispatcher's idle sleep)."""
+        with self._read() as conn:
+            return conn.execute(
+                select(func.min(outbox.c.next_attempt_at)).where(_states(*DUE_STATES))
+            ).scalar()
+
+    # -- seen keys ---------------------------------------------------------------------------
+
+    def mark_seen(self, scope: str, key: str, *, now: datetime | None = None) -> bool:
+        """Remember ``key`` in ``scope``; True the first time only (race-safe)."""
+        _check_key("scope", scope)
+        _check_key("key", key)
+        stmt = (
+            self._insert(seen_keys)
+            .on_conflict_do_nothing(index_elements=["scope", "key"])
+            .returning(seen_keys.c.key)
+        )
+        with self.engine.begin() as conn:
+            new = conn.execute(stmt, {"scope": scope, "key": key, "seen_at": now or utcnow()})
+            return new.first() is not None
+
+    def prune_seen(self, scope: str, before: datetime) -> int:
+        """Forget keys of ``scope`` seen before ``before`` (a feed's old items)."""
+        with self.engine.begin() as conn:
+            res = conn.execute(
+                seen_keys.delete().where(
+                    seen_keys.c.scope == scope, seen_keys.c.seen_at < _aware(before, "before")
+                )
+            )
+            return res.rowcount
+
+    # -- pauses ------------------------------------------------------------------------------
+
+    def pause(
+        self, rule: str, until: datetime | None = None, *, now: datetime | None = None
+    ) -> None:
+        """Pause one rule, or every rule with ``"*"``, until a time or until resumed.
+
+        Claims skip paused rules' rows, so a pause stops sending at once; rows stay pending.
+        """
+        _check_key("rule", rule)
+        if until is not None:
+            _aware(until, "until")
+        values = {"rule": rule, "until": until, "paused_at": now or utcnow()}
+        stmt = self._insert(pauses).values(values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["rule"], set_={"until": until, "paused_at": values["paused_at"]}
+        )
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    def resume(self, rule: str) -> bool:
+        """Lift a pause; False if the rule was not paused."""
+        with self.engine.begin() as conn:
+            return conn.execute(pauses.delete().where(pauses.c.rule == rule)).rowcount > 0
+
+    def paused(self, now: datetime | None = None) -> dict[str, datetime | None]:
+        """Pauses in force: rule (or ``"*"``) -> until (None: until resumed)."""
+        now = now or utcnow()
+        q = select(pauses.c.rule, pauses.c.until).where(
+            or_(pauses.c.until.is_(None), pauses.c.until > now)
+        )
+        with self._read() as conn:
+            return {r.rule: r.until for r in conn.execute(q.order_by(pauses.c.rule))}
+
+
+__all__ = [
+    "DEAD",
+    "DEFAULT_URL",
+    "DROPPED",
+    "FAILED",
+    "HELD",
+    "IN_DOUBT",
+    "PENDING",
+    "RETRYING",
+    "SENDING",
+    "SENT",
+    "STATES",
+    "AttemptResult",
+    "AttemptRow",
+    "EnqueueResult",
+    "Fire",
+    "OutboxRow",
+    "ResultUpdate",
+    "Store",
+    "TransitionError",
+    "encode_body",
+    "utcnow",
+]
