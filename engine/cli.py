@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -138,7 +139,118 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="makes --fail-rate repeatable")
     p.set_defaults(func=cmd_sandbox)
 
+    _sending_commands(sub)
     return parser
+
+
+def _sending_commands(sub: Any) -> None:
+    """send, fire, history, outbox: implemented in engine.cli_send, loaded when run."""
+
+    def lazy(name: str) -> Any:
+        def run(args: argparse.Namespace) -> int:
+            from engine import cli_send
+
+            return int(getattr(cli_send, name)(args))
+
+        return run
+
+    def sending(p: argparse.ArgumentParser) -> None:
+        _project_argument(p)
+        p.add_argument(
+            "--key",
+            metavar="K",
+            help="idempotency key: the same key sends once (default: a new one each time)",
+        )
+        p.add_argument(
+            "--wait",
+            type=float,
+            default=30.0,
+            metavar="SECONDS",
+            help="how long to keep retrying before leaving it to the daemon (default 30)",
+        )
+        p.add_argument(
+            "--dry-run", action="store_true", help="show the requests; record and send nothing"
+        )
+        p.add_argument(
+            "--sandbox",
+            action="store_true",
+            help="send to a sandbox endpoint started on loopback, not to Accengage",
+        )
+
+    p = sub.add_parser(
+        "send",
+        help="fire one rule now and wait for Accengage's answer",
+        description="Compile one firing of a rule, record it in the outbox, send it, and wait "
+        "for the outcome (retrying within --wait). What still retries after that stays in the "
+        "outbox for the daemon. Exit 0 all sent, 1 failed or needs a person, 75 left to the "
+        "daemon.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  pushrules send flight-canceled --event event.json --sandbox\n"
+        "  pushrules send monday-digest --key digest-2026-w48   # at most once for that key",
+    )
+    p.add_argument("rule", help="rule id: the rule file's name without .yaml")
+    p.add_argument("--event", metavar="FILE", help="event payload, a JSON object (- for stdin)")
+    p.add_argument("--item", metavar="FILE", help="feed item for a poll rule (- for stdin)")
+    p.add_argument("--at", metavar="ISO8601", help="fire time for `now` (default: now)")
+    sending(p)
+    p.set_defaults(func=lazy("cmd_send"))
+
+    p = sub.add_parser(
+        "fire",
+        help="fire an event: every rule listening to it sends",
+        description="Do what POST /events/EVENT does on the daemon, from the command line: "
+        "every enabled rule listening to EVENT fires with the payload, then the requests are "
+        "sent and their outcome printed.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Example:\n  pushrules fire flight.canceled --data event.json --key AF1234-11-26",
+    )
+    p.add_argument("event", help="event name, like flight.canceled")
+    p.add_argument("--data", metavar="FILE", help="event payload, a JSON object (- for stdin)")
+    sending(p)
+    p.set_defaults(func=lazy("cmd_fire"))
+
+    p = sub.add_parser(
+        "history",
+        help="what was sent, when, and what Accengage answered",
+        description="List outbox rows, newest first: one per HTTP request, with its state, "
+        "attempts, return code and message id.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  pushrules history --rule flight-canceled --since 2h\n"
+        "  pushrules history --status in_doubt,failed,dead --format json",
+    )
+    _project_argument(p)
+    p.add_argument("--rule", metavar="R", help="only this rule")
+    p.add_argument(
+        "--status",
+        metavar="S",
+        help="only these states, comma-separated: pending, "
+        "sending, sent, retrying, failed, dead, in_doubt, held, dropped",
+    )
+    p.add_argument(
+        "--since", metavar="T", help="a duration back from now (2h, 1d) or an ISO 8601 time"
+    )
+    p.add_argument("--limit", type=int, default=100, help="rows at most (default 100)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=lazy("cmd_history"))
+
+    p = sub.add_parser(
+        "outbox",
+        help="resend or drop requests that need a person (in_doubt, failed, dead)",
+        description="resend: queue the rows again and send them now (their history is kept). "
+        "drop: give up on them for good. Check `pushrules history --status in_doubt` first: "
+        "an in_doubt request may already have reached users.",
+    )
+    p.add_argument("action", choices=("resend", "drop"))
+    p.add_argument("ids", type=int, nargs="+", metavar="ID", help="outbox row ids (history)")
+    _project_argument(p)
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="resend: how long to keep retrying (default 30)",
+    )
+    p.set_defaults(func=lazy("cmd_outbox"))
 
 
 def _project_argument(p: argparse.ArgumentParser) -> None:
@@ -154,6 +266,10 @@ def _project_argument(p: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "run":  # the daemon configures its own logging
+        logging.basicConfig(level=logging.WARNING, format="pushrules: %(message)s")
+        # Commands print each fire's outcome themselves; the log would say it twice.
+        logging.getLogger("pushrules.fire").setLevel(logging.CRITICAL)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE

@@ -279,7 +279,7 @@ def _undefined_words(exc: jinja2.UndefinedError) -> str:
         return f"'{match.group(1)}' is undefined (not in the event, item or vars given)"
     match = re.search(r"has no attribute '([^']+)'", text)
     if match:
-        return f"'{match.group(1)}' is undefined: {text}"
+        return f"'{match.group(1)}' is undefined (the event, item or vars given has no such field)"
     return text
 
 

@@ -1,0 +1,384 @@
+"""The commands that send and inspect: ``send``, ``fire``, ``history``, ``outbox``.
+
+``send`` and ``fire`` take the daemon's path (firing -> outbox -> dispatcher), wait a bounded
+time for the outcome, print it, and leave what still retries in the store for the daemon.
+Exit codes: 0 all sent, 1 something failed or needs a person, 2 usage, 75 some requests are
+still retrying and were left to the daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+from engine.cli import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, UsageError, parse_time, read_event
+from engine.compiler import FireContext
+from engine.firing import FireOutcome, FireRequest, fire_many
+from engine.loader import Loader, RuleSet
+from engine.project import Project
+from engine.schedule import TriggerError, parse_duration, parse_timezone
+from engine.store import (
+    DEAD,
+    FAILED,
+    IN_DOUBT,
+    RETRYING,
+    SENT,
+    STATES,
+    AttemptResult,
+    OutboxRow,
+    Store,
+    TransitionError,
+)
+
+EXIT_LEFT_TO_DAEMON = 75  # EX_TEMPFAIL: try again later (the daemon will)
+FINAL_STATES = (SENT, FAILED, DEAD, IN_DOUBT)
+#: Below this many requests a progress bar is noise.
+PROGRESS_THRESHOLD = 20
+
+
+def _load(project_dir: Any) -> tuple[RuleSet, Project]:
+    ruleset = Loader(project_dir).load()
+    if ruleset.project is None:
+        from engine.problems import format_text
+
+        raise UsageError("the project is invalid:\n" + format_text(ruleset.problems))
+    return ruleset, ruleset.project
+
+
+@contextlib.contextmanager
+def _maybe_sandbox(project: Project, enabled: bool) -> Iterator[Project]:
+    """With ``--sandbox``, a sandbox endpoint on loopback stands in for Accengage."""
+    if not enabled:
+        yield project
+        return
+    from engine.sandbox import start_in_thread
+
+    with start_in_thread() as sandbox:
+        print(f"sandbox endpoint: {sandbox.url}", file=sys.stderr)
+        yield replace(project, url=sandbox.url)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    try:
+        event = read_event(args.event)
+        item = read_event(args.item, "item")
+        at = parse_time(args.at)
+        ruleset, project = _load(args.project)
+    except UsageError as exc:
+        print(f"pushrules: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    rule = ruleset.rules.get(args.rule)
+    if rule is None or args.rule in ruleset.stale:
+        own = [p for p in ruleset.problems if p.file == f"rules/{args.rule}.yaml"]
+        if own:
+            from engine.problems import format_text
+
+            print(format_text(own), file=sys.stderr)
+        else:
+            known = ", ".join(sorted(ruleset.rules)) or "none"
+            print(f"pushrules: no rule '{args.rule}' (known: {known})", file=sys.stderr)
+        return EXIT_PROBLEMS
+    context = FireContext(now=at.astimezone(parse_timezone(rule.timezone)), event=event, item=item)
+    key = args.key or f"manual:{uuid.uuid4()}"
+    return _fire_and_deliver(args, project, [FireRequest(rule, context, key)], at)
+
+
+def cmd_fire(args: argparse.Namespace) -> int:
+    try:
+        payload = read_event(args.data) or {}
+        ruleset, project = _load(args.project)
+    except UsageError as exc:
+        print(f"pushrules: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    rules = ruleset.for_event(args.event)
+    if not rules:
+        listening = sorted({r.event for r in ruleset.rules.values() if r.event})
+        print(
+            f"pushrules: no enabled rule listens to '{args.event}' (events listened to: "
+            f"{', '.join(listening) or 'none'})",
+            file=sys.stderr,
+        )
+        return EXIT_PROBLEMS
+    now = datetime.now(UTC)
+    event_id = args.key or str(uuid.uuid4())
+    requests = [
+        FireRequest(
+            r,
+            FireContext(now=now.astimezone(parse_timezone(r.timezone)), event=payload),
+            f"event:{event_id}",
+        )
+        for r in rules
+    ]
+    return _fire_and_deliver(args, project, requests, now)
+
+
+def _fire_and_deliver(
+    args: argparse.Namespace, project: Project, requests: list[FireRequest], now: datetime
+) -> int:
+    from engine.runtime import open_store
+
+    if args.dry_run:
+        return _dry_run(project, requests)
+    with _maybe_sandbox(project, args.sandbox) as project:
+        store = open_store(project)
+        try:
+            outcomes = fire_many(store, project, requests, now=now)
+            for outcome in outcomes:
+                _print_outcome(outcome)
+            ids = [i for o in outcomes if o.status in ("queued", "duplicate") for i in o.ids]
+            if not ids:
+                return EXIT_OK if all(o.status != "failed" for o in outcomes) else EXIT_PROBLEMS
+            rows = asyncio.run(_deliver(project, store, ids, args.wait, args.sandbox))
+        finally:
+            store.close()
+    for row in rows:
+        print(_row_line(row))
+    return _exit_for(rows, outcomes)
+
+
+def _dry_run(project: Project, requests: list[FireRequest]) -> int:
+    from engine.compiler import CompileError, compile_fire, for_display, passes_when
+
+    output = []
+    for req in requests:
+        try:
+            if not passes_when(req.rule, req.context):
+                print(f"{req.rule.id}: `when` is false, it would not fire", file=sys.stderr)
+                continue
+            for r in compile_fire(req.rule, project, req.context):
+                output.append({"rule": r.rule, "url": r.url, "body": for_display(r.body, "")})
+        except CompileError as exc:
+            print(f"pushrules: {exc}", file=sys.stderr)
+            return EXIT_PROBLEMS
+    print(json.dumps(output, indent=2, ensure_ascii=False))
+    print("dry run: nothing was recorded or sent", file=sys.stderr)
+    return EXIT_OK
+
+
+async def _deliver(
+    project: Project, store: Store, ids: list[int], wait: float, sandbox: bool
+) -> list[OutboxRow]:
+    from engine.runtime import make_dispatcher
+
+    with _progress(len(ids)) as advance:
+
+        def on_attempt(row: OutboxRow, attempt: AttemptResult, state: str) -> None:
+            if state in FINAL_STATES:
+                advance()
+
+        dispatcher = make_dispatcher(project, store, sandbox=sandbox, on_attempt=on_attempt)
+        try:
+            return await dispatcher.deliver(ids, wait)
+        finally:
+            await dispatcher.aclose()
+
+
+@contextlib.contextmanager
+def _progress(total: int) -> Iterator[Any]:
+    """A progress bar on a terminal for long sends; silent in a pipe or for a few requests."""
+    if total < PROGRESS_THRESHOLD or not sys.stderr.isatty():
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+    ) as progress:
+        task = progress.add_task("sending", total=total)
+        yield lambda: progress.advance(task)
+
+
+def _print_outcome(outcome: FireOutcome) -> None:
+    print(f"{outcome.rule}: {outcome.status} ({outcome.detail})", file=sys.stderr)
+
+
+def _row_line(row: OutboxRow) -> str:
+    parts = [f"#{row.id}", row.rule, f"part {row.chunk + 1}", row.state]
+    if row.return_code is not None:
+        parts.append(f"returnCode {row.return_code} ({row.return_label})")
+    if row.message_id:
+        parts.append(f"messageId {row.message_id}")
+    if row.state == RETRYING:
+        parts.append(f"next attempt {row.next_attempt_at.isoformat(timespec='seconds')}")
+    if row.last_error and row.state != SENT:
+        parts.append(f"error: {row.last_error}")
+    return "  ".join(parts)
+
+
+def _exit_for(rows: Sequence[OutboxRow], outcomes: Sequence[FireOutcome]) -> int:
+    states = {r.state for r in rows}
+    if states & {FAILED, DEAD, IN_DOUBT} or any(o.status == "failed" for o in outcomes):
+        return EXIT_PROBLEMS
+    if RETRYING in states or states - {SENT}:
+        print(
+            "some requests are still retrying: the daemon (pushrules run) will carry on",
+            file=sys.stderr,
+        )
+        return EXIT_LEFT_TO_DAEMON
+    return EXIT_OK
+
+
+# --- history and outbox --------------------------------------------------------------------
+
+
+def parse_since(text: str | None, now: datetime) -> datetime | None:
+    """``--since``: an ISO 8601 time, or a duration back from now like ``2h``."""
+    if text is None:
+        return None
+    try:
+        return now - parse_duration(text)
+    except TriggerError:
+        pass
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(
+            f"--since {text!r} is neither a duration like 2h nor an ISO 8601 time"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _row_json(row: OutboxRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "rule": row.rule,
+        "key": row.idem_key,
+        "part": row.chunk + 1,
+        "state": row.state,
+        "attempts": row.attempts,
+        "returnCode": row.return_code,
+        "returnLabel": row.return_label,
+        "messageId": row.message_id,
+        "httpStatus": row.last_http_status,
+        "error": row.last_error,
+        "created_at": row.created_at.isoformat(),
+        "sent_at": row.sent_at.isoformat() if row.sent_at else None,
+        "next_attempt_at": row.next_attempt_at.isoformat() if row.state == RETRYING else None,
+        "attempt_log": [
+            {
+                "at": a.started_at.isoformat(),
+                "ms": round(a.duration_ms, 1),
+                "httpStatus": a.http_status,
+                "returnCode": a.return_code,
+                "returnLabel": a.return_label,
+                "messageId": a.message_id,
+                "error": a.error,
+                "outcome": a.outcome,
+            }
+            for a in row.attempt_log
+        ],
+    }
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from engine.runtime import open_store
+
+    states = None
+    if args.status:
+        states = [s.strip() for s in args.status.split(",") if s.strip()]
+        unknown = [s for s in states if s not in STATES]
+        if unknown:
+            print(
+                f"pushrules: unknown status {', '.join(unknown)}; known: {', '.join(STATES)}",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+    try:
+        since = parse_since(args.since, datetime.now(UTC))
+        _, project = _load(args.project)
+    except UsageError as exc:
+        print(f"pushrules: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    store = open_store(project)
+    try:
+        rows = store.history(rule=args.rule, states=states, since=since, limit=args.limit)
+    finally:
+        store.close()
+    if args.format == "json":
+        print(json.dumps([_row_json(r) for r in rows], indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not rows:
+        print("no matching request in the outbox", file=sys.stderr)
+        return EXIT_OK
+    _print_table(rows)
+    return EXIT_OK
+
+
+def _print_table(rows: Sequence[OutboxRow]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in (
+        "id",
+        "rule",
+        "key",
+        "part",
+        "state",
+        "tries",
+        "code",
+        "label",
+        "messageId",
+        "created (UTC)",
+    ):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        table.add_row(
+            str(r.id),
+            r.rule,
+            r.idem_key,
+            str(r.chunk + 1),
+            r.state,
+            str(r.attempts),
+            "" if r.return_code is None else str(r.return_code),
+            r.return_label or (r.last_error or ""),
+            r.message_id or "",
+            r.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def cmd_outbox(args: argparse.Namespace) -> int:
+    """``resend`` queues rows again and sends them now (waiting as ``send`` does); ``drop``
+    gives up on them for good. Both keep the row's history."""
+    from engine.runtime import open_store
+
+    try:
+        _, project = _load(args.project)
+    except UsageError as exc:
+        print(f"pushrules: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    store = open_store(project)
+    code = EXIT_OK
+    changed: list[int] = []
+    try:
+        for row_id in args.ids:
+            try:
+                row = store.resend(row_id) if args.action == "resend" else store.drop(row_id)
+            except TransitionError as exc:
+                print(f"pushrules: {exc}", file=sys.stderr)
+                code = EXIT_PROBLEMS
+                continue
+            changed.append(row.id)
+            if args.action == "drop":
+                print(f"#{row.id} {row.rule} part {row.chunk + 1}: dropped")
+        if args.action == "resend" and changed:
+            rows = asyncio.run(_deliver(project, store, changed, args.wait, sandbox=False))
+            for row in rows:
+                print(_row_line(row))
+            code = max(code, _exit_for(rows, []))
+    finally:
+        store.close()
+    return code

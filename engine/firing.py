@@ -1,0 +1,164 @@
+"""A rule fires: its condition, quiet hours and limit decide, then its requests enter the outbox.
+
+Every trigger takes this one path (the scheduler, the event intake, the feed poller, and the
+``send`` / ``fire`` commands), so a fire means the same thing wherever it comes from. A fire is
+keyed by ``(rule, idempotency key)``: the same key again inserts nothing, which is what makes a
+restart, a reload, a retried HTTP call or a second instance harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta
+from typing import Literal
+
+from engine.compiler import CompileError, FireContext, compile_fire, passes_when
+from engine.project import Project
+from engine.rules import QuietHours, Rule
+from engine.schedule import parse_timezone
+from engine.store import HELD, PENDING, Fire, Store
+
+log = logging.getLogger("pushrules.fire")
+
+Status = Literal["queued", "duplicate", "filtered", "skipped", "empty", "limited", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class FireOutcome:
+    """What became of one fire; ``detail`` says why, in words for the log and the CLI."""
+
+    rule: str
+    key: str
+    status: Status
+    ids: tuple[int, ...] = ()
+    detail: str = ""
+    not_before: datetime | None = None
+
+    @property
+    def stored(self) -> bool:
+        return self.status in ("queued", "duplicate", "limited")
+
+
+@dataclass(frozen=True, slots=True)
+class FireRequest:
+    rule: Rule
+    context: FireContext
+    key: str
+
+
+def _minutes(text: str) -> int:
+    hours, minutes = text.split(":")
+    return int(hours) * 60 + int(minutes)
+
+
+def quiet_until(quiet: QuietHours, at: datetime) -> datetime | None:
+    """When the quiet period holding ``at`` (aware, in the rule's zone) ends; None outside it."""
+    start, end = _minutes(quiet.start), _minutes(quiet.end)
+    now = at.hour * 60 + at.minute
+    if start == end:
+        return None
+    inside = start <= now < end if start < end else (now >= start or now < end)
+    if not inside:
+        return None
+    day = at.date() if now < end else at.date() + timedelta(days=1)
+    local = datetime.combine(day, time(end // 60, end % 60))
+    # Through UTC so a DST change inside the quiet period does not shift the end.
+    return local.replace(tzinfo=at.tzinfo).astimezone(at.tzinfo)
+
+
+def _prepare(
+    store: Store, project: Project, req: FireRequest, now: datetime
+) -> tuple[FireOutcome | None, Fire | None, str, datetime | None]:
+    """Decide a fire without writing: an outcome when it stops here, else what to enqueue."""
+    rule, ctx, key = req.rule, req.context, req.key
+    try:
+        if not passes_when(rule, ctx):
+            return FireOutcome(rule.id, key, "filtered", detail="`when` is false"), None, "", None
+        requests = compile_fire(rule, project, ctx)
+    except CompileError as exc:
+        log.error("rule %s did not fire (key %s): %s", rule.id, key, exc)
+        return FireOutcome(rule.id, key, "failed", detail=str(exc)), None, "", None
+    if not requests:
+        return (
+            FireOutcome(rule.id, key, "empty", detail="the targets expanded to nobody"),
+            None,
+            "",
+            None,
+        )
+    not_before = None
+    if rule.quiet_hours is not None:
+        local = now.astimezone(parse_timezone(rule.timezone))
+        until = quiet_until(rule.quiet_hours, local)
+        if until is not None:
+            if rule.quiet_hours.then == "skip":
+                detail = f"quiet hours until {until.isoformat()}: skipped"
+                return FireOutcome(rule.id, key, "skipped", detail=detail), None, "", None
+            not_before = until
+    state = PENDING
+    if rule.limit is not None:
+        recent = store.count_fires(rule.id, now - rule.limit.per)
+        if recent >= rule.limit.count:
+            state = HELD
+    fire = Fire(rule.id, key, [(r.url, r.body) for r in requests])
+    return None, fire, state, not_before
+
+
+def fire_many(
+    store: Store, project: Project, requests: Sequence[FireRequest], *, now: datetime
+) -> list[FireOutcome]:
+    """Decide and record several fires; all that enter the outbox do so in one transaction
+    per state, so 1,000 events cost a handful of commits, not 1,000."""
+    outcomes: list[FireOutcome | None] = []
+    groups: dict[tuple[str, datetime | None], list[tuple[int, Fire]]] = {}
+    for index, req in enumerate(requests):
+        outcome, fire, state, not_before = _prepare(store, project, req, now)
+        outcomes.append(outcome)
+        if fire is not None:
+            groups.setdefault((state, not_before), []).append((index, fire))
+    for (state, not_before), fires in groups.items():
+        results = store.enqueue_many(
+            [f for _, f in fires], now=now, state=state, not_before=not_before
+        )
+        for (index, fire), result in zip(fires, results, strict=True):
+            outcomes[index] = _outcome(fire, result.ids, result.created, state, not_before)
+    return [o for o in outcomes if o is not None]
+
+
+def fire(
+    store: Store, project: Project, rule: Rule, context: FireContext, key: str, *, now: datetime
+) -> FireOutcome:
+    return fire_many(store, project, [FireRequest(rule, context, key)], now=now)[0]
+
+
+def _outcome(
+    fire: Fire, ids: list[int], created: bool, state: str, not_before: datetime | None
+) -> FireOutcome:
+    if not created:
+        return FireOutcome(
+            fire.rule,
+            fire.idem_key,
+            "duplicate",
+            tuple(ids),
+            "already fired with this key: nothing new was queued",
+        )
+    if state == HELD:
+        log.warning(
+            "rule %s is past its limit: fire %s is held, not sent (release it with "
+            "`pushrules resume %s` or drop it)",
+            fire.rule,
+            fire.idem_key,
+            fire.rule,
+        )
+        return FireOutcome(
+            fire.rule,
+            fire.idem_key,
+            "limited",
+            tuple(ids),
+            "past the rule's limit: held for a person",
+        )
+    detail = f"{len(ids)} request{'s' if len(ids) != 1 else ''} queued"
+    if not_before is not None:
+        detail += f", deferred by quiet hours to {not_before.isoformat()}"
+    return FireOutcome(fire.rule, fire.idem_key, "queued", tuple(ids), detail, not_before)

@@ -1,0 +1,95 @@
+"""The running parts built from a project: its store, its credentials, its dispatcher.
+
+One place turns ``pushrules.yaml`` settings into objects, so the CLI commands and the daemon
+send the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from engine.dispatch import Credentials, Dispatcher, DispatchSettings
+from engine.project import Project
+from engine.schedule import parse_duration
+from engine.secrets import MissingSecret, SecretRef
+from engine.store import AttemptResult, OutboxRow, Store
+
+#: What ``--sandbox`` sends as credentials when the real ones are not set: the sandbox only
+#: checks that they are there, and a trial should not need secrets.
+SANDBOX_LOGIN = "sandbox-login"
+SANDBOX_PASSWORD = "sandbox-password"
+
+
+def credentials(project: Project, *, sandbox: bool = False) -> Credentials:
+    login = project.login or SecretRef("env", "ACCENGAGE_LOGIN")
+    password = project.password or SecretRef("env", "ACCENGAGE_PASSWORD")
+    if sandbox:
+        return Credentials(
+            _OrDefault(login, SANDBOX_LOGIN),  # type: ignore[arg-type]
+            _OrDefault(password, SANDBOX_PASSWORD),  # type: ignore[arg-type]
+        )
+    return Credentials(login, password)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OrDefault:
+    """A secret reference that falls back to a stand-in value: for the sandbox only."""
+
+    ref: SecretRef
+    default: str
+
+    def resolve(self) -> str:
+        try:
+            return self.ref.resolve()
+        except MissingSecret:
+            return self.default
+
+    def describe(self) -> str:
+        return f"{self.ref.describe()} (sandbox stand-in when unset)"
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+def dispatch_settings(project: Project) -> DispatchSettings:
+    """``dispatch:`` of pushrules.yaml over the defaults."""
+    given: dict[str, Any] = dict(project.dispatch)
+    changes: dict[str, Any] = {}
+    for key in ("concurrency", "max_attempts"):
+        if key in given:
+            changes[key] = int(given[key])
+    if "rate_per_second" in given:
+        changes["rate_per_second"] = float(given["rate_per_second"])
+    if "on_unknown_outcome" in given:
+        changes["on_unknown_outcome"] = str(given["on_unknown_outcome"])
+    if "timeout" in given:
+        seconds = parse_duration(str(given["timeout"])).total_seconds()
+        changes["timeout"] = httpx.Timeout(
+            connect=min(seconds, 10.0), read=seconds, write=seconds, pool=seconds
+        )
+        changes["deadline"] = max(DispatchSettings.deadline, seconds * 2)
+    return DispatchSettings(**changes)
+
+
+def open_store(project: Project) -> Store:
+    return Store(project.store_url())
+
+
+def make_dispatcher(
+    project: Project,
+    store: Store,
+    *,
+    sandbox: bool = False,
+    on_attempt: Callable[[OutboxRow, AttemptResult, str], None] | None = None,
+    settings: DispatchSettings | None = None,
+) -> Dispatcher:
+    return Dispatcher(
+        store,
+        settings or dispatch_settings(project),
+        credentials(project, sandbox=sandbox),
+        on_attempt=on_attempt,
+    )
