@@ -1,0 +1,239 @@
+"""The daemon's HTTP surface: ``POST /events/NAME``, ``GET /healthz``, ``GET /metrics``.
+
+An event is answered 202 only once its fires are in the outbox, so a client that got 202 can
+forget the event: a crash afterwards neither loses nor repeats it. A client that got no answer
+sends the event again with the same ``Idempotency-Key``, and the outbox's ``(rule, key)``
+uniqueness makes that harmless. Every refusal is JSON ``{"error": "..."}`` saying what to fix.
+
+The token, when ``pushrules.yaml`` sets ``intake_token``, is resolved on every request (a
+rotated secret takes effect without a restart) and never logged or echoed. A configured token
+whose variable or file cannot be read shuts the door (503), rather than opening it to anyone.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from engine.firing import FireOutcome
+from engine.loader import RuleSet
+from engine.secrets import MissingSecret, SecretRef
+
+log = logging.getLogger("pushrules.intake")
+
+MAX_BODY = 1024 * 1024  # bytes; an event is a small JSON object, not an upload
+MAX_IDEMPOTENCY_KEY = 200
+MAX_EVENT_NAME = 200
+
+
+class IntakeState(Protocol):
+    """What the daemon lends the HTTP surface. ``token`` may be a property, so a reload of
+    ``pushrules.yaml`` that changes ``intake_token`` applies to the next request."""
+
+    @property
+    def token(self) -> SecretRef | None: ...
+
+    def ruleset(self) -> RuleSet: ...
+
+    async def fire_event(self, name: str, payload: dict[str, Any], key: str) -> list[FireOutcome]:
+        """Fire every rule listening to ``name``; return once the fires are durably stored."""
+        ...
+
+    def health(self) -> dict[str, Any]:
+        """Runs in a worker thread, so it may query the store; ``ok`` decides 200 or 503."""
+        ...
+
+    def metrics(self) -> tuple[bytes, str]:
+        """Runs in a worker thread, so it may refresh gauges from the store first."""
+        ...
+
+
+# --- pure checks -------------------------------------------------------------------------------
+
+
+def _refuse(status: int, message: str, headers: dict[str, str] | None = None) -> HTTPException:
+    return HTTPException(status, message, headers)
+
+
+def check_token(ref: SecretRef | None, authorization: str | None) -> None:
+    """Pass, or raise the HTTP refusal. The messages never contain either token."""
+    if ref is None:
+        return
+    try:
+        expected = ref.resolve()
+    except MissingSecret:
+        expected = ""
+    if not expected:  # an empty variable is a mistake too, not "no password"
+        log.error("intake_token %s is unset or empty: refusing every event until it is set", ref)
+        raise _refuse(503, "intake token not configured")
+    challenge = {"WWW-Authenticate": 'Bearer realm="pushrules"'}
+    scheme, _, presented = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        raise _refuse(401, "an Authorization: Bearer <token> header is required", challenge)
+    # Bytes: compare_digest refuses non-ASCII str, and a header may carry any latin-1 byte.
+    if not hmac.compare_digest(presented.strip().encode("utf-8"), expected.encode("utf-8")):
+        raise _refuse(401, "the bearer token is not the intake token", challenge)
+
+
+def event_id_from(idempotency_key: str | None) -> str:
+    """The client's ``Idempotency-Key``, or a fresh id when it sent none."""
+    if idempotency_key is None:
+        return str(uuid.uuid4())
+    if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+        raise _refuse(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters long")
+    if not idempotency_key.isprintable():
+        raise _refuse(400, "Idempotency-Key must hold printable characters only")
+    return idempotency_key
+
+
+def check_declared_length(content_length: str | None, limit: int) -> None:
+    if content_length is None:
+        return
+    if not content_length.isdigit():
+        raise _refuse(400, "Content-Length is not a number")
+    if int(content_length) > limit:
+        raise _refuse(413, _too_large(limit))
+
+
+def _too_large(limit: int) -> str:
+    return f"the event is larger than {limit} bytes; send the data rules need, not a file"
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+_KINDS = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}
+
+
+def parse_event(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or a 400 saying where and why it is not one."""
+    try:
+        value = json.loads(body, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise _refuse(
+            400, f"the body is not JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+        ) from None
+    except UnicodeDecodeError:
+        raise _refuse(400, "the body is not JSON: it is not UTF-8 text") from None
+    except RecursionError:
+        raise _refuse(400, "the body is not usable JSON: it is nested too deeply") from None
+    except ValueError as exc:  # NaN / Infinity, integers too long to convert
+        raise _refuse(400, f"the body is not usable JSON: {exc}") from None
+    if not isinstance(value, dict):
+        kind = _KINDS.get(type(value), "a number")
+        raise _refuse(400, f"the event must be a JSON object ({{...}}), not {kind}")
+    return value
+
+
+def describe(outcomes: Sequence[FireOutcome]) -> list[dict[str, str]]:
+    return [{"rule": o.rule, "status": o.status, "detail": o.detail} for o in outcomes]
+
+
+def no_rule_note(ruleset: RuleSet, name: str) -> str:
+    """Why nothing fired, naming disabled rules that would have, so a typo is easy to spot."""
+    disabled = sorted(r.id for r in ruleset.rules.values() if r.event == name and not r.enabled)
+    note = f"no enabled rule listens to event '{name}': nothing was queued"
+    if disabled:
+        note += f" (disabled: {', '.join(disabled)})"
+    return note
+
+
+# --- the I/O edge -------------------------------------------------------------------------------
+
+#: Only Starlette's router answers these (no handler here raises them), so they can say more.
+ROUTING_MESSAGES = {
+    404: "no such route; the daemon answers POST /events/NAME, GET /healthz and GET /metrics",
+    405: "wrong method; the daemon answers POST /events/NAME, GET /healthz and GET /metrics",
+}
+
+
+class _Json(JSONResponse):
+    """JSON whose odd values (a datetime in a health report) become text, not a crash."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, default=str).encode("utf-8")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, counted while read: a chunked body has no Content-Length to trust."""
+    check_declared_length(request.headers.get("content-length"), limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _refuse(413, _too_large(limit))
+    return bytes(body)
+
+
+def create_app(state: IntakeState, *, max_body: int = MAX_BODY) -> Starlette:
+    """The ASGI app; the daemon serves it with uvicorn on ``listen``."""
+
+    async def post_event(request: Request) -> Response:
+        check_token(state.token, request.headers.get("authorization"))
+        name = request.path_params["name"]
+        if len(name) > MAX_EVENT_NAME:
+            raise _refuse(400, f"an event name is at most {MAX_EVENT_NAME} characters")
+        event_id = event_id_from(request.headers.get("idempotency-key"))
+        payload = parse_event(await read_body(request, max_body))
+        try:
+            outcomes = await state.fire_event(name, payload, f"event:{event_id}")
+        except Exception:
+            log.exception("event %r (%s) could not be recorded", name, event_id)
+            raise _refuse(
+                503,
+                "the event could not be recorded; send it again with the same Idempotency-Key",
+                {"Retry-After": "5"},
+            ) from None
+        log.info(
+            "event %r %s: %s",
+            name,
+            event_id,
+            ", ".join(f"{o.rule} {o.status}" for o in outcomes) or "no rule listens",
+        )
+        answer: dict[str, Any] = {"event_id": event_id, "rules": describe(outcomes)}
+        if not outcomes:
+            answer["note"] = no_rule_note(state.ruleset(), name)
+        return _Json(answer, status_code=202)
+
+    async def healthz(request: Request) -> Response:
+        try:
+            health = await run_in_threadpool(state.health)
+        except Exception as exc:
+            log.exception("health check failed")
+            health = {"ok": False, "error": f"the health check itself failed: {type(exc).__name__}"}
+        return _Json(health, status_code=200 if health.get("ok") else 503)
+
+    async def metrics(request: Request) -> Response:
+        body, content_type = await run_in_threadpool(state.metrics)
+        return Response(body, headers={"content-type": content_type})
+
+    async def refusal(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        message = ROUTING_MESSAGES.get(exc.status_code, exc.detail)
+        if exc.status_code in ROUTING_MESSAGES:
+            message = f"{request.method} {request.url.path}: {message}"
+        return _Json({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+    async def crash(request: Request, exc: Exception) -> Response:
+        return _Json({"error": "internal error; see the daemon's log"}, status_code=500)
+
+    return Starlette(
+        routes=[
+            Route("/events/{name}", post_event, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: refusal, Exception: crash},
+    )
