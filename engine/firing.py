@@ -69,7 +69,7 @@ def quiet_until(quiet: QuietHours, at: datetime) -> datetime | None:
 
 
 def _prepare(
-    store: Store, project: Project, req: FireRequest, now: datetime
+    store: Store, project: Project, req: FireRequest, now: datetime, counts: dict[str, int]
 ) -> tuple[FireOutcome | None, Fire | None, str, datetime | None]:
     """Decide a fire without writing: an outcome when it stops here, else what to enqueue."""
     rule, ctx, key = req.rule, req.context, req.key
@@ -98,9 +98,13 @@ def _prepare(
             not_before = until
     state = PENDING
     if rule.limit is not None:
-        recent = store.count_fires(rule.id, now - rule.limit.per)
-        if recent >= rule.limit.count:
+        # Counted once per batch, then carried along it: a feed answering 10,000 items at
+        # once is limited too.
+        if rule.id not in counts:
+            counts[rule.id] = store.count_fires(rule.id, now - rule.limit.per)
+        if counts[rule.id] >= rule.limit.count:
             state = HELD
+        counts[rule.id] += 1
     fire = Fire(rule.id, key, [(r.url, r.body) for r in requests])
     return None, fire, state, not_before
 
@@ -112,8 +116,9 @@ def fire_many(
     per state, so 1,000 events cost a handful of commits, not 1,000."""
     outcomes: list[FireOutcome | None] = []
     groups: dict[tuple[str, datetime | None], list[tuple[int, Fire]]] = {}
+    counts: dict[str, int] = {}
     for index, req in enumerate(requests):
-        outcome, fire, state, not_before = _prepare(store, project, req, now)
+        outcome, fire, state, not_before = _prepare(store, project, req, now, counts)
         outcomes.append(outcome)
         if fire is not None:
             groups.setdefault((state, not_before), []).append((index, fire))

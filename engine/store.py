@@ -24,6 +24,7 @@ body that carries the ``user`` object.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -58,6 +59,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, RowMapping
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.elements import ColumnElement
 
 DEFAULT_URL: Final = "sqlite:///pushrules.db"
@@ -202,6 +204,15 @@ pauses = Table(
     Column("rule", String(255), primary_key=True),
     Column("until", UTCDateTime),
     Column("paused_at", UTCDateTime, nullable=False),
+)
+
+#: Instants the daemon remembers by name, e.g. ("schedule", rule): considered up to when.
+marks = Table(
+    "marks",
+    metadata,
+    Column("scope", String(255), primary_key=True),
+    Column("name", String(255), primary_key=True),
+    Column("at", UTCDateTime, nullable=False),
 )
 
 # -- statements on the hot path, built once (building one costs more than running it) --------
@@ -972,6 +983,44 @@ class Store:
             )
             return res.rowcount
 
+    # -- fires and marks ---------------------------------------------------------------------
+
+    def count_fires(self, rule: str, since: datetime) -> int:
+        """Fires (not requests) of ``rule`` recorded since ``since``: what a rule's limit counts.
+
+        Chunk 0 stands for its fire; a held fire counts too, since it was a fire all the same.
+        """
+        q = select(func.count()).where(
+            outbox.c.rule == rule,
+            outbox.c.chunk == 0,
+            outbox.c.created_at >= _aware(since, "since"),
+            outbox.c.state != DROPPED,
+        )
+        with self._read() as conn:
+            return int(conn.execute(q).scalar() or 0)
+
+    def get_mark(self, scope: str, name: str) -> datetime | None:
+        with self._read() as conn:
+            return conn.execute(
+                select(marks.c.at).where(marks.c.scope == scope, marks.c.name == name)
+            ).scalar()
+
+    def set_mark(self, scope: str, name: str, at: datetime) -> None:
+        """Remember an instant (upsert)."""
+        _check_key("scope", scope)
+        _check_key("name", name)
+        values = {"scope": scope, "name": name, "at": _aware(at, "at")}
+        stmt = self._insert(marks).values(values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["scope", "name"], set_={"at": values["at"]}
+        )
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    def leadership(self, name: str = "scheduler") -> Leadership:
+        """Who runs the schedules when several daemons share this store (see Leadership)."""
+        return Leadership(self, name)
+
     # -- pauses ------------------------------------------------------------------------------
 
     def pause(
@@ -1007,6 +1056,63 @@ class Store:
             return {r.rule: r.until for r in conn.execute(q.order_by(pauses.c.rule))}
 
 
+class Leadership:
+    """One leader among daemons sharing a store: it alone runs schedules and polls feeds.
+
+    On PostgreSQL a session advisory lock, held on a connection of its own for as long as the
+    leader lives: when its process dies the connection closes and another instance takes over
+    at its next try. SQLite serves one host, so every instance is the leader there (a second
+    one on the same file would still send each fire once, thanks to the idempotency keys).
+    """
+
+    def __init__(self, store: Store, name: str) -> None:
+        self._store = store
+        self._key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big")
+        self._key -= 1 << 63  # a signed bigint, as pg_try_advisory_lock takes
+        self._conn: Connection | None = None
+        self.held = store.dialect != "postgresql"
+
+    def try_acquire(self) -> bool:
+        """Become the leader if nobody is; True while this instance leads."""
+        if self.held:
+            return self._alive()
+        conn = self._store.engine.connect()
+        try:
+            got = bool(conn.execute(select(func.pg_try_advisory_lock(self._key))).scalar())
+            conn.commit()
+        except SQLAlchemyError:
+            conn.close()
+            raise
+        if got:
+            self._conn = conn
+            self.held = True
+        else:
+            conn.close()
+        return got
+
+    def _alive(self) -> bool:
+        if self._conn is None:
+            return True
+        try:
+            self._conn.execute(select(1))
+            self._conn.commit()
+            return True
+        except SQLAlchemyError:
+            self._conn = None
+            self.held = False
+            return False
+
+    def release(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.execute(select(func.pg_advisory_unlock(self._key)))
+                self._conn.commit()
+            finally:
+                self._conn.close()
+                self._conn = None
+        self.held = self._store.dialect != "postgresql"
+
+
 __all__ = [
     "DEAD",
     "DEFAULT_URL",
@@ -1023,6 +1129,7 @@ __all__ = [
     "AttemptRow",
     "EnqueueResult",
     "Fire",
+    "Leadership",
     "OutboxRow",
     "ResultUpdate",
     "Store",

@@ -511,3 +511,46 @@ def test_timestamps_come_back_aware_utc(store: Store) -> None:
     row_id = store.enqueue("r", "a", requests(), now=paris).ids[0]
     r = store.get(row_id)
     assert r is not None and r.created_at == T0 and r.created_at.tzinfo is UTC
+
+
+# --- fires, marks, leadership ------------------------------------------------------------------
+
+
+def test_count_fires_counts_fires_not_requests(store: Store) -> None:
+    store.enqueue("promo", "a", requests(3), now=T0)
+    store.enqueue("promo", "b", requests(1), now=T0 + timedelta(minutes=30))
+    store.enqueue("other", "c", requests(1), now=T0 + timedelta(minutes=30))
+    assert store.count_fires("promo", T0) == 2
+    assert store.count_fires("promo", T0 + timedelta(minutes=1)) == 1
+    assert store.count_fires("promo", T0 + timedelta(hours=1)) == 0
+
+
+def test_marks_are_upserted(store: Store) -> None:
+    assert store.get_mark("schedule", "digest") is None
+    store.set_mark("schedule", "digest", T0)
+    store.set_mark("schedule", "digest", T0 + timedelta(seconds=5))
+    assert store.get_mark("schedule", "digest") == T0 + timedelta(seconds=5)
+    assert store.get_mark("schedule", "other") is None
+
+
+def test_one_leader_at_a_time_on_postgres(tmp_path: Path) -> None:
+    for url in store_url_context("postgres", tmp_path):
+        first, second = Store(url), Store(url)
+        name = f"test-{secrets.token_hex(4)}"
+        try:
+            a, b = first.leadership(name), second.leadership(name)
+            assert a.try_acquire()
+            assert not b.try_acquire()
+            assert a.try_acquire()  # still leading
+            a.release()
+            assert b.try_acquire()
+            b.release()
+        finally:
+            first.close()
+            second.close()
+
+
+def test_every_sqlite_instance_leads(tmp_path: Path) -> None:
+    with Store(f"sqlite:///{tmp_path / 's.db'}") as store:
+        assert store.leadership().try_acquire()
+        assert store.leadership().try_acquire()
