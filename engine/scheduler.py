@@ -1,0 +1,608 @@
+"""Scheduled rules: APScheduler says when; the store remembers what fired.
+
+Jobs live in memory and are rebuilt from the rules, which stay the single source of truth:
+one job per enabled ``cron`` / ``every`` / ``at`` rule (a *fire*) or ``poll`` rule (a *turn*
+to fetch its feed). :meth:`Scheduler.apply` touches only the jobs whose rule's ``digest``
+changed, so a reload does not shift the phase of the others.
+
+Why the job options are what they are (APScheduler 3.11, measured):
+
+* Fire times are computed by :mod:`engine.schedule` on the injected clock and handed to
+  APScheduler as the real instants they happen at (:class:`ClockTrigger`); the scheduled time
+  given to ``on_fire`` is mapped back to the clock.
+* A run skipped by ``max_instances`` is lost for good, and a job killed mid-run is not
+  re-run. So APScheduler never refuses a run here (``max_instances`` is effectively
+  unlimited) and the job stays tiny: ``on_fire`` only writes the fire to the store. Fires of
+  one rule queue behind a per-rule lock, in order; a poll turn that finds the previous poll of
+  its feed still running is skipped (the next turn sees the same feed).
+* Our executor receives every due run time (``coalesce=False`` at APScheduler's level) and
+  coalesces itself, so that what it drops is logged: the newest fire is sent if it is at most
+  the rule's ``catch_up`` late (also set as the job's ``misfire_grace_time``, for the record),
+  the others are logged as skipped. A late poll turn polls once, however late.
+
+Marks: ``marks.set_mark("schedule", rule_id, t)`` means "every fire of this rule up to t was
+handled". After each fire, every 30 s and at shutdown the mark moves to now, but never past a
+fire that is due and not yet handled, so :meth:`Scheduler.catch_up` on the next start sees it.
+Marks do not move before :meth:`Scheduler.catch_up` has read them once.
+
+Start order for the daemon: ``await start()``, ``apply(rules)``, ``await catch_up(rules)``.
+Catch-up covers (mark, the instant each job took over]; the jobs cover the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, tzinfo
+from typing import Any, Literal, Protocol
+
+from apscheduler.executors.asyncio import AsyncIOExecutor
+from apscheduler.jobstores.base import JobLookupError
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.base import BaseTrigger
+
+from engine.clock import Clock
+from engine.rules import Rule
+from engine.schedule import (
+    RuleTrigger,
+    Schedule,
+    TriggerError,
+    missed_fires,
+    parse_timezone,
+    schedule_for,
+)
+
+__all__ = [
+    "MARK_SCOPE",
+    "CatchUp",
+    "Changes",
+    "ClockTrigger",
+    "FireCallback",
+    "Marks",
+    "PollCallback",
+    "Scheduler",
+    "fire_key",
+    "job_kind",
+    "plan_catch_up",
+]
+
+log = logging.getLogger("pushrules.scheduler")
+
+FireCallback = Callable[[Rule, datetime, str], Awaitable[None]]
+"""(rule, scheduled time on the clock as an aware UTC datetime, idempotency key)."""
+PollCallback = Callable[[Rule, datetime], Awaitable[object]]
+"""A poll rule's turn to fetch its feed (the poller's result, if any, is ignored)."""
+
+MARK_SCOPE = "schedule"
+FIRE_KINDS = ("cron", "every", "at")
+MARK_EVERY = timedelta(seconds=30)
+#: Fires skipped at once are logged one by one up to this many per rule, then summed up.
+LOG_EACH_SKIPPED = 5
+#: Effectively "never refuse a run": APScheduler drops a refused run for good.
+_MAX_INSTANCES = 1_000_000
+_TICK = timedelta(microseconds=1)
+
+JobKind = Literal["fire", "poll"]
+
+
+class Marks(Protocol):
+    """Instants remembered by name (engine/store.py's Store); aware UTC datetimes."""
+
+    def get_mark(self, scope: str, name: str) -> datetime | None: ...
+
+    def set_mark(self, scope: str, name: str, at: datetime) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What :meth:`Scheduler.apply` did to the jobs (rule ids, sorted)."""
+
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    rescheduled: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class CatchUp:
+    """One fire missed while the scheduler was not running, and what became of it.
+
+    ``action`` is ``fired`` (handed to ``on_fire``), ``skipped``, or ``failed`` (``on_fire``
+    raised; ``reason`` says what).
+    """
+
+    rule: str
+    scheduled_at: datetime  # aware UTC, on the clock
+    action: Literal["fired", "skipped", "failed"]
+    reason: str
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def fire_key(scheduled_at: datetime) -> str:
+    """The idempotency key of a scheduled fire: UTC, so every instance computes the same."""
+    if scheduled_at.utcoffset() is None:
+        raise ValueError(f"a fire time must be timezone-aware, got {scheduled_at!r}")
+    return f"schedule:{scheduled_at.astimezone(UTC).isoformat()}"
+
+
+def job_kind(rule: Rule) -> JobKind | None:
+    """Which job a rule needs, if any: disabled and event rules have none."""
+    if not rule.enabled:
+        return None
+    if rule.trigger_kind in FIRE_KINDS:
+        return "fire"
+    if rule.trigger_kind == "poll":
+        return "poll"
+    return None
+
+
+def rule_schedule(rule: Rule) -> Schedule:
+    """The rule's schedule (for ``poll``, its ``every``); ``every`` counts from the epoch, so
+    its phase, and so its fire keys, are the same on every instance and after a restart."""
+    return schedule_for(rule.trigger, parse_timezone(rule.timezone))
+
+
+def describe_age(age: timedelta) -> str:
+    seconds = max(0, int(age.total_seconds()))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def plan_catch_up(
+    rule_id: str, missed: Sequence[datetime], now: datetime, catch_up: timedelta
+) -> list[CatchUp]:
+    """Missed fires (oldest first) -> what to do: the newest is fired if younger than
+    ``catch_up``; sending the others would only repeat the same push."""
+    plan: list[CatchUp] = []
+    for index, at in enumerate(missed):
+        at = at.astimezone(UTC)
+        age = now - at
+        too_old = age >= catch_up
+        if too_old:
+            reason = (
+                f"missed by {describe_age(age)}, older than catch_up ({describe_age(catch_up)})"
+            )
+        elif index == len(missed) - 1:
+            plan.append(CatchUp(rule_id, at, "fired", f"missed by {describe_age(age)}"))
+            continue
+        else:
+            newest = missed[-1].astimezone(UTC).isoformat()
+            reason = f"coalesced: the later fire due at {newest} is sent instead"
+        plan.append(CatchUp(rule_id, at, "skipped", reason))
+    return plan
+
+
+def log_skipped(rule_id: str, skipped: Sequence[tuple[datetime, str]], context: str) -> None:
+    """One WARNING per skipped fire, summed up past a few so an outage does not flood the log."""
+    for at, reason in skipped[:LOG_EACH_SKIPPED]:
+        log.warning(
+            "rule %s: fire due at %s skipped (%s): %s", rule_id, at.isoformat(), context, reason
+        )
+    rest = skipped[LOG_EACH_SKIPPED:]
+    if rest:
+        log.warning(
+            "rule %s: %d more fires skipped (%s), due from %s to %s",
+            rule_id,
+            len(rest),
+            context,
+            rest[0][0].isoformat(),
+            rest[-1][0].isoformat(),
+        )
+
+
+# --------------------------------------------------------------------------- APScheduler glue
+
+
+class ClockTrigger(BaseTrigger):
+    """Computes fire times on the injected clock; gives APScheduler the real instants.
+
+    ``covered_from`` is the clock instant of the first computation: the job fires every fire
+    from then on (inclusive), so catch-up needs to look only before it.
+    """
+
+    def __init__(self, inner: RuleTrigger, clock: Clock) -> None:
+        self.inner = inner
+        self.clock = clock
+        self.covered_from: datetime | None = None
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        clock_now = self.clock.from_real(now)
+        if previous_fire_time is None and self.covered_from is None:
+            self.covered_from = clock_now.astimezone(UTC)
+        previous = None if previous_fire_time is None else self.clock.from_real(previous_fire_time)
+        fire = self.inner.get_next_fire_time(previous, clock_now)
+        return None if fire is None else self.clock.to_real(fire)
+
+    def __str__(self) -> str:
+        return str(self.inner)
+
+    def __repr__(self) -> str:
+        return f"<ClockTrigger {self.inner!r} offset={self.clock.offset}>"
+
+
+class _Executor(AsyncIOExecutor):
+    """Hands the job all its due run times, and lets running jobs finish at shutdown.
+
+    APScheduler's own executor gives the job no run time and cancels running jobs on
+    shutdown; a fire needs its scheduled time for its key, and must not die mid-write.
+    """
+
+    def start(self, scheduler: Any, alias: str) -> None:
+        super().start(scheduler, alias)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:
+        task = self._eventloop.create_task(
+            job.func(*job.args, list(run_times)), name=f"scheduled job of rule {job.id}"
+        )
+        self.tasks.add(task)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self.tasks.discard(finished)
+            self._run_job_success(job.id, [])  # the job logs its own errors
+
+        task.add_done_callback(done)
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Nothing to cancel: :meth:`Scheduler.shutdown` awaits the running jobs first."""
+
+
+@dataclass(slots=True)
+class _Entry:
+    rule: Rule
+    kind: JobKind
+    schedule: Schedule
+    trigger: ClockTrigger
+    tz: tzinfo
+
+
+# --------------------------------------------------------------------------- the scheduler
+
+
+class Scheduler:
+    """Runs the scheduled rules of a rule set; see the module docstring for the guarantees."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        marks: Marks,
+        on_fire: FireCallback,
+        on_poll: PollCallback,
+        *,
+        mark_every: timedelta = MARK_EVERY,
+    ) -> None:
+        self._clock = clock
+        self._marks = marks
+        self._on_fire = on_fire
+        self._on_poll = on_poll
+        self._mark_every = mark_every
+        self._executor = _Executor()
+        self._aps = AsyncIOScheduler(timezone=UTC, executors={"default": self._executor})
+        self._entries: dict[str, _Entry] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._pending: dict[str, list[datetime]] = {}  # fires due and not yet handled
+        self._polling: set[str] = set()
+        self._caught_up = False
+        self._marker: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start on the running loop; jobs added by an earlier :meth:`apply` begin now."""
+        self._aps.start()
+        self._marker = asyncio.get_running_loop().create_task(self._mark_periodically())
+
+    async def shutdown(self, *, timeout: float = 30.0) -> None:
+        """No new runs; running ones finish (cancelled past ``timeout``); marks are written."""
+        if not self._aps.running:
+            return
+        self._aps.pause()  # synchronous: no job is submitted from here on
+        if self._marker is not None:
+            self._marker.cancel()
+            await asyncio.gather(self._marker, return_exceptions=True)
+            self._marker = None
+        running = set(self._executor.tasks)
+        if running:
+            _, late = await asyncio.wait(running, timeout=timeout)
+            for task in late:
+                log.warning(
+                    "%s did not finish within %gs of shutdown and was cancelled; a fire it "
+                    "held stays unmarked, so the next start's catch-up reconsiders it",
+                    task.get_name(),
+                    timeout,
+                )
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        self._aps.shutdown(wait=False)
+        await asyncio.sleep(0)  # AsyncIOScheduler shuts down in a loop callback
+        await self._write_marks(self._fire_rules())
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def apply(self, rules: Mapping[str, Rule]) -> Changes:
+        """Make the jobs match ``rules``, touching only those whose rule's digest changed."""
+        wanted = {rule_id: r for rule_id, r in rules.items() if job_kind(r) is not None}
+        changes = Changes()
+        for rule_id in sorted(set(self._entries) - set(wanted)):
+            self._remove(rule_id)
+            changes.removed.append(rule_id)
+        for rule_id in sorted(wanted):
+            rule = wanted[rule_id]
+            current = self._entries.get(rule_id)
+            if current is not None and current.rule.digest == rule.digest:
+                current.rule = rule
+                changes.unchanged.append(rule_id)
+                continue
+            try:
+                entry = self._entry(rule)
+            except (TriggerError, ValueError) as exc:
+                log.error("rule %s is not scheduled: its trigger is not usable: %s", rule_id, exc)
+                if current is not None:
+                    self._remove(rule_id)
+                    changes.removed.append(rule_id)
+                continue
+            if current is not None:
+                self._remove(rule_id)
+                changes.rescheduled.append(rule_id)
+            else:
+                changes.added.append(rule_id)
+            self._add(entry)
+        if changes.added or changes.removed or changes.rescheduled:
+            log.info(
+                "schedules: %d added, %d removed, %d rescheduled, %d unchanged",
+                len(changes.added),
+                len(changes.removed),
+                len(changes.rescheduled),
+                len(changes.unchanged),
+            )
+        return changes
+
+    def next_fires(self) -> dict[str, datetime | None]:
+        """Next fire (or poll) per scheduled rule, on the clock, in the rule's timezone."""
+        out: dict[str, datetime | None] = {}
+        for rule_id, entry in sorted(self._entries.items()):
+            nxt = self._next_run(rule_id)
+            if nxt is None and not self._aps.running:
+                nxt = entry.schedule.next_after(self._clock.now() - _TICK)
+            out[rule_id] = None if nxt is None else nxt.astimezone(entry.tz)
+        return out
+
+    def _entry(self, rule: Rule) -> _Entry:
+        kind = job_kind(rule)
+        assert kind is not None
+        schedule = rule_schedule(rule)
+        trigger = ClockTrigger(RuleTrigger(schedule), self._clock)
+        return _Entry(rule, kind, schedule, trigger, parse_timezone(rule.timezone))
+
+    def _add(self, entry: _Entry) -> None:
+        rule = entry.rule
+        self._entries[rule.id] = entry
+        self._aps.add_job(
+            self._run,
+            trigger=entry.trigger,
+            args=(rule,),
+            id=rule.id,
+            name=f"rule {rule.id} ({entry.kind})",
+            coalesce=False,
+            misfire_grace_time=None
+            if entry.kind == "poll"
+            else max(1, int(rule.catch_up.total_seconds())),
+            max_instances=_MAX_INSTANCES,
+            replace_existing=True,
+        )
+
+    def _remove(self, rule_id: str) -> None:
+        self._entries.pop(rule_id, None)
+        # An ``at`` job is already gone after its only fire.
+        with contextlib.suppress(JobLookupError):
+            self._aps.remove_job(rule_id)
+
+    def _next_run(self, rule_id: str) -> datetime | None:
+        """The job's next run on the clock; None once it has no more, or before start."""
+        job = self._aps.get_job(rule_id)
+        real = getattr(job, "next_run_time", None) if job is not None else None
+        return None if real is None else self._clock.from_real(real)
+
+    async def _run(self, rule: Rule, run_times: Sequence[datetime] = ()) -> None:
+        """One APScheduler run: never raises, so a bad callback cannot stop the schedule.
+
+        ``rule`` is the version that was in force when the run was due, even if a reload
+        replaced it since.
+        """
+        if not run_times:
+            return
+        times = [self._clock.from_real(t).astimezone(UTC) for t in run_times]
+        try:
+            if job_kind(rule) == "poll":
+                await self._poll(rule, times[-1])
+            else:
+                await self._fire_due(rule, times)
+        except Exception:
+            log.exception("rule %s: the scheduled job failed; it runs again next time", rule.id)
+
+    async def _fire_due(self, rule: Rule, times: Sequence[datetime]) -> None:
+        now = self._clock.now()
+        *older, newest = times
+        skipped = [
+            (at, f"coalesced: the later fire due at {newest.isoformat()} is sent instead")
+            for at in older
+        ]
+        late = now - newest
+        if late > rule.catch_up:
+            skipped.append(
+                (
+                    newest,
+                    f"late by {describe_age(late)}, more than catch_up "
+                    f"({describe_age(rule.catch_up)}); was the process suspended?",
+                )
+            )
+            log_skipped(rule.id, skipped, "the scheduler ran late")
+            await self._write_marks([rule.id])
+            return
+        if skipped:
+            log_skipped(rule.id, skipped, "the scheduler ran late")
+        await self._deliver(rule, newest)
+        await self._write_marks([rule.id])
+
+    async def _deliver(self, rule: Rule, at: datetime) -> str | None:
+        """Hand one fire to ``on_fire``, after the rule's earlier fires; the error, if any."""
+        key = fire_key(at)
+        pending = self._pending.setdefault(rule.id, [])
+        pending.append(at)
+        lock = self._locks.setdefault(rule.id, asyncio.Lock())
+        error: str | None = None
+        try:
+            async with lock:
+                await self._on_fire(rule, at, key)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            log.exception(
+                "rule %s: the fire due at %s failed and is not retried; to send it by hand "
+                "(at most once): pushrules send %s --at %s --key %s",
+                rule.id,
+                at.isoformat(),
+                rule.id,
+                at.isoformat(),
+                key,
+            )
+        # Not in ``finally``: a fire cancelled mid-way stays pending, so its mark stays before
+        # it and the next start reconsiders it.
+        pending.remove(at)
+        return error
+
+    async def _poll(self, rule: Rule, at: datetime) -> None:
+        if rule.id in self._polling:
+            log.warning(
+                "rule %s: the previous poll of its feed is still running, this turn (%s) is "
+                "skipped; if it keeps happening, lower the feed's timeout or raise poll.every",
+                rule.id,
+                at.isoformat(),
+            )
+            return
+        self._polling.add(rule.id)
+        try:
+            await self._on_poll(rule, at)
+        except Exception:
+            log.exception("rule %s: polling its feed failed; it is polled again next turn", rule.id)
+        finally:
+            self._polling.discard(rule.id)
+
+    # -- catch-up and marks ---------------------------------------------------------------------
+
+    async def catch_up(self, rules: Mapping[str, Rule]) -> list[CatchUp]:
+        """Fires missed since each rule's mark: the newest sent if young, the rest logged.
+
+        Sending uses the key the fire would have had on time, so a fire that did go out
+        before a crash is ignored by the store. A rule without a mark is new: nothing to do.
+        """
+        now = self._clock.now()
+        scheduled = [r for r in rules.values() if job_kind(r) == "fire"]
+        try:
+            marks = await asyncio.to_thread(self._read_marks, [r.id for r in scheduled])
+        except Exception:
+            log.exception(
+                "could not read the scheduler's marks: fires missed while stopped are not "
+                "caught up this time"
+            )
+            marks = {}
+        results: list[CatchUp] = []
+        for rule in scheduled:
+            mark = marks.get(rule.id)
+            if mark is None:
+                continue
+            try:
+                plan = plan_catch_up(
+                    rule.id,
+                    missed_fires(rule_schedule(rule), mark, self._until(rule, now)),
+                    now,
+                    rule.catch_up,
+                )
+            except (TriggerError, ValueError) as exc:
+                log.error("rule %s: cannot compute its missed fires: %s", rule.id, exc)
+                continue
+            results.extend(await self._carry_out(rule, plan))
+        self._caught_up = True
+        await self._write_marks([r.id for r in scheduled], now=now)
+        return results
+
+    def _until(self, rule: Rule, now: datetime) -> datetime:
+        """Catch-up ends where the rule's current job began (it fires from there on)."""
+        entry = self._entries.get(rule.id)
+        covered = None
+        if entry is not None and entry.rule.digest == rule.digest:
+            covered = entry.trigger.covered_from
+        return now if covered is None else min(now, covered - _TICK)
+
+    async def _carry_out(self, rule: Rule, plan: Sequence[CatchUp]) -> list[CatchUp]:
+        done: list[CatchUp] = []
+        for item in plan:
+            if item.action == "fired":
+                log.info(
+                    "rule %s: catching up the fire due at %s (%s)",
+                    rule.id,
+                    item.scheduled_at.isoformat(),
+                    item.reason,
+                )
+                error = await self._deliver(rule, item.scheduled_at)
+                if error is not None:
+                    item = CatchUp(rule.id, item.scheduled_at, "failed", error)
+            done.append(item)
+        skipped = [(c.scheduled_at, c.reason) for c in done if c.action == "skipped"]
+        if skipped:
+            context = "missed while the scheduler was stopped"
+            if len(plan) >= 1000:
+                context += "; older ones not even listed"
+            log_skipped(rule.id, skipped, context)
+        return done
+
+    def _read_marks(self, rule_ids: Iterable[str]) -> dict[str, datetime]:
+        found = {rule_id: self._marks.get_mark(MARK_SCOPE, rule_id) for rule_id in rule_ids}
+        return {k: v for k, v in found.items() if v is not None}
+
+    def _fire_rules(self) -> list[str]:
+        return [rule_id for rule_id, e in self._entries.items() if e.kind == "fire"]
+
+    def safe_mark(self, rule_id: str, now: datetime) -> datetime:
+        """``now``, or just before the oldest fire of the rule that is due and not handled."""
+        bound = now
+        for at in self._pending.get(rule_id, ()):
+            bound = min(bound, at - _TICK)
+        nxt = self._next_run(rule_id)
+        if nxt is not None and nxt <= now:  # due, not yet picked up (a busy loop)
+            bound = min(bound, nxt - _TICK)
+        return bound.astimezone(UTC)
+
+    async def _write_marks(self, rule_ids: Sequence[str], *, now: datetime | None = None) -> None:
+        if not self._caught_up or not rule_ids:
+            return
+        moment = now or self._clock.now()
+        values = {rule_id: self.safe_mark(rule_id, moment) for rule_id in rule_ids}
+        try:
+            await asyncio.to_thread(self._set_marks, values)
+        except Exception as exc:
+            log.warning(
+                "could not record how far the schedules were handled (%s: %s); if the process "
+                "stops now, the next start may report fires since the previous record as missed",
+                type(exc).__name__,
+                exc,
+            )
+
+    def _set_marks(self, values: Mapping[str, datetime]) -> None:
+        for rule_id, at in values.items():
+            self._marks.set_mark(MARK_SCOPE, rule_id, at)
+
+    async def _mark_periodically(self) -> None:
+        interval = self._mark_every.total_seconds()
+        while True:
+            await asyncio.sleep(interval)
+            await self._write_marks(self._fire_rules())
