@@ -140,19 +140,111 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sandbox)
 
     _sending_commands(sub)
+    _daemon_commands(sub)
     return parser
+
+
+def _lazy(module: str, name: str) -> Any:
+    """A command run by a module loaded only when that command runs (fast --help, validate)."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return int(getattr(importlib.import_module(module), name)(args))
+
+    return run
+
+
+def _daemon_commands(sub: Any) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run the daemon: schedules, events, feeds, sending",
+        description="Run the long-lived process: schedules (cron, every, at), polled feeds, "
+        "the event intake (POST /events/NAME), /healthz and /metrics, and the dispatcher "
+        "sending the outbox. Reloads on file changes and on SIGHUP; SIGTERM finishes in-flight "
+        "sends, then exits 0.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  pushrules run --sandbox          # try it: a fake Accengage on "
+        "loopback\n  pushrules run --log-format json  # in production, for a log collector\n\n"
+        "Then: curl -X POST localhost:8750/events/flight.canceled -d @event.json",
+    )
+    _project_argument(p)
+    p.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="also start a sandbox Accengage endpoint and send to it",
+    )
+    p.add_argument(
+        "--sandbox-port",
+        type=int,
+        default=SANDBOX_PORT,
+        metavar="PORT",
+        help=f"the sandbox's port (default {SANDBOX_PORT})",
+    )
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="where the intake listens (default: listen in pushrules.yaml)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text for a terminal, json lines for a log collector",
+    )
+    p.set_defaults(func=_lazy("engine.cli_daemon", "cmd_run"))
+
+    p = sub.add_parser(
+        "next",
+        help="when scheduled rules fire next",
+        description="The coming fire times of cron, every and at rules, in each rule's "
+        "timezone, with its UTC offset.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  pushrules next\n  pushrules next monday-digest --count 5 "
+        "--from 2026-03-28T00:00:00+01:00 --format json",
+    )
+    p.add_argument("rule", nargs="?", help="one rule (default: every scheduled rule)")
+    _project_argument(p)
+    p.add_argument("--from", dest="from_", metavar="ISO8601", help="start (default: now)")
+    p.add_argument("--count", type=int, default=3, help="fire times per rule (default 3)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=_lazy("engine.cli_daemon", "cmd_next"))
+
+    for name, text in (
+        ("pause", "stop sending a rule's pushes (or all) at once"),
+        ("resume", "lift a pause and release the fires it held"),
+    ):
+        p = sub.add_parser(
+            name,
+            help=text,
+            description="An emergency stop that needs no commit: held in the store, so every "
+            "running daemon honours it within a second, and a restart too. Fires that come "
+            "while paused are kept in the outbox, not sent, until resumed or dropped.",
+        )
+        p.add_argument("rule", nargs="?", help="rule id")
+        p.add_argument("--all", action="store_true", help="every rule")
+        _project_argument(p)
+        if name == "pause":
+            p.add_argument(
+                "--for",
+                dest="for_",
+                metavar="DURATION",
+                help="resume by itself after this long (15m, 2h, 1d)",
+            )
+        else:
+            p.add_argument(
+                "--drop-held",
+                action="store_true",
+                help="drop the held fires instead of sending them",
+            )
+        p.set_defaults(func=_lazy("engine.cli_daemon", f"cmd_{name}"))
 
 
 def _sending_commands(sub: Any) -> None:
     """send, fire, history, outbox: implemented in engine.cli_send, loaded when run."""
 
     def lazy(name: str) -> Any:
-        def run(args: argparse.Namespace) -> int:
-            from engine import cli_send
-
-            return int(getattr(cli_send, name)(args))
-
-        return run
+        return _lazy("engine.cli_send", name)
 
     def sending(p: argparse.ArgumentParser) -> None:
         _project_argument(p)

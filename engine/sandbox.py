@@ -36,7 +36,7 @@ from typing import Any, Final
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -333,6 +333,30 @@ async def _healthz(request: Request) -> Response:
     return PlainTextResponse("ok")
 
 
+#: The demo feed's offers: one new offer every FEED_EVERY seconds, so the example poll rule
+#: (rules/price-drop.yaml) has something new to fire on while a trial runs.
+FEED_EVERY = 300
+_DESTINATIONS = ("Lisbon", "Oslo", "Naples", "Porto", "Seville", "Krakow", "Dublin", "Malta")
+
+
+def demo_offers(now: float) -> list[dict[str, Any]]:
+    """The last three offers at ``now`` (seconds since the epoch); pure, so tests can pin it."""
+    slot = int(now // FEED_EVERY)
+    return [
+        {
+            "id": f"offer-{n}",
+            "destination": _DESTINATIONS[n % len(_DESTINATIONS)],
+            "price": 40 + (n * 37) % 150,
+            "followers": [{"id": "765c8", "first_name": "Patrick"}],
+        }
+        for n in range(slot - 2, slot + 1)
+    ]
+
+
+async def _feed(request: Request) -> JSONResponse:
+    return JSONResponse({"offers": demo_offers(time.time())})
+
+
 def create_app(config: SandboxConfig | None = None) -> Starlette:
     """The sandbox as an ASGI app; its state is ``app.state.sandbox``."""
     app = Starlette(
@@ -341,6 +365,7 @@ def create_app(config: SandboxConfig | None = None) -> Starlette:
             Route("/requests", _requests, methods=["GET", "DELETE"]),
             Route("/_faults", _faults, methods=["GET", "POST"]),
             Route("/healthz", _healthz, methods=["GET"]),
+            Route("/feeds/offers.json", _feed, methods=["GET"]),
         ]
     )
     app.state.sandbox = _State(config or SandboxConfig())

@@ -1,0 +1,128 @@
+"""The commands around the daemon: ``run``, ``next``, ``pause``, ``resume``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+
+from engine.cli import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, UsageError, parse_time
+from engine.cli_send import _load
+from engine.schedule import TriggerError, fire_times, parse_duration, parse_timezone, schedule_for
+
+SCHEDULED = ("cron", "every", "at")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from engine import logs
+    from engine.clock import Clock
+    from engine.daemon import Options, run
+
+    logs.configure(args.log_format)
+    try:
+        clock = Clock.from_environment()
+    except ValueError as exc:
+        print(f"pushrules: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    options = Options(
+        root=args.project,
+        sandbox=args.sandbox,
+        sandbox_port=args.sandbox_port,
+        listen=args.listen,
+        clock=clock,
+    )
+    return run(options)
+
+
+def cmd_next(args: argparse.Namespace) -> int:
+    """The coming fire times of scheduled rules, in each rule's timezone."""
+    try:
+        ruleset, _ = _load(args.project)
+        start = parse_time(args.from_)
+    except UsageError as exc:
+        print(f"pushrules: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    rules = [r for r in ruleset.rules.values() if r.trigger_kind in SCHEDULED]
+    if args.rule:
+        rules = [r for r in rules if r.id == args.rule]
+        if not rules:
+            kind = ruleset.rules[args.rule].trigger_kind if args.rule in ruleset.rules else None
+            why = f"it fires on {kind}, not on a schedule" if kind else "no such rule"
+            print(f"pushrules: rule '{args.rule}': {why}", file=sys.stderr)
+            return EXIT_PROBLEMS
+    result: dict[str, list[str]] = {}
+    for rule in sorted(rules, key=lambda r: r.id):
+        tz = parse_timezone(rule.timezone)
+        schedule = schedule_for(rule.trigger, tz)
+        times = fire_times(schedule, start.astimezone(tz), args.count)
+        result[rule.id] = [t.astimezone(tz).isoformat() for t in times]
+    if args.format == "json":
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    for rule_id, times in result.items():
+        state = "" if ruleset.rules[rule_id].enabled else "  (disabled)"
+        print(f"{rule_id}{state}")
+        for moment in times or ["never again"]:
+            print(f"  {moment}")
+    return EXIT_OK
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    from engine.runtime import open_store
+
+    if bool(args.rule) == bool(args.all):
+        print("pushrules: name one RULE, or --all", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        _, project = _load(args.project)
+        until = None
+        if args.for_:
+            until = datetime.now(UTC) + parse_duration(args.for_)
+    except (UsageError, TriggerError) as exc:
+        print(f"pushrules: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    target = "*" if args.all else args.rule
+    with open_store(project) as store:
+        store.pause(target, until)
+    what = "every rule" if args.all else f"rule {args.rule}"
+    when = f"until {until.isoformat(timespec='seconds')}" if until else "until `pushrules resume`"
+    print(f"{what} paused {when}: its fires are kept in the outbox, not sent")
+    return EXIT_OK
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from engine.runtime import open_store
+
+    if bool(args.rule) == bool(args.all):
+        print("pushrules: name one RULE, or --all", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        _, project = _load(args.project)
+    except UsageError as exc:
+        print(f"pushrules: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    rule = None if args.all else args.rule
+    with open_store(project) as store:
+        if args.all:
+            lifted = [name for name in store.paused() if store.resume(name)]
+        else:
+            lifted = [args.rule] if store.resume(args.rule) else []
+        if args.drop_held:
+            held = store.history(rule=rule, states=["held"], limit=1_000_000)
+            for row in held:
+                store.drop(row.id)
+            released = 0
+            dropped = len(held)
+        else:
+            released = store.release(rule=rule)
+            dropped = 0
+    if lifted:
+        print(f"resumed: {', '.join(lifted)}")
+    if released:
+        print(f"{released} held request(s) released: the daemon sends them now")
+    if dropped:
+        print(f"{dropped} held request(s) dropped")
+    if not (lifted or released or dropped):
+        print("nothing was paused or held", file=sys.stderr)
+    return EXIT_OK

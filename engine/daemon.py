@@ -1,0 +1,418 @@
+"""``pushrules run``: the long-running process the rules exist for.
+
+It wires the parts together and owns their lifecycles; each part lives in its own module:
+the loader (rules), the scheduler and the poller (when), the intake (events over HTTP), the
+one fire path (firing), the store (outbox) and the dispatcher (sending).
+
+    start: load -> store (recover) -> dispatcher -> leadership -> catch-up -> schedules
+           -> intake HTTP -> watcher
+    run:   fires from schedules, feeds and events go to the outbox; the dispatcher sends
+    stop:  SIGTERM/SIGINT: intake and schedules stop taking work, in-flight sends finish,
+           queued rows are given back, exit 0
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from engine.clock import Clock
+from engine.compiler import FireContext
+from engine.firing import FireOutcome, FireRequest, fire_many
+from engine.intake import create_app
+from engine.loader import Loader, RuleSet
+from engine.metrics import Metrics
+from engine.poller import Poller
+from engine.problems import format_text
+from engine.project import Project
+from engine.rules import Rule
+from engine.runtime import credentials, make_dispatcher, open_store
+from engine.schedule import parse_timezone
+from engine.scheduler import Scheduler
+from engine.secrets import MissingSecret, SecretRef
+from engine.store import Store
+from engine.watcher import Watcher
+
+log = logging.getLogger("pushrules.daemon")
+
+#: How often a follower asks whether it may lead, and the leader checks it still does.
+LEADERSHIP_EVERY = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    root: Path
+    sandbox: bool = False
+    sandbox_port: int = 8751
+    listen: str | None = None  # overrides pushrules.yaml's listen
+    clock: Clock = field(default_factory=Clock)
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says what to fix."""
+
+
+class Daemon:
+    """One running instance. Implements the intake's IntakeState."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.clock = options.clock
+        self.loader = Loader(options.root)
+        self.metrics = Metrics()
+        self.stop = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._ruleset: RuleSet | None = None
+        self._project: Project | None = None
+        self._last_reload: dict[str, Any] = {}
+        self._leading = False
+        self._sandbox: Any = None
+        self.store: Store | None = None
+        self.started_at = self.clock.now()
+
+    # --- IntakeState ------------------------------------------------------------------------
+
+    @property
+    def token(self) -> SecretRef | None:
+        return self.project.intake_token
+
+    def ruleset(self) -> RuleSet:
+        assert self._ruleset is not None
+        return self._ruleset
+
+    @property
+    def project(self) -> Project:
+        assert self._project is not None
+        return self._project
+
+    async def fire_event(self, name: str, payload: dict[str, Any], key: str) -> list[FireOutcome]:
+        now = self.clock.now()
+        requests = [
+            FireRequest(rule, FireContext(now=self._local(rule, now), event=payload), key)
+            for rule in self.ruleset().for_event(name)
+        ]
+        return await self._fire(requests, now)
+
+    def health(self) -> dict[str, Any]:
+        ruleset = self.ruleset()
+        problems: list[str] = []
+        try:
+            assert self.store is not None
+            backlog = self.store.backlog()
+            paused = {k: (v.isoformat() if v else None) for k, v in self.store.paused().items()}
+        except Exception as exc:  # the store is the one thing health must survive
+            backlog, paused = {}, {}
+            problems.append(f"the store cannot be read: {type(exc).__name__}")
+        try:
+            credentials(self.project, sandbox=self.options.sandbox).resolve()
+        except MissingSecret as exc:
+            problems.append(f"credentials: {exc}")
+        errors = [p for p in ruleset.problems if p.is_error]
+        return {
+            "ok": not problems,
+            "problems": problems,
+            "started_at": self.started_at.isoformat(),
+            "leader": self._leading,
+            "rules": {
+                "loaded": len(ruleset.rules),
+                "enabled": sum(r.enabled for r in ruleset.rules.values()),
+                "kept_at_last_good_version": sorted(ruleset.stale),
+                "errors": len(errors),
+                "warnings": len(ruleset.problems) - len(errors),
+                "first_errors": format_text(errors[:20]).splitlines(),
+            },
+            "last_reload": self._last_reload,
+            "outbox": backlog,
+            "attention": {s: backlog.get(s, 0) for s in ("in_doubt", "failed", "dead", "held")},
+            "paused": paused,
+            "feeds": {k: _jsonable(v) for k, v in self.poller.status().items()},
+            "next_fires": {
+                k: (v.isoformat() if v else None) for k, v in self.scheduler.next_fires().items()
+            },
+        }
+
+    def metrics_text(self) -> tuple[bytes, str]:
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                self.metrics.set_backlog(self.store.backlog())
+                self.metrics.set_paused(len(self.store.paused()))
+        return self.metrics.render()
+
+    # --- fires ------------------------------------------------------------------------------
+
+    def _local(self, rule: Rule, now: datetime) -> datetime:
+        return now.astimezone(parse_timezone(rule.timezone))
+
+    async def _fire(self, requests: list[FireRequest], now: datetime) -> list[FireOutcome]:
+        if not requests:
+            return []
+        assert self.store is not None
+        outcomes = await asyncio.to_thread(fire_many, self.store, self.project, requests, now=now)
+        self.metrics.fired(outcomes)
+        for outcome in outcomes:
+            level = logging.WARNING if outcome.status in ("failed", "limited") else logging.INFO
+            log.log(
+                level,
+                "rule %s fired (%s): %s, %s",
+                outcome.rule,
+                outcome.key,
+                outcome.status,
+                outcome.detail,
+            )
+        return outcomes
+
+    async def _on_schedule(self, rule: Rule, scheduled_at: datetime, key: str) -> None:
+        context = FireContext(now=self._local(rule, scheduled_at))
+        await self._fire([FireRequest(rule, context, key)], self.clock.now())
+
+    async def _on_item(self, rule: Rule, item: Mapping[str, Any], key: str) -> None:
+        now = self.clock.now()
+        context = FireContext(now=self._local(rule, now), item=dict(item))
+        await self._fire([FireRequest(rule, context, key)], now)
+
+    async def _on_poll(self, rule: Rule, scheduled_at: datetime) -> None:
+        result = await self.poller.poll(rule, self.clock.now())
+        if getattr(result, "error", None):
+            self.metrics.feed_failed(rule.id)
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def _load_first(self) -> None:
+        """The first load; forks workers for a large project, before any thread exists."""
+        ruleset = self.loader.load()
+        self.loader.workers = 1  # later reloads run in a thread: no forking there
+        if ruleset.project is None:
+            raise StartupError(
+                "pushrules.yaml has errors, so nothing can run:\n" + format_text(ruleset.problems)
+            )
+        self._accept(ruleset)
+
+    def _accept(self, ruleset: RuleSet) -> None:
+        project = ruleset.project
+        assert project is not None
+        if self._sandbox is not None:
+            project = replace(project, url=self._sandbox.url)
+        if self._project is not None and project.store != self._project.store:
+            log.warning("store changed in pushrules.yaml: restart the daemon to use it")
+        self._ruleset = replace(ruleset, project=project)
+        self._project = project
+        if ruleset.problems:
+            log.warning(
+                "rule problems (files with errors keep their last good version):\n%s",
+                format_text(ruleset.problems),
+            )
+        self.metrics.reloaded(ruleset.ok, len(ruleset.rules))
+        self._last_reload = {
+            "at": self.clock.now().isoformat(),
+            "ok": ruleset.ok,
+            "rules": len(ruleset.rules),
+        }
+
+    async def reload(self) -> None:
+        """Re-check what changed, swap the rule set whole, reschedule only changed rules."""
+        async with self._reload_lock:
+            started = time.perf_counter()
+            ruleset = await asyncio.to_thread(self.loader.load)
+            if ruleset.project is None:
+                log.error(
+                    "pushrules.yaml has errors; the daemon keeps running on its last good "
+                    "configuration:\n%s",
+                    format_text(ruleset.problems),
+                )
+                self.metrics.reloaded(False, len(self.ruleset().rules))
+                self._last_reload = {
+                    "at": self.clock.now().isoformat(),
+                    "ok": False,
+                    "rules": len(self.ruleset().rules),
+                }
+                return
+            self._accept(ruleset)
+            changes = self.scheduler.apply(self.ruleset().rules) if self._leading else None
+            log.info(
+                "reloaded in %.0f ms: %d rules%s",
+                (time.perf_counter() - started) * 1000,
+                len(ruleset.rules),
+                f", schedules {changes}" if changes else "",
+            )
+
+    async def run(self) -> int:
+        if self.options.sandbox:
+            self._start_sandbox()  # first, so the rules' URL becomes the sandbox's
+        self._load_first()
+        project = self.project
+        self.store = await asyncio.to_thread(open_store, project)
+        recovered = await asyncio.to_thread(self.store.recover, self.clock.now())
+        if recovered:
+            log.warning(
+                "%d request(s) were in flight when the last run stopped: parked as "
+                "in_doubt (see `pushrules history --status in_doubt`)",
+                len(recovered),
+            )
+        self.dispatcher = make_dispatcher(
+            project,
+            self.store,
+            sandbox=self.options.sandbox,
+            on_attempt=self.metrics.observe_attempt,
+        )
+        self.scheduler = Scheduler(self.clock, self.store, self._on_schedule, self._on_poll)
+        self.poller = Poller(self.store, self._on_item, self.clock)
+        self.leadership = self.store.leadership()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._request_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+
+        watcher = Watcher(self.options.root, self.reload)
+        watcher.prime()
+        server = self._server()
+        tasks = [
+            asyncio.create_task(self.dispatcher.run(self.stop), name="dispatcher"),
+            asyncio.create_task(self._lead(), name="leadership"),
+            asyncio.create_task(watcher.run(self.stop), name="watcher"),
+            asyncio.create_task(server.serve(), name="intake"),
+        ]
+        log.info(
+            "pushrules running: %d rules, events on http://%s, sending to %s",
+            len(self.ruleset().rules),
+            self._listen(),
+            project.url,
+        )
+        stopped = asyncio.create_task(self.stop.wait())
+        done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        failed = [t for t in done if t is not stopped and t.exception() is not None]
+        for task in failed:
+            log.error("%s stopped: %s", task.get_name(), task.exception())
+        self.stop.set()
+        server.should_exit = True
+        await self._shutdown(tasks)
+        return 1 if failed else 0
+
+    def _request_stop(self, sig: signal.Signals) -> None:
+        if not self.stop.is_set():
+            log.info("%s received: finishing in-flight sends, then stopping", sig.name)
+        self.stop.set()
+
+    async def _lead(self) -> None:
+        """Run the schedules while this instance is the leader."""
+        assert self.store is not None
+        while not self.stop.is_set():
+            leading = await asyncio.to_thread(self.leadership.try_acquire)
+            if leading and not self._leading:
+                self._leading = True
+                log.info("leading: this instance runs the schedules and feeds")
+                await self.scheduler.start()
+                self.scheduler.apply(self.ruleset().rules)
+                for item in await self.scheduler.catch_up(self.ruleset().rules):
+                    log.info(
+                        "catch-up: %s %s at %s: %s",
+                        item.rule,
+                        item.action,
+                        item.scheduled_at.isoformat(),
+                        item.reason,
+                    )
+            elif not leading and self._leading:
+                self._leading = False
+                log.warning("lost the scheduler leadership: another instance runs schedules")
+                await self.scheduler.shutdown()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), LEADERSHIP_EVERY)
+
+    async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
+        if self._leading:
+            await self.scheduler.shutdown()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for task, result in zip(tasks, results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                log.debug("%s ended with %r", task.get_name(), result)
+        await self.poller.aclose()
+        await self.dispatcher.aclose()
+        await asyncio.to_thread(self.leadership.release)
+        if self.store is not None:
+            self.store.close()
+        if self._sandbox is not None:
+            self._sandbox.stop()
+        log.info("stopped")
+
+    def _listen(self) -> str:
+        return self.options.listen or self.project.listen
+
+    def _server(self) -> uvicorn.Server:
+        host, _, port = self._listen().rpartition(":")
+        app = create_app(_IntakeAdapter(self))
+        config = uvicorn.Config(
+            app, host=host, port=int(port), lifespan="off", log_config=None, access_log=False
+        )
+        server = uvicorn.Server(config)
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        return server
+
+    def _start_sandbox(self) -> None:
+        from engine.sandbox import SandboxConfig, start_in_thread
+
+        try:
+            self._sandbox = start_in_thread(SandboxConfig(), port=self.options.sandbox_port)
+        except OSError as exc:
+            raise StartupError(
+                f"the sandbox cannot listen on port {self.options.sandbox_port}: "
+                f"{exc.strerror}; free it or pass --sandbox-port"
+            ) from None
+        log.info(
+            "sandbox Accengage endpoint on %s (every request it gets: %s/requests)",
+            self._sandbox.url,
+            self._sandbox.base_url,
+        )
+
+
+class _IntakeAdapter:
+    """The intake's view of the daemon (metrics() named as the intake expects)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    @property
+    def token(self) -> SecretRef | None:
+        return self._daemon.token
+
+    def ruleset(self) -> RuleSet:
+        return self._daemon.ruleset()
+
+    async def fire_event(self, name: str, payload: dict[str, Any], key: str) -> list[FireOutcome]:
+        return await self._daemon.fire_event(name, payload, key)
+
+    def health(self) -> dict[str, Any]:
+        return self._daemon.health()
+
+    def metrics(self) -> tuple[bytes, str]:
+        return self._daemon.metrics_text()
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _jsonable(getattr(value, k)) for k in value.__dataclass_fields__}
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def run(options: Options) -> int:
+    daemon = Daemon(options)
+    try:
+        return asyncio.run(daemon.run())
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 1
