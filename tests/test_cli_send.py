@@ -1,0 +1,149 @@
+"""send, fire, history and outbox over real HTTP to the sandbox, as an operator runs them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.cli import main
+from engine.sandbox import RunningSandbox, SandboxConfig, start_in_thread
+from tests.helpers import make_project, write_rule
+
+PASSWORD = "pw-Zq81-never-shown"
+RULE = """
+trigger: {event: order.shipped}
+apps:
+  flights-ios: {parentMessageId: "1"}
+message:
+  text: "Your order {{ event.order }} is on its way"
+targets:
+  - memberId: "{{ event.member }}"
+"""
+
+
+@pytest.fixture
+def sandbox() -> Iterator[RunningSandbox]:
+    with start_in_thread(SandboxConfig(seed=1)) as running:
+        yield running
+
+
+@pytest.fixture
+def project(tmp_path: Path, sandbox: RunningSandbox, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = make_project(tmp_path / "p")
+    config = root / "pushrules.yaml"
+    text = config.read_text().replace(
+        "https://api.example.invalid/sendInstantMessage.php", sandbox.url
+    )
+    config.write_text(text.replace("sqlite:///pushrules.db", f"sqlite:///{tmp_path}/out.db"))
+    write_rule(root, "shipped", RULE)
+    monkeypatch.setenv("ACCENGAGE_LOGIN", "team@example.com")
+    monkeypatch.setenv("ACCENGAGE_PASSWORD", PASSWORD)
+    return root
+
+
+def event_file(tmp_path: Path, **fields: str) -> str:
+    path = tmp_path / f"event-{len(list(tmp_path.iterdir()))}.json"
+    path.write_text(json.dumps(fields))
+    return str(path)
+
+
+def test_fire_twice_with_one_key_sends_once(
+    project: Path, sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    data = event_file(tmp_path, order="A1", member="765c8")
+    args = ["fire", "order.shipped", "--data", data, "--key", "k-1", "--project", str(project)]
+    assert main(args) == 0
+    assert main(args) == 0
+    assert len(sandbox.requests()) == 1
+    body = sandbox.requests()[0]["body"]["sendInstantMessage"]
+    assert body["message"]["text"] == "Your order A1 is on its way"
+    assert body["user"] == {"login": "team@example.com", "password": PASSWORD}
+
+
+def test_send_prints_the_outcome_and_history_records_it(
+    project: Path, sandbox: RunningSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = event_file(tmp_path, order="B2", member="765c8")
+    assert main(["send", "shipped", "--event", data, "--project", str(project)]) == 0
+    out = capsys.readouterr().out
+    assert "sent" in out and "returnCode 0" in out
+    assert main(["history", "--project", str(project), "--format", "json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["rule"], row["state"], row["returnCode"]) == ("shipped", "sent", 0)
+    assert row["messageId"]
+
+
+def test_a_permanent_code_fails_with_its_meaning(
+    project: Path, sandbox: RunningSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sandbox.set_faults(code=5)
+    data = event_file(tmp_path, order="C3", member="765c8")
+    assert main(["send", "shipped", "--event", data, "--project", str(project)]) == 1
+    out = capsys.readouterr().out
+    assert "failed" in out and "No or bad message" in out
+    assert len(sandbox.requests()) == 1  # not retried
+
+
+def test_what_still_retries_is_left_to_the_daemon(
+    project: Path, sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    sandbox.set_faults(code=11)  # message limit exceeded: retryable
+    data = event_file(tmp_path, order="D4", member="765c8")
+    args = ["send", "shipped", "--event", data, "--wait", "0", "--project", str(project)]
+    assert main(args) == 75
+    assert main(["history", "--project", str(project), "--status", "retrying"]) == 0
+
+
+def test_outbox_resend_and_drop(
+    project: Path, sandbox: RunningSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sandbox.set_faults(code=5)
+    for order in ("E5", "F6"):
+        data = event_file(tmp_path, order=order, member="765c8")
+        main(["send", "shipped", "--event", data, "--project", str(project)])
+    capsys.readouterr()
+    main(["history", "--project", str(project), "--status", "failed", "--format", "json"])
+    first, second = sorted(r["id"] for r in json.loads(capsys.readouterr().out))
+    sandbox.set_faults(code=None)
+    assert main(["outbox", "resend", str(first), "--project", str(project)]) == 0
+    assert main(["outbox", "drop", str(second), "--project", str(project)]) == 0
+    assert main(["outbox", "drop", str(second), "--project", str(project)]) == 1
+    assert "only" in capsys.readouterr().err
+    main(["history", "--project", str(project), "--format", "json"])
+    states = {r["id"]: r["state"] for r in json.loads(capsys.readouterr().out)}
+    assert states == {first: "sent", second: "dropped"}
+
+
+def test_the_password_is_never_printed_or_stored(
+    project: Path, sandbox: RunningSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = event_file(tmp_path, order="G7", member="765c8")
+    main(["send", "shipped", "--event", data, "--project", str(project)])
+    main(["compile", "shipped", "--event", data, "--project", str(project)])
+    main(["history", "--project", str(project), "--format", "json"])
+    main(["history", "--project", str(project)])
+    sandbox.set_faults(code=3)
+    main(["send", "shipped", "--event", data, "--project", str(project)])
+    printed = capsys.readouterr()
+    assert PASSWORD not in printed.out + printed.err
+    for path in tmp_path.glob("out.db*"):
+        assert PASSWORD.encode() not in path.read_bytes()
+
+
+def test_dry_run_records_nothing(
+    project: Path, sandbox: RunningSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = event_file(tmp_path, order="H8", member="765c8")
+    assert main(["send", "shipped", "--event", data, "--dry-run", "--project", str(project)]) == 0
+    [request] = json.loads(capsys.readouterr().out)
+    assert request["body"]["sendInstantMessage"]["user"]["password"] == "********"
+    assert sandbox.requests() == []
+    assert not (tmp_path / "out.db").exists()
+
+
+def test_fire_an_event_nobody_listens_to(project: Path, capsys) -> None:
+    assert main(["fire", "nobody.listens", "--project", str(project)]) == 1
+    assert "order.shipped" in capsys.readouterr().err
