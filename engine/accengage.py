@@ -6,6 +6,9 @@ sandbox endpoint) reads these tables, so the API is written down once.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 ROUTE = "/sendInstantMessage.php"
 MAX_TARGETS = 100
 
@@ -136,6 +139,12 @@ MAX_BUTTONS = {"android": 3, "ios": 4}
 MAX_PAYLOAD_BYTES = {"ios": 4096, "android": 4000}
 
 PLATFORMS = ("ios", "android")
+
+
+def with_user(body: Mapping[str, Any], login: str, password: str) -> dict[str, Any]:
+    """A request body as sent: ``user`` first, as in the API's examples."""
+    inner = body["sendInstantMessage"]
+    return {"sendInstantMessage": {"user": {"login": login, "password": password}, **inner}}
 
 
 def describe(code: int | None) -> str:

@@ -102,7 +102,7 @@ def compile_fire(rule: Rule, project: Project, ctx: FireContext) -> list[Compile
 
 def _last_check(rule: Rule, project: Project, request: CompiledRequest) -> None:
     code, label = check_request(
-        with_user(request.body, "login", "password"),
+        accengage.with_user(request.body, "login", "password"),
         {},
         languages=sorted(project.languages) if project.languages is not None else None,
         device_fields=sorted(project.device_fields) if project.device_fields is not None else None,
@@ -138,15 +138,9 @@ def _request(
     }
 
 
-def with_user(body: Mapping[str, Any], login: str, password: str) -> dict[str, Any]:
-    """The body as sent: ``user`` first, as in the API's examples."""
-    inner = body["sendInstantMessage"]
-    return {"sendInstantMessage": {"user": {"login": login, "password": password}, **inner}}
-
-
 def for_display(body: Mapping[str, Any], login: str) -> dict[str, Any]:
     """The body as ``pushrules compile`` shows it: the password masked."""
-    return with_user(body, login, MASK)
+    return accengage.with_user(body, login, MASK)
 
 
 # --- rendering -----------------------------------------------------------------------------
@@ -334,5 +328,4 @@ __all__ = [
     "for_display",
     "passes_when",
     "plain",
-    "with_user",
 ]

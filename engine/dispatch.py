@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import httpx
 
-from engine import __version__
+from engine import __version__, accengage
 from engine.accengage import RETRYABLE_CODES, describe
 from engine.secrets import MASK, MissingSecret, SecretRef
 from engine.store import (
@@ -188,9 +188,8 @@ class Outcome:
 
 
 def with_user(body: str, login: str, password: str) -> bytes:
-    """The stored body as sent: ``user`` first, as in the API's examples."""
-    inner = json.loads(body)["sendInstantMessage"]
-    doc = {"sendInstantMessage": {"user": {"login": login, "password": password}, **inner}}
+    """The stored body's bytes as sent, with the credentials of this attempt."""
+    doc = accengage.with_user(json.loads(body), login, password)
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 
 

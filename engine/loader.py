@@ -59,6 +59,10 @@ class _Entry:
     problems: list[Problem]
 
 
+def _file_error(rel: str, message: str) -> Problem:
+    return Problem(rel, None, None, "", None, "error", message)
+
+
 def rule_files(root: Path) -> list[Path]:
     directory = root / RULES_DIR
     if not directory.is_dir():
@@ -111,36 +115,25 @@ class Loader:
             rule_id = path.stem
             if rule_id in seen_ids:
                 problems.append(
-                    Problem(
-                        rel,
-                        None,
-                        None,
-                        "",
-                        None,
-                        "error",
-                        f"rule id '{rule_id}' is also {seen_ids[rule_id]}; rename one of the files",
+                    _file_error(
+                        rel, f"rule id '{rule_id}' is also {seen_ids[rule_id]}; rename one of them"
                     )
                 )
                 continue
             seen_ids[rule_id] = rel
             if not _RULE_ID.match(rule_id):
                 problems.append(
-                    Problem(
+                    _file_error(
                         rel,
-                        None,
-                        None,
-                        "",
-                        None,
-                        "error",
-                        "a rule file name may hold letters, digits, '-', '_' and "
-                        "'.' only (the name is the rule's id)",
+                        "a rule file name may hold letters, digits, '-', '_' and '.' only (the "
+                        "name is the rule's id)",
                     )
                 )
                 continue
             try:
                 text = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
-                problems.append(Problem(rel, None, None, "", None, "error", f"cannot read: {exc}"))
+                problems.append(_file_error(rel, f"cannot read: {exc}"))
                 continue
             texts[rel] = (rule_id, text, hashlib.blake2b(text.encode(), digest_size=16).hexdigest())
 
