@@ -19,15 +19,13 @@ from engine import accengage, templating
 from engine.fragments import Fragments
 from engine.problems import Problem, did_you_mean, field_path
 from engine.project import App, Project
-from engine.schemas import RULE_CHECKER, TARGET, SchemaChecker, is_yaml_bool, is_yaml_int
+from engine.schemas import RULE_CHECKER, TARGET_CHECKER, is_yaml_bool, is_yaml_int
 from engine.yaml_source import MarkedMap, Scalar, load, position
 
 DEFAULT_CATCH_UP = timedelta(minutes=10)
 TRIGGER_KINDS = ("cron", "every", "at", "event", "poll")
 MESSAGE_TEXT_FIELDS = ("subject", "text", "customizedTitle", "longText")
 
-_TARGET_CHECKER = SchemaChecker(TARGET["schema"], allow_unknown=True)
-_TARGET_CHECKER._validator.allow_unknown = TARGET["allow_unknown"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -787,7 +785,7 @@ def _check_dynamic_target(
     if not name.isidentifier():
         out.add((*path, "as"), 9, f"'{name}' must be a plain name like p or passenger")
     inner = target["target"]
-    for err in _TARGET_CHECKER.check(inner):
+    for err in TARGET_CHECKER.check(inner):
         out.add((*path, "target", *err.path), 9, err.message)
     _check_one_target(inner, (*path, "target"), multi_app, project, out)
 

@@ -280,7 +280,10 @@ def _type_words(constraint: object) -> str:
 class SchemaChecker:
     """A reusable validator for one schema: Cerberus compiles a schema once, then checks fast."""
 
-    def __init__(self, schema: Mapping[str, Any], *, allow_unknown: bool = False) -> None:
+    def __init__(
+        self, schema: Mapping[str, Any], *, allow_unknown: bool | Mapping[str, Any] = False
+    ) -> None:
+        """``allow_unknown``: True, False, or the rules every unknown key must follow."""
         self._validator = _Validator(dict(schema), allow_unknown=allow_unknown)
 
     def check(self, document: Mapping[str, Any]) -> list[SchemaError]:
@@ -345,3 +348,5 @@ RULE_CHECKER = SchemaChecker(RULE)
 PROJECT_CHECKER = SchemaChecker(PROJECT)
 MESSAGE_TEMPLATE_CHECKER = SchemaChecker(MESSAGE)
 BUTTON_TEMPLATE_CHECKER = SchemaChecker(BUTTONS["schema"])
+#: One target alone (a for_each target's inner ``target``).
+TARGET_CHECKER = SchemaChecker(TARGET["schema"], allow_unknown=TARGET["allow_unknown"])
