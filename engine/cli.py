@@ -233,11 +233,21 @@ def _daemon_commands(sub: Any) -> None:
             )
         else:
             p.add_argument(
-                "--drop-held",
+                "--drop-unsent",
                 action="store_true",
-                help="drop the held fires instead of sending them",
+                help="drop what the rule has not sent yet (held past its limit, or kept while "
+                "paused) instead of sending it",
             )
+        _sandbox_store_argument(p)
         p.set_defaults(func=_lazy("engine.cli_daemon", f"cmd_{name}"))
+
+
+def _sandbox_store_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="act on the outbox of --sandbox trials (pushrules-sandbox.db), not the real one",
+    )
 
 
 def _sending_commands(sub: Any) -> None:
@@ -323,6 +333,7 @@ def _sending_commands(sub: Any) -> None:
     )
     p.add_argument("--limit", type=int, default=100, help="rows at most (default 100)")
     p.add_argument("--format", choices=("text", "json"), default="text")
+    _sandbox_store_argument(p)
     p.set_defaults(func=lazy("cmd_history"))
 
     p = sub.add_parser(
@@ -342,6 +353,7 @@ def _sending_commands(sub: Any) -> None:
         metavar="SECONDS",
         help="resend: how long to keep retrying (default 30)",
     )
+    _sandbox_store_argument(p)
     p.set_defaults(func=lazy("cmd_outbox"))
 
 

@@ -12,6 +12,7 @@ from engine.cli_send import _load
 from engine.schedule import TriggerError, fire_times, parse_duration, parse_timezone, schedule_for
 
 SCHEDULED = ("cron", "every", "at")
+UNSENT = ("held", "pending", "retrying")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -75,7 +76,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
         print("pushrules: name one RULE, or --all", file=sys.stderr)
         return EXIT_USAGE
     try:
-        _, project = _load(args.project)
+        _, project = _load(args.project, sandbox=args.sandbox)
         until = None
         if args.for_:
             until = datetime.now(UTC) + parse_duration(args.for_)
@@ -98,7 +99,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         print("pushrules: name one RULE, or --all", file=sys.stderr)
         return EXIT_USAGE
     try:
-        _, project = _load(args.project)
+        _, project = _load(args.project, sandbox=args.sandbox)
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -108,12 +109,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
             lifted = [name for name in store.paused() if store.resume(name)]
         else:
             lifted = [args.rule] if store.resume(args.rule) else []
-        if args.drop_held:
-            held = store.history(rule=rule, states=["held"], limit=1_000_000)
-            for row in held:
+        if args.drop_unsent:
+            # Everything of the rule not sent yet: held past a limit, or kept during the pause.
+            unsent = store.history(rule=rule, states=UNSENT, limit=1_000_000)
+            for row in unsent:
                 store.drop(row.id)
             released = 0
-            dropped = len(held)
+            dropped = len(unsent)
         else:
             released = store.release(rule=rule)
             dropped = 0
@@ -122,7 +124,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if released:
         print(f"{released} held request(s) released: the daemon sends them now")
     if dropped:
-        print(f"{dropped} held request(s) dropped")
+        print(f"{dropped} unsent request(s) dropped")
     if not (lifted or released or dropped):
         print("nothing was paused or held", file=sys.stderr)
     return EXIT_OK

@@ -15,7 +15,6 @@ import json
 import sys
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -44,12 +43,17 @@ FINAL_STATES = (SENT, FAILED, DEAD, IN_DOUBT)
 PROGRESS_THRESHOLD = 20
 
 
-def _load(project_dir: Any) -> tuple[RuleSet, Project]:
+def _load(project_dir: Any, *, sandbox: bool = False) -> tuple[RuleSet, Project]:
+    """The project; with ``sandbox``, as the ``--sandbox`` trials see it (their own store)."""
     ruleset = Loader(project_dir).load()
     if ruleset.project is None:
         from engine.problems import format_text
 
         raise UsageError("the project is invalid:\n" + format_text(ruleset.problems))
+    if sandbox:
+        from engine.runtime import sandboxed
+
+        return ruleset, sandboxed(ruleset.project)
     return ruleset, ruleset.project
 
 
@@ -59,11 +63,14 @@ def _maybe_sandbox(project: Project, enabled: bool) -> Iterator[Project]:
     if not enabled:
         yield project
         return
+    from engine.runtime import sandboxed
     from engine.sandbox import start_in_thread
 
     with start_in_thread() as sandbox:
-        print(f"sandbox endpoint: {sandbox.url}", file=sys.stderr)
-        yield replace(project, url=sandbox.url)
+        print(
+            f"sandbox endpoint: {sandbox.url} (trial outbox: pushrules-sandbox.db)", file=sys.stderr
+        )
+        yield sandboxed(project, sandbox.url)
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -133,7 +140,7 @@ def _fire_and_deliver(
             outcomes = fire_many(store, project, requests, now=now)
             for outcome in outcomes:
                 _print_outcome(outcome)
-            ids = [i for o in outcomes if o.status in ("queued", "duplicate") for i in o.ids]
+            ids = _deliverable(store, outcomes)
             if not ids:
                 return EXIT_OK if all(o.status != "failed" for o in outcomes) else EXIT_PROBLEMS
             rows = asyncio.run(_deliver(project, store, ids, args.wait, args.sandbox))
@@ -142,6 +149,30 @@ def _fire_and_deliver(
     for row in rows:
         print(_row_line(row))
     return _exit_for(rows, outcomes)
+
+
+def _deliverable(store: Store, outcomes: Sequence[FireOutcome]) -> list[int]:
+    """Rows to send now: not those deferred by quiet hours, nor those of a paused rule, which
+    the daemon sends when their time comes."""
+    paused = store.paused()
+    ids = []
+    for o in outcomes:
+        if o.status not in ("queued", "duplicate"):
+            continue
+        if o.not_before is not None:
+            print(
+                f"{o.rule}: left in the outbox until {o.not_before.isoformat()}: the daemon "
+                "sends it then",
+                file=sys.stderr,
+            )
+        elif o.rule in paused or "*" in paused:
+            print(
+                f"{o.rule}: the rule is paused: its fire is kept and sent when resumed",
+                file=sys.stderr,
+            )
+        else:
+            ids.extend(o.ids)
+    return ids
 
 
 def _dry_run(project: Project, requests: list[FireRequest]) -> int:
@@ -297,7 +328,7 @@ def cmd_history(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     try:
         since = parse_since(args.since, datetime.now(UTC))
-        _, project = _load(args.project)
+        _, project = _load(args.project, sandbox=args.sandbox)
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -356,7 +387,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     from engine.runtime import open_store
 
     try:
-        _, project = _load(args.project)
+        _, project = _load(args.project, sandbox=args.sandbox)
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -375,7 +406,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
             if args.action == "drop":
                 print(f"#{row.id} {row.rule} part {row.chunk + 1}: dropped")
         if args.action == "resend" and changed:
-            rows = asyncio.run(_deliver(project, store, changed, args.wait, sandbox=False))
+            rows = asyncio.run(_deliver(project, store, changed, args.wait, args.sandbox))
             for row in rows:
                 print(_row_line(row))
             code = max(code, _exit_for(rows, []))

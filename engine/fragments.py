@@ -67,7 +67,7 @@ def _load_dir(
             )
         if not issues:
             for err in checker.check(doc):
-                line, column = position(doc, err.path)
+                line, column = position(doc, err.path, at_value=err.kind in ("type", "allowed"))
                 err_code = 13 if err.kind == "unknown" else _code_for(err.path, code)
                 issues.append(
                     Problem(rel, line, column, field_path(err.path), err_code, "error", err.message)

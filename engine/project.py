@@ -186,7 +186,11 @@ def _check_settings(doc: Mapping[str, Any], report: Any) -> None:
         (doc.get("accengage") or {}).get("url") if isinstance(doc.get("accengage"), dict) else None
     )
     if isinstance(url, str) and not url.startswith(("http://", "https://")):
-        report(("accengage", "url"), None, "the Accengage URL must start with https://")
+        report(
+            ("accengage", "url"),
+            None,
+            "the Accengage URL must start with https:// (or http:// for a local test endpoint)",
+        )
     dispatch = doc.get("dispatch")
     if isinstance(dispatch, dict) and isinstance(dispatch.get("timeout"), str):
         try:

@@ -27,7 +27,6 @@ TRIGGER_KINDS = ("cron", "every", "at", "event", "poll")
 MESSAGE_TEXT_FIELDS = ("subject", "text", "customizedTitle", "longText")
 
 
-
 @dataclass(frozen=True, slots=True)
 class AppPlan:
     """One app of a rule: its partner, its parent message, and its message after merging."""
@@ -303,8 +302,7 @@ def _check_trigger(
         _duration(poll.get("every"), ("trigger", "poll", "every"), out)
         if poll.get("timeout") is not None:
             _duration(poll.get("timeout"), ("trigger", "poll", "timeout"), out)
-        if not templating.is_expression(str(poll["key"])) and not str(poll["key"]).isidentifier():
-            _check_text(poll["key"], ("trigger", "poll", "key"), out)
+        _check_text(poll["key"], ("trigger", "poll", "key"), out)
         return kind, timezone
     try:
         tz = schedule.parse_timezone(timezone)

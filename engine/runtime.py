@@ -75,6 +75,16 @@ def dispatch_settings(project: Project) -> DispatchSettings:
     return DispatchSettings(**changes)
 
 
+#: Trials with ``--sandbox`` keep their own outbox, so they never mix with (or send) the real
+#: one: a real store's pending rows must not be "sent" to a sandbox.
+SANDBOX_STORE = "sqlite:///pushrules-sandbox.db"
+
+
+def sandboxed(project: Project, url: str | None = None) -> Project:
+    """The project as a ``--sandbox`` trial sees it: the sandbox's URL and its own store."""
+    return dataclasses.replace(project, url=url or project.url, store=SANDBOX_STORE)
+
+
 def open_store(project: Project) -> Store:
     return Store(project.store_url())
 

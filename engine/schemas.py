@@ -330,13 +330,29 @@ class SchemaChecker:
 
 
 def _known_fields(schema_path: tuple[Any, ...], root: Mapping[str, Any]) -> list[str]:
-    """Field names the schema allows next to an unknown one (for "did you mean")."""
+    """Field names the schema allows next to an unknown one (for "did you mean").
+
+    Cerberus's schema path names ``allow_unknown`` where the rules of a parent's unknown keys
+    apply, and document field names where those rules (or ``valuesrules``) took over.
+    """
     node: Any = root
+    stack: list[Any] = [root]
     for step in schema_path[:-1]:
-        try:
+        if step == "allow_unknown":
+            owner = next(
+                (n for n in reversed(stack) if isinstance(n, Mapping) and "allow_unknown" in n),
+                None,
+            )
+            if owner is None or not isinstance(owner["allow_unknown"], Mapping):
+                return []
+            node = owner["allow_unknown"]
+        elif isinstance(node, Mapping) and step in node:
             node = node[step]
-        except (KeyError, TypeError, IndexError):
+        elif isinstance(node, Mapping) and ("type" in node or "schema" in node):
+            continue  # a document key checked by these rules: stay on them
+        else:
             return []
+        stack.append(node)
     if isinstance(node, Mapping):
         inner = node.get("schema", node)
         if isinstance(inner, Mapping):

@@ -205,7 +205,7 @@ def _has_comment(text: str) -> bool:
     return any(token == "comment_begin" for _, token, _ in ENV.lex(text))
 
 
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=65536)
 def compile_text(text: str) -> jinja2.Template:
     return ENV.from_string(text)
 

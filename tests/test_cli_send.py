@@ -147,3 +147,53 @@ def test_dry_run_records_nothing(
 def test_fire_an_event_nobody_listens_to(project: Path, capsys) -> None:
     assert main(["fire", "nobody.listens", "--project", str(project)]) == 1
     assert "order.shipped" in capsys.readouterr().err
+
+
+def test_sandbox_trials_keep_their_own_outbox(
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = event_file(tmp_path, order="S1", member="765c8")
+    assert main(["send", "shipped", "--event", data, "--sandbox", "--project", str(project)]) == 0
+    assert (project / "pushrules-sandbox.db").exists()
+    assert not (tmp_path / "out.db").exists()  # the real outbox was not touched
+    capsys.readouterr()
+    assert main(["history", "--sandbox", "--project", str(project), "--format", "json"]) == 0
+    assert [r["state"] for r in json.loads(capsys.readouterr().out)] == ["sent"]
+
+
+def test_a_paused_rule_keeps_its_fires_until_resumed(
+    project: Path, sandbox: RunningSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["pause", "shipped", "--project", str(project)]) == 0
+    data = event_file(tmp_path, order="P1", member="765c8")
+    assert main(["send", "shipped", "--event", data, "--project", str(project)]) == 0
+    assert "paused" in capsys.readouterr().err
+    assert sandbox.requests() == []
+    assert main(["resume", "shipped", "--drop-unsent", "--project", str(project)]) == 0
+    assert "1 unsent request(s) dropped" in capsys.readouterr().out
+    main(["history", "--project", str(project), "--format", "json"])
+    assert [r["state"] for r in json.loads(capsys.readouterr().out)] == ["dropped"]
+
+
+def test_quiet_hours_defer_is_left_to_the_daemon(
+    project: Path, sandbox: RunningSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_rule(project, "quiet", RULE + 'quiet_hours: {from: "00:00", to: "23:59"}\n')
+    data = event_file(tmp_path, order="Q1", member="765c8")
+    assert (
+        main(
+            [
+                "send",
+                "quiet",
+                "--event",
+                data,
+                "--at",
+                "2026-11-26T12:00:00+00:00",
+                "--project",
+                str(project),
+            ]
+        )
+        == 0
+    )
+    assert "the daemon sends it then" in capsys.readouterr().err
+    assert sandbox.requests() == []

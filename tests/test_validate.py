@@ -478,3 +478,14 @@ def test_unquoted_yaml_indicators_say_to_quote(root: Path) -> None:
     write_rule(root, "r", GOOD.replace("{event: flight.canceled}", "{cron: */15 * * * *}"))
     p = only(problems(root))
     assert "must be quoted" in p.message
+
+
+def test_poll_key_template_is_checked(root: Path) -> None:
+    rule = GOOD.replace(
+        "{event: flight.canceled}",
+        '{poll: {url: "http://127.0.0.1:1/feed", every: 5m, key: "{{ itm.id }}"}}',
+    ).replace('"{{ event.member_id }}"', "'1'")
+    write_rule(root, "r", rule)
+    p = only(problems(root))
+    assert p.field == "trigger.poll.key"
+    assert "itm" in p.message
