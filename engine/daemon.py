@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,7 @@ import uvicorn
 
 from engine.clock import Clock
 from engine.compiler import FireContext
+from engine.dispatch import Dispatcher
 from engine.firing import FireOutcome, FireRequest, fire_many
 from engine.intake import create_app
 from engine.loader import Loader, RuleSet
@@ -35,10 +37,10 @@ from engine.metrics import Metrics
 from engine.poller import Poller
 from engine.problems import format_text
 from engine.project import Project
-from engine.rules import Rule
-from engine.runtime import credentials, make_dispatcher, open_store
+from engine.rules import Rule, compile_templates
+from engine.runtime import credentials, dispatch_settings, open_store, sandboxed
 from engine.schedule import parse_timezone
-from engine.scheduler import Scheduler
+from engine.scheduler import Changes, Scheduler
 from engine.secrets import MissingSecret, SecretRef
 from engine.store import Store
 from engine.watcher import Watcher
@@ -75,7 +77,9 @@ class Daemon:
         self._ruleset: RuleSet | None = None
         self._project: Project | None = None
         self._last_reload: dict[str, Any] = {}
+        self._compiled: set[str] = set()
         self._leading = False
+        self._reloads: set[asyncio.Task[None]] = set()
         self._sandbox: Any = None
         self.store: Store | None = None
         self.started_at = self.clock.now()
@@ -109,7 +113,10 @@ class Daemon:
         try:
             assert self.store is not None
             backlog = self.store.backlog()
-            paused = {k: (v.isoformat() if v else None) for k, v in self.store.paused().items()}
+            paused = {
+                k: (v.isoformat() if v else None)
+                for k, v in self.store.paused(self.clock.now()).items()
+            }
         except Exception as exc:  # the store is the one thing health must survive
             backlog, paused = {}, {}
             problems.append(f"the store cannot be read: {type(exc).__name__}")
@@ -145,7 +152,7 @@ class Daemon:
         if self.store is not None:
             with contextlib.suppress(Exception):
                 self.metrics.set_backlog(self.store.backlog())
-                self.metrics.set_paused(len(self.store.paused()))
+                self.metrics.set_paused(len(self.store.paused(self.clock.now())))
         return self.metrics.render()
 
     # --- fires ------------------------------------------------------------------------------
@@ -201,11 +208,12 @@ class Daemon:
         project = ruleset.project
         assert project is not None
         if self._sandbox is not None:
-            project = replace(project, url=self._sandbox.url)
+            project = sandboxed(project, self._sandbox.url)  # its own outbox, never the real one
         if self._project is not None and project.store != self._project.store:
             log.warning("store changed in pushrules.yaml: restart the daemon to use it")
         self._ruleset = replace(ruleset, project=project)
         self._project = project
+        self._compile_new(ruleset)
         if ruleset.problems:
             log.warning(
                 "rule problems (files with errors keep their last good version):\n%s",
@@ -217,6 +225,17 @@ class Daemon:
             "ok": ruleset.ok,
             "rules": len(ruleset.rules),
         }
+
+    def _compile_new(self, ruleset: RuleSet) -> None:
+        """Compile the templates of new or changed rules now, so no fire compiles any: 1,000
+        rules due in one minute would otherwise each pay for it at that minute."""
+        for rule in ruleset.rules.values():
+            if rule.digest not in self._compiled:
+                try:
+                    compile_templates(rule)
+                except Exception as exc:  # a fire will report it with the rule and field
+                    log.debug("rule %s: template not precompiled: %s", rule.id, exc)
+                self._compiled.add(rule.digest)
 
     async def reload(self) -> None:
         """Re-check what changed, swap the rule set whole, reschedule only changed rules."""
@@ -242,7 +261,7 @@ class Daemon:
                 "reloaded in %.0f ms: %d rules%s",
                 (time.perf_counter() - started) * 1000,
                 len(ruleset.rules),
-                f", schedules {changes}" if changes else "",
+                _describe(changes),
             )
 
     async def run(self) -> int:
@@ -250,6 +269,7 @@ class Daemon:
             self._start_sandbox()  # first, so the rules' URL becomes the sandbox's
         self._load_first()
         project = self.project
+        listening = self._bind()
         self.store = await asyncio.to_thread(open_store, project)
         recovered = await asyncio.to_thread(self.store.recover, self.clock.now())
         if recovered:
@@ -258,10 +278,13 @@ class Daemon:
                 "in_doubt (see `pushrules history --status in_doubt`)",
                 len(recovered),
             )
-        self.dispatcher = make_dispatcher(
-            project,
+        # On the daemon's clock, not the system's: rows are due at clock instants (the fire
+        # time, the end of quiet hours), so a clock set ahead must not leave them unclaimed.
+        self.dispatcher = Dispatcher(
             self.store,
-            sandbox=self.options.sandbox,
+            dispatch_settings(project),
+            credentials(project, sandbox=self.options.sandbox),
+            clock=self.clock.now,
             on_attempt=self.metrics.observe_attempt,
         )
         self.scheduler = Scheduler(self.clock, self.store, self._on_schedule, self._on_poll)
@@ -271,7 +294,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, sig)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
 
         watcher = Watcher(self.options.root, self.reload)
         watcher.prime()
@@ -280,7 +303,7 @@ class Daemon:
             asyncio.create_task(self.dispatcher.run(self.stop), name="dispatcher"),
             asyncio.create_task(self._lead(), name="leadership"),
             asyncio.create_task(watcher.run(self.stop), name="watcher"),
-            asyncio.create_task(server.serve(), name="intake"),
+            asyncio.create_task(server.serve(sockets=[listening]), name="intake"),
         ]
         log.info(
             "pushrules running: %d rules, events on http://%s, sending to %s",
@@ -298,6 +321,19 @@ class Daemon:
         await self._shutdown(tasks)
         return 1 if failed else 0
 
+    def _reload_on_signal(self) -> None:
+        """SIGHUP: reload in a task held here (the loop keeps tasks only weakly), logged whole."""
+        log.info("SIGHUP received: reloading")
+        task = asyncio.get_running_loop().create_task(self._reload_logged(), name="reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except Exception:
+            log.exception("reload on SIGHUP failed; the running rules stay")
+
     def _request_stop(self, sig: signal.Signals) -> None:
         if not self.stop.is_set():
             log.info("%s received: finishing in-flight sends, then stopping", sig.name)
@@ -308,6 +344,8 @@ class Daemon:
         assert self.store is not None
         while not self.stop.is_set():
             leading = await asyncio.to_thread(self.leadership.try_acquire)
+            if self.stop.is_set():  # stopping meanwhile: _shutdown would not stop a new start
+                break
             if leading and not self._leading:
                 self._leading = True
                 log.info("leading: this instance runs the schedules and feeds")
@@ -347,11 +385,42 @@ class Daemon:
     def _listen(self) -> str:
         return self.options.listen or self.project.listen
 
+    def _bind(self) -> socket.socket:
+        """The intake's socket, bound before anything starts: a busy port is then a plain
+        startup error, where uvicorn would exit the process from inside its task."""
+        address = self._listen()
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on such sockets, and with
+        # Nagle on each answer waits ~40 ms for the client's delayed ACK.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, int(port)))
+            sock.listen(2048)
+            return sock
+        except (OSError, ValueError, OverflowError) as exc:
+            sock.close()
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise StartupError(
+                f"the intake cannot listen on {address}: {reason}; free the port, or change "
+                "listen in pushrules.yaml (or pass --listen)"
+            ) from None
+
     def _server(self) -> uvicorn.Server:
         host, _, port = self._listen().rpartition(":")
         app = create_app(_IntakeAdapter(self))
+        # Keep-alive longer than the usual load balancer idle timeout (60 s), or the balancer
+        # reuses a connection the daemon just closed and answers 502.
         config = uvicorn.Config(
-            app, host=host, port=int(port), lifespan="off", log_config=None, access_log=False
+            app,
+            host=host,
+            port=int(port),
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            timeout_keep_alive=75,
         )
         server = uvicorn.Server(config)
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -395,6 +464,23 @@ class _IntakeAdapter:
 
     def metrics(self) -> tuple[bytes, str]:
         return self._daemon.metrics_text()
+
+
+def _describe(changes: Changes | None, most: int = 10) -> str:
+    """The rules a reload rescheduled, for its log line: named, up to ``most`` per kind (the
+    whole dataclass would list every unchanged rule on every reload)."""
+    if changes is None:
+        return ""
+    parts = []
+    for what, ids in (
+        ("added", changes.added),
+        ("removed", changes.removed),
+        ("rescheduled", changes.rescheduled),
+    ):
+        if ids:
+            more = f" and {len(ids) - most} more" if len(ids) > most else ""
+            parts.append(f"{what} {', '.join(ids[:most])}{more}")
+    return f"; schedules {'; '.join(parts)}" if parts else ""
 
 
 def _jsonable(value: Any) -> Any:

@@ -201,7 +201,9 @@ def test_apply_touches_only_rules_whose_digest_changed() -> None:
             hourly_next = sched._aps.get_job("hourly").next_run_time
 
             second = dict(first)
-            second["hourly"] = make_rule("hourly", {"every": "2h"})
+            # `every` counts from the epoch, so another interval could meet 1h's next run;
+            # half past never falls on 1h's whole hours.
+            second["hourly"] = make_rule("hourly", {"cron": "30 * * * *"})
             second["off"] = make_rule("off", {"cron": "0 9 * * *"})
             del second["feed"]
             changes = sched.apply(second)

@@ -1,0 +1,300 @@
+"""A real ``pushrules run`` process for tests: its project on disk, its HTTP surface, its log.
+
+The daemon is driven from outside, as an operator or a client would: files, signals, HTTP and
+the store. Every wait polls a condition against a deadline and, when it gives up, fails with
+the daemon's log attached, since that log is the first thing someone debugging CI needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from engine.store import OutboxRow, Store
+from tests.helpers import REPO
+
+T = TypeVar("T")
+
+#: Variables the test project's pushrules.yaml reads its secrets from.
+LOGIN_VAR, PASSWORD_VAR = "TEST_LOGIN", "TEST_PASSWORD"
+#: Time for a daemon to answer /healthz after its process starts (about 1 s when idle).
+START_TIMEOUT = 10.0
+#: Lines of the daemon's log attached to a failure.
+LOG_TAIL = 80
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(
+    probe: Callable[[], T | None],
+    what: str,
+    *,
+    timeout: float = 10.0,
+    every: float = 0.05,
+    log: Callable[[], str] | None = None,
+) -> T:
+    """``probe()``'s first truthy answer; an AssertionError naming ``what`` past ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            tail = f"\n--- daemon log ---\n{log()}" if log else ""
+            raise AssertionError(f"gave up after {timeout:g}s waiting for {what}{tail}")
+        time.sleep(every)
+
+
+class Project:
+    """A project folder: pushrules.yaml (sending to a sandbox), templates, rules, a SQLite store."""
+
+    def __init__(self, root: Path, sandbox_url: str, *, intake_token_var: str | None = None):
+        self.root = root
+        self.sandbox_url = sandbox_url
+        self.port = free_port()
+        self.intake_token_var = intake_token_var
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(REPO / "templates", root / "templates", dirs_exist_ok=True)
+        (root / "rules").mkdir(exist_ok=True)
+        self.write_config()
+
+    @property
+    def store_url(self) -> str:
+        return f"sqlite:///{self.root / 'store.db'}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def write_config(self, *, intake_token_var: str | None = None) -> None:
+        token_var = intake_token_var or self.intake_token_var
+        token = f"intake_token: {{env: {token_var}}}\n" if token_var else ""
+        text = f"""\
+            accengage:
+              url: {self.sandbox_url}
+              login: {{env: {LOGIN_VAR}}}
+              password: {{env: {PASSWORD_VAR}}}
+            apps:
+              app-ios: {{partner: partner_ios, platform: ios}}
+            timezone: Europe/Paris
+            store: {self.store_url}
+            listen: 127.0.0.1:{self.port}
+            """
+        (self.root / "pushrules.yaml").write_text(textwrap.dedent(text) + token)
+
+    def rule(self, name: str, trigger: str, text: str, *, extra: str = "") -> Path:
+        """A rule sending ``text`` (Jinja) to one member of the iOS app.
+
+        ``trigger`` and ``extra`` (more rule-level keys) are YAML blocks, written unindented.
+        """
+        body = (
+            "trigger:\n"
+            + textwrap.indent(textwrap.dedent(trigger).strip(), "  ")
+            + "\napps:\n"
+            + '  app-ios: {parentMessageId: "1"}\n'
+            + "message:\n"
+            + "  subject: Test\n"
+            + f"  text: {json.dumps(text)}\n"
+            + "targets:\n"
+            + '  - memberId: "765c8"\n'
+            + textwrap.dedent(extra).strip()
+            + "\n"
+        )
+        path = self.root / "rules" / f"{name}.yaml"
+        path.write_text(body)
+        return path
+
+    @contextlib.contextmanager
+    def store(self) -> Iterator[Store]:
+        with Store(self.store_url) as store:
+            yield store
+
+    def rows(self, rule: str | None = None) -> list[OutboxRow]:
+        with self.store() as store:
+            return store.history(rule=rule, limit=100_000)
+
+    def mark(self, rule: str) -> datetime | None:
+        """How far the scheduler says it handled ``rule``'s fires (None before its first record)."""
+        with self.store() as store:
+            return store.get_mark("schedule", rule)
+
+
+class Daemon:
+    """``python -m engine run`` on a project; the log goes to a file beside the project."""
+
+    def __init__(self, project: Project, *, clock: str | None = None, name: str = "daemon"):
+        self.project = project
+        self.clock = clock
+        self.log_path = project.root.parent / f"{project.root.name}-{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0  # time.time() just before the process started
+        self.ready_at = 0.0  # time.time() when /healthz first answered
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHRULES_")}
+        env.update({LOGIN_VAR: "test-login", PASSWORD_VAR: "test-password", **extra})
+        if self.clock:
+            env["PUSHRULES_CLOCK"] = self.clock
+        return env
+
+    def start(self, **env: str) -> Daemon:
+        command = [sys.executable, "-m", "engine", "run", "--project", str(self.project.root)]
+        with self.log_path.open("ab") as log:
+            self.started_at = time.time()
+            self.process = subprocess.Popen(
+                [*command, "--log-format", "json"],
+                env=self.env(**env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.project.root,
+            )
+        wait_for(
+            self._answers, "the daemon to answer /healthz", timeout=START_TIMEOUT, log=self.log
+        )
+        self.ready_at = time.time()
+        return self
+
+    def _answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(
+                f"the daemon exited with {self.process.returncode} at start\n{self.log()}"
+            )
+        try:
+            httpx.get(self.project.url + "/healthz", timeout=1.0)
+        except httpx.HTTPError:
+            return False
+        return True
+
+    # -- HTTP -------------------------------------------------------------------------------
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        response = httpx.get(self.project.url + "/healthz", timeout=5.0)
+        return response.status_code, response.json()
+
+    def post(
+        self, event: str, body: Any, *, key: str | None = None, token: str | None = None
+    ) -> httpx.Response:
+        headers = {}
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return httpx.post(
+            f"{self.project.url}/events/{event}", content=content, headers=headers, timeout=10.0
+        )
+
+    def wait_health(self, probe: Callable[[dict[str, Any]], Any], what: str, **kw: Any) -> Any:
+        """Poll /healthz until ``probe(report)`` is truthy; returns that report."""
+
+        def check() -> dict[str, Any] | None:
+            _, report = self.health()
+            return report if probe(report) else None
+
+        return wait_for(check, what, log=self.log, **kw)
+
+    # -- the process ------------------------------------------------------------------------
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, then the exit code (killed and failed past ``timeout``)."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            message = f"the daemon did not stop within {timeout:g}s\n{self.log()}"
+            raise AssertionError(message) from None
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+    def log(self, tail: int | None = LOG_TAIL) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(lines[-tail:] if tail else lines)
+
+    def messages(self) -> list[str]:
+        """The ``message`` of every JSON log line (other lines as they are)."""
+        out = []
+        for line in self.log(tail=None).splitlines():
+            try:
+                out.append(str(json.loads(line)["message"]))
+            except (ValueError, KeyError, TypeError):
+                out.append(line)
+        return out
+
+
+class FeedServer:
+    """JSON feeds for poll rules, served from a thread; each path answers as ``routes`` says.
+
+    A route is ``(status, body bytes, delay seconds)``; a delay longer than the rule's poll
+    timeout makes the feed time out.
+    """
+
+    def __init__(self) -> None:
+        self.routes: dict[str, tuple[int, bytes, float]] = {}
+        self.hits: dict[str, int] = {}
+        self._closing = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.hits[self.path] = server.hits.get(self.path, 0) + 1
+                status, body, delay = server.routes.get(self.path, (404, b"{}", 0.0))
+                if delay and server._closing.wait(delay):
+                    return
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._http.daemon_threads = True
+        self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
+        self._thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self._http.server_address[1]}{path}"
+
+    def json(self, path: str, value: Any) -> None:
+        self.routes[path] = (200, json.dumps(value).encode(), 0.0)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._http.shutdown()
+        self._http.server_close()
