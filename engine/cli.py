@@ -26,12 +26,18 @@ SANDBOX_PORT = 8751  # engine.sandbox.DEFAULT_PORT, kept here so --help does not
 
 EPILOG = """\
 Typical use:
-  pushrules validate                 check every rule, template and pushrules.yaml here
-  pushrules validate --format github annotate a pull request from CI
+  pushrules validate                  check every rule, template and pushrules.yaml here
+  pushrules validate --format github  annotate a pull request from CI
   pushrules compile flight-canceled --event event.json
-                                     show the exact JSON a rule would send
+                                      show the exact JSON a rule would send
+  pushrules send flight-canceled --event event.json --sandbox
+                                      try it for real against a fake Accengage
+  pushrules run --sandbox             the whole daemon, on a fake Accengage
+  pushrules history --status in_doubt,failed,dead
+                                      what needs a person
 
-Exit codes: 0 ok, 1 problems found or the operation failed, 2 usage error.
+Exit codes: 0 ok, 1 problems found or the operation failed, 2 usage error
+(send, fire: 75 when requests still retry and were left to the daemon).
 Docs: docs/rules.md (writing rules), docs/operations.md (running the daemon).
 """
 
