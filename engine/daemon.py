@@ -27,6 +27,7 @@ from typing import Any
 
 import uvicorn
 
+from engine.batching import Coalescer
 from engine.clock import Clock
 from engine.compiler import FireContext
 from engine.dispatch import Dispatcher
@@ -78,6 +79,9 @@ class Daemon:
         self._project: Project | None = None
         self._last_reload: dict[str, Any] = {}
         self._compiled: set[str] = set()
+        self._fires: Coalescer[tuple[list[FireRequest], datetime], list[FireOutcome]] = Coalescer(
+            self._write_fires
+        )
         self._leading = False
         self._reloads: set[asyncio.Task[None]] = set()
         self._sandbox: Any = None
@@ -161,11 +165,14 @@ class Daemon:
         return now.astimezone(parse_timezone(rule.timezone))
 
     async def _fire(self, requests: list[FireRequest], now: datetime) -> list[FireOutcome]:
+        """Fires made at about the same moment (a minute's cron rules, a burst of events) go
+        to the store together: one transaction for the lot, not one each."""
         if not requests:
             return []
-        assert self.store is not None
-        outcomes = await asyncio.to_thread(fire_many, self.store, self.project, requests, now=now)
+        outcomes = await self._fires.submit((requests, now))
         self.metrics.fired(outcomes)
+        if any(o.status == "queued" for o in outcomes):
+            self.dispatcher.wake()
         for outcome in outcomes:
             level = logging.WARNING if outcome.status in ("failed", "limited") else logging.INFO
             log.log(
@@ -177,6 +184,19 @@ class Daemon:
                 outcome.detail,
             )
         return outcomes
+
+    async def _write_fires(
+        self, batch: list[tuple[list[FireRequest], datetime]]
+    ) -> list[list[FireOutcome]]:
+        assert self.store is not None
+        everything = [req for requests, _ in batch for req in requests]
+        now = max(moment for _, moment in batch)
+        outcomes = await asyncio.to_thread(fire_many, self.store, self.project, everything, now=now)
+        result, start = [], 0
+        for requests, _ in batch:
+            result.append(outcomes[start : start + len(requests)])
+            start += len(requests)
+        return result
 
     async def _on_schedule(self, rule: Rule, scheduled_at: datetime, key: str) -> None:
         context = FireContext(now=self._local(rule, scheduled_at))

@@ -576,6 +576,7 @@ class Dispatcher:
         self.credentials = credentials
         self.worker_id = worker_id or default_worker_id()
         self.stats = DispatchStats()
+        self._wake: asyncio.Event | None = None
         self._clock = clock
         self._on_attempt = on_attempt
         self._rng = rng or random.Random()
@@ -755,6 +756,7 @@ class Dispatcher:
         writer = _ResultWriter(self, s.flush_interval, s.batch)
         writer.start()
         pipe = _Pipeline(self, writer, low_water=s.batch // 2)
+        self._wake = pipe.wake
         watcher = asyncio.create_task(_set_when(stop, pipe.wake))
         cancelled = False
         try:
@@ -783,10 +785,16 @@ class Dispatcher:
             cancelled = True
             raise
         finally:
+            self._wake = None
             watcher.cancel()
             leftovers = await pipe.close(cancel=cancelled)
             await writer.close()
             await self._unclaim(leftovers)
+
+    def wake(self) -> None:
+        """New rows are due: claim them now rather than at the end of the idle sleep."""
+        if self._wake is not None:
+            self._wake.set()
 
     async def deliver(self, ids: Sequence[int], wait: float) -> list[OutboxRow]:
         """Send these rows now, retrying them for up to ``wait`` seconds; returns them as left.

@@ -878,17 +878,18 @@ def _check_templates(doc: MarkedMap, out: _Collector) -> None:
 
 def compile_templates(rule: Rule) -> None:
     """Compile every template the rule holds now, so a fire compiles nothing (cache warm-up)."""
+    # str(): the caches are keyed by value and type, and fires pass plain str, not Scalar.
     for plan in rule.apps:
         for _, text in _walk_strings(plan.message, ()):
             if templating.is_template(text):
-                templating.compile_text(text)
+                templating.compile_text(str(text))
     for _, text in _walk_strings(list(rule.targets), ()):
         if templating.is_template(text):
             if templating.is_expression(text):
-                templating.compile_expression(text)
-            templating.compile_text(text)
+                templating.compile_expression(str(text))
+            templating.compile_text(str(text))
     if rule.when:
-        templating.compile_expression(rule.when)
+        templating.compile_expression(str(rule.when))
 
 
 __all__ = [

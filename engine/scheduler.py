@@ -44,6 +44,7 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
 
+from engine.batching import Coalescer
 from engine.clock import Clock
 from engine.rules import Rule
 from engine.schedule import (
@@ -283,6 +284,7 @@ class Scheduler:
     ) -> None:
         self._clock = clock
         self._marks = marks
+        self._mark_writes: Coalescer[dict[str, datetime], None] = Coalescer(self._flush_marks)
         self._on_fire = on_fire
         self._on_poll = on_poll
         self._mark_every = mark_every
@@ -588,7 +590,7 @@ class Scheduler:
         moment = now or self._clock.now()
         values = {rule_id: self.safe_mark(rule_id, moment) for rule_id in rule_ids}
         try:
-            await asyncio.to_thread(self._set_marks, values)
+            await self._mark_writes.submit(values)
         except Exception as exc:
             log.warning(
                 "could not record how far the schedules were handled (%s: %s); if the process "
@@ -598,8 +600,21 @@ class Scheduler:
             )
 
     def _set_marks(self, values: Mapping[str, datetime]) -> None:
+        set_marks = getattr(self._marks, "set_marks", None)
+        if set_marks is not None:  # one transaction for all (the Store has it)
+            set_marks(MARK_SCOPE, values)
+            return
         for rule_id, at in values.items():
             self._marks.set_mark(MARK_SCOPE, rule_id, at)
+
+    async def _flush_marks(self, batch: list[dict[str, datetime]]) -> list[None]:
+        """Marks asked for while a write ran go together in the next write."""
+        merged: dict[str, datetime] = {}
+        for values in batch:
+            for rule_id, at in values.items():
+                merged[rule_id] = max(at, merged.get(rule_id, at))
+        await asyncio.to_thread(self._set_marks, merged)
+        return [None] * len(batch)
 
     async def _mark_periodically(self) -> None:
         interval = self._mark_every.total_seconds()

@@ -1017,6 +1017,20 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(stmt)
 
+    def set_marks(self, scope: str, values: Mapping[str, datetime]) -> None:
+        """Several instants of one scope in one transaction."""
+        if not values:
+            return
+        rows = [{"scope": scope, "name": n, "at": _aware(at, "at")} for n, at in values.items()]
+        for row in rows:
+            _check_key("name", row["name"])
+        stmt = self._insert(marks)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["scope", "name"], set_={"at": stmt.excluded.at}
+        )
+        with self.engine.begin() as conn:
+            conn.execute(stmt, rows)
+
     def leadership(self, name: str = "scheduler") -> Leadership:
         """Who runs the schedules when several daemons share this store (see Leadership)."""
         return Leadership(self, name)

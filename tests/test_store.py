@@ -554,3 +554,10 @@ def test_every_sqlite_instance_leads(tmp_path: Path) -> None:
     with Store(f"sqlite:///{tmp_path / 's.db'}") as store:
         assert store.leadership().try_acquire()
         assert store.leadership().try_acquire()
+
+
+def test_set_marks_writes_many_at_once(store: Store) -> None:
+    store.set_mark("schedule", "a", T0)
+    store.set_marks("schedule", {"a": T0 + timedelta(seconds=1), "b": T0})
+    assert store.get_mark("schedule", "a") == T0 + timedelta(seconds=1)
+    assert store.get_mark("schedule", "b") == T0
