@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from table import print_table
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -775,15 +776,7 @@ def report(res: Results, args: argparse.Namespace) -> None:
         f"clock offset read back {res.offset_s:+.4f} s, +/- {res.offset_error_s * 1000:.1f} ms "
         f"(the launch instant would have overstated every lag by {res.launch_bias_s:.3f} s)"
     )
-    header = ("figure", "value", "target", "met")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    for r in [header, *rows]:
-        print(
-            "  ".join(
-                v.ljust(w) if i in (0, 2) else v.rjust(w)
-                for i, (v, w) in enumerate(zip(r, widths, strict=True))
-            ).rstrip()
-        )
+    print_table(("figure", "value", "target", "met"), rows, left={0, 2})
     if res.duplicates or res.bad_answers:
         print(
             f"note: {res.duplicates} duplicate pushes, {res.bad_answers} not answered returnCode 0"

@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 from sqlalchemy import create_engine, make_url, text  # noqa: E402
+from table import print_table  # noqa: E402  (this folder: scripts run as python benchmarks/X.py)
 
 from engine.dispatch import Credentials, Dispatcher, DispatchSettings  # noqa: E402
 from engine.secrets import SecretRef  # noqa: E402
@@ -233,15 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{n:,} requests, concurrency {c}, claim batch {settings.batch}, "
         f"sandbox in a process answering after {args.latency:g} ms"
     )
-    header = ("path", "seconds", "requests/s", "x bare")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    for r in [header, *rows]:
-        print(
-            "  ".join(
-                v.ljust(w) if i == 0 else v.rjust(w)
-                for i, (v, w) in enumerate(zip(r, widths, strict=True))
-            )
-        )
+    print_table(("path", "seconds", "requests/s", "x bare"), rows, left={0})
     verdict = "within" if ours_s <= 1.5 * bare_s else "OVER"
     print(f"ratio {ours_s / bare_s:.2f} ({verdict} the 1.5x target)")
     return 0

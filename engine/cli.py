@@ -445,14 +445,15 @@ def read_event(source: str | None, what: str = "event") -> dict[str, Any] | None
     return value
 
 
-def parse_time(text: str | None) -> datetime:
+def parse_time(text: str | None, option: str = "--at") -> datetime:
+    """An ISO 8601 time from the command line (UTC when it names no offset); now if None."""
     if text is None:
         return datetime.now(UTC)
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
         raise UsageError(
-            f"--at {text!r} is not an ISO 8601 time like 2026-12-24T09:00:00+01:00"
+            f"{option} {text!r} is not an ISO 8601 time like 2026-12-24T09:00:00+01:00"
         ) from None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 

@@ -265,7 +265,7 @@ def _exit_for(rows: Sequence[OutboxRow], outcomes: Sequence[FireOutcome]) -> int
 
 
 def parse_since(text: str | None, now: datetime) -> datetime | None:
-    """``--since``: an ISO 8601 time, or a duration back from now like ``2h``."""
+    """``--since``: a duration back from now like ``2h``, or an ISO 8601 time."""
     if text is None:
         return None
     try:
@@ -273,12 +273,9 @@ def parse_since(text: str | None, now: datetime) -> datetime | None:
     except TriggerError:
         pass
     try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise UsageError(
-            f"--since {text!r} is neither a duration like 2h nor an ISO 8601 time"
-        ) from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+        return parse_time(text, "--since")
+    except UsageError as exc:
+        raise UsageError(f"{exc}, nor a duration like 2h") from None
 
 
 def _row_json(row: OutboxRow) -> dict[str, Any]:
