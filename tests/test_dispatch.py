@@ -708,3 +708,13 @@ def test_sigkill_mid_send_loses_nothing_and_sends_nothing_twice(
             # Only a row a person chose to resend may have reached Accengage twice.
             assert count == 1 or (count == 2 and marker in doubted), marker
         assert set(received) == {f"c-{i}" for i in range(n)}
+
+
+def test_concurrency_is_split_into_small_pools() -> None:
+    from engine.dispatch import POOL_SIZE, pool_sizes
+
+    for concurrency in (1, 3, 4, 5, 8, 16, 17, 32):
+        sizes = pool_sizes(concurrency)
+        assert sum(sizes) == concurrency
+        assert max(sizes) <= POOL_SIZE
+        assert max(sizes) - min(sizes) <= 1
