@@ -88,8 +88,9 @@ _HEADERS = {"content-type": "application/json", "user-agent": f"pushrules/{__ver
 class DispatchSettings:
     """How hard to push. The defaults suit one Accengage account from one host."""
 
-    #: Requests in flight at once. 16: httpx's pool loses throughput and tail latency beyond
-    #: about 16 concurrent requests to one host (encode/httpx#3215); benchmarks/dispatch.py.
+    #: Requests in flight at once, over httpx clients of POOL_SIZE connections each (one
+    #: client loses throughput past a few concurrent requests: encode/httpx#3215). 32 gains
+    #: little over 16 at 50 ms answers, and 16 keeps a crash's in_doubt batch small.
     concurrency: int = 16
     #: Rows claimed at a time, in flight or queued (0: 32, or twice ``concurrency`` if more).
     #: A claim costs about a millisecond on SQLite whatever its size, hence batches; but a
