@@ -212,10 +212,12 @@ def _integer(value: Any) -> Any:
 
 
 def _api_message(rule: Rule, plan: AppPlan, scope: Mapping[str, Any]) -> dict[str, Any]:
-    r = _Renderer(rule, scope, ("apps", plan.alias, "message"))
+    own = _Renderer(rule, scope, ("apps", plan.alias, "message"))
+    shared = _Renderer(rule, scope, ("message",))
     out: dict[str, Any] = {}
     for key, value in plan.message.items():
         path = (key,)
+        r = own if key in plan.overrides else shared
         kind = accengage.MESSAGE_FIELDS.get(key, "string")
         if kind == "boolean":
             out[key] = _boolean(value)

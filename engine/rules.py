@@ -36,6 +36,8 @@ class AppPlan:
     parent_key: str  # "parentMessageId" or "parentMessageExternalId"
     parent_value: str
     message: Mapping[str, Any]
+    #: Message fields this app sets itself (errors at fire time name where the author wrote it).
+    overrides: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,10 +456,14 @@ def _check_apps(
                 path, 10, "give parentMessageId or parentMessageExternalId, not both", "warning"
             )
         message = base_message
+        overrides: frozenset[str] = frozenset()
         if settings.get("message"):
             override = _resolve_message(settings["message"], (*path, "message"), fragments, out)
             message = deep_merge(base_message, override)
-        plans.append(AppPlan(str(alias), app, parents[0], str(settings[parents[0]]), message))
+            overrides = frozenset(str(k) for k in override)
+        plans.append(
+            AppPlan(str(alias), app, parents[0], str(settings[parents[0]]), message, overrides)
+        )
     return plans
 
 

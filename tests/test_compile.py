@@ -174,7 +174,7 @@ def test_undefined_name_names_rule_field_and_name(tmp_path: Path) -> None:
     with pytest.raises(CompileError) as info:
         compile_fire(rule, project, FireContext(NOW, {}))
     assert info.value.rule == "r"
-    assert info.value.field == "apps.flights-ios.message.subject"
+    assert info.value.field == "message.subject"  # where the author wrote it
     assert "subject" in info.value.message
 
 
@@ -272,3 +272,14 @@ def test_rendered_values_pass_the_api_check_before_anything_is_sent(tmp_path: Pa
     with pytest.raises(CompileError) as info:
         compile_fire(rule, project, FireContext(NOW, {"subject": "S", "lang": "de"}))
     assert info.value.code == 17
+
+
+def test_render_errors_name_the_app_override_where_it_was_written(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        '  flights-ios: {parentMessageId: "1"}',
+        '  flights-ios: {parentMessageId: "1", message: {subject: "{{ event.ios_subject }}"}}',
+    )
+    rule, project = rule_from(tmp_path, text)
+    with pytest.raises(CompileError) as info:
+        compile_fire(rule, project, FireContext(NOW, {"subject": "S"}))
+    assert info.value.field == "apps.flights-ios.message.subject"
