@@ -12,7 +12,6 @@ from engine.cli_send import _load
 from engine.schedule import TriggerError, fire_times, parse_duration, parse_timezone, schedule_for
 
 SCHEDULED = ("cron", "every", "at")
-UNSENT = ("held", "pending", "retrying")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -111,11 +110,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
             lifted = [args.rule] if store.resume(args.rule) else []
         if args.drop_unsent:
             # Everything of the rule not sent yet: held past a limit, or kept during the pause.
-            unsent = store.history(rule=rule, states=UNSENT, limit=1_000_000)
-            for row in unsent:
-                store.drop(row.id)
+            dropped = store.drop_unsent(rule=rule)
             released = 0
-            dropped = len(unsent)
         else:
             released = store.release(rule=rule)
             dropped = 0

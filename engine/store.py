@@ -852,6 +852,26 @@ class Store:
         values = {"state": DROPPED, "claimed_until": None, "updated_at": now or utcnow()}
         return self._transition(row_id, DROPPABLE, values, "dropped")
 
+    def _move(
+        self,
+        from_states: Sequence[str],
+        to_state: str,
+        rule: str | None,
+        ids: Sequence[int] | None,
+        now: datetime | None,
+    ) -> int:
+        """Move rows in ``from_states`` (all, one rule's, or these ids) at once."""
+        q = update(outbox).where(outbox.c.state.in_(list(from_states)))
+        if rule is not None:
+            q = q.where(outbox.c.rule == rule)
+        if ids is not None:
+            q = q.where(outbox.c.id.in_(list(ids)))
+        values: dict[str, Any] = {"state": to_state, "updated_at": now or utcnow()}
+        if to_state == DROPPED:
+            values["claimed_until"] = None
+        with self.engine.begin() as conn:
+            return conn.execute(q.values(values)).rowcount
+
     def release(
         self,
         *,
@@ -860,13 +880,7 @@ class Store:
         now: datetime | None = None,
     ) -> int:
         """Move held rows (all, one rule's, or these ids) to pending."""
-        q = update(outbox).where(outbox.c.state == HELD)
-        if rule is not None:
-            q = q.where(outbox.c.rule == rule)
-        if ids is not None:
-            q = q.where(outbox.c.id.in_(list(ids)))
-        with self.engine.begin() as conn:
-            return conn.execute(q.values(state=PENDING, updated_at=now or utcnow())).rowcount
+        return self._move((HELD,), PENDING, rule, ids, now)
 
     def hold(
         self,
@@ -876,13 +890,12 @@ class Store:
         now: datetime | None = None,
     ) -> int:
         """Move not-yet-sent rows (pending, retrying) to held."""
-        q = update(outbox).where(outbox.c.state.in_(DUE_STATES))
-        if rule is not None:
-            q = q.where(outbox.c.rule == rule)
-        if ids is not None:
-            q = q.where(outbox.c.id.in_(list(ids)))
-        with self.engine.begin() as conn:
-            return conn.execute(q.values(state=HELD, updated_at=now or utcnow())).rowcount
+        return self._move(DUE_STATES, HELD, rule, ids, now)
+
+    def drop_unsent(self, *, rule: str | None = None, now: datetime | None = None) -> int:
+        """Give up on everything not sent yet (held, pending, retrying), in one statement:
+        a runaway rule can leave thousands of rows behind."""
+        return self._move((HELD, *DUE_STATES), DROPPED, rule, None, now)
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -561,3 +561,12 @@ def test_set_marks_writes_many_at_once(store: Store) -> None:
     store.set_marks("schedule", {"a": T0 + timedelta(seconds=1), "b": T0})
     assert store.get_mark("schedule", "a") == T0 + timedelta(seconds=1)
     assert store.get_mark("schedule", "b") == T0
+
+
+def test_drop_unsent_drops_held_pending_and_retrying_of_one_rule(store: Store) -> None:
+    held = store.enqueue("r", "a", requests(2), now=T0, state="held").ids
+    pending = store.enqueue("r", "b", requests(1), now=T0).ids
+    other = store.enqueue("other", "c", requests(1), now=T0).ids
+    assert store.drop_unsent(rule="r") == 3
+    assert {store.get(i).state for i in [*held, *pending]} == {"dropped"}
+    assert store.get(other[0]).state == "pending"
