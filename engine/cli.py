@@ -14,10 +14,16 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import __version__
 from engine.problems import Problem, format_github, format_json, format_text, summary
+
+if TYPE_CHECKING:  # the modules behind commands load when a command runs (fast --help)
+    from engine.compiler import FireContext
+    from engine.loader import RuleSet
+    from engine.project import Project
+    from engine.rules import Rule
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -93,13 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("rule", help="rule id: the rule file's name without .yaml")
     _project_argument(p)
-    p.add_argument("--event", metavar="FILE", help="event payload, a JSON object (- for stdin)")
-    p.add_argument(
-        "--item", metavar="FILE", help="feed item for a poll rule, a JSON object (- for stdin)"
-    )
-    p.add_argument(
-        "--at", metavar="ISO8601", help="fire time for `now` (default: the current time)"
-    )
+    fire_input_arguments(p)
     p.add_argument(
         "--format",
         choices=("text", "json"),
@@ -297,9 +297,7 @@ def _sending_commands(sub: Any) -> None:
         "  pushrules send monday-digest --key digest-2026-w48   # at most once for that key",
     )
     p.add_argument("rule", help="rule id: the rule file's name without .yaml")
-    p.add_argument("--event", metavar="FILE", help="event payload, a JSON object (- for stdin)")
-    p.add_argument("--item", metavar="FILE", help="feed item for a poll rule (- for stdin)")
-    p.add_argument("--at", metavar="ISO8601", help="fire time for `now` (default: now)")
+    fire_input_arguments(p)
     sending(p)
     p.set_defaults(func=lazy("cmd_send"))
 
@@ -361,6 +359,17 @@ def _sending_commands(sub: Any) -> None:
     )
     _sandbox_store_argument(p)
     p.set_defaults(func=lazy("cmd_outbox"))
+
+
+def fire_input_arguments(p: argparse.ArgumentParser) -> None:
+    """What one firing of a rule sees: its event or feed item, and its time (compile, send)."""
+    p.add_argument("--event", metavar="FILE", help="event payload, a JSON object (- for stdin)")
+    p.add_argument(
+        "--item", metavar="FILE", help="feed item for a poll rule, a JSON object (- for stdin)"
+    )
+    p.add_argument(
+        "--at", metavar="ISO8601", help="fire time for `now` (default: the current time)"
+    )
 
 
 def _project_argument(p: argparse.ArgumentParser) -> None:
@@ -462,50 +471,77 @@ class UsageError(Exception):
     """Bad input on the command line: exit 2 with the message."""
 
 
-def cmd_compile(args: argparse.Namespace) -> int:
-    from engine.compiler import (
-        CompileError,
-        FireContext,
-        compile_fire,
-        for_display,
-        passes_when,
-    )
+def load_project_dir(project_dir: Path, *, sandbox: bool = False) -> tuple[RuleSet, Project]:
+    """The rule set and project of a command; with ``sandbox``, as ``--sandbox`` trials see
+    it (their own store). UsageError when pushrules.yaml has errors."""
     from engine.loader import Loader
-    from engine.schedule import parse_timezone
-    from engine.secrets import MissingSecret
 
-    try:
-        event = read_event(args.event)
-        item = read_event(args.item, "item")
-        at = parse_time(args.at)
-    except UsageError as exc:
-        print(f"pushrules: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    ruleset = Loader(args.project).load()
-    rule = ruleset.rules.get(args.rule)
+    ruleset = Loader(project_dir).load()
+    if ruleset.project is None:
+        raise UsageError("the project is invalid:\n" + format_text(ruleset.problems))
+    if sandbox:
+        from engine.runtime import sandboxed
+
+        return ruleset, sandboxed(ruleset.project)
+    return ruleset, ruleset.project
+
+
+def fire_context(args: argparse.Namespace, rule: Rule) -> FireContext:
+    """The context of ``--event``/``--item``/``--at``; UsageError on bad input."""
+    from engine.compiler import FireContext
+    from engine.schedule import parse_timezone
+
+    event = read_event(args.event)
+    item = read_event(args.item, "item")
+    at = parse_time(args.at).astimezone(parse_timezone(rule.timezone))
+    return FireContext(now=at, event=event, item=item)
+
+
+def rule_to_fire(ruleset: RuleSet, rule_id: str, fmt: str = "text") -> Rule | None:
+    """The rule, or None after printing why it cannot fire: unknown, or it (or the project
+    configuration it needs) has errors."""
+    rel = f"rules/{rule_id}.yaml"
     own = [
         p
         for p in ruleset.problems
-        if p.file.startswith("rules/") is False or Path(p.file).stem == args.rule
+        if p.is_error and (p.file == rel or not p.file.startswith("rules/"))
     ]
-    if ruleset.project is None or rule is None or any(p.is_error for p in own):
-        if rule is None and not any(Path(p.file).stem == args.rule for p in ruleset.problems):
-            known = ", ".join(sorted(ruleset.rules)) or "none"
-            print(
-                f"pushrules: no rule '{args.rule}' in {args.project / 'rules'} (known: {known})",
-                file=sys.stderr,
-            )
-            return EXIT_PROBLEMS
-        print_problems([p for p in own if p.is_error], args.format, ruleset.files)
+    rule = ruleset.rules.get(rule_id)
+    if (
+        ruleset.project is not None
+        and rule is None
+        and not any(p.file == rel for p in ruleset.problems)
+    ):
+        known = ", ".join(sorted(ruleset.rules)) or "none"
+        print(f"pushrules: no rule '{rule_id}' in rules/ (known: {known})", file=sys.stderr)
+        return None
+    if ruleset.project is None or rule is None or own:
+        print_problems(own, fmt, ruleset.files)
+        return None
+    return rule
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from engine.compiler import CompileError, compile_fire, for_display, passes_when
+    from engine.loader import Loader
+    from engine.secrets import MissingSecret
+
+    ruleset = Loader(args.project).load()
+    rule = rule_to_fire(ruleset, args.rule, args.format)
+    if rule is None:
         return EXIT_PROBLEMS
+    try:
+        context = fire_context(args, rule)
+    except UsageError as exc:
+        print(f"pushrules: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     project = ruleset.project
-    now = at.astimezone(parse_timezone(rule.timezone))
-    context = FireContext(now=now, event=event, item=item)
+    assert project is not None
     try:
         if not passes_when(rule, context):
             print(
-                f"pushrules: `when` is false for this {'item' if item else 'event'}: the rule "
-                "would not fire, nothing would be sent",
+                f"pushrules: `when` is false for this {'item' if context.item else 'event'}: "
+                "the rule would not fire, nothing would be sent",
                 file=sys.stderr,
             )
             print("[]")

@@ -7,8 +7,7 @@ import json
 import sys
 from datetime import UTC, datetime
 
-from engine.cli import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, UsageError, parse_time
-from engine.cli_send import _load
+from engine.cli import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, UsageError, load_project_dir, parse_time
 from engine.schedule import TriggerError, fire_times, parse_duration, parse_timezone, schedule_for
 
 SCHEDULED = ("cron", "every", "at")
@@ -38,7 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_next(args: argparse.Namespace) -> int:
     """The coming fire times of scheduled rules, in each rule's timezone."""
     try:
-        ruleset, _ = _load(args.project)
+        ruleset, _ = load_project_dir(args.project)
         start = parse_time(args.from_)
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
@@ -75,7 +74,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
         print("pushrules: name one RULE, or --all", file=sys.stderr)
         return EXIT_USAGE
     try:
-        _, project = _load(args.project, sandbox=args.sandbox)
+        _, project = load_project_dir(args.project, sandbox=args.sandbox)
         until = None
         if args.for_:
             until = datetime.now(UTC) + parse_duration(args.for_)
@@ -98,7 +97,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         print("pushrules: name one RULE, or --all", file=sys.stderr)
         return EXIT_USAGE
     try:
-        _, project = _load(args.project, sandbox=args.sandbox)
+        _, project = load_project_dir(args.project, sandbox=args.sandbox)
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -18,10 +18,19 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from engine.cli import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, UsageError, parse_time, read_event
+from engine.cli import (
+    EXIT_OK,
+    EXIT_PROBLEMS,
+    EXIT_USAGE,
+    UsageError,
+    fire_context,
+    load_project_dir,
+    parse_time,
+    read_event,
+    rule_to_fire,
+)
 from engine.compiler import FireContext
 from engine.firing import FireOutcome, FireRequest, fire_many
-from engine.loader import Loader, RuleSet
 from engine.project import Project
 from engine.schedule import TriggerError, parse_duration, parse_timezone
 from engine.store import (
@@ -43,20 +52,6 @@ FINAL_STATES = (SENT, FAILED, DEAD, IN_DOUBT)
 PROGRESS_THRESHOLD = 20
 
 
-def _load(project_dir: Any, *, sandbox: bool = False) -> tuple[RuleSet, Project]:
-    """The project; with ``sandbox``, as the ``--sandbox`` trials see it (their own store)."""
-    ruleset = Loader(project_dir).load()
-    if ruleset.project is None:
-        from engine.problems import format_text
-
-        raise UsageError("the project is invalid:\n" + format_text(ruleset.problems))
-    if sandbox:
-        from engine.runtime import sandboxed
-
-        return ruleset, sandboxed(ruleset.project)
-    return ruleset, ruleset.project
-
-
 @contextlib.contextmanager
 def _maybe_sandbox(project: Project, enabled: bool) -> Iterator[Project]:
     """With ``--sandbox``, a sandbox endpoint on loopback stands in for Accengage."""
@@ -75,33 +70,22 @@ def _maybe_sandbox(project: Project, enabled: bool) -> Iterator[Project]:
 
 def cmd_send(args: argparse.Namespace) -> int:
     try:
-        event = read_event(args.event)
-        item = read_event(args.item, "item")
-        at = parse_time(args.at)
-        ruleset, project = _load(args.project)
+        ruleset, project = load_project_dir(args.project)
+        rule = rule_to_fire(ruleset, args.rule)
+        if rule is None:
+            return EXIT_PROBLEMS
+        context = fire_context(args, rule)
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    rule = ruleset.rules.get(args.rule)
-    if rule is None or args.rule in ruleset.stale:
-        own = [p for p in ruleset.problems if p.file == f"rules/{args.rule}.yaml"]
-        if own:
-            from engine.problems import format_text
-
-            print(format_text(own), file=sys.stderr)
-        else:
-            known = ", ".join(sorted(ruleset.rules)) or "none"
-            print(f"pushrules: no rule '{args.rule}' (known: {known})", file=sys.stderr)
-        return EXIT_PROBLEMS
-    context = FireContext(now=at.astimezone(parse_timezone(rule.timezone)), event=event, item=item)
     key = args.key or f"manual:{uuid.uuid4()}"
-    return _fire_and_deliver(args, project, [FireRequest(rule, context, key)], at)
+    return _fire_and_deliver(args, project, [FireRequest(rule, context, key)], context.now)
 
 
 def cmd_fire(args: argparse.Namespace) -> int:
     try:
         payload = read_event(args.data) or {}
-        ruleset, project = _load(args.project)
+        ruleset, project = load_project_dir(args.project)
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -325,7 +309,7 @@ def cmd_history(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     try:
         since = parse_since(args.since, datetime.now(UTC))
-        _, project = _load(args.project, sandbox=args.sandbox)
+        _, project = load_project_dir(args.project, sandbox=args.sandbox)
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -384,7 +368,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     from engine.runtime import open_store
 
     try:
-        _, project = _load(args.project, sandbox=args.sandbox)
+        _, project = load_project_dir(args.project, sandbox=args.sandbox)
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE

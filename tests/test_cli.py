@@ -152,3 +152,15 @@ def test_help_teaches() -> None:
     )
     assert done.returncode == 0
     assert "--format" in done.stdout and "Examples" in done.stdout
+
+
+def test_compile_with_a_broken_config_shows_the_config_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = make_project(tmp_path / "p")
+    write_rule(root, "x", BROKEN.replace("sound: loud", "text: hi"))
+    config = root / "pushrules.yaml"
+    config.write_text(config.read_text().replace("{env: ACCENGAGE_PASSWORD}", "hunter2"))
+    assert main(["compile", "x", "--project", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "pushrules.yaml" in out and "[3]" in out and "hunter2" not in out
