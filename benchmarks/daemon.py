@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from table import print_table
+from common import print_table, start_sandbox
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -212,28 +212,8 @@ class Sandbox:
 
     @classmethod
     def start(cls, record: Path) -> Sandbox:
-        port = free_port()
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "engine",
-                "sandbox",
-                "--port",
-                str(port),
-                "--record",
-                str(record),
-            ],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert process.stdout is not None
-        line = process.stdout.readline()  # "pushrules sandbox: POST http://..."
-        if "POST " not in line:
-            process.kill()
-            raise RuntimeError(f"the sandbox did not start: {line!r}")
-        return cls(process, line.split("POST ", 1)[1].strip(), record)
+        process, url = start_sandbox("--record", str(record))
+        return cls(process, url, record)
 
     @property
     def base(self) -> str:

@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
+from common import print_table, start_sandbox  # noqa: E402  (scripts run as python benchmarks/X.py)
 from sqlalchemy import create_engine, make_url, text  # noqa: E402
-from table import print_table  # noqa: E402  (this folder: scripts run as python benchmarks/X.py)
 
 from engine.dispatch import Credentials, Dispatcher, DispatchSettings  # noqa: E402
 from engine.secrets import SecretRef  # noqa: E402
@@ -58,19 +58,7 @@ class Sandbox:
 
     @classmethod
     def start(cls) -> Sandbox:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "engine.sandbox", "--host", "127.0.0.1", "--port", "0"],
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert process.stdout is not None
-        line = process.stdout.readline()  # "pushrules sandbox: POST http://..."
-        if "POST " not in line:
-            process.kill()
-            raise SystemExit(f"the sandbox did not start: {line!r}")
-        return cls(process, line.split("POST ", 1)[1].strip())
+        return cls(*start_sandbox())
 
     def received(self) -> int:
         base = self.url.rsplit("/", 1)[0]

@@ -1,0 +1,40 @@
+"""What the benchmarks share: printing a table of figures, starting the sandbox."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: set[int]) -> None:
+    """Columns in ``left`` are aligned left, the others (figures) right."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = (
+            value.ljust(width) if i in left else value.rjust(width)
+            for i, (value, width) in enumerate(zip(row, widths, strict=True))
+        )
+        print("  ".join(cells).rstrip())
+
+
+def start_sandbox(*options: str) -> tuple[subprocess.Popen[str], str]:
+    """`pushrules sandbox` in a process of its own (so it does not share the measured process's
+    interpreter) on a free loopback port; returns the process and the URL to POST to."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engine", "sandbox", "--port", "0", *options],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()  # "pushrules sandbox: POST http://..."
+    if "POST " not in line:
+        process.kill()
+        raise RuntimeError(f"the sandbox did not start: {line!r}")
+    return process, line.split("POST ", 1)[1].strip()
