@@ -18,7 +18,7 @@ from engine.project import Project
 from engine.request_check import check_request
 from engine.rules import AppPlan, Rule
 from engine.secrets import MASK
-from engine.yaml_source import Scalar, plain
+from engine.yaml_source import Scalar, native
 
 #: Targets one fire may expand to through for_each before it is refused.
 MAX_EXPANDED_TARGETS = 1_000_000
@@ -59,7 +59,7 @@ def template_context(rule: Rule, ctx: FireContext) -> dict[str, Any]:
         "item": ctx.item if ctx.item is not None else {},
         "now": ctx.now,
         "rule": {"id": rule.id, "description": rule.description, "timezone": rule.timezone},
-        "vars": _native_tree(rule.vars),
+        "vars": native(rule.vars),
         **ctx.extra,
     }
 
@@ -191,7 +191,7 @@ class _Renderer:
         out: dict[str, Any] = {}
         for key, item in value.items():
             if key == "badge":
-                out["badge"] = _integer(item)
+                out["badge"] = native(item)
             else:
                 out[str(key)] = self.native(item, (*path, key))
         return out
@@ -203,12 +203,6 @@ def _boolean(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("true", "yes", "on", "1")
     return bool(value)
-
-
-def _integer(value: Any) -> Any:
-    if isinstance(value, Scalar) and isinstance(value.typed, int):
-        return value.typed
-    return value
 
 
 def _api_message(rule: Rule, plan: AppPlan, scope: Mapping[str, Any]) -> dict[str, Any]:
@@ -247,7 +241,7 @@ def _buttons(r: _Renderer, value: Mapping[str, Any], path: tuple[Any, ...]) -> d
         for key, field_value in button.items():
             if key == "id":
                 # The type says String, the example sends a number: send what the author wrote.
-                item["id"] = _integer(field_value)
+                item["id"] = native(field_value)
             elif key == "destructive":
                 item[key] = _boolean(field_value)
             elif key == "customParams":
@@ -311,17 +305,6 @@ def _expand_targets(rule: Rule, scope: Mapping[str, Any]) -> Iterator[dict[str, 
             yield _target(inner, target["target"], (*path, "target"))
 
 
-def _native_tree(value: Any) -> Any:
-    """``vars`` as the template sees them: YAML numbers and booleans typed, text as text."""
-    if isinstance(value, Scalar):
-        return value.typed if value.typed is not None else str(value)
-    if isinstance(value, dict):
-        return {str(k): _native_tree(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_native_tree(v) for v in value]
-    return value
-
-
 __all__ = [
     "CompileError",
     "CompiledRequest",
@@ -329,5 +312,4 @@ __all__ = [
     "compile_fire",
     "for_display",
     "passes_when",
-    "plain",
 ]

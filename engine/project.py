@@ -11,7 +11,7 @@ from engine import accengage
 from engine.problems import Problem, field_path
 from engine.schemas import PROJECT_CHECKER, is_yaml_int
 from engine.secrets import SecretRef
-from engine.yaml_source import Scalar, load, position
+from engine.yaml_source import load, native, position
 
 CONFIG_NAME = "pushrules.yaml"
 DEFAULT_STORE = "sqlite:///pushrules.db"
@@ -144,14 +144,14 @@ def parse_project(root: Path, text: str) -> tuple[Project | None, list[Problem]]
         device_fields=_names(doc.get("device_fields")),
         languages=_names(doc.get("languages")),
         button_templates={
-            str(k): int(v.typed if isinstance(v, Scalar) else v)
+            str(k): int(native(v))
             for k, v in (doc.get("button_templates") or {}).items()
             if is_yaml_int(v)
         },
         store=str(doc.get("store") or DEFAULT_STORE),
         listen=str(doc.get("listen") or DEFAULT_LISTEN),
         intake_token=token,
-        dispatch=_typed(doc.get("dispatch") or {}),
+        dispatch=native(doc.get("dispatch") or {}),
     )
     return project, problems
 
@@ -201,13 +201,6 @@ def _check_settings(doc: Mapping[str, Any], report: Any) -> None:
 
 def _names(value: Any) -> frozenset[str] | None:
     return None if value is None else frozenset(str(v) for v in value)
-
-
-def _typed(section: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        str(k): (v.typed if isinstance(v, Scalar) and v.typed is not None else v)
-        for k, v in section.items()
-    }
 
 
 def _secret(

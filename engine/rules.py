@@ -19,8 +19,8 @@ from engine import accengage, templating
 from engine.fragments import Fragments
 from engine.problems import Problem, did_you_mean, field_path
 from engine.project import App, Project
-from engine.schemas import RULE_CHECKER, TARGET_CHECKER, is_yaml_bool, is_yaml_int
-from engine.yaml_source import MarkedMap, Scalar, load, position
+from engine.schemas import RULE_CHECKER, TARGET_CHECKER, is_yaml_int
+from engine.yaml_source import MarkedMap, load, native, position
 
 DEFAULT_CATCH_UP = timedelta(minutes=10)
 TRIGGER_KINDS = ("cron", "every", "at", "event", "poll")
@@ -237,7 +237,7 @@ def _build(
         id=rule_id,
         file=rel,
         description=str(doc.get("description") or ""),
-        enabled=True if enabled is None else bool(_typed(enabled)),
+        enabled=True if enabled is None else bool(native(enabled)),
         trigger_kind=kind,
         trigger=trigger,
         timezone=timezone,
@@ -254,10 +254,6 @@ def _build(
 
 def _text_digest(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
-
-
-def _typed(value: Any) -> Any:
-    return value.typed if isinstance(value, Scalar) and value.typed is not None else value
 
 
 # --- triggers ------------------------------------------------------------------------------
@@ -355,7 +351,7 @@ def _check_quiet_hours(value: Any, out: _Collector) -> QuietHours | None:
 def _check_limit(value: Any, out: _Collector) -> Limit | None:
     if value is None:
         return None
-    count = int(_typed(value["count"]))
+    count = int(native(value["count"]))
     if count < 1:
         out.add(("limit", "count"), None, "must be at least 1")
     per = _duration(value["per"], ("limit", "per"), out)
@@ -905,6 +901,5 @@ __all__ = [
     "Rule",
     "compile_templates",
     "deep_merge",
-    "is_yaml_bool",
     "parse_rule",
 ]

@@ -296,12 +296,13 @@ def position(
     return best
 
 
-def plain(value: Any) -> Any:
-    """The same data as built-in types (str, list, dict, None), for output and hashing."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain(v) for v in value]
+def native(value: Any) -> Any:
+    """The data with the YAML types kept aside put back: ``12`` an int, ``true`` a bool, any
+    other scalar its text. For the few places that want YAML's types (vars, aps, settings)."""
     if isinstance(value, Scalar):
-        return str(value)
+        return value.typed if value.typed is not None else str(value)
+    if isinstance(value, dict):
+        return {str(k): native(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [native(v) for v in value]
     return value
