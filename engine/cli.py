@@ -471,19 +471,31 @@ class UsageError(Exception):
     """Bad input on the command line: exit 2 with the message."""
 
 
-def load_project_dir(project_dir: Path, *, sandbox: bool = False) -> tuple[RuleSet, Project]:
-    """The rule set and project of a command; with ``sandbox``, as ``--sandbox`` trials see
-    it (their own store). UsageError when pushrules.yaml has errors."""
+def load_project_dir(project_dir: Path) -> tuple[RuleSet, Project]:
+    """The rule set and project of a command that fires rules; UsageError when pushrules.yaml
+    has errors."""
     from engine.loader import Loader
 
     ruleset = Loader(project_dir).load()
     if ruleset.project is None:
         raise UsageError("the project is invalid:\n" + format_text(ruleset.problems))
+    return ruleset, ruleset.project
+
+
+def load_settings(project_dir: Path, *, sandbox: bool = False) -> Project:
+    """pushrules.yaml alone, for commands on the outbox (history, outbox, pause, resume): no
+    need to check a thousand rules to read a store URL. With ``sandbox``, the settings as
+    ``--sandbox`` trials see them (their own store)."""
+    from engine.project import load_project
+
+    project, problems = load_project(project_dir)
+    if project is None:
+        raise UsageError("pushrules.yaml is invalid:\n" + format_text(problems))
     if sandbox:
         from engine.runtime import sandboxed
 
-        return ruleset, sandboxed(ruleset.project)
-    return ruleset, ruleset.project
+        return sandboxed(project)
+    return project
 
 
 def fire_context(args: argparse.Namespace, rule: Rule) -> FireContext:

@@ -7,7 +7,15 @@ import json
 import sys
 from datetime import UTC, datetime
 
-from engine.cli import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, UsageError, load_project_dir, parse_time
+from engine.cli import (
+    EXIT_OK,
+    EXIT_PROBLEMS,
+    EXIT_USAGE,
+    UsageError,
+    load_project_dir,
+    load_settings,
+    parse_time,
+)
 from engine.schedule import TriggerError, fire_times, parse_duration, parse_timezone, schedule_for
 
 SCHEDULED = ("cron", "every", "at")
@@ -74,7 +82,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
         print("pushrules: name one RULE, or --all", file=sys.stderr)
         return EXIT_USAGE
     try:
-        _, project = load_project_dir(args.project, sandbox=args.sandbox)
+        project = load_settings(args.project, sandbox=args.sandbox)
         until = None
         if args.for_:
             until = datetime.now(UTC) + parse_duration(args.for_)
@@ -97,7 +105,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         print("pushrules: name one RULE, or --all", file=sys.stderr)
         return EXIT_USAGE
     try:
-        _, project = load_project_dir(args.project, sandbox=args.sandbox)
+        project = load_settings(args.project, sandbox=args.sandbox)
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -25,6 +25,7 @@ from engine.cli import (
     UsageError,
     fire_context,
     load_project_dir,
+    load_settings,
     parse_time,
     read_event,
     rule_to_fire,
@@ -309,7 +310,7 @@ def cmd_history(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     try:
         since = parse_since(args.since, datetime.now(UTC))
-        _, project = load_project_dir(args.project, sandbox=args.sandbox)
+        project = load_settings(args.project, sandbox=args.sandbox)
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -368,7 +369,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     from engine.runtime import open_store
 
     try:
-        _, project = load_project_dir(args.project, sandbox=args.sandbox)
+        project = load_settings(args.project, sandbox=args.sandbox)
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE
