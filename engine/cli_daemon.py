@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from engine.cli import (
     EXIT_OK,
@@ -17,6 +18,9 @@ from engine.cli import (
     parse_time,
 )
 from engine.schedule import TriggerError, fire_times, parse_duration, parse_timezone, schedule_for
+
+if TYPE_CHECKING:
+    from engine.project import Project
 
 SCHEDULED = ("cron", "every", "at")
 
@@ -75,21 +79,32 @@ def cmd_next(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _pause_target(args: argparse.Namespace, *, must_exist: bool) -> tuple[Project, str]:
+    """The settings and the rule (or "*") that pause and resume act on; UsageError when the
+    command names neither, or a rule the project does not have (a typo would pause nothing)."""
+    from engine.loader import rule_files
+    from engine.problems import did_you_mean
+
+    if bool(args.rule) == bool(args.all):
+        raise UsageError("name one RULE, or --all")
+    project = load_settings(args.project, sandbox=args.sandbox)
+    if args.all:
+        return project, "*"
+    known = [path.stem for path in rule_files(args.project)]
+    if must_exist and args.rule not in known:
+        raise UsageError(f"no rule '{args.rule}' in rules/{did_you_mean(args.rule, known)}")
+    return project, args.rule
+
+
 def cmd_pause(args: argparse.Namespace) -> int:
     from engine.runtime import open_store
 
-    if bool(args.rule) == bool(args.all):
-        print("pushrules: name one RULE, or --all", file=sys.stderr)
-        return EXIT_USAGE
     try:
-        project = load_settings(args.project, sandbox=args.sandbox)
-        until = None
-        if args.for_:
-            until = datetime.now(UTC) + parse_duration(args.for_)
+        project, target = _pause_target(args, must_exist=True)
+        until = datetime.now(UTC) + parse_duration(args.for_) if args.for_ else None
     except (UsageError, TriggerError) as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    target = "*" if args.all else args.rule
     with open_store(project) as store:
         store.pause(target, until)
     what = "every rule" if args.all else f"rule {args.rule}"
@@ -101,11 +116,8 @@ def cmd_pause(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from engine.runtime import open_store
 
-    if bool(args.rule) == bool(args.all):
-        print("pushrules: name one RULE, or --all", file=sys.stderr)
-        return EXIT_USAGE
     try:
-        project = load_settings(args.project, sandbox=args.sandbox)
+        project, _ = _pause_target(args, must_exist=False)  # its file may be gone
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE

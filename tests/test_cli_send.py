@@ -197,3 +197,8 @@ def test_quiet_hours_defer_is_left_to_the_daemon(
     )
     assert "the daemon sends it then" in capsys.readouterr().err
     assert sandbox.requests() == []
+
+
+def test_pausing_a_misspelt_rule_is_refused(project: Path, capsys) -> None:
+    assert main(["pause", "shiped", "--project", str(project)]) == 2
+    assert "did you mean 'shipped'" in capsys.readouterr().err
