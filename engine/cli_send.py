@@ -119,6 +119,11 @@ def _fire_and_deliver(
 
     if args.dry_run:
         return _dry_run(project, requests)
+    if not args.sandbox:
+        unreadable = unreadable_credentials(project)
+        if unreadable:
+            print(f"pushrules: {unreadable}: nothing was queued", file=sys.stderr)
+            return EXIT_PROBLEMS
     with _maybe_sandbox(project, args.sandbox) as project:
         store = open_store(project)
         try:
@@ -134,6 +139,25 @@ def _fire_and_deliver(
     for row in rows:
         print(_row_line(row))
     return _exit_for(rows, outcomes)
+
+
+def unreadable_credentials(project: Project) -> str | None:
+    """Why the Accengage credentials cannot be read now, or None when they can.
+
+    A command that sends refuses up front: a row queued without them would wait in the real
+    outbox for a daemon to send it later, stale, to real users.
+    """
+    from engine.runtime import credentials
+    from engine.secrets import MissingSecret
+
+    try:
+        credentials(project).resolve()
+    except MissingSecret as exc:
+        return (
+            f"cannot send: {exc} (the Accengage credentials of pushrules.yaml); set it, or "
+            "try the rule with --sandbox or --dry-run"
+        )
+    return None
 
 
 def _deliverable(store: Store, outcomes: Sequence[FireOutcome]) -> list[int]:
@@ -373,6 +397,10 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    unreadable = None if args.sandbox else unreadable_credentials(project)
+    if args.action == "resend" and unreadable:
+        print(f"pushrules: {unreadable}: nothing was queued again", file=sys.stderr)
+        return EXIT_PROBLEMS
     store = open_store(project)
     code = EXIT_OK
     changed: list[int] = []
