@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import sys
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -38,7 +39,9 @@ from engine.store import (
     DEAD,
     FAILED,
     IN_DOUBT,
+    PENDING,
     RETRYING,
+    SENDING,
     SENT,
     STATES,
     AttemptResult,
@@ -49,6 +52,10 @@ from engine.store import (
 
 EXIT_LEFT_TO_DAEMON = 75  # EX_TEMPFAIL: try again later (the daemon will)
 FINAL_STATES = (SENT, FAILED, DEAD, IN_DOUBT)
+#: States whose outcome is still coming: claimed by another process, or about to be.
+UNSETTLED = (PENDING, SENDING)
+#: How often to look at a row another process is sending.
+SETTLE_POLL = 0.05
 #: Below this many requests a progress bar is noise.
 PROGRESS_THRESHOLD = 20
 
@@ -215,8 +222,15 @@ async def _deliver(
                 advance()
 
         dispatcher = make_dispatcher(project, store, sandbox=sandbox, on_attempt=on_attempt)
+        deadline = time.monotonic() + wait
         try:
-            return await dispatcher.deliver(ids, wait)
+            rows = await dispatcher.deliver(ids, wait)
+            # Another process (a daemon on the same store) may have claimed a row first: its
+            # outcome is the one to report, so wait for it as for our own.
+            while any(r.state in UNSETTLED for r in rows) and time.monotonic() < deadline:
+                await asyncio.sleep(SETTLE_POLL)
+                rows = await dispatcher.deliver(ids, max(0.0, deadline - time.monotonic()))
+            return rows
         finally:
             await dispatcher.aclose()
 
@@ -261,6 +275,13 @@ def _exit_for(rows: Sequence[OutboxRow], outcomes: Sequence[FireOutcome]) -> int
     states = {r.state for r in rows}
     if states & {FAILED, DEAD, IN_DOUBT} or any(o.status == "failed" for o in outcomes):
         return EXIT_PROBLEMS
+    if SENDING in states:
+        print(
+            "some requests are still being sent by another process (a running daemon): "
+            "see `pushrules history` for their outcome",
+            file=sys.stderr,
+        )
+        return EXIT_LEFT_TO_DAEMON
     if RETRYING in states or states - {SENT}:
         print(
             "some requests are still retrying: the daemon (pushrules run) will carry on",
