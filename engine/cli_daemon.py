@@ -21,6 +21,7 @@ from engine.schedule import TriggerError, fire_times, parse_duration, parse_time
 
 if TYPE_CHECKING:
     from engine.project import Project
+    from engine.store import Store
 
 SCHEDULED = ("cron", "every", "at")
 
@@ -108,7 +109,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
     with open_store(project) as store:
         store.pause(target, until)
     what = "every rule" if args.all else f"rule {args.rule}"
-    when = f"until {until.isoformat(timespec='seconds')}" if until else "until `pushrules resume`"
+    when = f"until {local_time(until, project)}" if until else "until `pushrules resume`"
     print(f"{what} paused {when}: its fires are kept in the outbox, not sent")
     return EXIT_OK
 
@@ -123,6 +124,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     rule = None if args.all else args.rule
     with open_store(project) as store:
+        if not args.all and args.rule not in store.paused() and "*" in store.paused():
+            # Lifting nothing would leave the rule paused by --all while saying all is well.
+            print(f"pushrules: {all_paused(store, project)}", file=sys.stderr)
+            return EXIT_PROBLEMS
         if args.all:
             lifted = [name for name in store.paused() if store.resume(name)]
         else:
@@ -134,12 +139,33 @@ def cmd_resume(args: argparse.Namespace) -> int:
         else:
             released = store.release(rule=rule)
             dropped = 0
+        still = None if args.all or "*" not in store.paused() else all_paused(store, project)
     if lifted:
         print(f"resumed: {', '.join(lifted)}")
     if released:
         print(f"{released} held request(s) released: the daemon sends them now")
     if dropped:
         print(f"{dropped} unsent request(s) dropped")
+    if still:
+        print(f"pushrules: {args.rule} stays paused: {still}", file=sys.stderr)
+        return EXIT_PROBLEMS
     if not (lifted or released or dropped):
         print("nothing was paused or held", file=sys.stderr)
     return EXIT_OK
+
+
+def local_time(moment: datetime, project: Project) -> str:
+    """A time as an operator of the project reads it: in its timezone, with the offset."""
+    return moment.astimezone(parse_timezone(project.timezone)).isoformat(timespec="seconds")
+
+
+def all_paused(store: Store, project: Project) -> str:
+    """What is in force when every rule is paused, and how to lift it."""
+    since = store.paused_since("*")
+    until = store.paused().get("*")
+    started = f" since {local_time(since, project)}" if since else ""
+    ends = f" until {local_time(until, project)}" if until else ""
+    return (
+        f"all rules are paused{started}{ends}; `pushrules resume --all` lifts it "
+        "(a single rule cannot be resumed while all are paused)"
+    )

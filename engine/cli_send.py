@@ -15,7 +15,7 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,6 +38,7 @@ from engine.schedule import TriggerError, parse_duration, parse_timezone
 from engine.store import (
     DEAD,
     FAILED,
+    HELD,
     IN_DOUBT,
     PENDING,
     RETRYING,
@@ -362,19 +363,42 @@ def cmd_history(args: argparse.Namespace) -> int:
     store = open_store(project)
     try:
         rows = store.history(rule=args.rule, states=states, since=since, limit=args.limit)
+        paused = store.paused()
     finally:
         store.close()
+    now = datetime.now(UTC)
+    waits = {r.id: why_waiting(r, paused, now) for r in rows}
     if args.format == "json":
-        print(json.dumps([_row_json(r) for r in rows], indent=2, ensure_ascii=False))
+        listed = [{**_row_json(r), "waiting": waits[r.id]} for r in rows]
+        print(json.dumps(listed, indent=2, ensure_ascii=False))
         return EXIT_OK
     if not rows:
         print("no matching request in the outbox", file=sys.stderr)
         return EXIT_OK
-    _print_table(rows)
+    _print_table(rows, waits)
     return EXIT_OK
 
 
-def _print_table(rows: Sequence[OutboxRow]) -> None:
+def why_waiting(row: OutboxRow, paused: Mapping[str, datetime | None], now: datetime) -> str | None:
+    """Why a row not sent yet is not going out now, in words; None for one that is not held
+    back (or is done)."""
+    if row.state == HELD:
+        return f"past the rule's limit: held until `pushrules resume {row.rule}` (or drop)"
+    if row.state not in (PENDING, RETRYING):
+        return None
+    pause = row.rule if row.rule in paused else "*" if "*" in paused else None
+    if pause is not None:
+        until = paused[pause]
+        what = "rule paused" if pause == row.rule else "all rules paused"
+        when = f" until {until.isoformat(timespec='seconds')}" if until else ""
+        lift = row.rule if pause == row.rule else "--all"
+        return f"{what}{when}: `pushrules resume {lift}` sends it"
+    if row.state == PENDING and row.next_attempt_at > now:
+        return f"deferred by quiet hours to {row.next_attempt_at.isoformat(timespec='seconds')}"
+    return None
+
+
+def _print_table(rows: Sequence[OutboxRow], waits: Mapping[int, str | None]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -401,7 +425,7 @@ def _print_table(rows: Sequence[OutboxRow]) -> None:
             r.state,
             str(r.attempts),
             "" if r.return_code is None else str(r.return_code),
-            r.return_label or (r.last_error or ""),
+            waits.get(r.id) or r.return_label or (r.last_error or ""),
             r.message_id or "",
             r.created_at.strftime("%Y-%m-%d %H:%M:%S"),
         )

@@ -8,7 +8,10 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -159,3 +162,85 @@ def test_send_sandbox_reports_the_outcome_when_a_running_daemon_sends_the_row(
         assert daemon_won, "the daemon never claimed a trial's row: the race was not exercised"
     finally:
         assert daemon.stop() == 0
+
+
+# --- 6. a pause in force is said, in the CLI, the intake's answer and history -----------------
+
+
+def test_resume_of_one_rule_under_pause_all_says_what_is_in_force(
+    project: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["pause", "--all", "--project", str(project)]) == 0
+    capsys.readouterr()
+    assert main(["resume", "shipped", "--project", str(project)]) == 1
+    err = capsys.readouterr().err
+    assert "all rules are paused since" in err and "`pushrules resume --all` lifts it" in err
+    assert "+01:00" in err or "+02:00" in err  # the project's timezone, Europe/Paris
+    # The rule paused on its own too: its pause is lifted, the one of --all still holds it.
+    assert main(["pause", "shipped", "--project", str(project)]) == 0
+    assert main(["resume", "shipped", "--project", str(project)]) == 1
+    captured = capsys.readouterr()
+    assert "resumed: shipped" in captured.out and "stays paused" in captured.err
+    assert main(["resume", "--all", "--project", str(project)]) == 0
+
+
+def test_pause_for_prints_its_end_in_the_projects_timezone(
+    project: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["pause", "shipped", "--for", "2h", "--project", str(project)]) == 0
+    out = capsys.readouterr().out
+    end = datetime.fromisoformat(out.split("until ")[1].split(": ")[0])
+    paris = end.astimezone(ZoneInfo("Europe/Paris"))
+    assert end.utcoffset() == paris.utcoffset() != timedelta(0), out
+    assert abs(end - datetime.now(UTC) - timedelta(hours=2)) < timedelta(minutes=1)
+
+
+def test_a_post_to_a_paused_rule_answers_paused_and_history_says_why_it_waits(
+    tmp_path: Path,
+    sandbox: RunningSandbox,  # noqa: F811
+) -> None:
+    live = DaemonProject(tmp_path / "live", sandbox.url)
+    live.rule("held-back", "event: paused.test", "Held {{ event.n }}")
+    live.rule("free", "event: free.test", "Free {{ event.n }}")
+    root = str(live.root)
+    daemon = Daemon(live).start()
+    try:
+        assert main(["pause", "held-back", "--project", root]) == 0
+        answer = daemon.post("paused.test", {"n": 1}).json()
+        [rule] = answer["rules"]
+        assert rule["status"] == "paused", rule
+        assert "pushrules resume held-back" in rule["detail"]
+        assert daemon.post("free.test", {"n": 2}).json()["rules"][0]["status"] == "queued"
+        waiting = _history(root, "held-back")
+        assert waiting["state"] == "pending"
+        assert waiting["waiting"].startswith("rule paused")
+        assert main(["pause", "--all", "--project", root]) == 0
+        assert daemon.post("free.test", {"n": 3}).json()["rules"][0]["status"] == "paused"
+        assert "all rules paused" in _history(root, "free")["waiting"]
+    finally:
+        assert daemon.stop() == 0
+
+
+def _history(root: str, rule: str) -> dict[str, Any]:
+    """The newest outbox row of ``rule``, as ``history --format json`` shows it."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "history",
+            "--rule",
+            rule,
+            "--format",
+            "json",
+            "--project",
+            root,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    ).stdout
+    return json.loads(out)[0]
