@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -398,6 +399,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return EXIT_OK
+    except UsageError as exc:
+        print(f"pushrules: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        message = user_facing(exc)
+        if message is None:
+            raise  # a bug: its traceback is what a report needs
+        print(f"pushrules: {message}", file=sys.stderr)
+        return EXIT_PROBLEMS
+
+
+#: The project's errors that speak to a user (module, class): their message is the answer,
+#: a traceback would only hide it. Looked up among loaded modules: one not loaded raised none.
+USER_ERRORS = (
+    ("engine.secrets", "MissingSecret"),
+    ("engine.schedule", "TriggerError"),
+    ("engine.compiler", "CompileError"),
+    ("engine.templating", "RenderError"),
+    ("engine.store", "TransitionError"),
+    ("engine.daemon", "StartupError"),
+    ("engine.poller", "FeedError"),
+)
+
+
+def user_facing(exc: BaseException) -> str | None:
+    """What to tell the user about ``exc``, or None when it is a bug."""
+    for module_name, name in USER_ERRORS:
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(exc, getattr(module, name)):
+            return str(exc)
+    sa = sys.modules.get("sqlalchemy.exc")
+    if sa is not None and isinstance(exc, sa.OperationalError | sa.ArgumentError):
+        # The driver's first line says why (refused, no such file); the URL may hold a password.
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        reason = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1********@", reason)
+        return (
+            f"the store (store: in pushrules.yaml) cannot be used: {reason}; check that it is "
+            "reachable and the URL right"
+        )
+    return None
 
 
 # --- validate ------------------------------------------------------------------------------
