@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from engine.cli import (
@@ -256,7 +257,10 @@ def _progress(total: int) -> Iterator[Any]:
 
 
 def _print_outcome(outcome: FireOutcome) -> None:
-    print(f"{outcome.rule}: {outcome.status} ({outcome.detail})", file=sys.stderr)
+    detail = outcome.detail
+    if outcome.status == "empty":
+        detail = f"{detail}: a for_each over an empty list? nothing was queued or sent"
+    print(f"{outcome.rule}: {outcome.status} ({detail})", file=sys.stderr)
 
 
 def _row_line(row: OutboxRow) -> str:
@@ -360,6 +364,12 @@ def cmd_history(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    missing = missing_outbox(project)
+    if missing is not None:  # reading must not create an empty outbox beside the project
+        if args.format == "json":
+            print("[]")
+        print(f"no outbox yet ({missing} does not exist): nothing was sent", file=sys.stderr)
+        return EXIT_OK
     store = open_store(project)
     try:
         rows = store.history(rule=args.rule, states=states, since=since, limit=args.limit)
@@ -377,6 +387,17 @@ def cmd_history(args: argparse.Namespace) -> int:
         return EXIT_OK
     _print_table(rows, waits)
     return EXIT_OK
+
+
+def missing_outbox(project: Project) -> str | None:
+    """The SQLite file of the outbox when it does not exist yet; None when it does (or the
+    store is not a file)."""
+    prefix = "sqlite:///"
+    url = project.store_url()
+    if not url.startswith(prefix) or url.endswith(":memory:"):
+        return None
+    path = url[len(prefix) :]
+    return None if Path(path).exists() else path
 
 
 def why_waiting(row: OutboxRow, paused: Mapping[str, datetime | None], now: datetime) -> str | None:

@@ -20,7 +20,8 @@ from engine.sandbox import RunningSandbox
 from engine.store import Store
 from tests.daemon_process import START_TIMEOUT, Daemon, free_port, wait_for
 from tests.daemon_process import Project as DaemonProject
-from tests.helpers import REPO
+from tests.helpers import REPO, make_project, write_rule
+from tests.test_cli import broken  # noqa: F401 (fixture)
 from tests.test_cli_send import event_file, project, sandbox  # noqa: F401 (fixtures)
 
 # --- 4. a trial send without credentials never queues -----------------------------------------
@@ -244,3 +245,128 @@ def _history(root: str, rule: str) -> dict[str, Any]:
         env={**os.environ, "PYTHONPATH": str(REPO)},
     ).stdout
     return json.loads(out)[0]
+
+
+# --- 13. the command line says the same things the same way ----------------------------------
+
+CRON_RULE = """
+trigger: {cron: "0 9 * * *"}
+apps:
+  flights-ios: {parentMessageId: "1"}
+message:
+  text: "Good morning"
+targets:
+  - memberId: "765c8"
+"""
+
+FOR_EACH_RULE = """
+trigger: {event: flight.boarding}
+apps:
+  flights-ios: {parentMessageId: "1"}
+message:
+  text: "Boarding now"
+targets:
+  - for_each: "{{ event.passengers }}"
+    as: p
+    target: {memberId: "{{ p }}"}
+"""
+
+
+def test_validate_takes_project_like_every_command(
+    broken: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["validate", "--project", str(REPO)]) == 0
+    assert main(["validate", "--project", str(broken), "--format", "json"]) == 1
+    assert json.loads(capsys.readouterr().out)["problems"][0]["code"] == 5
+    assert main(["validate", str(REPO), "--project", str(broken)]) == 2
+
+
+def test_next_names_an_invalid_or_unknown_rule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = make_project(tmp_path / "p")
+    write_rule(root, "morning", CRON_RULE)
+    write_rule(root, "broken-morning", CRON_RULE.replace('"0 9 * * *"', '"0 25 * * *"'))
+    assert main(["next", "broken-morning", "--project", str(root)]) == 1
+    assert "invalid: see `pushrules validate`" in capsys.readouterr().err
+    assert main(["next", "mornin", "--project", str(root)]) == 1
+    assert "did you mean 'morning'" in capsys.readouterr().err
+    assert main(["next", "--project", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "morning\n" in out and "broken-morning  (invalid: see `pushrules validate`" in out
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("resume", "Lift a pause"),
+        ("pause", "Examples:\n  pushrules pause"),
+        ("resume", "Examples:\n  pushrules resume"),
+        ("outbox", "Examples:\n  pushrules history"),
+        ("history", "text: a table for people"),
+    ],
+)
+def test_help_describes_each_command_with_examples(
+    command: str, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    assert expected in capsys.readouterr().out
+
+
+def test_history_does_not_create_an_outbox(
+    project: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["history", "--project", str(project)]) == 0
+    assert "no outbox yet" in capsys.readouterr().err
+    assert main(["history", "--project", str(project), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert not (tmp_path / "out.db").exists()
+
+
+def test_an_empty_for_each_says_so_in_compile_and_send(
+    project: Path,  # noqa: F811
+    sandbox: RunningSandbox,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    write_rule(project, "boarding", FOR_EACH_RULE)
+    event = tmp_path / "nobody.json"
+    event.write_text('{"passengers": []}')
+    args = ["boarding", "--event", str(event), "--project", str(project)]
+    assert main(["compile", *args]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == [] and "for_each over an empty list" in captured.err
+    assert main(["send", *args]) == 0
+    assert "for_each over an empty list" in capsys.readouterr().err
+    assert sandbox.requests() == []
+
+
+@pytest.mark.parametrize(
+    ("then", "says"), [("defer", "deferred to 2026-11-27T07:00"), ("skip", "skipped")]
+)
+def test_compile_inside_quiet_hours_says_what_would_happen(
+    then: str,
+    says: str,
+    project: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    write_rule(
+        project, "night", CRON_RULE + f'quiet_hours: {{from: "21:00", to: "07:00", then: {then}}}\n'
+    )
+    at = "2026-11-26T23:30:00+01:00"
+    assert main(["compile", "night", "--at", at, "--project", str(project)]) == 0
+    captured = capsys.readouterr()
+    assert len(json.loads(captured.out)) == 1
+    assert "inside the rule's quiet hours (21:00 to 07:00)" in captured.err
+    assert says in captured.err
+    assert (
+        main(["compile", "night", "--at", "2026-11-26T12:00:00+01:00", "--project", str(project)])
+        == 0
+    )
+    assert "quiet hours" not in capsys.readouterr().err
