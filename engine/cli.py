@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -75,9 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
         "code the same mistake would earn in production, and what to do. Warnings do not fail.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Examples:\n  pushrules validate\n  pushrules validate path/to/project "
-        "--format json",
+        "--format json\n  pushrules validate --project path/to/project",
     )
-    p.add_argument("dir", nargs="?", default=".", type=Path, help="project folder (default: .)")
+    p.add_argument("dir", nargs="?", type=Path, help="project folder (default: .)")
+    p.add_argument(
+        "--project",
+        metavar="DIR",
+        type=Path,
+        help="project folder, as every other command takes it (same as DIR)",
+    )
     p.add_argument(
         "--format",
         choices=("text", "json", "github"),
@@ -216,16 +223,35 @@ def _daemon_commands(sub: Any) -> None:
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=_lazy("engine.cli_daemon", "cmd_next"))
 
-    for name, text in (
-        ("pause", "stop sending a rule's pushes (or all) at once"),
-        ("resume", "lift a pause and release the fires it held"),
+    for name, text, description, examples in (
+        (
+            "pause",
+            "stop sending a rule's pushes (or all) at once",
+            "An emergency stop that needs no commit: held in the store, so every running "
+            "daemon honours it within a second, and a restart too. Fires that come while "
+            "paused are kept in the outbox, not sent, until resumed or dropped.",
+            "  pushrules pause flight-canceled\n"
+            "  pushrules pause --all --for 2h      # every rule, lifted by itself after 2 hours\n"
+            "  pushrules pause monday-digest --sandbox",
+        ),
+        (
+            "resume",
+            "lift a pause and release the fires it held",
+            "Lift a pause made by `pushrules pause`: the fires kept in the outbox while paused, "
+            "and those held past the rule's limit, are sent by the daemon at once (or dropped "
+            "with --drop-unsent). A rule cannot be resumed alone while `pause --all` is in "
+            "force: `resume --all` lifts that.",
+            "  pushrules resume flight-canceled\n"
+            "  pushrules resume --all\n"
+            "  pushrules resume flight-canceled --drop-unsent   # lift it, send nothing it kept",
+        ),
     ):
         p = sub.add_parser(
             name,
             help=text,
-            description="An emergency stop that needs no commit: held in the store, so every "
-            "running daemon honours it within a second, and a restart too. Fires that come "
-            "while paused are kept in the outbox, not sent, until resumed or dropped.",
+            description=description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=f"Examples:\n{examples}",
         )
         p.add_argument("rule", nargs="?", help="rule id")
         p.add_argument("--all", action="store_true", help="every rule")
@@ -336,7 +362,12 @@ def _sending_commands(sub: Any) -> None:
         "--since", metavar="T", help="a duration back from now (2h, 1d) or an ISO 8601 time"
     )
     p.add_argument("--limit", type=int, default=100, help="rows at most (default 100)")
-    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="text: a table for people; json: every row with its attempts, for tools",
+    )
     _sandbox_store_argument(p)
     p.set_defaults(func=lazy("cmd_history"))
 
@@ -346,6 +377,10 @@ def _sending_commands(sub: Any) -> None:
         description="resend: queue the rows again and send them now (their history is kept). "
         "drop: give up on them for good. Check `pushrules history --status in_doubt` first: "
         "an in_doubt request may already have reached users.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  pushrules history --status in_doubt,failed,dead   # find the ids\n"
+        "  pushrules outbox resend 42 43\n  pushrules outbox drop 44\n"
+        "  pushrules outbox resend 7 --sandbox   # a row of the --sandbox trials",
     )
     p.add_argument("action", choices=("resend", "drop"))
     p.add_argument("ids", type=int, nargs="+", metavar="ID", help="outbox row ids (history)")
@@ -398,6 +433,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return EXIT_OK
+    except UsageError as exc:
+        print(f"pushrules: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        message = user_facing(exc)
+        if message is None:
+            raise  # a bug: its traceback is what a report needs
+        print(f"pushrules: {message}", file=sys.stderr)
+        return EXIT_PROBLEMS
+
+
+#: The project's errors that speak to a user (module, class): their message is the answer,
+#: a traceback would only hide it. Looked up among loaded modules: one not loaded raised none.
+USER_ERRORS = (
+    ("engine.secrets", "MissingSecret"),
+    ("engine.schedule", "TriggerError"),
+    ("engine.compiler", "CompileError"),
+    ("engine.templating", "RenderError"),
+    ("engine.store", "TransitionError"),
+    ("engine.daemon", "StartupError"),
+    ("engine.poller", "FeedError"),
+)
+
+
+def user_facing(exc: BaseException) -> str | None:
+    """What to tell the user about ``exc``, or None when it is a bug."""
+    for module_name, name in USER_ERRORS:
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(exc, getattr(module, name)):
+            return str(exc)
+    sa = sys.modules.get("sqlalchemy.exc")
+    if sa is not None and isinstance(exc, sa.OperationalError | sa.ArgumentError):
+        # The driver's first line says why (refused, no such file); the URL may hold a password.
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        reason = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1********@", reason)
+        return (
+            f"the store (store: in pushrules.yaml) cannot be used: {reason}; check that it is "
+            "reachable and the URL right"
+        )
+    return None
 
 
 # --- validate ------------------------------------------------------------------------------
@@ -419,7 +494,13 @@ def print_problems(problems: Sequence[Problem], fmt: str, files: int) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from engine.loader import Loader
 
-    root: Path = args.dir
+    if args.dir is not None and args.project is not None and args.dir != args.project:
+        print(
+            f"pushrules: name the project once: {args.dir} or --project {args.project}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    root: Path = args.project or args.dir or Path(".")
     if not root.is_dir():
         print(f"pushrules: {root} is not a folder", file=sys.stderr)
         return EXIT_USAGE
@@ -559,6 +640,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
             print("[]")
             return EXIT_OK
         requests = compile_fire(rule, project, context)
+        for note in fire_notes(rule, context, len(requests)):
+            print(f"pushrules: {note}", file=sys.stderr)
     except CompileError as exc:
         if args.format == "json":
             problem = Problem(rule.file, None, None, exc.field, exc.code, "error", exc.message)
@@ -573,6 +656,35 @@ def cmd_compile(args: argparse.Namespace) -> int:
     output = [{"url": r.url, "body": for_display(r.body, login)} for r in requests]
     print(json.dumps(output, indent=2, ensure_ascii=False))
     return EXIT_OK
+
+
+def fire_notes(rule: Rule, context: FireContext, requests: int) -> list[str]:
+    """What would become of a compiled fire that the JSON alone does not say: targets that
+    expanded to nobody, quiet hours that defer or skip it."""
+    from engine.firing import quiet_until
+
+    if not requests:
+        return [EMPTY_FOR_EACH]
+    notes = []
+    quiet = rule.quiet_hours
+    until = quiet_until(quiet, context.now) if quiet is not None else None
+    if quiet is not None and until is not None:
+        at = context.now.isoformat(timespec="minutes")
+        window = f"quiet hours ({quiet.start} to {quiet.end})"
+        if quiet.then == "skip":
+            notes.append(f"{at} is inside the rule's {window}: the push would be skipped")
+        else:
+            notes.append(
+                f"{at} is inside the rule's {window}: the push would be deferred to "
+                f"{until.isoformat(timespec='minutes')}"
+            )
+    return notes
+
+
+#: A fire whose targets expanded to nobody (a ``for_each`` over an empty list, say).
+EMPTY_FOR_EACH = (
+    "the targets expanded to nobody (a for_each over an empty list?): nothing would be sent"
+)
 
 
 # --- sandbox -------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ from engine.cli import (
 from engine.schedule import TriggerError, fire_times, parse_duration, parse_timezone, schedule_for
 
 if TYPE_CHECKING:
+    from engine.loader import RuleSet
     from engine.project import Project
+    from engine.store import Store
 
 SCHEDULED = ("cron", "every", "at")
 
@@ -55,13 +57,16 @@ def cmd_next(args: argparse.Namespace) -> int:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE
     rules = [r for r in ruleset.rules.values() if r.trigger_kind in SCHEDULED]
+    invalid = invalid_rules(ruleset)
     if args.rule:
         rules = [r for r in rules if r.id == args.rule]
         if not rules:
-            kind = ruleset.rules[args.rule].trigger_kind if args.rule in ruleset.rules else None
-            why = f"it fires on {kind}, not on a schedule" if kind else "no such rule"
-            print(f"pushrules: rule '{args.rule}': {why}", file=sys.stderr)
+            print(
+                f"pushrules: rule '{args.rule}': {_not_scheduled(ruleset, args.rule)}",
+                file=sys.stderr,
+            )
             return EXIT_PROBLEMS
+        invalid = []
     result: dict[str, list[str]] = {}
     for rule in sorted(rules, key=lambda r: r.id):
         tz = parse_timezone(rule.timezone)
@@ -70,13 +75,46 @@ def cmd_next(args: argparse.Namespace) -> int:
         result[rule.id] = [t.astimezone(tz).isoformat() for t in times]
     if args.format == "json":
         print(json.dumps(result, indent=2))
+        if invalid:
+            print(
+                f"invalid, not listed: {', '.join(invalid)} (see `pushrules validate`)",
+                file=sys.stderr,
+            )
         return EXIT_OK
     for rule_id, times in result.items():
         state = "" if ruleset.rules[rule_id].enabled else "  (disabled)"
         print(f"{rule_id}{state}")
         for moment in times or ["never again"]:
             print(f"  {moment}")
+    for rule_id in invalid:
+        print(f"{rule_id}  (invalid: see `pushrules validate`; it does not fire until fixed)")
     return EXIT_OK
+
+
+def invalid_rules(ruleset: RuleSet) -> list[str]:
+    """Rules whose file has errors: they are not in the rule set, and do not fire."""
+    from pathlib import PurePosixPath
+
+    return sorted(
+        {
+            PurePosixPath(p.file).stem
+            for p in ruleset.problems
+            if p.is_error and p.file.startswith("rules/")
+        }
+        - set(ruleset.rules)
+    )
+
+
+def _not_scheduled(ruleset: RuleSet, rule_id: str) -> str:
+    """Why ``next`` has no fire times for a rule: its trigger, its errors, or no such rule."""
+    from engine.problems import did_you_mean
+
+    if rule_id in ruleset.rules:
+        return f"it fires on {ruleset.rules[rule_id].trigger_kind}, not on a schedule"
+    if rule_id in invalid_rules(ruleset):
+        return "invalid: see `pushrules validate`; it does not fire until fixed"
+    known = sorted(ruleset.rules) + invalid_rules(ruleset)
+    return f"no such rule in rules/{did_you_mean(rule_id, known)}"
 
 
 def _pause_target(args: argparse.Namespace, *, must_exist: bool) -> tuple[Project, str]:
@@ -108,7 +146,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
     with open_store(project) as store:
         store.pause(target, until)
     what = "every rule" if args.all else f"rule {args.rule}"
-    when = f"until {until.isoformat(timespec='seconds')}" if until else "until `pushrules resume`"
+    when = f"until {local_time(until, project)}" if until else "until `pushrules resume`"
     print(f"{what} paused {when}: its fires are kept in the outbox, not sent")
     return EXIT_OK
 
@@ -123,6 +161,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     rule = None if args.all else args.rule
     with open_store(project) as store:
+        if not args.all and args.rule not in store.paused() and "*" in store.paused():
+            # Lifting nothing would leave the rule paused by --all while saying all is well.
+            print(f"pushrules: {all_paused(store, project)}", file=sys.stderr)
+            return EXIT_PROBLEMS
         if args.all:
             lifted = [name for name in store.paused() if store.resume(name)]
         else:
@@ -134,12 +176,33 @@ def cmd_resume(args: argparse.Namespace) -> int:
         else:
             released = store.release(rule=rule)
             dropped = 0
+        still = None if args.all or "*" not in store.paused() else all_paused(store, project)
     if lifted:
         print(f"resumed: {', '.join(lifted)}")
     if released:
         print(f"{released} held request(s) released: the daemon sends them now")
     if dropped:
         print(f"{dropped} unsent request(s) dropped")
+    if still:
+        print(f"pushrules: {args.rule} stays paused: {still}", file=sys.stderr)
+        return EXIT_PROBLEMS
     if not (lifted or released or dropped):
         print("nothing was paused or held", file=sys.stderr)
     return EXIT_OK
+
+
+def local_time(moment: datetime, project: Project) -> str:
+    """A time as an operator of the project reads it: in its timezone, with the offset."""
+    return moment.astimezone(parse_timezone(project.timezone)).isoformat(timespec="seconds")
+
+
+def all_paused(store: Store, project: Project) -> str:
+    """What is in force when every rule is paused, and how to lift it."""
+    since = store.paused_since("*")
+    until = store.paused().get("*")
+    started = f" since {local_time(since, project)}" if since else ""
+    ends = f" until {local_time(until, project)}" if until else ""
+    return (
+        f"all rules are paused{started}{ends}; `pushrules resume --all` lifts it "
+        "(a single rule cannot be resumed while all are paused)"
+    )

@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import json
 import sys
+import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from engine.cli import (
@@ -37,8 +39,11 @@ from engine.schedule import TriggerError, parse_duration, parse_timezone
 from engine.store import (
     DEAD,
     FAILED,
+    HELD,
     IN_DOUBT,
+    PENDING,
     RETRYING,
+    SENDING,
     SENT,
     STATES,
     AttemptResult,
@@ -49,6 +54,10 @@ from engine.store import (
 
 EXIT_LEFT_TO_DAEMON = 75  # EX_TEMPFAIL: try again later (the daemon will)
 FINAL_STATES = (SENT, FAILED, DEAD, IN_DOUBT)
+#: States whose outcome is still coming: claimed by another process, or about to be.
+UNSETTLED = (PENDING, SENDING)
+#: How often to look at a row another process is sending.
+SETTLE_POLL = 0.05
 #: Below this many requests a progress bar is noise.
 PROGRESS_THRESHOLD = 20
 
@@ -119,6 +128,11 @@ def _fire_and_deliver(
 
     if args.dry_run:
         return _dry_run(project, requests)
+    if not args.sandbox:
+        unreadable = unreadable_credentials(project)
+        if unreadable:
+            print(f"pushrules: {unreadable}: nothing was queued", file=sys.stderr)
+            return EXIT_PROBLEMS
     with _maybe_sandbox(project, args.sandbox) as project:
         store = open_store(project)
         try:
@@ -134,6 +148,25 @@ def _fire_and_deliver(
     for row in rows:
         print(_row_line(row))
     return _exit_for(rows, outcomes)
+
+
+def unreadable_credentials(project: Project) -> str | None:
+    """Why the Accengage credentials cannot be read now, or None when they can.
+
+    A command that sends refuses up front: a row queued without them would wait in the real
+    outbox for a daemon to send it later, stale, to real users.
+    """
+    from engine.runtime import credentials
+    from engine.secrets import MissingSecret
+
+    try:
+        credentials(project).resolve()
+    except MissingSecret as exc:
+        return (
+            f"cannot send: {exc} (the Accengage credentials of pushrules.yaml); set it, or "
+            "try the rule with --sandbox or --dry-run"
+        )
+    return None
 
 
 def _deliverable(store: Store, outcomes: Sequence[FireOutcome]) -> list[int]:
@@ -191,8 +224,15 @@ async def _deliver(
                 advance()
 
         dispatcher = make_dispatcher(project, store, sandbox=sandbox, on_attempt=on_attempt)
+        deadline = time.monotonic() + wait
         try:
-            return await dispatcher.deliver(ids, wait)
+            rows = await dispatcher.deliver(ids, wait)
+            # Another process (a daemon on the same store) may have claimed a row first: its
+            # outcome is the one to report, so wait for it as for our own.
+            while any(r.state in UNSETTLED for r in rows) and time.monotonic() < deadline:
+                await asyncio.sleep(SETTLE_POLL)
+                rows = await dispatcher.deliver(ids, max(0.0, deadline - time.monotonic()))
+            return rows
         finally:
             await dispatcher.aclose()
 
@@ -217,7 +257,10 @@ def _progress(total: int) -> Iterator[Any]:
 
 
 def _print_outcome(outcome: FireOutcome) -> None:
-    print(f"{outcome.rule}: {outcome.status} ({outcome.detail})", file=sys.stderr)
+    detail = outcome.detail
+    if outcome.status == "empty":
+        detail = f"{detail}: a for_each over an empty list? nothing was queued or sent"
+    print(f"{outcome.rule}: {outcome.status} ({detail})", file=sys.stderr)
 
 
 def _row_line(row: OutboxRow) -> str:
@@ -237,6 +280,13 @@ def _exit_for(rows: Sequence[OutboxRow], outcomes: Sequence[FireOutcome]) -> int
     states = {r.state for r in rows}
     if states & {FAILED, DEAD, IN_DOUBT} or any(o.status == "failed" for o in outcomes):
         return EXIT_PROBLEMS
+    if SENDING in states:
+        print(
+            "some requests are still being sent by another process (a running daemon): "
+            "see `pushrules history` for their outcome",
+            file=sys.stderr,
+        )
+        return EXIT_LEFT_TO_DAEMON
     if RETRYING in states or states - {SENT}:
         print(
             "some requests are still retrying: the daemon (pushrules run) will carry on",
@@ -314,22 +364,62 @@ def cmd_history(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    missing = missing_outbox(project)
+    if missing is not None:  # reading must not create an empty outbox beside the project
+        if args.format == "json":
+            print("[]")
+        print(f"no outbox yet ({missing} does not exist): nothing was sent", file=sys.stderr)
+        return EXIT_OK
     store = open_store(project)
     try:
         rows = store.history(rule=args.rule, states=states, since=since, limit=args.limit)
+        paused = store.paused()
     finally:
         store.close()
+    now = datetime.now(UTC)
+    waits = {r.id: why_waiting(r, paused, now) for r in rows}
     if args.format == "json":
-        print(json.dumps([_row_json(r) for r in rows], indent=2, ensure_ascii=False))
+        listed = [{**_row_json(r), "waiting": waits[r.id]} for r in rows]
+        print(json.dumps(listed, indent=2, ensure_ascii=False))
         return EXIT_OK
     if not rows:
         print("no matching request in the outbox", file=sys.stderr)
         return EXIT_OK
-    _print_table(rows)
+    _print_table(rows, waits)
     return EXIT_OK
 
 
-def _print_table(rows: Sequence[OutboxRow]) -> None:
+def missing_outbox(project: Project) -> str | None:
+    """The SQLite file of the outbox when it does not exist yet; None when it does (or the
+    store is not a file)."""
+    prefix = "sqlite:///"
+    url = project.store_url()
+    if not url.startswith(prefix) or url.endswith(":memory:"):
+        return None
+    path = url[len(prefix) :]
+    return None if Path(path).exists() else path
+
+
+def why_waiting(row: OutboxRow, paused: Mapping[str, datetime | None], now: datetime) -> str | None:
+    """Why a row not sent yet is not going out now, in words; None for one that is not held
+    back (or is done)."""
+    if row.state == HELD:
+        return f"past the rule's limit: held until `pushrules resume {row.rule}` (or drop)"
+    if row.state not in (PENDING, RETRYING):
+        return None
+    pause = row.rule if row.rule in paused else "*" if "*" in paused else None
+    if pause is not None:
+        until = paused[pause]
+        what = "rule paused" if pause == row.rule else "all rules paused"
+        when = f" until {until.isoformat(timespec='seconds')}" if until else ""
+        lift = row.rule if pause == row.rule else "--all"
+        return f"{what}{when}: `pushrules resume {lift}` sends it"
+    if row.state == PENDING and row.next_attempt_at > now:
+        return f"deferred by quiet hours to {row.next_attempt_at.isoformat(timespec='seconds')}"
+    return None
+
+
+def _print_table(rows: Sequence[OutboxRow], waits: Mapping[int, str | None]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -356,7 +446,7 @@ def _print_table(rows: Sequence[OutboxRow]) -> None:
             r.state,
             str(r.attempts),
             "" if r.return_code is None else str(r.return_code),
-            r.return_label or (r.last_error or ""),
+            waits.get(r.id) or r.return_label or (r.last_error or ""),
             r.message_id or "",
             r.created_at.strftime("%Y-%m-%d %H:%M:%S"),
         )
@@ -373,6 +463,10 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    unreadable = None if args.sandbox else unreadable_credentials(project)
+    if args.action == "resend" and unreadable:
+        print(f"pushrules: {unreadable}: nothing was queued again", file=sys.stderr)
+        return EXIT_PROBLEMS
     store = open_store(project)
     code = EXIT_OK
     changed: list[int] = []

@@ -482,6 +482,11 @@ class _IntakeAdapter:
     def health(self) -> dict[str, Any]:
         return self._daemon.health()
 
+    def paused(self) -> dict[str, datetime | None]:
+        """Pauses in force (rule or "*" -> until), for the intake's answer."""
+        assert self._daemon.store is not None
+        return self._daemon.store.paused(self._daemon.clock.now())
+
     def metrics(self) -> tuple[bytes, str]:
         return self._daemon.metrics_text()
 

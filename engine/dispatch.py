@@ -41,6 +41,7 @@ import httpx
 
 from engine import __version__, accengage
 from engine.accengage import RETRYABLE_CODES, describe
+from engine.schemas import DISPATCH
 from engine.secrets import MASK, MissingSecret, SecretRef
 from engine.store import (
     DEAD,
@@ -132,12 +133,10 @@ class DispatchSettings:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.concurrency < 1:
-            problems.append("concurrency must be at least 1")
-        if self.max_attempts < 1:
-            problems.append("max_attempts must be at least 1")
-        if self.rate_per_second is not None and self.rate_per_second <= 0:
-            problems.append("rate_per_second must be positive (or None for no limit)")
+        for name in ("concurrency", "max_attempts", "rate_per_second"):  # pushrules.yaml's bounds
+            value = getattr(self, name)
+            if value is not None and (problem := DISPATCH[name]["bounds"].problem(value, value)):
+                problems.append(f"{name}: {problem}")
         if self.backoff_base <= 0 or self.backoff_max < self.backoff_base:
             problems.append("backoff_base must be positive and backoff_max at least backoff_base")
         if self.store_calls not in ("auto", "inline", "thread"):

@@ -16,7 +16,8 @@ import hmac
 import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any, Protocol
 
 from starlette.applications import Starlette
@@ -137,8 +138,24 @@ def parse_event(body: bytes) -> dict[str, Any]:
     return value
 
 
-def describe(outcomes: Sequence[FireOutcome]) -> list[dict[str, str]]:
-    return [{"rule": o.rule, "status": o.status, "detail": o.detail} for o in outcomes]
+def describe(
+    outcomes: Sequence[FireOutcome], paused: Mapping[str, datetime | None] | None = None
+) -> list[dict[str, str]]:
+    """Each rule's outcome; a fire queued for a paused rule says ``paused``, since the client
+    would otherwise expect a push that waits for ``pushrules resume``."""
+    return [_described(o, paused or {}) for o in outcomes]
+
+
+def _described(o: FireOutcome, paused: Mapping[str, datetime | None]) -> dict[str, str]:
+    pause = o.rule if o.rule in paused else "*" if "*" in paused else None
+    if o.status != "queued" or pause is None:
+        return {"rule": o.rule, "status": o.status, "detail": o.detail}
+    until = paused[pause]
+    what = "the rule is paused" if pause == o.rule else "all rules are paused"
+    when = f" until {until.isoformat(timespec='seconds')}" if until else ""
+    lift = f"pushrules resume {o.rule if pause == o.rule else '--all'}"
+    detail = f"{o.detail}; {what}{when}: kept in the outbox until `{lift}`"
+    return {"rule": o.rule, "status": "paused", "detail": detail}
 
 
 def no_rule_note(ruleset: RuleSet, name: str) -> str:
@@ -202,7 +219,11 @@ def create_app(state: IntakeState, *, max_body: int = MAX_BODY) -> Starlette:
             event_id,
             ", ".join(f"{o.rule} {o.status}" for o in outcomes) or "no rule listens",
         )
-        answer: dict[str, Any] = {"event_id": event_id, "rules": describe(outcomes)}
+        paused_rules = getattr(state, "paused", None)  # optional in IntakeState
+        paused = None
+        if paused_rules is not None and any(o.status == "queued" for o in outcomes):
+            paused = await run_in_threadpool(paused_rules)
+        answer: dict[str, Any] = {"event_id": event_id, "rules": describe(outcomes, paused)}
         if not outcomes:
             answer["note"] = no_rule_note(state.ruleset(), name)
         return _Json(answer, status_code=202)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,19 @@ class App:
     platform: str  # "ios" or "android"
 
 
+@dataclass(frozen=True, slots=True)
+class DispatchConfig:
+    """``dispatch:`` of pushrules.yaml, typed and within the schema's bounds (None: the
+    dispatcher's default). Built only from a file that validated, so the daemon never meets a
+    value it refuses."""
+
+    concurrency: int | None = None
+    rate_per_second: int | None = None
+    max_attempts: int | None = None
+    timeout: timedelta | None = None
+    on_unknown_outcome: str | None = None
+
+
 @dataclass(frozen=True)
 class Project:
     """The validated configuration; immutable, so a reload swaps it whole."""
@@ -42,7 +56,7 @@ class Project:
     store: str = DEFAULT_STORE
     listen: str = DEFAULT_LISTEN
     intake_token: SecretRef | None = None
-    dispatch: Mapping[str, Any] = field(default_factory=dict)
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
 
     def button_count(self, template: str) -> int | None:
         """Buttons of a category: the app's declared ones first, then Accengage's predefined."""
@@ -151,14 +165,14 @@ def parse_project(root: Path, text: str) -> tuple[Project | None, list[Problem]]
         store=str(doc.get("store") or DEFAULT_STORE),
         listen=str(doc.get("listen") or DEFAULT_LISTEN),
         intake_token=token,
-        dispatch=native(doc.get("dispatch") or {}),
+        dispatch=_dispatch(doc.get("dispatch") or {}),
     )
     return project, problems
 
 
 def _check_settings(doc: Mapping[str, Any], report: Any) -> None:
     """Settings whose text has a shape: a timezone, a store URL, an address, a duration."""
-    from engine.schedule import TriggerError, parse_duration, parse_timezone
+    from engine.schedule import TriggerError, parse_timezone
 
     if isinstance(doc.get("timezone"), str):
         try:
@@ -191,12 +205,24 @@ def _check_settings(doc: Mapping[str, Any], report: Any) -> None:
             None,
             "the Accengage URL must start with https:// (or http:// for a local test endpoint)",
         )
-    dispatch = doc.get("dispatch")
-    if isinstance(dispatch, dict) and isinstance(dispatch.get("timeout"), str):
-        try:
-            parse_duration(str(dispatch["timeout"]))
-        except TriggerError as exc:
-            report(("dispatch", "timeout"), None, str(exc))
+
+
+def _dispatch(section: Mapping[str, Any]) -> DispatchConfig:
+    """The typed ``dispatch:`` of a section the schema passed (bounds included)."""
+    from engine.schedule import parse_duration
+
+    def number(key: str) -> int | None:
+        return int(native(section[key])) if key in section else None
+
+    timeout = section.get("timeout")
+    unknown = section.get("on_unknown_outcome")
+    return DispatchConfig(
+        concurrency=number("concurrency"),
+        rate_per_second=number("rate_per_second"),
+        max_attempts=number("max_attempts"),
+        timeout=parse_duration(str(timeout)) if timeout is not None else None,
+        on_unknown_outcome=str(unknown) if unknown is not None else None,
+    )
 
 
 def _names(value: Any) -> frozenset[str] | None:

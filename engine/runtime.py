@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import httpx
 
 from engine.dispatch import Credentials, Dispatcher, DispatchSettings
 from engine.project import Project
-from engine.schedule import parse_duration
 from engine.secrets import MissingSecret, SecretRef
 from engine.store import AttemptResult, OutboxRow, Store
 
@@ -56,22 +56,26 @@ class _OrDefault:
 
 
 def dispatch_settings(project: Project) -> DispatchSettings:
-    """``dispatch:`` of pushrules.yaml over the defaults."""
-    given: dict[str, Any] = dict(project.dispatch)
+    """``dispatch:`` of pushrules.yaml over the defaults. Its values are typed and bounded by
+    the schema already; the lease grows with a long timeout so a request in flight is never
+    taken for a dead one."""
+    given = project.dispatch
     changes: dict[str, Any] = {}
-    for key in ("concurrency", "max_attempts"):
-        if key in given:
-            changes[key] = int(given[key])
-    if "rate_per_second" in given:
-        changes["rate_per_second"] = float(given["rate_per_second"])
-    if "on_unknown_outcome" in given:
-        changes["on_unknown_outcome"] = str(given["on_unknown_outcome"])
-    if "timeout" in given:
-        seconds = parse_duration(str(given["timeout"])).total_seconds()
+    if given.concurrency is not None:
+        changes["concurrency"] = given.concurrency
+    if given.max_attempts is not None:
+        changes["max_attempts"] = given.max_attempts
+    if given.rate_per_second is not None:
+        changes["rate_per_second"] = float(given.rate_per_second)
+    if given.on_unknown_outcome is not None:
+        changes["on_unknown_outcome"] = given.on_unknown_outcome
+    if given.timeout is not None:
+        seconds = given.timeout.total_seconds()
         changes["timeout"] = httpx.Timeout(
             connect=min(seconds, 10.0), read=seconds, write=seconds, pool=seconds
         )
-        changes["deadline"] = max(DispatchSettings.deadline, seconds * 2)
+        changes["deadline"] = deadline = max(DispatchSettings.deadline, seconds * 2)
+        changes["lease"] = max(DispatchSettings.lease, timedelta(seconds=2 * deadline))
     return DispatchSettings(**changes)
 
 

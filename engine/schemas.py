@@ -164,6 +164,50 @@ RULE: dict[str, Any] = {
 
 SECRET: dict[str, Any] = {"type": ["dict", "string"]}  # shape checked in project.py
 
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """The values a number of ``pushrules.yaml`` may take: the one definition of its limits.
+
+    The schema carries it (``"bounds": Bounds(...)``), so ``validate`` reports a value outside
+    it with its line, and the settings built from the file never hold one the daemon refuses.
+    ``unit="s"`` bounds a duration (``30s``, ``2m``) in seconds.
+    """
+
+    low: int
+    high: int
+    unit: str = ""
+
+    def problem(self, value: float, written: object) -> str | None:
+        """Why ``value`` (as ``written`` in the file) is out of bounds; None within them."""
+        if self.low <= value <= self.high:
+            return None
+        kind = "a duration" if self.unit else "a whole number"
+        return (
+            f"{written} is out of range; write {kind} from {self.words(self.low)} "
+            f"to {self.words(self.high)}"
+        )
+
+    def words(self, value: float) -> str:
+        """A bound as it is written in the file (``300`` seconds is ``5m``)."""
+        if not self.unit:
+            return f"{value:g}"
+        for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
+            if value >= size and value % size == 0:
+                return f"{value // size:g}{unit}"
+        return f"{value:g}s"
+
+
+#: ``dispatch:`` of pushrules.yaml. The bounds keep what the dispatcher accepts: at least one
+#: request in flight and one attempt; a timeout the claim lease (10 minutes) can cover twice.
+DISPATCH: dict[str, Any] = {
+    "concurrency": {**INT, "bounds": Bounds(1, 256)},
+    "rate_per_second": {**INT, "bounds": Bounds(1, 10_000)},
+    "max_attempts": {**INT, "bounds": Bounds(1, 100)},
+    "timeout": {**TEXT, "bounds": Bounds(1, 300, "s")},
+    "on_unknown_outcome": {"type": "string", "allowed": ["park", "retry"]},
+}
+
 PROJECT: dict[str, Any] = {
     "accengage": {
         "type": "dict",
@@ -193,20 +237,12 @@ PROJECT: dict[str, Any] = {
     "timezone": TEXT,
     "device_fields": {"type": "list", "schema": TEXT},
     "languages": {"type": "list", "schema": TEXT},
-    "button_templates": {"type": "dict", "valuesrules": INT},
+    # Up to 4 buttons in an app's own iOS category (ACCENGAGE_API.md); 0 for one without.
+    "button_templates": {"type": "dict", "valuesrules": {**INT, "bounds": Bounds(0, 4)}},
     "store": TEXT,
     "listen": TEXT,
     "intake_token": SECRET,
-    "dispatch": {
-        "type": "dict",
-        "schema": {
-            "concurrency": INT,
-            "rate_per_second": INT,
-            "max_attempts": INT,
-            "timeout": TEXT,
-            "on_unknown_outcome": {"type": "string", "allowed": ["park", "retry"]},
-        },
-    },
+    "dispatch": {"type": "dict", "schema": DISPATCH},
 }
 
 
@@ -252,6 +288,33 @@ class _Validator(cerberus.Validator):
         "yamlbool": cerberus.TypeDefinition("yamlbool", (YamlBool,), ()),
         "yamlint": cerberus.TypeDefinition("yamlint", (YamlInt,), ()),
     }
+
+    # Cerberus reads the docstring as the rule's own schema: any Bounds constraint is fine.
+    def _validate_bounds(self, constraint: Bounds, field: str, value: object) -> None:
+        """{'nullable': False}"""
+        number = bounded_value(value, constraint)
+        if isinstance(number, str):
+            self._error(field, number)
+            return
+        if number is not None and (problem := constraint.problem(number, value)):
+            self._error(field, problem)
+
+
+def bounded_value(value: object, bounds: Bounds) -> float | str | None:
+    """The number a bounded setting holds (seconds for a duration), a message when a duration
+    cannot be read, or None when the type is wrong (the type rule says so)."""
+    if bounds.unit == "s":
+        if not isinstance(value, str):
+            return None
+        from engine.schedule import TriggerError, parse_duration
+
+        try:
+            return parse_duration(str(value)).total_seconds()
+        except TriggerError as exc:
+            return str(exc)
+    if not is_yaml_int(value):
+        return None
+    return int(value.typed if isinstance(value, Scalar) else value)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +387,8 @@ class SchemaChecker:
             return SchemaError(path, "required", "is missing; add it")
         if error.code == cerr.EMPTY_NOT_ALLOWED.code:
             return SchemaError(path, "empty", "must not be empty")
+        if error.code == cerr.CUSTOM.code and error.info:
+            return SchemaError(path, "other", str(error.info[0]))
         if error.code == cerr.NOT_NULLABLE.code:
             return SchemaError(path, "null", "has no value; write one or remove the line")
         return SchemaError(path, "other", str(error.rule or "invalid value"))

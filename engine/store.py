@@ -1082,6 +1082,15 @@ class Store:
         with self._read() as conn:
             return {r.rule: r.until for r in conn.execute(q.order_by(pauses.c.rule))}
 
+    def paused_since(self, rule: str, now: datetime | None = None) -> datetime | None:
+        """When the pause in force on ``rule`` (or ``"*"``) began; None if it has none."""
+        now = now or utcnow()
+        q = select(pauses.c.paused_at).where(
+            pauses.c.rule == rule, or_(pauses.c.until.is_(None), pauses.c.until > now)
+        )
+        with self._read() as conn:
+            return conn.execute(q).scalar()
+
 
 class Leadership:
     """One leader among daemons sharing a store: it alone runs schedules and polls feeds.

@@ -1,0 +1,372 @@
+"""Issue 8, the command line: trials that must not reach production, races with a running
+daemon, pauses in force, settings that validate but crash, and the CLI's consistency."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from engine.cli import main
+from engine.sandbox import RunningSandbox
+from engine.store import Store
+from tests.daemon_process import START_TIMEOUT, Daemon, free_port, wait_for
+from tests.daemon_process import Project as DaemonProject
+from tests.helpers import REPO, make_project, write_rule
+from tests.test_cli import broken  # noqa: F401 (fixture)
+from tests.test_cli_send import event_file, project, sandbox  # noqa: F401 (fixtures)
+
+# --- 4. a trial send without credentials never queues -----------------------------------------
+
+
+@pytest.mark.parametrize("command", ["send", "fire"])
+def test_send_without_credentials_refuses_before_queueing(
+    command: str,
+    project: Path,  # noqa: F811
+    sandbox: RunningSandbox,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv("ACCENGAGE_PASSWORD")
+    data = event_file(tmp_path, order="N1", member="765c8")
+    what = (
+        ["send", "shipped", "--event", data]
+        if command == "send"
+        else [
+            "fire",
+            "order.shipped",
+            "--data",
+            data,
+        ]
+    )
+    assert main([*what, "--project", str(project)]) == 1
+    err = capsys.readouterr().err
+    assert "ACCENGAGE_PASSWORD" in err and "nothing was queued" in err
+    assert sandbox.requests() == []
+    store_file = tmp_path / "out.db"
+    if store_file.exists():  # nothing written: no row a later daemon could send, stale
+        with Store(f"sqlite:///{store_file}") as store:
+            assert store.history(limit=10) == []
+
+
+def test_outbox_resend_without_credentials_refuses(
+    project: Path,  # noqa: F811
+    sandbox: RunningSandbox,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sandbox.set_faults(code=5)
+    data = event_file(tmp_path, order="N2", member="765c8")
+    assert main(["send", "shipped", "--event", data, "--project", str(project)]) == 1
+    capsys.readouterr()
+    main(["history", "--project", str(project), "--format", "json"])
+    [row] = json.loads(capsys.readouterr().out)
+    monkeypatch.delenv("ACCENGAGE_LOGIN")
+    assert main(["outbox", "resend", str(row["id"]), "--project", str(project)]) == 1
+    assert "ACCENGAGE_LOGIN" in capsys.readouterr().err
+    main(["history", "--project", str(project), "--format", "json"])
+    assert [r["state"] for r in json.loads(capsys.readouterr().out)] == ["failed"]
+
+
+def test_sandbox_send_needs_no_credentials(
+    project: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("ACCENGAGE_PASSWORD")
+    data = event_file(tmp_path, order="N3", member="765c8")
+    assert main(["send", "shipped", "--event", data, "--sandbox", "--project", str(project)]) == 0
+
+
+# --- 5. send --sandbox beside a running run --sandbox ---------------------------------------
+
+
+class SandboxDaemon(Daemon):
+    """``pushrules run --sandbox``: its own sandbox endpoint, the trial outbox of the project."""
+
+    def start(self, **env: str) -> SandboxDaemon:
+        command = [sys.executable, "-m", "engine", "run", "--project", str(self.project.root)]
+        command += ["--sandbox", "--sandbox-port", str(free_port()), "--log-format", "json"]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                env=self.env(**env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.project.root,
+            )
+        wait_for(
+            self._answers, "the daemon to answer /healthz", timeout=START_TIMEOUT, log=self.log
+        )
+        return self
+
+
+def _send_sandbox(root: Path, event: Path) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PUSHRULES_", "TEST_"))}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "send",
+            "race",
+            "--event",
+            str(event),
+            "--sandbox",
+            "--project",
+            str(root),
+        ],
+        env={**env, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=root,
+    )
+
+
+def test_send_sandbox_reports_the_outcome_when_a_running_daemon_sends_the_row(
+    tmp_path: Path,
+) -> None:
+    """Each trial's row is sent by whoever claims it first, the CLI or the daemon; the CLI
+    must report that outcome (exit 0, sent), not "still retrying"."""
+    trial = DaemonProject(tmp_path / "p", "http://127.0.0.1:9/unused")
+    trial.rule("race", "event: race.test", "Race {{ event.n }}")
+    event = tmp_path / "event.json"
+    event.write_text('{"n": 1}')
+    daemon = SandboxDaemon(trial).start()
+    trial_store = f"sqlite:///{trial.root / 'pushrules-sandbox.db'}"
+    try:
+        daemon_won = 0
+        deadline = time.monotonic() + 90
+        while daemon_won < 2 and time.monotonic() < deadline:
+            runs = [_send_sandbox(trial.root, event) for _ in range(6)]
+            for run in runs:
+                out, err = run.communicate(timeout=60)
+                assert run.returncode == 0, f"exit {run.returncode}\n{out}\n{err}\n{daemon.log()}"
+                assert "  sent  returnCode 0" in out, out
+            with Store(trial_store) as store:
+                rows = store.history(rule="race", limit=1000)
+            assert {r.state for r in rows} == {"sent"}
+            workers = [a.worker or "" for r in rows for a in r.attempt_log]
+            assert daemon.process is not None
+            daemon_won = sum(w.endswith(f":{daemon.process.pid}") for w in workers)
+        assert daemon_won, "the daemon never claimed a trial's row: the race was not exercised"
+    finally:
+        assert daemon.stop() == 0
+
+
+# --- 6. a pause in force is said, in the CLI, the intake's answer and history -----------------
+
+
+def test_resume_of_one_rule_under_pause_all_says_what_is_in_force(
+    project: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["pause", "--all", "--project", str(project)]) == 0
+    capsys.readouterr()
+    assert main(["resume", "shipped", "--project", str(project)]) == 1
+    err = capsys.readouterr().err
+    assert "all rules are paused since" in err and "`pushrules resume --all` lifts it" in err
+    assert "+01:00" in err or "+02:00" in err  # the project's timezone, Europe/Paris
+    # The rule paused on its own too: its pause is lifted, the one of --all still holds it.
+    assert main(["pause", "shipped", "--project", str(project)]) == 0
+    assert main(["resume", "shipped", "--project", str(project)]) == 1
+    captured = capsys.readouterr()
+    assert "resumed: shipped" in captured.out and "stays paused" in captured.err
+    assert main(["resume", "--all", "--project", str(project)]) == 0
+
+
+def test_pause_for_prints_its_end_in_the_projects_timezone(
+    project: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["pause", "shipped", "--for", "2h", "--project", str(project)]) == 0
+    out = capsys.readouterr().out
+    end = datetime.fromisoformat(out.split("until ")[1].split(": ")[0])
+    paris = end.astimezone(ZoneInfo("Europe/Paris"))
+    assert end.utcoffset() == paris.utcoffset() != timedelta(0), out
+    assert abs(end - datetime.now(UTC) - timedelta(hours=2)) < timedelta(minutes=1)
+
+
+def test_a_post_to_a_paused_rule_answers_paused_and_history_says_why_it_waits(
+    tmp_path: Path,
+    sandbox: RunningSandbox,  # noqa: F811
+) -> None:
+    live = DaemonProject(tmp_path / "live", sandbox.url)
+    live.rule("held-back", "event: paused.test", "Held {{ event.n }}")
+    live.rule("free", "event: free.test", "Free {{ event.n }}")
+    root = str(live.root)
+    daemon = Daemon(live).start()
+    try:
+        assert main(["pause", "held-back", "--project", root]) == 0
+        answer = daemon.post("paused.test", {"n": 1}).json()
+        [rule] = answer["rules"]
+        assert rule["status"] == "paused", rule
+        assert "pushrules resume held-back" in rule["detail"]
+        assert daemon.post("free.test", {"n": 2}).json()["rules"][0]["status"] == "queued"
+        waiting = _history(root, "held-back")
+        assert waiting["state"] == "pending"
+        assert waiting["waiting"].startswith("rule paused")
+        assert main(["pause", "--all", "--project", root]) == 0
+        assert daemon.post("free.test", {"n": 3}).json()["rules"][0]["status"] == "paused"
+        assert "all rules paused" in _history(root, "free")["waiting"]
+    finally:
+        assert daemon.stop() == 0
+
+
+def _history(root: str, rule: str) -> dict[str, Any]:
+    """The newest outbox row of ``rule``, as ``history --format json`` shows it."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "history",
+            "--rule",
+            rule,
+            "--format",
+            "json",
+            "--project",
+            root,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    ).stdout
+    return json.loads(out)[0]
+
+
+# --- 13. the command line says the same things the same way ----------------------------------
+
+CRON_RULE = """
+trigger: {cron: "0 9 * * *"}
+apps:
+  flights-ios: {parentMessageId: "1"}
+message:
+  text: "Good morning"
+targets:
+  - memberId: "765c8"
+"""
+
+FOR_EACH_RULE = """
+trigger: {event: flight.boarding}
+apps:
+  flights-ios: {parentMessageId: "1"}
+message:
+  text: "Boarding now"
+targets:
+  - for_each: "{{ event.passengers }}"
+    as: p
+    target: {memberId: "{{ p }}"}
+"""
+
+
+def test_validate_takes_project_like_every_command(
+    broken: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["validate", "--project", str(REPO)]) == 0
+    assert main(["validate", "--project", str(broken), "--format", "json"]) == 1
+    assert json.loads(capsys.readouterr().out)["problems"][0]["code"] == 5
+    assert main(["validate", str(REPO), "--project", str(broken)]) == 2
+
+
+def test_next_names_an_invalid_or_unknown_rule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = make_project(tmp_path / "p")
+    write_rule(root, "morning", CRON_RULE)
+    write_rule(root, "broken-morning", CRON_RULE.replace('"0 9 * * *"', '"0 25 * * *"'))
+    assert main(["next", "broken-morning", "--project", str(root)]) == 1
+    assert "invalid: see `pushrules validate`" in capsys.readouterr().err
+    assert main(["next", "mornin", "--project", str(root)]) == 1
+    assert "did you mean 'morning'" in capsys.readouterr().err
+    assert main(["next", "--project", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "morning\n" in out and "broken-morning  (invalid: see `pushrules validate`" in out
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("resume", "Lift a pause"),
+        ("pause", "Examples:\n  pushrules pause"),
+        ("resume", "Examples:\n  pushrules resume"),
+        ("outbox", "Examples:\n  pushrules history"),
+        ("history", "text: a table for people"),
+    ],
+)
+def test_help_describes_each_command_with_examples(
+    command: str, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    assert expected in capsys.readouterr().out
+
+
+def test_history_does_not_create_an_outbox(
+    project: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["history", "--project", str(project)]) == 0
+    assert "no outbox yet" in capsys.readouterr().err
+    assert main(["history", "--project", str(project), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert not (tmp_path / "out.db").exists()
+
+
+def test_an_empty_for_each_says_so_in_compile_and_send(
+    project: Path,  # noqa: F811
+    sandbox: RunningSandbox,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    write_rule(project, "boarding", FOR_EACH_RULE)
+    event = tmp_path / "nobody.json"
+    event.write_text('{"passengers": []}')
+    args = ["boarding", "--event", str(event), "--project", str(project)]
+    assert main(["compile", *args]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == [] and "for_each over an empty list" in captured.err
+    assert main(["send", *args]) == 0
+    assert "for_each over an empty list" in capsys.readouterr().err
+    assert sandbox.requests() == []
+
+
+@pytest.mark.parametrize(
+    ("then", "says"), [("defer", "deferred to 2026-11-27T07:00"), ("skip", "skipped")]
+)
+def test_compile_inside_quiet_hours_says_what_would_happen(
+    then: str,
+    says: str,
+    project: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    write_rule(
+        project, "night", CRON_RULE + f'quiet_hours: {{from: "21:00", to: "07:00", then: {then}}}\n'
+    )
+    at = "2026-11-26T23:30:00+01:00"
+    assert main(["compile", "night", "--at", at, "--project", str(project)]) == 0
+    captured = capsys.readouterr()
+    assert len(json.loads(captured.out)) == 1
+    assert "inside the rule's quiet hours (21:00 to 07:00)" in captured.err
+    assert says in captured.err
+    assert (
+        main(["compile", "night", "--at", "2026-11-26T12:00:00+01:00", "--project", str(project)])
+        == 0
+    )
+    assert "quiet hours" not in capsys.readouterr().err

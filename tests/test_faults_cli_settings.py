@@ -1,0 +1,207 @@
+"""Issue 8 point 7: every key of pushrules.yaml, given a bad value, is a problem with its line in
+``validate`` and a plain refusal (no traceback) in ``run`` and ``send``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.cli import main
+from engine.schemas import PROJECT
+from tests.daemon_process import free_port
+from tests.helpers import REPO, write_rule
+
+#: A pushrules.yaml setting every key, one per line: (path in the file, line text).
+LINES: list[tuple[tuple[str, ...], str]] = [
+    (("accengage",), "accengage:"),
+    (("accengage", "url"), "  url: http://127.0.0.1:9/sendInstantMessage.php"),
+    (("accengage", "login"), "  login: {env: ACCENGAGE_LOGIN}"),
+    (("accengage", "password"), "  password: {env: ACCENGAGE_PASSWORD}"),
+    (("apps",), "apps:"),
+    (("apps", "flights-ios"), "  flights-ios:"),
+    (("apps", "flights-ios", "partner"), "    partner: my_partner_id"),
+    (("apps", "flights-ios", "platform"), "    platform: ios"),
+    (("timezone",), "timezone: Europe/Paris"),
+    (("device_fields",), "device_fields: [memberId]"),
+    (("languages",), "languages: [en]"),
+    (("button_templates",), "button_templates:"),
+    (("button_templates", "category_name"), "  category_name: 2"),
+    (("store",), "store: sqlite:///STORE"),
+    (("listen",), "listen: 127.0.0.1:PORT"),
+    (("intake_token",), "intake_token: {env: INTAKE_TOKEN}"),
+    (("dispatch",), "dispatch:"),
+    (("dispatch", "concurrency"), "  concurrency: 4"),
+    (("dispatch", "rate_per_second"), "  rate_per_second: 100"),
+    (("dispatch", "max_attempts"), "  max_attempts: 3"),
+    (("dispatch", "timeout"), "  timeout: 10s"),
+    (("dispatch", "on_unknown_outcome"), "  on_unknown_outcome: park"),
+]
+#: Where the schema says "any name" (an app alias, a button category), the name used above.
+NAMES = {"apps": "flights-ios", "button_templates": "category_name"}
+
+#: A bad value for every key of the schema (schema path, with "*" for any name).
+BAD: dict[tuple[str, ...], str] = {
+    ("accengage",): "https://api.example.invalid",
+    ("accengage", "url"): "ftp://api.example.invalid/send",
+    ("accengage", "login"): "team@example.com",
+    ("accengage", "password"): "hunter2",
+    ("apps",): "[flights-ios]",
+    ("apps", "*"): "ios",
+    ("apps", "*", "partner"): "[1, 2]",
+    ("apps", "*", "platform"): "windows",
+    ("timezone",): "Mars/Olympus_Mons",
+    ("device_fields",): "memberId",
+    ("languages",): "{en: 1}",
+    ("button_templates",): "[category_name]",
+    ("button_templates", "*"): "9",
+    ("store",): "mysql://db/pushrules",
+    ("listen",): "127.0.0.1:99999",
+    ("intake_token",): "s3cret",
+    ("dispatch",): "fast",
+    ("dispatch", "concurrency"): "0",
+    ("dispatch", "rate_per_second"): "-5",
+    ("dispatch", "max_attempts"): "0",
+    ("dispatch", "timeout"): "1000d",
+    ("dispatch", "on_unknown_outcome"): "guess",
+}
+
+RULE = """
+trigger: {event: order.shipped}
+apps:
+  flights-ios: {parentMessageId: "1"}
+message:
+  text: "Your order {{ event.order }} is on its way"
+targets:
+  - memberId: "{{ event.member }}"
+"""
+
+
+def schema_paths(
+    schema: Mapping[str, Any], prefix: tuple[str, ...] = ()
+) -> Iterator[tuple[str, ...]]:
+    """Every key the pushrules.yaml schema knows, nested ones included ("*": any name)."""
+    for key, rules in schema.items():
+        path = (*prefix, key)
+        yield path
+        if rules.get("type") == "dict" and isinstance(rules.get("schema"), Mapping):
+            yield from schema_paths(rules["schema"], path)
+        values = rules.get("valuesrules")
+        if isinstance(values, Mapping):
+            yield (*path, "*")
+            if isinstance(values.get("schema"), Mapping):
+                yield from schema_paths(values["schema"], (*path, "*"))
+
+
+def file_path(path: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(NAMES[path[i - 1]] if part == "*" else part for i, part in enumerate(path))
+
+
+def config_with(path: tuple[str, ...], bad: str, store: Path, port: int) -> tuple[str, int]:
+    """pushrules.yaml with ``bad`` at ``path`` (its block dropped); the text and that line."""
+    where = file_path(path)
+    lines, line_number = [], 0
+    for at, text in LINES:
+        if at[: len(where)] == where and len(at) > len(where):
+            continue
+        if at == where:
+            key = text.split(":")[0]
+            text = f"{key}: {bad}"
+            line_number = len(lines) + 1
+        lines.append(text.replace("STORE", str(store)).replace("PORT", str(port)))
+    assert line_number, path
+    return "\n".join(lines) + "\n", line_number
+
+
+def test_every_key_of_the_schema_has_a_bad_value_here() -> None:
+    assert set(schema_paths(PROJECT)) == set(BAD)
+
+
+def test_the_good_configuration_is_clean(tmp_path: Path) -> None:
+    root = _project(tmp_path, None)
+    assert main(["validate", str(root)]) == 0
+
+
+def _project(tmp_path: Path, path: tuple[str, ...] | None) -> Path:
+    name = "good" if path is None else "-".join(p.strip("*") or "any" for p in path)
+    root = tmp_path / name
+    (root / "rules").mkdir(parents=True)
+    text, _ = config_with(path or ("timezone",), "UTC", tmp_path / f"{name}.db", free_port())
+    if path is not None:
+        text, _ = config_with(path, BAD[path], tmp_path / f"{name}.db", free_port())
+    (root / "pushrules.yaml").write_text(text)
+    write_rule(root, "shipped", RULE)
+    return root
+
+
+@pytest.mark.parametrize("path", list(BAD), ids=lambda p: ".".join(p))
+def test_a_bad_value_is_a_problem_on_its_line_and_no_command_crashes(
+    path: tuple[str, ...],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = _project(tmp_path, path)
+    _, line = config_with(path, BAD[path], tmp_path / "x.db", 1)
+    monkeypatch.setenv("ACCENGAGE_LOGIN", "team@example.com")
+    monkeypatch.setenv("ACCENGAGE_PASSWORD", "pw")
+    assert main(["validate", str(root), "--format", "json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    lines = [
+        (p["line"], p["severity"]) for p in report["problems"] if p["file"] == "pushrules.yaml"
+    ]
+    assert (line, "error") in lines, report
+
+    event = tmp_path / "event.json"
+    event.write_text('{"order": "A1", "member": "765c8"}')
+    for command in (["send", "shipped", "--event", str(event)], ["next"], ["history"]):
+        code = main([*command, "--project", str(root)])  # an exception fails the test
+        err = capsys.readouterr().err
+        assert code in (1, 2) and "pushrules.yaml" in err, (command, code, err)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHRULES_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "run", "--project", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "PYTHONPATH": str(REPO)},
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert f"pushrules.yaml:{line}:" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "command", [["history"], ["pause", "shipped"], ["send", "shipped", "--event", "EVENT"]]
+)
+def test_an_unreachable_store_is_a_message_not_a_traceback(
+    command: list[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = _project(tmp_path, None)
+    config = root / "pushrules.yaml"
+    unreachable = f"postgresql+psycopg://pushrules:hunter2@127.0.0.1:{free_port()}/nowhere"
+    text = "\n".join(
+        f"store: {unreachable}" if line.startswith("store:") else line
+        for line in config.read_text().splitlines()
+    )
+    config.write_text(text + "\n")
+    monkeypatch.setenv("ACCENGAGE_LOGIN", "team@example.com")
+    monkeypatch.setenv("ACCENGAGE_PASSWORD", "pw")
+    event = tmp_path / "event.json"
+    event.write_text('{"order": "A1", "member": "765c8"}')
+    args = [str(event) if a == "EVENT" else a for a in command]
+    assert main([*args, "--project", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert "the store (store: in pushrules.yaml) cannot be used" in err, err
+    assert "hunter2" not in err
