@@ -165,6 +165,10 @@ def test_button_details() -> None:
         "message.interactiveButtons.buttons[0].id is missing; give the button's number (1, 2, ...)",
     )
     assert detail(buttons({"id": True}))[0] == 24
+    # The id is the button's number in its template, as the validator holds it.
+    for ident in ("confirm", "", 0, -1, "0", "²", "1.0", 1.0):
+        assert detail(buttons({"id": ident}))[0] == 24, ident
+    assert detail(buttons({"id": "01"}))[0] == 0
     assert detail(buttons({"id": 1}, {"id": "1"})) == (
         24,
         "message.interactiveButtons.buttons[1].id 1 is used twice",
