@@ -258,6 +258,12 @@ def custom_params_problems(value: object) -> Iterator[tuple[tuple[Any, ...], boo
         if not isinstance(item, Mapping):
             yield (index,), False, "must be {key: ..., value: ...}"
             continue
+        if (
+            len(item) == 2
+            and isinstance(item.get("key"), str)
+            and isinstance(item.get("value"), str)
+        ):
+            continue  # the usual case, first: this runs on the send path
         extra = [name for name in item if name not in CUSTOM_PARAM_FIELDS]
         for name in CUSTOM_PARAM_FIELDS:
             if name not in item or item[name] is None:

@@ -406,7 +406,7 @@ def _macro_problem(
         matched: list[tuple[str, Mapping[str, str]]] | None = None
         for _, message, macros in needs:
             message_data = message.get("data") or {}
-            for name, where in (*macros, *own):
+            for name, path, sub in (*macros, *own):
                 if name in target_data or name in message_data or name in device_fields:
                     continue
                 if matched is None:
@@ -418,23 +418,26 @@ def _macro_problem(
                 why = f"device {lacking[0]} has no {name}" if lacking else "it matches no device"
                 return (
                     15,
-                    f"${{{name}}} in {where} cannot be filled for targets[{index}]: not in its "
-                    f"data nor the message's data, and {why}",
+                    f"${{{name}}} in {_at(path, sub)} cannot be filled for targets[{index}]: "
+                    f"not in its data nor the message's data, and {why}",
                 )
     return None
 
 
-def _message_macros(message: dict[Any, Any], path: str) -> Iterator[tuple[str, str]]:
+def _message_macros(
+    message: dict[Any, Any], path: str
+) -> Iterator[tuple[str, str, tuple[Any, ...]]]:
+    """Each macro with where it is (the path is joined only for the answer: a hot path)."""
     for sub, text in api.macro_texts(message):
         for name in api.macros(text):
-            yield name, _at(path, sub)
+            yield name, path, sub
 
 
-def _alert_macros(aps: object, path: str) -> Iterator[tuple[str, str]]:
+def _alert_macros(aps: object, path: str) -> Iterator[tuple[str, str, tuple[Any, ...]]]:
     alert = aps.get("alert") if isinstance(aps, dict) else None
     for sub, text in api.alert_texts(alert, ()):
         for name in api.macros(text):
-            yield name, _at(path, sub)
+            yield name, path, sub
 
 
 def _device_rows(

@@ -830,7 +830,7 @@ def _check_targets(
             14,
             f"{static} targets; Accengage takes at most "
             f"{accengage.MAX_TARGETS} per request. Use a segment, a static list, or "
-            "for_each (which is split into requests of 100)",
+            f"for_each (which is split into requests of {accengage.MAX_TARGETS})",
         )
 
 
