@@ -6,7 +6,9 @@ sandbox endpoint) reads these tables, so the API is written down once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 ROUTE = "/sendInstantMessage.php"
@@ -74,14 +76,34 @@ ANDROID_ONLY_MESSAGE_FIELDS = frozenset(
 )
 IOS_ONLY_MESSAGE_FIELDS = frozenset({"badge", "contentAvailable"})
 
-#: Target keys that are not device criteria.
-TARGET_KEYS = ("segmentId", "staticListId", "staticListExternalId", "data", "aps")
+#: Target keys that are not device criteria, and their types (as for :data:`MESSAGE_FIELDS`).
+TARGET_FIELDS: dict[str, str] = {
+    "segmentId": "string",
+    "staticListId": "string",
+    "staticListExternalId": "string",
+    "data": "content",
+    "aps": "aps",
+}
+TARGET_KEYS = tuple(TARGET_FIELDS)
 SINGLE_APP_ONLY_TARGET_KEYS = frozenset({"segmentId", "staticListId", "staticListExternalId"})
 
-BUTTON_FIELDS = ("id", "action", "url", "title", "icon", "destructive", "customParams")
+#: Button fields and their types; ``id`` is the button's number in its template
+#: (see :func:`button_index`).
+BUTTON_FIELD_TYPES: dict[str, str] = {
+    "id": "id",
+    "action": "string",
+    "url": "string",
+    "title": "string",
+    "icon": "string",
+    "destructive": "boolean",
+    "customParams": "customParams",
+}
+BUTTON_FIELDS = tuple(BUTTON_FIELD_TYPES)
 ANDROID_ONLY_BUTTON_FIELDS = frozenset({"title", "icon", "destructive"})
 
-APS_FIELDS = ("alert", "sound", "badge")
+#: Aps fields and their types: ``alert`` is a string or Apple's dictionary.
+APS_FIELD_TYPES: dict[str, str] = {"alert": "alert", "sound": "string", "badge": "integer"}
+APS_FIELDS = tuple(APS_FIELD_TYPES)
 POPUP_FIELDS = ("okButtonLabel", "cancelButtonLabel")
 
 #: Keys of the request inside ``sendInstantMessage``: single-application and multi-application
@@ -106,6 +128,8 @@ INTERACTIVE_BUTTONS_FIELDS = ("template", "buttons")
 #: Message fields whose ``${name}`` macros Accengage fills; so do the string values of
 #: ``aps.alert``, the message's and each target's.
 MACRO_FIELDS = ("subject", "text", "customizedTitle", "longText")
+#: A ``${name}`` macro; the name is taken without surrounding spaces.
+MACRO = re.compile(r"\$\{([^}]*)\}")
 
 #: Accengage's predefined iOS button categories and their number of buttons.
 PREDEFINED_BUTTON_TEMPLATES: dict[str, int] = {
@@ -139,6 +163,119 @@ MAX_BUTTONS = {"android": 3, "ios": 4}
 MAX_PAYLOAD_BYTES = {"ios": 4096, "android": 4000}
 
 PLATFORMS = ("ios", "android")
+
+
+def message_field_code(path: tuple[Any, ...], *, unknown: bool = False, default: int = 5) -> int:
+    """The return code a bad field at ``path`` inside a message earns (``default`` elsewhere)."""
+    if unknown:
+        return 13
+    in_buttons = "interactiveButtons" in path
+    if "customParams" in path:
+        return 25 if in_buttons else 6
+    if in_buttons and path[-1] == "id":
+        return 24
+    if in_buttons and path[-1] in ("template", "use"):
+        return 23
+    return default
+
+
+def macros(text: str) -> list[str]:
+    """The ``${name}`` macros of a text, in order, without repeats."""
+    if "${" not in text:
+        return []
+    return list(dict.fromkeys(m.strip() for m in MACRO.findall(text)))
+
+
+def alert_texts(alert: object, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], str]]:
+    """The texts of an ``aps.alert`` (a string, or the string values of Apple's dictionary)."""
+    if isinstance(alert, str):
+        yield path, alert
+    elif isinstance(alert, Mapping):
+        for key, value in alert.items():
+            if isinstance(value, str):
+                yield (*path, key), value
+
+
+def macro_texts(message: Mapping[str, Any]) -> Iterator[tuple[tuple[Any, ...], str]]:
+    """The texts of a message Accengage fills ``${macros}`` in, with their paths in it."""
+    for name in MACRO_FIELDS:
+        text = message.get(name)
+        if isinstance(text, str):
+            yield (name,), text
+    aps = message.get("aps")
+    if isinstance(aps, Mapping):
+        yield from alert_texts(aps.get("alert"), ("aps", "alert"))
+
+
+def button_index(value: object) -> int | None:
+    """A button id's number in its template (1 and up), or None if it is not one.
+
+    The API types the id String and its example sends a number: both are taken, as long as
+    they are a button's number (``1``, ``"2"``); anything else earns code 24.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 1 else None
+    if isinstance(value, str) and value.isascii() and value.isdigit() and int(value) >= 1:
+        return int(value)
+    return None
+
+
+def button_id_problems(
+    ids: Iterable[tuple[int, object]], template: object, slots: int | None
+) -> Iterator[tuple[int, str]]:
+    """Code 24 of each ``(position, id)`` given: not a number, used twice, beyond the template.
+
+    ``slots`` is the template's number of buttons when known. Texts follow the words "button
+    id" or the id's path.
+    """
+    seen: set[int] = set()
+    for position, ident in ids:
+        index = button_index(ident)
+        if index is None:
+            shown = f"'{ident}'" if isinstance(ident, str) else str(ident)
+            yield position, f"{shown} must be the button's number in its template (1, 2, ...)"
+        elif index in seen:
+            yield position, f"{ident} is used twice"
+        elif slots is not None and index > slots:
+            buttons = f"{slots} button{'s' if slots != 1 else ''}"
+            yield position, f"{ident} is beyond template '{template}', which has {buttons}"
+        if index is not None:
+            seen.add(index)
+
+
+def custom_params_problems(value: object) -> Iterator[tuple[tuple[Any, ...], bool, str]]:
+    """What is wrong with a ``customParams`` list: ``(path in it, unknown field?, text)``.
+
+    Texts follow the path they are about. The caller picks the code: 6 for a message's, 25 for
+    a button's, 13 for an unknown field.
+    """
+    if not isinstance(value, list):
+        yield (), False, "must be a list of {key: ..., value: ...}"
+        return
+    for index, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            yield (index,), False, "must be {key: ..., value: ...}"
+            continue
+        if (
+            len(item) == 2
+            and isinstance(item.get("key"), str)
+            and isinstance(item.get("value"), str)
+        ):
+            continue  # the usual case, first: this runs on the send path
+        extra = [name for name in item if name not in CUSTOM_PARAM_FIELDS]
+        for name in CUSTOM_PARAM_FIELDS:
+            if name not in item or item[name] is None:
+                misspelt = difflib.get_close_matches(str(name), map(str, extra), n=1)
+                if not misspelt:
+                    yield (index,), False, f"has no {name}; each item is {{key: ..., value: ...}}"
+            elif not isinstance(item[name], str):
+                yield (index, name), False, "must be text"
+        for name in extra:
+            hint = difflib.get_close_matches(str(name), CUSTOM_PARAM_FIELDS, n=1)
+            did = f" (did you mean {hint[0]}?)" if hint else ""
+            yield (index, name), True, f"is not part of a custom parameter {{key, value}}{did}"
 
 
 def with_user(body: Mapping[str, Any], login: str, password: str) -> dict[str, Any]:

@@ -239,12 +239,13 @@ def _buttons(r: _Renderer, value: Mapping[str, Any], path: tuple[Any, ...]) -> d
         bpath = (*path, "buttons", index)
         item: dict[str, Any] = {}
         for key, field_value in button.items():
-            if key == "id":
+            kind = accengage.BUTTON_FIELD_TYPES.get(key)
+            if kind == "id":
                 # The type says String, the example sends a number: send what the author wrote.
-                item["id"] = native(field_value)
-            elif key == "destructive":
+                item[key] = native(field_value)
+            elif kind == "boolean":
                 item[key] = _boolean(field_value)
-            elif key == "customParams":
+            elif kind == "customParams":
                 item[key] = r.custom_params(field_value, (*bpath, key))
             else:
                 item[str(key)] = r.text(field_value, (*bpath, key))
@@ -257,9 +258,10 @@ def _target(r: _Renderer, target: Mapping[str, Any], path: tuple[Any, ...]) -> d
     out: dict[str, Any] = {}
     for key, value in target.items():
         kpath = (*path, key)
-        if key == "data":
+        kind = accengage.TARGET_FIELDS.get(key)
+        if kind == "content":
             out[key] = r.texts(value, kpath)
-        elif key == "aps":
+        elif kind == "aps":
             out[key] = r.aps(value, kpath)
         elif isinstance(value, dict):
             out[str(key)] = {

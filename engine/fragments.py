@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from engine import accengage
 from engine.problems import Problem, field_path
 from engine.schemas import BUTTON_TEMPLATE_CHECKER, MESSAGE_TEMPLATE_CHECKER, SchemaChecker
 from engine.yaml_source import MarkedMap, load, position
@@ -25,8 +25,10 @@ class Fragments:
 def load_fragments(root: Path) -> tuple[Fragments, list[Problem], int]:
     """Both template folders; a broken template is reported and left out, the rest load."""
     problems: list[Problem] = []
-    messages, count_m = _load_dir(root, MESSAGES_DIR, MESSAGE_TEMPLATE_CHECKER, problems, 5)
-    buttons, count_b = _load_dir(root, BUTTONS_DIR, BUTTON_TEMPLATE_CHECKER, problems, 23)
+    messages, count_m = _load_dir(root, MESSAGES_DIR, MESSAGE_TEMPLATE_CHECKER, problems, ())
+    buttons, count_b = _load_dir(
+        root, BUTTONS_DIR, BUTTON_TEMPLATE_CHECKER, problems, ("interactiveButtons",)
+    )
     broken = frozenset(
         f"{Path(p.file).parent.name}/{Path(p.file).stem}" for p in problems if p.is_error
     )
@@ -34,8 +36,13 @@ def load_fragments(root: Path) -> tuple[Fragments, list[Problem], int]:
 
 
 def _load_dir(
-    root: Path, folder: Path, checker: SchemaChecker, problems: list[Problem], code: int
+    root: Path,
+    folder: Path,
+    checker: SchemaChecker,
+    problems: list[Problem],
+    within: tuple[str, ...],
 ) -> tuple[dict[str, MarkedMap], int]:
+    """``within``: where in a message this folder's templates go (for their return codes)."""
     found: dict[str, MarkedMap] = {}
     directory = root / folder
     if not directory.is_dir():
@@ -68,7 +75,9 @@ def _load_dir(
         if not issues:
             for err in checker.check(doc):
                 line, column = position(doc, err.path, at_value=err.kind in ("type", "allowed"))
-                err_code = 13 if err.kind == "unknown" else _code_for(err.path, code)
+                err_code = accengage.message_field_code(
+                    (*within, *err.path), unknown=err.kind == "unknown"
+                )
                 issues.append(
                     Problem(rel, line, column, field_path(err.path), err_code, "error", err.message)
                 )
@@ -76,11 +85,3 @@ def _load_dir(
         if not any(p.is_error for p in issues):
             found[path.stem] = doc  # type: ignore[assignment]
     return found, len(paths)
-
-
-def _code_for(path: tuple[Any, ...], default: int) -> int:
-    if "customParams" in path:
-        return 25 if "buttons" in path else 6
-    if path[-1:] == ("id",) and "buttons" in path:
-        return 24
-    return default

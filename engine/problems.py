@@ -44,15 +44,20 @@ def field_path(path: Iterable[object]) -> str:
     return out
 
 
+def closest(name: str, choices: Iterable[str]) -> str | None:
+    """The choice a misspelt name most likely meant (a different case counts), or None."""
+    options = sorted(o for o in choices if o != name)
+    lowered = {o.lower(): o for o in options}
+    if name.lower() in lowered:
+        return lowered[name.lower()]
+    matches = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """A ' (did you mean X?)' suffix for a misspelt name, or ''."""
-    options = list(choices)
-    matches = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
-    if not matches:
-        lowered = {o.lower(): o for o in options}
-        if name.lower() in lowered:
-            matches = [lowered[name.lower()]]
-    return f" (did you mean '{matches[0]}'?)" if matches else ""
+    match = closest(name, choices)
+    return f" (did you mean '{match}'?)" if match else ""
 
 
 def has_errors(problems: Iterable[Problem]) -> bool:

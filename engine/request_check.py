@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import difflib
 import operator
-import re
 from collections.abc import Callable, Collection, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, Final
@@ -47,14 +46,13 @@ CODE_ORDER: Final = (2, 3, 4, 10, 5, 6, 9, 13, 14, 15, 23, 24, 25, 17)
 Problem = tuple[int, str]
 
 _RANK: Final = {code: rank for rank, code in enumerate(CODE_ORDER)}
-_MACRO: Final = re.compile(r"\$\{([^}]*)\}")
 _ORDERED: Final[dict[str, Callable[[Any, Any], bool]]] = {
     "<": operator.lt,
     "<=": operator.le,
     ">": operator.gt,
     ">=": operator.ge,
 }
-_APS_TYPES: Final[dict[str, tuple[type, ...]]] = {"alert": (str, dict), "sound": (str,)}
+_TYPES: Final[dict[str, tuple[type, ...]]] = {"alert": (str, dict), "string": (str,)}
 _SOUNDS: Final = ", ".join(api.SOUNDS)
 _OPERATORS: Final = ", ".join(api.OPERATORS)
 _ACTIONS: Final = ", ".join(api.BUTTON_ACTIONS)
@@ -232,17 +230,13 @@ def _check_popup(popup: object, path: str, problems: list[Problem]) -> None:
 
 
 def _check_custom_params(params: object, path: str, code: int, problems: list[Problem]) -> None:
-    if not isinstance(params, list):
-        problems.append((code, f"{path} must be a list of {{key, value}}"))
-        return
-    for index, param in enumerate(params):
-        if not isinstance(param, dict):
-            problems.append((code, f"{path}[{index}] must be an object {{key, value}}"))
-            continue
-        for field in api.CUSTOM_PARAM_FIELDS:
-            if not isinstance(param.get(field), str):
-                problems.append((code, f"{path}[{index}].{field} must be a string"))
-        _unknown(param, api.CUSTOM_PARAM_FIELDS, f"{path}[{index}]", problems)
+    for sub, unknown, text in api.custom_params_problems(params):
+        problems.append((13 if unknown else code, f"{_at(path, sub)} {text}"))
+
+
+def _at(path: str, sub: tuple[Any, ...]) -> str:
+    """``message.customParams`` and ``(0, "key")`` -> ``message.customParams[0].key``."""
+    return path + "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in sub)
 
 
 def _check_content(content: object, path: str, code: int, problems: list[Problem]) -> None:
@@ -259,13 +253,14 @@ def _check_aps(aps: object, path: str, code: int, problems: list[Problem]) -> No
         problems.append((code, f"{path} must be an object {{{', '.join(api.APS_FIELDS)}}}"))
         return
     for key, value in aps.items():
-        if key not in api.APS_FIELDS:
+        kind = api.APS_FIELD_TYPES.get(key)
+        if kind is None:
             problems.append((13, _unknown_detail(key, api.APS_FIELDS, path)))
-        elif key == "badge":
+        elif kind == "integer":
             if isinstance(value, bool) or not isinstance(value, int):
-                problems.append((code, f"{path}.badge must be an integer"))
-        elif not isinstance(value, _APS_TYPES[key]):
-            what = "a string or an object" if key == "alert" else "a string"
+                problems.append((code, f"{path}.{key} must be an integer"))
+        elif not isinstance(value, _TYPES[kind]):
+            what = "a string or an object" if kind == "alert" else "a string"
             problems.append((code, f"{path}.{key} must be {what}"))
 
 
@@ -284,23 +279,23 @@ def _check_buttons(buttons: object, path: str, problems: list[Problem]) -> None:
         problems.append((5, f"{path}.buttons must be a list of buttons"))
         return
     slots = api.PREDEFINED_BUTTON_TEMPLATES.get(template) if isinstance(template, str) else None
-    seen: set[str] = set()
+    ids: list[tuple[int, object]] = []
     for index, button in enumerate(items):
         where = f"{path}.buttons[{index}]"
         if not isinstance(button, dict):
             problems.append((5, f"{where} must be an object"))
             continue
-        _check_button_id(button, where, template, slots, seen, problems)
         for key, value in button.items():
-            if key == "id":
-                continue
-            if key not in api.BUTTON_FIELDS:
+            kind = api.BUTTON_FIELD_TYPES.get(key)
+            if kind is None:
                 problems.append((13, _unknown_detail(key, api.BUTTON_FIELDS, where)))
-            elif key == "customParams":
-                _check_custom_params(value, f"{where}.customParams", 25, problems)
-            elif key == "destructive":
+            elif kind == "id":
+                ids.append((index, value))
+            elif kind == "customParams":
+                _check_custom_params(value, f"{where}.{key}", 25, problems)
+            elif kind == "boolean":
                 if not isinstance(value, bool):
-                    problems.append((5, f"{where}.destructive must be a boolean"))
+                    problems.append((5, f"{where}.{key} must be a boolean"))
             elif not isinstance(value, str):
                 problems.append((5, f"{where}.{key} must be a string"))
             elif key == "action" and value not in (
@@ -308,30 +303,10 @@ def _check_buttons(buttons: object, path: str, problems: list[Problem]) -> None:
                 *api.BUTTON_ACTION_VARIANTS,
             ):
                 problems.append((5, f"{where}.action must be one of {_ACTIONS}"))
-
-
-def _check_button_id(
-    button: dict[Any, Any],
-    where: str,
-    template: object,
-    slots: int | None,
-    seen: set[str],
-    problems: list[Problem],
-) -> None:
-    """Ids are the button's index in its template: present, unique, within a known template."""
-    if "id" not in button:
-        problems.append((24, f"{where}.id is missing"))
-        return
-    ident = button["id"]
-    if isinstance(ident, bool) or not isinstance(ident, str | int) or ident == "":
-        problems.append((24, f"{where}.id must be a non-empty string or an integer"))
-        return
-    key = str(ident)
-    if key in seen:
-        problems.append((24, f"{where}.id {key} is repeated"))
-    seen.add(key)
-    if slots is not None and key not in {str(n) for n in range(1, slots + 1)}:
-        problems.append((24, f"{where}.id {key} is beyond the {slots} button(s) of {template}"))
+        if "id" not in button:
+            problems.append((24, f"{where}.id is missing; give the button's number (1, 2, ...)"))
+    for index, text in api.button_id_problems(ids, template, slots):
+        problems.append((24, f"{path}.buttons[{index}].id {text}"))
 
 
 def _check_targets(targets: object, multi: bool, problems: list[Problem]) -> None:
@@ -350,13 +325,14 @@ def _check_target(target: object, path: str, multi: bool, problems: list[Problem
         return
     selects = False
     for key, value in target.items():
-        if key == "data":
-            _check_content(value, f"{path}.data", 9, problems)
-        elif key == "aps":
-            _check_aps(value, f"{path}.aps", 9, problems)
-        elif key in api.SINGLE_APP_ONLY_TARGET_KEYS:
+        kind = api.TARGET_FIELDS.get(key)
+        if kind == "content":
+            _check_content(value, f"{path}.{key}", 9, problems)
+        elif kind == "aps":
+            _check_aps(value, f"{path}.{key}", 9, problems)
+        elif kind is not None:
             selects = True
-            if multi:
+            if multi and key in api.SINGLE_APP_ONLY_TARGET_KEYS:
                 problems.append((9, f"{path}.{key} is for single-application requests only"))
             elif not _text(value):
                 problems.append((9, f"{path}.{key} must be a non-empty string"))
@@ -430,7 +406,7 @@ def _macro_problem(
         matched: list[tuple[str, Mapping[str, str]]] | None = None
         for _, message, macros in needs:
             message_data = message.get("data") or {}
-            for name, where in (*macros, *own):
+            for name, path, sub in (*macros, *own):
                 if name in target_data or name in message_data or name in device_fields:
                     continue
                 if matched is None:
@@ -442,33 +418,26 @@ def _macro_problem(
                 why = f"device {lacking[0]} has no {name}" if lacking else "it matches no device"
                 return (
                     15,
-                    f"${{{name}}} in {where} cannot be filled for targets[{index}]: not in its "
-                    f"data nor the message's data, and {why}",
+                    f"${{{name}}} in {_at(path, sub)} cannot be filled for targets[{index}]: "
+                    f"not in its data nor the message's data, and {why}",
                 )
     return None
 
 
-def _message_macros(message: dict[Any, Any], path: str) -> Iterator[tuple[str, str]]:
-    for field in api.MACRO_FIELDS:
-        text = message.get(field)
-        if isinstance(text, str) and "${" in text:
-            for name in _MACRO.findall(text):
-                yield name.strip(), f"{path}.{field}"
-    yield from _alert_macros(message.get("aps"), f"{path}.aps.alert")
+def _message_macros(
+    message: dict[Any, Any], path: str
+) -> Iterator[tuple[str, str, tuple[Any, ...]]]:
+    """Each macro with where it is (the path is joined only for the answer: a hot path)."""
+    for sub, text in api.macro_texts(message):
+        for name in api.macros(text):
+            yield name, path, sub
 
 
-def _alert_macros(aps: object, path: str) -> Iterator[tuple[str, str]]:
+def _alert_macros(aps: object, path: str) -> Iterator[tuple[str, str, tuple[Any, ...]]]:
     alert = aps.get("alert") if isinstance(aps, dict) else None
-    if isinstance(alert, str):
-        texts = [(path, alert)]
-    elif isinstance(alert, dict):
-        texts = [(f"{path}.{key}", text) for key, text in alert.items() if isinstance(text, str)]
-    else:
-        return
-    for where, text in texts:
-        if "${" in text:
-            for name in _MACRO.findall(text):
-                yield name.strip(), where
+    for sub, text in api.alert_texts(alert, ()):
+        for name in api.macros(text):
+            yield name, path, sub
 
 
 def _device_rows(

@@ -8,23 +8,26 @@ author can fix it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from engine import accengage, templating
 from engine.fragments import Fragments
-from engine.problems import Problem, did_you_mean, field_path
+from engine.problems import Problem, closest, did_you_mean, field_path
 from engine.project import App, Project
-from engine.schemas import RULE_CHECKER, TARGET_CHECKER, is_yaml_int
-from engine.yaml_source import MarkedMap, load, native, position
+from engine.schemas import RULE_CHECKER, TARGET_CHECKER
+from engine.yaml_source import MarkedList, MarkedMap, load, native, position
 
 DEFAULT_CATCH_UP = timedelta(minutes=10)
 TRIGGER_KINDS = ("cron", "every", "at", "event", "poll")
-MESSAGE_TEXT_FIELDS = ("subject", "text", "customizedTitle", "longText")
+#: Stands for the apps a per-app problem concerns, until problems shared by apps are merged.
+_APPS = "\x00apps\x00"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,8 @@ class _Collector:
         self.rel = rel
         self.doc = doc
         self.problems: list[Problem] = []
+        #: Paths the shape check refused: later checks do not see them, nor guess around them.
+        self.refused: list[tuple[Any, ...]] = []
 
     def add(
         self,
@@ -102,10 +107,26 @@ class _Collector:
         at_value: bool = False,
     ) -> None:
         """Report at ``path``, or at the first of ``at`` that exists in the file."""
+        self.problems.append(self.problem(path, code, message, severity, at=at, at_value=at_value))
+
+    def problem(
+        self,
+        path: Sequence[Any],
+        code: int | None,
+        message: str,
+        severity: str = "error",
+        *,
+        at: Sequence[Sequence[Any]] = (),
+        at_value: bool = False,
+    ) -> Problem:
+        """The problem :meth:`add` would report, without reporting it."""
         line, column = self._locate([tuple(path), *[tuple(a) for a in at]], at_value)
-        self.problems.append(
-            Problem(self.rel, line, column, field_path(path), code, severity, message)  # type: ignore[arg-type]
-        )
+        return Problem(self.rel, line, column, field_path(path), code, severity, message)  # type: ignore[arg-type]
+
+    def touched(self, path: Sequence[Any]) -> bool:
+        """Whether the shape check refused something at or under ``path``."""
+        size = len(path)
+        return any(tuple(r[:size]) == tuple(path) for r in self.refused)
 
     def _locate(
         self, candidates: list[tuple[Any, ...]], at_value: bool
@@ -163,11 +184,13 @@ def parse_rule(
             else "the file is empty; a rule needs trigger, apps, message and targets",
         )
         return None, out.problems
-    _check_shape(doc, out)
-    if out.failed:
-        return None, out.problems
-    rule = _build(rule_id, rel, doc, project, fragments, out, digest or _text_digest(text))
-    return (None if out.failed else rule), out.problems
+    # What the shape check refuses is left out, and every other check still runs on the rest,
+    # so one run reports every independent mistake of the file.
+    out.refused = _check_shape(doc, out)
+    checked = _without(doc, out.refused) if out.refused else doc
+    rule = _build(rule_id, rel, checked, project, fragments, out, digest or _text_digest(text))
+    problems = list(dict.fromkeys(out.problems))  # a problem found twice is reported once
+    return (None if out.failed else rule), problems
 
 
 def _shape_code(path: tuple[Any, ...], kind: str) -> int | None:
@@ -177,24 +200,17 @@ def _shape_code(path: tuple[Any, ...], kind: str) -> int | None:
     if head == "apps" and not in_message:
         if kind == "unknown":
             return 13
-        return 10 if str(path[-1]).startswith("parentMessage") else 4
+        return 10 if path[-1] in accengage.PARENT_ID_FIELDS else 4
     if in_message:
-        if "customParams" in path:
-            return 25 if "buttons" in path else 6
-        if kind == "unknown":
-            return 13
-        if "interactiveButtons" in path:
-            if path[-1] == "id":
-                return 24
-            if path[-1] in ("template", "use"):
-                return 23
-        return 5
+        return accengage.message_field_code(path, unknown=kind == "unknown")
     if head == "targets":
         return 13 if kind == "unknown" and "aps" in path else 9
     return None
 
 
-def _check_shape(doc: MarkedMap, out: _Collector) -> None:
+def _check_shape(doc: MarkedMap, out: _Collector) -> list[tuple[Any, ...]]:
+    """Report what Cerberus finds; the paths it refused."""
+    refused = []
     for err in RULE_CHECKER.check(doc):
         out.add(
             err.path,
@@ -202,6 +218,28 @@ def _check_shape(doc: MarkedMap, out: _Collector) -> None:
             err.message,
             at_value=err.kind in ("type", "allowed"),
         )
+        refused.append(tuple(err.path))
+    return refused
+
+
+def _without(node: Any, paths: Sequence[tuple[Any, ...]]) -> Any:
+    """A copy of ``node`` without the values at ``paths`` (a list keeps None in their place,
+    so positions still match the file)."""
+    if isinstance(node, MarkedMap):
+        kept = MarkedMap(node.line, node.column)
+        kept.key_marks.update(node.key_marks)
+        for key, value in node.items():
+            inner = [p[1:] for p in paths if p[:1] == (key,)]
+            if () not in inner:
+                kept[key] = _without(value, inner) if inner else value
+        return kept
+    if isinstance(node, MarkedList):
+        items = MarkedList(node.line, node.column)
+        for index, value in enumerate(node):
+            inner = [p[1:] for p in paths if p[:1] == (index,)]
+            items.append(None if () in inner else _without(value, inner) if inner else value)
+        return items
+    return node
 
 
 def _build(
@@ -213,18 +251,19 @@ def _build(
     out: _Collector,
     digest: str,
 ) -> Rule | None:
-    trigger = doc["trigger"]
-    kind, timezone = _check_trigger(trigger, project, out)
+    trigger = doc.get("trigger")
+    kind, timezone = (
+        _check_trigger(trigger, project, out) if trigger is not None else (None, project.timezone)
+    )
     when = doc.get("when")
     if when is not None:
         _check_expression(when, ("when",), out)
 
-    base_message = _resolve_message(doc["message"], ("message",), fragments, out)
+    base_message = _resolve_message(doc.get("message") or {}, ("message",), fragments, out)
     apps = _check_apps(doc, base_message, project, fragments, out)
-    targets = tuple(doc["targets"])
-    _check_targets(targets, len(apps) > 1 or len(doc["apps"]) > 1, project, out)
-    for plan in apps:
-        _check_app_message(plan, targets, project, out)
+    targets = tuple(doc.get("targets") or ())
+    _check_targets(targets, len(apps) > 1 or len(doc.get("apps") or ()) > 1, project, out)
+    _check_app_messages(apps, targets, project, out)
     _check_target_macros(targets, base_message, project, out)
     catch_up = _duration(doc.get("catch_up"), ("catch_up",), out) or DEFAULT_CATCH_UP
     quiet = _check_quiet_hours(doc.get("quiet_hours"), out)
@@ -266,21 +305,34 @@ def _check_trigger(
 
     kinds = [k for k in TRIGGER_KINDS if k in trigger]
     timezone = str(trigger.get("timezone") or project.timezone)
+    zone_ok = True
     if "timezone" in trigger:
         try:
             schedule.parse_timezone(timezone)
         except schedule.TriggerError as exc:
             out.add(("trigger", "timezone"), None, str(exc))
-            return None, timezone
+            zone_ok = False
+    refused = {r[1] for r in out.refused if len(r) > 1 and r[0] == "trigger"} - {"timezone"}
     if len(kinds) != 1:
-        out.add(
-            ("trigger",),
-            None,
-            "a trigger needs exactly one of cron, every, at, event, poll"
-            + (f" (found {', '.join(kinds)})" if kinds else ""),
-        )
+        if not refused:  # a refused or misspelt kind is reported already
+            out.add(
+                ("trigger",),
+                None,
+                "a trigger needs exactly one of cron, every, at, event, poll"
+                + (f" (found {', '.join(kinds)})" if kinds else ""),
+            )
         return None, timezone
-    kind = kinds[0]
+    kind = _check_trigger_kind(trigger, kinds[0], project, out)
+    return (kind if zone_ok else None), timezone
+
+
+def _check_trigger_kind(
+    trigger: Mapping[str, Any], kind: str, project: Project, out: _Collector
+) -> str | None:
+    """The one trigger kind checked; a bad timezone is reported already, so the schedule is
+    checked in the project's timezone, for its own mistakes to show in the same run."""
+    from engine import schedule
+
     if kind == "event":
         name = str(trigger["event"])
         if not name or any(c in name for c in "/ ?#"):
@@ -289,26 +341,39 @@ def _check_trigger(
                 None,
                 "an event name is one word like flight.canceled (no spaces or slashes)",
             )
-        return kind, timezone
+        return kind
     if kind == "poll":
         poll = trigger["poll"]
-        url = str(poll["url"])
-        if not url.startswith(("http://", "https://")):
+        url = poll.get("url")
+        if url is not None and not str(url).startswith(("http://", "https://")):
             out.add(
                 ("trigger", "poll", "url"), None, "the feed URL must start with http:// or https://"
             )
         _duration(poll.get("every"), ("trigger", "poll", "every"), out)
         if poll.get("timeout") is not None:
             _duration(poll.get("timeout"), ("trigger", "poll", "timeout"), out)
-        _check_text(poll["key"], ("trigger", "poll", "key"), out)
-        return kind, timezone
+        if poll.get("key") is not None:
+            _check_text(poll["key"], ("trigger", "poll", "key"), out)
+        return kind
+    tz = _first_zone(str(trigger.get("timezone") or project.timezone), project.timezone)
     try:
-        tz = schedule.parse_timezone(timezone)
-        schedule.schedule_for(trigger, tz)
+        schedule.schedule_for({k: v for k, v in trigger.items() if k != "timezone"}, tz)
     except schedule.TriggerError as exc:
         out.add(("trigger", kind), None, str(exc))
-        return None, timezone
-    return kind, timezone
+        return None
+    return kind
+
+
+def _first_zone(*names: str) -> ZoneInfo:
+    """The first valid of these timezones, else UTC (a bad one is reported where it is set)."""
+    from engine import schedule
+
+    for name in names:
+        try:
+            return schedule.parse_timezone(name)
+        except schedule.TriggerError:
+            continue
+    return ZoneInfo("UTC")
 
 
 def _duration(value: Any, path: tuple[Any, ...], out: _Collector) -> timedelta | None:
@@ -326,8 +391,10 @@ def _duration(value: Any, path: tuple[Any, ...], out: _Collector) -> timedelta |
 def _check_quiet_hours(value: Any, out: _Collector) -> QuietHours | None:
     if value is None:
         return None
-    ok = True
+    ok = "from" in value and "to" in value
     for key in ("from", "to"):
+        if key not in value:
+            continue
         text = str(value[key])
         parts = text.split(":")
         valid = (
@@ -351,10 +418,10 @@ def _check_quiet_hours(value: Any, out: _Collector) -> QuietHours | None:
 def _check_limit(value: Any, out: _Collector) -> Limit | None:
     if value is None:
         return None
-    count = int(native(value["count"]))
-    if count < 1:
+    count = int(native(value["count"])) if "count" in value else 0
+    if "count" in value and count < 1:
         out.add(("limit", "count"), None, "must be at least 1")
-    per = _duration(value["per"], ("limit", "per"), out)
+    per = _duration(value.get("per"), ("limit", "per"), out)
     return Limit(count, per) if per and count >= 1 else None
 
 
@@ -425,7 +492,7 @@ def _check_apps(
     out: _Collector,
 ) -> list[AppPlan]:
     plans = []
-    for alias, settings in doc["apps"].items():
+    for alias, settings in (doc.get("apps") or {}).items():
         path = ("apps", alias)
         app = project.apps.get(str(alias))
         if app is None:
@@ -438,8 +505,10 @@ def _check_apps(
             )
             continue
         settings = settings or {}
-        parents = [k for k in ("parentMessageId", "parentMessageExternalId") if k in settings]
+        parents = [k for k in accengage.PARENT_ID_FIELDS if k in settings]
         if not parents:
+            if out.touched(path):
+                continue  # a refused parent id is reported already
             out.add(
                 path,
                 10,
@@ -481,17 +550,40 @@ def _message_paths(alias: str, sub: Sequence[Any]) -> tuple[tuple[Any, ...], ...
     )
 
 
+def _check_app_messages(
+    plans: Sequence[AppPlan], targets: Sequence[Any], project: Project, out: _Collector
+) -> None:
+    """Each app's message; a problem of the message the apps share is reported once, naming
+    the apps it concerns where that matters."""
+    shared: dict[Problem, list[str]] = {}
+    for plan in plans:
+        for problem in _check_app_message(plan, targets, project, out):
+            shared.setdefault(problem, []).append(plan.alias)
+    for problem, aliases in shared.items():
+        text = problem.message.replace(_APPS, _app_words(aliases))
+        out.problems.append(dataclasses.replace(problem, message=text))
+
+
+def _app_words(aliases: Sequence[str]) -> str:
+    """``app 'a'``, ``apps 'a' and 'b'``, ``apps 'a', 'b' and 'c'``."""
+    names = [f"'{a}'" for a in aliases]
+    if len(names) == 1:
+        return f"app {names[0]}"
+    return f"apps {', '.join(names[:-1])} and {names[-1]}"
+
+
 def _check_app_message(
     plan: AppPlan, targets: Sequence[Any], project: Project, out: _Collector
-) -> None:
+) -> list[Problem]:
+    """The problems of one app's merged message, each where the author wrote the field."""
     message = plan.message
     alias, platform = plan.alias, plan.app.platform
+    found: list[Problem] = []
 
     def add(sub: Sequence[Any], code: int | None, text: str, severity: str = "error") -> None:
         paths = _message_paths(alias, sub)
-        out.add(
-            paths[1] if _exists(out.doc, paths[1]) else paths[0], code, text, severity, at=paths
-        )
+        path = paths[1] if _exists(out.doc, paths[1]) else paths[0]
+        found.append(out.problem(path, code, text, severity, at=paths))
 
     wrong = (
         accengage.ANDROID_ONLY_MESSAGE_FIELDS
@@ -503,15 +595,14 @@ def _check_app_message(
         add(
             (name,),
             5,
-            f"{name} is for {other} apps only, and app '{alias}' is "
-            f"{'iOS' if platform == 'ios' else 'Android'}; move it under "
-            f"apps.<{other.lower()} app>.message",
+            f"{name} is for {other} apps only, not for {'iOS' if platform == 'ios' else 'Android'} "
+            f"{_APPS}; move it under apps.<{other.lower()} app>.message",
         )
 
     custom = message.get("customParams")
     if custom is not None:
-        for sub, text in _custom_params_problems(custom):
-            add(("customParams", *sub), 6, text)
+        for sub, code, text in _custom_params_problems(custom, 6):
+            add(("customParams", *sub), code, text)
 
     if message.get("sound") == "custom" and not message.get("soundName"):
         add(("sound",), 5, "sound: custom needs soundName (the sound file in the app)", "warning")
@@ -520,7 +611,8 @@ def _check_app_message(
         add(
             ("richPushOpening",),
             5,
-            f"richPushOpening '{opening}' is not one Accengage documents; use webview or browser",
+            f"richPushOpening '{opening}' is not one Accengage documents; use "
+            f"{' or '.join(accengage.RICH_PUSH_OPENINGS)}",
             "warning",
         )
     language = message.get("language")
@@ -550,24 +642,22 @@ def _check_app_message(
         add(
             (),
             None,
-            f"the message for '{alias}' takes {size:,} bytes; {platform} refuses "
+            f"the message for {_APPS} takes {size:,} bytes; {platform} refuses "
             f"pushes over {limit:,} bytes: shorten the texts or data",
             "warning",
         )
+    return found
 
 
-def _custom_params_problems(value: Any) -> Iterator[tuple[tuple[Any, ...], str]]:
-    """customParams is a mapping of text, or the API's list of {key, value}."""
+def _custom_params_problems(value: Any, code: int) -> Iterator[tuple[tuple[Any, ...], int, str]]:
+    """customParams is a mapping of text (written for authors), or the API's own list."""
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(item, str):
-                yield (key,), "each custom parameter value must be text"
+                yield (key,), code, "each custom parameter value must be text"
         return
-    for index, item in enumerate(value):
-        if not isinstance(item, dict) or set(item) != {"key", "value"}:
-            yield (index,), "each item must be {key: ..., value: ...}"
-        elif not all(isinstance(item[k], str) for k in ("key", "value")):
-            yield (index,), "key and value must be text"
+    for sub, unknown, text in accengage.custom_params_problems(value):
+        yield sub, (13 if unknown else code), text
 
 
 def _check_buttons(
@@ -606,35 +696,23 @@ def _check_buttons(
             f"{'iOS' if platform == 'ios' else 'Android'} shows at most {maximum}",
             "warning",
         )
-    seen: set[str] = set()
+    # The id is checked as the compiler sends it: YAML's number as a number, text as text.
+    ids = [(i, native(b["id"])) for i, b in enumerate(items) if isinstance(b, dict) and "id" in b]
+    for index, text in accengage.button_id_problems(ids, template, count):
+        add(("interactiveButtons", "buttons", index, "id"), 24, f"button id {text}")
     for index, button in enumerate(items):
+        if not isinstance(button, dict):
+            continue
         sub = ("interactiveButtons", "buttons", index)
-        button_id = button.get("id")
-        text = str(button_id)
-        if not is_yaml_int(button_id) and not text.isdigit():
-            add(
-                (*sub, "id"),
-                24,
-                f"button id '{text}' must be the button's number in its template (1, 2, ...)",
-            )
-        elif text in seen:
-            add((*sub, "id"), 24, f"button id {text} is used twice")
-        elif count is not None and not 1 <= int(text) <= count:
-            add(
-                (*sub, "id"),
-                24,
-                f"button id {text} is beyond template '{template}', which has "
-                f"{count} button{'s' if count != 1 else ''}",
-            )
-        seen.add(text)
         action = button.get("action")
         if action is not None and action not in accengage.BUTTON_ACTIONS:
-            if action == "urlSheme":
+            if action in accengage.BUTTON_ACTION_VARIANTS:
                 add(
                     (*sub, "action"),
                     5,
-                    "urlSheme is the spelling of Accengage's button page; "
-                    "the API documents urlScheme: check which your account accepts",
+                    f"{action} is the spelling of Accengage's button page; the API documents "
+                    f"{closest(str(action), accengage.BUTTON_ACTIONS)}: check which your "
+                    "account accepts",
                     "warning",
                 )
             else:
@@ -655,33 +733,24 @@ def _check_buttons(
                 )
         custom = button.get("customParams")
         if custom is not None:
-            for csub, text in _custom_params_problems(custom):
-                add((*sub, "customParams", *csub), 25, text)
+            for csub, code, text in _custom_params_problems(custom, 25):
+                add((*sub, "customParams", *csub), code, text)
 
 
-def _message_texts(message: Mapping[str, Any]) -> Iterator[tuple[tuple[Any, ...], str]]:
-    """Texts Accengage fills ``${macros}`` in, with their paths."""
-    for name in MESSAGE_TEXT_FIELDS:
-        if isinstance(message.get(name), str):
-            yield (name,), message[name]
-    aps = message.get("aps")
-    if isinstance(aps, dict):
-        yield from _alert_texts(aps.get("alert"), ("aps", "alert"))
-
-
-def _alert_texts(alert: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], str]]:
-    if isinstance(alert, str):
-        yield path, alert
-    elif isinstance(alert, dict):
-        for key, value in alert.items():
-            if isinstance(value, str):
-                yield (*path, key), value
-
-
-def _target_data_names(target: Mapping[str, Any]) -> set[str]:
+def _target_data_names(target: Any) -> set[str]:
+    if not isinstance(target, dict):
+        return set()
     inner = target.get("target") if "for_each" in target else target
     data = inner.get("data") if isinstance(inner, dict) else None
     return {str(k) for k in data} if isinstance(data, dict) else set()
+
+
+def _unfilled(name: str, known: set[str]) -> str:
+    """Why ``${name}`` cannot be filled, pointing at a name that exists when it is misspelt."""
+    close = closest(name, known)
+    if close is None:
+        return ""
+    return f"nothing is named {name}; did you mean ${{{close}}}?"
 
 
 def _check_macros(
@@ -696,20 +765,20 @@ def _check_macros(
         if project.device_fields is not None
         else " (declare device_fields in pushrules.yaml to make this check exact)"
     )
-    for path, text in _message_texts(message):
-        for name in templating.macros(text):
+    target_names = [_target_data_names(t) for t in targets]
+    for path, text in accengage.macro_texts(message):
+        for name in accengage.macros(text):
             if name in fillable or name in devices:
                 continue
-            missing = [i for i, t in enumerate(targets) if name not in _target_data_names(t)]
+            missing = [i for i, names in enumerate(target_names) if name not in names]
             if missing:
                 which = ", ".join(f"targets[{i}]" for i in missing[:5])
-                add(
-                    path,
-                    15,
-                    f"${{{name}}} cannot be filled for {which}: add {name} to the "
-                    f"message's data, to each target's data, or to device_fields{hint}",
-                    severity,
+                known = fillable | set(devices) | set().union(*target_names)
+                why = _unfilled(name, known) or (
+                    f"add {name} to the message's data, to each target's data, "
+                    f"or to device_fields{hint}"
                 )
+                add(path, 15, f"${{{name}}} cannot be filled for {which}: {why}", severity)
 
 
 def _check_target_macros(
@@ -722,21 +791,21 @@ def _check_target_macros(
     fillable |= project.device_fields or frozenset()
     severity = "error" if project.device_fields is not None else "warning"
     for index, target in enumerate(targets):
+        if not isinstance(target, dict):
+            continue
         inner = target.get("target") if "for_each" in target else target
         if not isinstance(inner, dict) or not isinstance(inner.get("aps"), dict):
             continue
         base = ("targets", index, *(("target",) if inner is not target else ()), "aps")
         own = fillable | _target_data_names(target)
-        for path, text in _alert_texts(inner["aps"].get("alert"), (*base, "alert")):
-            for name in templating.macros(text):
+        for path, text in accengage.alert_texts(inner["aps"].get("alert"), (*base, "alert")):
+            for name in accengage.macros(text):
                 if name not in own:
-                    out.add(
-                        path,
-                        15,
-                        f"${{{name}}} cannot be filled: add {name} to this "
-                        "target's data, to the message's data, or to device_fields",
-                        severity,
+                    why = _unfilled(name, own) or (
+                        f"add {name} to this target's data, to the message's data, "
+                        "or to device_fields"
                     )
+                    out.add(path, 15, f"${{{name}}} cannot be filled: {why}", severity)
 
 
 # --- targets -------------------------------------------------------------------------------
@@ -748,6 +817,8 @@ def _check_targets(
     static = 0
     for index, target in enumerate(targets):
         path = ("targets", index)
+        if not isinstance(target, dict):
+            continue  # refused by the shape check
         if "for_each" in target or "target" in target or "as" in target:
             _check_dynamic_target(target, path, multi_app, project, out)
             continue
@@ -759,7 +830,7 @@ def _check_targets(
             14,
             f"{static} targets; Accengage takes at most "
             f"{accengage.MAX_TARGETS} per request. Use a segment, a static list, or "
-            "for_each (which is split into requests of 100)",
+            f"for_each (which is split into requests of {accengage.MAX_TARGETS})",
         )
 
 
@@ -778,6 +849,8 @@ def _check_dynamic_target(
             "a for_each target holds only for_each, as and target; move the criteria under target",
         )
     if "for_each" not in target or "target" not in target:
+        if out.touched(path):
+            return  # a refused for_each or target is reported already
         out.add(path, 9, 'a dynamic target needs for_each: "{{ ... }}" and target: {...}')
         return
     _check_expression(target["for_each"], (*path, "for_each"), out)
@@ -803,7 +876,7 @@ def _check_one_target(
         if k not in accengage.TARGET_KEYS and k not in ("for_each", "as", "target")
     ]
     lists = [k for k in target if k in accengage.SINGLE_APP_ONLY_TARGET_KEYS]
-    if not criteria and not lists:
+    if not criteria and not lists and not out.touched(path):
         out.add(
             path,
             9,

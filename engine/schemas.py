@@ -23,7 +23,9 @@ TEXT: dict[str, Any] = {"type": "string"}
 BOOL: dict[str, Any] = {"type": "yamlbool"}
 INT: dict[str, Any] = {"type": "yamlint"}
 
-CUSTOM_PARAMS: dict[str, Any] = {"type": ["dict", "list"]}  # shape checked in validate.py
+#: A mapping (the authors' short form) or the API's list; its items are checked in rules.py
+#: with :func:`engine.accengage.custom_params_problems`.
+CUSTOM_PARAMS: dict[str, Any] = {"type": ["dict", "list"]}
 
 # Nested schemas say allow_unknown: False because Cerberus hands a parent's allow_unknown down
 # to them, and a target allows unknown keys (its criteria).
@@ -36,28 +38,31 @@ CRITERION: dict[str, Any] = {
     },
 }
 
+#: The rules of each API type of :mod:`engine.accengage`'s field tables (``id``: a button's
+#: number, checked in rules.py with :func:`engine.accengage.button_index`; ``action``'s values
+#: are checked there too, as Accengage's own spelling variant only warns).
+_KINDS: dict[str, dict[str, Any]] = {
+    "string": TEXT,
+    "boolean": BOOL,
+    "integer": INT,
+    "alert": {"type": ["string", "dict"]},
+    "content": {"type": "dict", "valuesrules": TEXT},
+    "customParams": CUSTOM_PARAMS,
+    "id": {"type": "string", "required": True},
+}
+
+
+def _fields(table: Mapping[str, str]) -> dict[str, Any]:
+    return {name: _KINDS[kind] for name, kind in table.items()}
+
+
 APS: dict[str, Any] = {
     "type": "dict",
     "allow_unknown": False,
-    "schema": {
-        "alert": {"type": ["string", "dict"]},
-        "sound": TEXT,
-        "badge": INT,
-    },
+    "schema": _fields(accengage.APS_FIELD_TYPES),
 }
 
-BUTTON: dict[str, Any] = {
-    "type": "dict",
-    "schema": {
-        "id": {"type": "string", "required": True},
-        "action": {"type": "string"},  # value list checked in validate.py (urlSheme warns)
-        "url": TEXT,
-        "title": TEXT,
-        "icon": TEXT,
-        "destructive": BOOL,
-        "customParams": CUSTOM_PARAMS,
-    },
-}
+BUTTON: dict[str, Any] = {"type": "dict", "schema": _fields(accengage.BUTTON_FIELD_TYPES)}
 
 BUTTONS: dict[str, Any] = {
     "type": "dict",
@@ -73,14 +78,11 @@ def _message_schema() -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for name, kind in accengage.MESSAGE_FIELDS.items():
         fields[name] = {
-            "string": TEXT,
-            "boolean": BOOL,
+            **_KINDS,
             "popup": {
                 "type": ["yamlbool", "dict"],
                 "schema": {name: TEXT for name in accengage.POPUP_FIELDS},
             },
-            "customParams": CUSTOM_PARAMS,
-            "content": {"type": "dict", "valuesrules": TEXT},
             "buttons": BUTTONS,
             "aps": APS,
         }[kind]
@@ -95,10 +97,7 @@ TARGET: dict[str, Any] = {
     "type": "dict",
     "allow_unknown": CRITERION,  # every other key is a device field criterion
     "schema": {
-        "segmentId": TEXT,
-        "staticListId": TEXT,
-        "staticListExternalId": TEXT,
-        "data": {"type": "dict", "valuesrules": TEXT},
+        **_fields({k: v for k, v in accengage.TARGET_FIELDS.items() if v != "aps"}),
         "aps": APS,
         "for_each": TEXT,
         "as": TEXT,
@@ -138,8 +137,7 @@ RULE: dict[str, Any] = {
             "type": "dict",
             "nullable": True,
             "schema": {
-                "parentMessageId": TEXT,
-                "parentMessageExternalId": TEXT,
+                **{name: TEXT for name in accengage.PARENT_ID_FIELDS},
                 "message": {"type": "dict", "schema": MESSAGE},
             },
         },

@@ -31,7 +31,6 @@ CONTEXT_NAMES = frozenset({"event", "item", "now", "rule", "vars"})
 
 _MARKERS = ("{{", "{%", "{#")
 _WHOLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>.*)\}\}\s*$", re.DOTALL)
-MACRO = re.compile(r"\$\{([^}]*)\}")
 
 
 class RenderError(Exception):
@@ -281,8 +280,3 @@ def _undefined_words(exc: jinja2.UndefinedError) -> str:
     if match:
         return f"'{match.group(1)}' is undefined (the event, item or vars given has no such field)"
     return text
-
-
-def macros(text: str) -> list[str]:
-    """The Accengage ``${name}`` macros in a text, in order, without repeats."""
-    return list(dict.fromkeys(m.strip() for m in MACRO.findall(text)))

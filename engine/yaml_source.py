@@ -110,7 +110,7 @@ def load(text: str) -> Loaded:
         return Loaded(None, [YamlIssue(None, None, f"not readable as text: {exc}")])
     if node is None:
         return Loaded(None, [])
-    builder = _Builder()
+    builder = _Builder(text)
     try:
         data = builder.build(node)
     except _TooLarge:
@@ -180,10 +180,13 @@ class _TooLarge(Exception):
 class _Builder:
     """Turns composed nodes into Scalar / MarkedMap / MarkedList, collecting issues."""
 
-    def __init__(self) -> None:
+    def __init__(self, text: str = "") -> None:
         self.issues: list[YamlIssue] = []
         self.count = 0
         self.seen: dict[int, tuple[Any, int]] = {}
+        self.text = text
+        #: Keys of the mappings being built, innermost last (for hints that name the key).
+        self.keys: list[str] = []
 
     def build(self, node: yaml.Node) -> Any:
         done = self.seen.get(id(node))
@@ -237,9 +240,10 @@ class _Builder:
             if not isinstance(key_node, yaml.ScalarNode):
                 message = "a key must be a plain name"
                 if isinstance(key_node, yaml.MappingNode):
+                    owner = self.keys[-1] if self.keys else None
                     message = (
-                        "this reads as a mapping inside a mapping: Jinja in YAML must be quoted, "
-                        'like memberId: "{{ event.id }}"'
+                        "this reads as a mapping inside a mapping: Jinja in YAML must be quoted; "
+                        f"write {_quoted_hint(owner, node, self.text)}"
                     )
                 self.issues.append(YamlIssue(kline, kcol, message))
                 continue
@@ -265,8 +269,23 @@ class _Builder:
                 )
                 continue
             result.key_marks[key] = (kline, kcol)
-            result[Scalar(key, kline, kcol)] = self.build(value_node)
+            self.keys.append(key)
+            try:
+                result[Scalar(key, kline, kcol)] = self.build(value_node)
+            finally:
+                self.keys.pop()
         return result
+
+
+def _quoted_hint(key: str | None, node: yaml.Node, text: str) -> str:
+    """The author's own unquoted ``{{ ... }}`` value, quoted, under the author's own key."""
+    source = text[node.start_mark.index : node.end_mark.index]
+    if "\n" in source or not source:
+        source = "{{ ... }}"
+    quoted = f'"{source}"' if '"' not in source else f"'{source}'"
+    if '"' in source and "'" in source:
+        quoted = '"{{ ... }}"'
+    return f"{key}: {quoted}" if key is not None else quoted
 
 
 def position(

@@ -83,11 +83,11 @@ def test_examples_and_base_are_sent() -> None:
         (varied(message__aps={"category": "x"}), (13, "message.aps.category is unknown")),
         (
             varied(message__customParams={"k": "v"}),
-            (6, "message.customParams must be a list of {key, value}"),
+            (6, "message.customParams must be a list of {key: ..., value: ...}"),
         ),
         (
             varied(message__customParams=[{"key": "k", "value": "v", "x": "y"}]),
-            (13, "message.customParams[0].x is unknown"),
+            (13, "message.customParams[0].x is not part of a custom parameter {key, value}"),
         ),
         (varied(message__subjet="Hi"), (13, "message.subjet is unknown (did you mean subject?)")),
         (varied(colour="red"), (13, "colour is unknown")),
@@ -156,17 +156,22 @@ def test_button_details() -> None:
     assert detail(buttons({"id": 1}, {"id": "2"}, template="yes_no_category"))[0] == 0
     assert detail(buttons({"id": 3}, template="yes_no_category")) == (
         24,
-        "message.interactiveButtons.buttons[0].id 3 is beyond the 2 button(s) of yes_no_category",
+        "message.interactiveButtons.buttons[0].id 3 is beyond template 'yes_no_category', "
+        "which has 2 buttons",
     )
     assert detail(buttons({"id": 7}, template="my_own_category"))[0] == 0  # not known here
     assert detail(buttons({"action": "close"})) == (
         24,
-        "message.interactiveButtons.buttons[0].id is missing",
+        "message.interactiveButtons.buttons[0].id is missing; give the button's number (1, 2, ...)",
     )
     assert detail(buttons({"id": True}))[0] == 24
+    # The id is the button's number in its template, as the validator holds it.
+    for ident in ("confirm", "", 0, -1, "0", "²", "1.0", 1.0):
+        assert detail(buttons({"id": ident}))[0] == 24, ident
+    assert detail(buttons({"id": "01"}))[0] == 0
     assert detail(buttons({"id": 1}, {"id": "1"})) == (
         24,
-        "message.interactiveButtons.buttons[1].id 1 is repeated",
+        "message.interactiveButtons.buttons[1].id 1 is used twice",
     )
     # Accengage's own button page spells it urlSheme: taken (validate warns), any other is not.
     assert detail(buttons({"id": 1, "action": "urlSheme"})) == (0, "")
@@ -179,7 +184,7 @@ def test_button_details() -> None:
     assert detail(buttons({"id": 1, "label": "x"}))[0] == 13
     assert detail(buttons({"id": 1, "customParams": [{"key": "k", "value": 2}]})) == (
         25,
-        "message.interactiveButtons.buttons[0].customParams[0].value must be a string",
+        "message.interactiveButtons.buttons[0].customParams[0].value must be text",
     )
     assert detail(varied(message__interactiveButtons={"template": ""}))[0] == 23
     assert detail(varied(message__interactiveButtons={"buttons": {}}))[0] == 5
