@@ -592,11 +592,16 @@ class Scheduler:
                     at.isoformat(),
                     waiting.attempts,
                 )
-                self._pending[rule.id].remove(at)
+                self._settle(rule.id, at)
                 await self._write_marks([rule.id])
                 return
         finally:
             self._waiting.pop((rule.id, at), None)
+
+    def _settle(self, rule_id: str, at: datetime) -> None:
+        """The fire is no longer pending: the mark may move past it."""
+        with contextlib.suppress(ValueError):  # a start after a stop forgot it already
+            self._pending.get(rule_id, []).remove(at)
 
     async def _stopped_within(self, seconds: float) -> bool:
         try:
@@ -607,7 +612,7 @@ class Scheduler:
 
     def _give_up(self, rule: Rule, at: datetime, key: str, error: str) -> None:
         """Past ``catch_up``: a restart would skip it too, so the mark may move past it now."""
-        self._pending[rule.id].remove(at)
+        self._settle(rule.id, at)
         log.error(
             "rule %s: the fire due at %s could not be written within its catch_up (%s) and is "
             "given up (last error: %s); to send it by hand (at most once): "
@@ -702,6 +707,8 @@ class Scheduler:
                 )
                 error = await self._deliver(rule, item.scheduled_at)
                 if error is not None:
+                    if (rule.id, item.scheduled_at) in self._waiting:
+                        error += "; it is tried again until it lands or catch_up runs out"
                     item = CatchUp(rule.id, item.scheduled_at, "failed", error)
             done.append(item)
         skipped = [(c.scheduled_at, c.reason) for c in done if c.action == "skipped"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import signal
 import sqlite3
@@ -30,12 +31,15 @@ import pytest
 
 from engine import firing
 from engine.batching import Coalescer
+from engine.clock import Clock
 from engine.compiler import FireContext
 from engine.firing import FireRequest, fire_many
 from engine.sandbox import RunningSandbox, SandboxConfig, start_in_thread
+from engine.scheduler import MARK_SCOPE, Scheduler
 from engine.store import IN_DOUBT, SENDING, SENT, Store, busy_timeout, is_busy
 from tests.daemon_process import Daemon, Project, wait_for
 from tests.helpers import load, make_project, write_rule
+from tests.test_scheduler import MemoryMarks, make_rule
 
 LOG_ON_FAILURE = 300
 StartDaemon = Callable[..., Daemon]
@@ -308,10 +312,11 @@ def test_a_cron_fire_written_while_the_store_is_locked_lands_once(
         assert mark is None or mark < due
 
     def landed() -> bool:
+        # The mark first: one past the fire must mean the fire was in the outbox already.
+        mark = project.mark("tick")
         rows = project.rows("tick")
-        if not rows:  # not written yet: the mark must not have moved past it
-            mark = project.mark("tick")
-            assert mark is None or mark < due, f"mark {mark} moved past the unwritten fire"
+        if mark is not None and mark >= due:
+            assert rows, f"mark {mark} moved past the unwritten fire"
         return bool(rows)
 
     wait_for(landed, "the fire to land once the lock is gone", timeout=40, log=daemon.log)
@@ -402,3 +407,61 @@ def test_the_loop_stays_responsive_while_another_process_holds_the_lock(
         )
         assert all(r.state != IN_DOUBT for r in project.rows("ping"))
         assert texts(slow) == {"ping 1": 1, "ping 2": 1}
+
+
+# --------------------------------------------------------------------------- point 2, unit
+
+
+def test_a_fire_never_written_is_retried_then_given_up_past_catch_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Until catch_up runs out the fire is retried, listed, and holds the mark before it; then
+    it is given up with an error saying how to send it by hand, and the mark moves on."""
+    tries: list[datetime] = []
+    retried: list[str] = []
+
+    async def on_fire(rule: Any, at: datetime, key: str) -> None:
+        tries.append(at)
+        raise RuntimeError("database is locked")
+
+    async def on_poll(rule: Any, at: datetime) -> None:
+        return None
+
+    async def scenario() -> None:
+        marks = MemoryMarks()
+        sched = Scheduler(
+            Clock(),
+            marks,
+            on_fire,
+            on_poll,
+            on_retry=retried.append,
+            retry_base=0.2,
+            retry_max=0.4,
+            mark_every=timedelta(seconds=0.1),
+        )
+        due = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
+        rules = {"once": make_rule("once", {"at": due.isoformat()}, catch_up=timedelta(seconds=2))}
+        await sched.start()
+        try:
+            sched.apply(rules)
+            await sched.catch_up(rules)
+            while not sched.waiting_writes():
+                await asyncio.sleep(0.05)
+            (waiting,) = sched.waiting_writes()
+            assert waiting["scheduled_at"] == due.isoformat()
+            assert "database is locked" in waiting["last_error"]
+            while sched.waiting_writes():
+                mark = marks.get_mark(MARK_SCOPE, "once")
+                assert mark is None or mark < due
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)  # a periodic mark write
+            assert (marks.get_mark(MARK_SCOPE, "once") or due) > due
+        finally:
+            await sched.shutdown()
+
+    with caplog.at_level(logging.WARNING, logger="pushrules.scheduler"):
+        asyncio.run(asyncio.wait_for(scenario(), 15))
+    assert len(tries) >= 4 and len(set(tries)) == 1
+    assert retried and set(retried) == {"once"} and len(retried) == len(tries) - 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "given up" in errors[0] and "pushrules send once" in errors[0]
