@@ -16,15 +16,33 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def always(_: Exception) -> bool:
+    return True
+
+
+def never(_: Exception) -> bool:
+    return False
+
+
 class Coalescer(Generic[T, R]):
     """``await submit(item)`` -> the result ``flush`` gave for that item.
 
-    ``flush`` receives a batch and returns one result per item, in order; if it raises, every
-    caller of that batch gets the exception.
+    ``flush`` receives a batch and returns one result per item, in order. If it raises for a
+    batch of several items and ``split(exc)`` says the fault may be one item's, each item is
+    flushed again alone, so each caller gets its own result or its own exception: one bad
+    item cannot fail the callers that happened to arrive with it. A fault that is nobody's in
+    particular (the database is unreachable: ``split`` says False) goes to every caller at
+    once, rather than being met again once per item.
     """
 
-    def __init__(self, flush: Callable[[list[T]], Awaitable[Sequence[R]]]) -> None:
+    def __init__(
+        self,
+        flush: Callable[[list[T]], Awaitable[Sequence[R]]],
+        *,
+        split: Callable[[Exception], bool] = always,
+    ) -> None:
         self._flush = flush
+        self._split = split
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -42,6 +60,10 @@ class Coalescer(Generic[T, R]):
             try:
                 results = await self._flush([item for item, _ in batch])
             except Exception as exc:
+                if len(batch) > 1 and self._split(exc):
+                    for one in batch:
+                        await self._flush_alone(*one)
+                    continue
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
@@ -49,3 +71,13 @@ class Coalescer(Generic[T, R]):
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():  # its caller may have been cancelled meanwhile
                     future.set_result(result)
+
+    async def _flush_alone(self, item: T, future: asyncio.Future[R]) -> None:
+        try:
+            (result,) = await self._flush([item])
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+            return
+        if not future.done():
+            future.set_result(result)

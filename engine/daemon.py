@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from sqlalchemy.exc import OperationalError
 
 from engine.batching import Coalescer
 from engine.clock import Clock
@@ -43,13 +44,16 @@ from engine.runtime import credentials, dispatch_settings, open_store, sandboxed
 from engine.schedule import parse_timezone
 from engine.scheduler import Changes, Scheduler
 from engine.secrets import MissingSecret, SecretRef
-from engine.store import Store
+from engine.store import Store, busy_timeout
 from engine.watcher import Watcher
 
 log = logging.getLogger("pushrules.daemon")
 
 #: How often a follower asks whether it may lead, and the leader checks it still does.
 LEADERSHIP_EVERY = 10.0
+#: Seconds a fire write waits for SQLite's write lock before it fails: an event is then
+#: answered 503 "retry" quickly, and a scheduled fire is tried again (engine/scheduler.py).
+FIRE_WRITE_WAIT = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +83,10 @@ class Daemon:
         self._project: Project | None = None
         self._last_reload: dict[str, Any] = {}
         self._compiled: set[str] = set()
+        # A batch that fails for a reason other than the database is re-written caller by
+        # caller, so one bad fire fails alone (see engine/batching.py).
         self._fires: Coalescer[tuple[list[FireRequest], datetime], list[FireOutcome]] = Coalescer(
-            self._write_fires
+            self._write_fires, split=lambda exc: not isinstance(exc, OperationalError)
         )
         self._leading = False
         self._reloads: set[asyncio.Task[None]] = set()
@@ -150,9 +156,11 @@ class Daemon:
             "next_fires": {
                 k: (v.isoformat() if v else None) for k, v in self.scheduler.next_fires().items()
             },
+            "fire_writes_waiting": self.scheduler.waiting_writes(),
         }
 
     def metrics_text(self) -> tuple[bytes, str]:
+        self.metrics.set_fire_writes_waiting(len(self.scheduler.waiting_writes()))
         if self.store is not None:
             with contextlib.suppress(Exception):
                 self.metrics.set_backlog(self.store.backlog())
@@ -191,12 +199,18 @@ class Daemon:
         assert self.store is not None
         everything = [req for requests, _ in batch for req in requests]
         now = max(moment for _, moment in batch)
-        outcomes = await asyncio.to_thread(fire_many, self.store, self.project, everything, now=now)
+        outcomes = await asyncio.to_thread(self._fire_many, everything, now)
         result, start = [], 0
         for requests, _ in batch:
             result.append(outcomes[start : start + len(requests)])
             start += len(requests)
         return result
+
+    def _fire_many(self, requests: list[FireRequest], now: datetime) -> list[FireOutcome]:
+        """In a worker thread, waiting at most FIRE_WRITE_WAIT for the store's write lock."""
+        assert self.store is not None
+        with busy_timeout(FIRE_WRITE_WAIT):
+            return fire_many(self.store, self.project, requests, now=now)
 
     async def _on_schedule(self, rule: Rule, scheduled_at: datetime, key: str) -> None:
         context = FireContext(now=self._local(rule, scheduled_at))
@@ -307,7 +321,13 @@ class Daemon:
             clock=self.clock.now,
             on_attempt=self.metrics.observe_attempt,
         )
-        self.scheduler = Scheduler(self.clock, self.store, self._on_schedule, self._on_poll)
+        self.scheduler = Scheduler(
+            self.clock,
+            self.store,
+            self._on_schedule,
+            self._on_poll,
+            on_retry=self.metrics.fire_write_retried,
+        )
         self.poller = Poller(self.store, self._on_item, self.clock)
         self.leadership = self.store.leadership()
 

@@ -38,6 +38,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import httpx
+from sqlalchemy.exc import OperationalError
 
 from engine import __version__, accengage
 from engine.accengage import RETRYABLE_CODES, describe
@@ -53,10 +54,14 @@ from engine.store import (
     OutboxRow,
     ResultUpdate,
     Store,
+    busy_timeout,
+    is_busy,
     utcnow,
 )
 
 LOG = logging.getLogger("pushrules.dispatch")
+#: Seconds an inline store call may hold the event loop waiting for SQLite's write lock.
+INLINE_BUSY_WAIT = 0.05
 
 OutcomeKind = Literal["sent", "retry", "failed", "unknown"]
 UnknownPolicy = Literal["park", "retry"]
@@ -642,9 +647,20 @@ class Dispatcher:
         return f"Dispatcher({self.store!r}, worker_id={self.worker_id!r})"
 
     async def _db(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """Run a store call where ``settings.store_calls`` says."""
+        """Run a store call where ``settings.store_calls`` says.
+
+        Inline, the call waits at most INLINE_BUSY_WAIT for SQLite's write lock: another
+        process holding it (a `pushrules outbox` command, a backup) would otherwise stall the
+        loop, and with it every send in flight and the HTTP intake, for up to 15 s a call.
+        Refused the lock, nothing was done, so the call is made again in a thread.
+        """
         if self._inline_store:
-            return fn(*args, **kwargs)
+            try:
+                with busy_timeout(INLINE_BUSY_WAIT):
+                    return fn(*args, **kwargs)
+            except OperationalError as exc:
+                if not is_busy(exc):
+                    raise
         return await asyncio.to_thread(fn, *args, **kwargs)
 
     async def __aenter__(self) -> Dispatcher:

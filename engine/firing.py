@@ -80,6 +80,10 @@ def _prepare(
     except CompileError as exc:
         log.error("rule %s did not fire (key %s): %s", rule.id, key, exc)
         return FireOutcome(rule.id, key, "failed", detail=str(exc)), None, "", None
+    except Exception as exc:  # a bug or an unbounded template: this fire fails, not its batch
+        detail = f"rendering failed: {type(exc).__name__}: {exc}"
+        log.exception("rule %s did not fire (key %s): %s", rule.id, key, detail)
+        return FireOutcome(rule.id, key, "failed", detail=detail), None, "", None
     if not requests:
         return (
             FireOutcome(rule.id, key, "empty", detail="the targets expanded to nobody"),
@@ -123,12 +127,42 @@ def fire_many(
         if fire is not None:
             groups.setdefault((state, not_before), []).append((index, fire))
     for (state, not_before), fires in groups.items():
+        for index, outcome in _enqueue_group(store, fires, now, state, not_before):
+            outcomes[index] = outcome
+    return [o for o in outcomes if o is not None]
+
+
+def _enqueue_group(
+    store: Store,
+    fires: list[tuple[int, Fire]],
+    now: datetime,
+    state: str,
+    not_before: datetime | None,
+) -> list[tuple[int, FireOutcome]]:
+    """One transaction for the group; if the store refuses one fire of it (ValueError: a
+    request it will not keep), each is written alone so only that one fails. Database errors
+    are no one fire's fault: they propagate, and the caller tries again."""
+    try:
         results = store.enqueue_many(
             [f for _, f in fires], now=now, state=state, not_before=not_before
         )
-        for (index, fire), result in zip(fires, results, strict=True):
-            outcomes[index] = _outcome(fire, result.ids, result.created, state, not_before)
-    return [o for o in outcomes if o is not None]
+    except ValueError as exc:
+        if len(fires) == 1:
+            index, fire = fires[0]
+            return [(index, _refused(fire, exc))]
+        return [
+            pair for one in fires for pair in _enqueue_group(store, [one], now, state, not_before)
+        ]
+    return [
+        (index, _outcome(fire, result.ids, result.created, state, not_before))
+        for (index, fire), result in zip(fires, results, strict=True)
+    ]
+
+
+def _refused(fire: Fire, exc: ValueError) -> FireOutcome:
+    detail = f"the outbox refused its requests: {exc}"
+    log.error("rule %s did not fire (key %s): %s", fire.rule, fire.idem_key, detail)
+    return FireOutcome(fire.rule, fire.idem_key, "failed", detail=detail)
 
 
 def fire(

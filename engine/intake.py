@@ -158,6 +158,15 @@ def _described(o: FireOutcome, paused: Mapping[str, datetime | None]) -> dict[st
     return {"rule": o.rule, "status": "paused", "detail": detail}
 
 
+def failure_note(outcomes: Sequence[FireOutcome]) -> str:
+    """Why rules could not fire for this event (naming each), or "" when none failed."""
+    failed = [o for o in outcomes if o.status == "failed"]
+    if not failed:
+        return ""
+    reasons = "; ".join(f"rule {o.rule}: {o.detail}" for o in failed)
+    return f"the event could not fire {len(failed)} rule(s), fix the event or the rule: {reasons}"
+
+
 def no_rule_note(ruleset: RuleSet, name: str) -> str:
     """Why nothing fired, naming disabled rules that would have, so a typo is easy to spot."""
     disabled = sorted(r.id for r in ruleset.rules.values() if r.event == name and not r.enabled)
@@ -210,7 +219,8 @@ def create_app(state: IntakeState, *, max_body: int = MAX_BODY) -> Starlette:
             log.exception("event %r (%s) could not be recorded", name, event_id)
             raise _refuse(
                 503,
-                "the event could not be recorded; send it again with the same Idempotency-Key",
+                "the event could not be recorded (the store is busy or unreachable): retry "
+                f"with the same Idempotency-Key: {event_id}",
                 {"Retry-After": "5"},
             ) from None
         log.info(
@@ -226,6 +236,11 @@ def create_app(state: IntakeState, *, max_body: int = MAX_BODY) -> Starlette:
         answer: dict[str, Any] = {"event_id": event_id, "rules": describe(outcomes, paused)}
         if not outcomes:
             answer["note"] = no_rule_note(state.ruleset(), name)
+        error = failure_note(outcomes)
+        if error:
+            # The other rules' fires are stored all the same (see "rules"); sending the event
+            # again with the same key finds them as duplicates.
+            return _Json({"error": error, **answer}, status_code=422)
         return _Json(answer, status_code=202)
 
     async def healthz(request: Request) -> Response:

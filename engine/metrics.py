@@ -75,6 +75,17 @@ class Metrics:
         self.paused_rules = Gauge(
             "pushrules_paused_rules", "Pauses in force ('*' counts as one)", registry=r
         )
+        self.fire_write_retries = Counter(
+            "pushrules_fire_write_retries",
+            "Scheduled fires written again after their write failed (store locked or down)",
+            ["rule"],
+            registry=r,
+        )
+        self.fire_writes_waiting = Gauge(
+            "pushrules_fire_writes_waiting",
+            "Scheduled fires due whose write failed and is being tried again",
+            registry=r,
+        )
         for result in ("ok", "problems"):
             self.reloads.labels(result=result)
 
@@ -113,6 +124,12 @@ class Metrics:
         """From :meth:`engine.store.Store.backlog` (every state present, zeros included)."""
         for state, n in counts.items():
             self.backlog.labels(state=state).set(n)
+
+    def fire_write_retried(self, rule: str) -> None:
+        self.fire_write_retries.labels(rule=rule).inc()
+
+    def set_fire_writes_waiting(self, n: int) -> None:
+        self.fire_writes_waiting.set(n)
 
     def set_paused(self, n: int) -> None:
         self.paused_rules.set(n)

@@ -25,6 +25,12 @@ handled". After each fire, every 30 s and at shutdown the mark moves to now, but
 fire that is due and not yet handled, so :meth:`Scheduler.catch_up` on the next start sees it.
 Marks do not move before :meth:`Scheduler.catch_up` has read them once.
 
+A fire whose write fails (the store locked or unreachable) is not handled: it stays pending,
+so the mark stays before it, and it is written again with backoff (1 s doubling to 30 s) until
+it lands or is ``catch_up`` late; then it is given up, logged as an error, as a restart's
+catch-up would. :meth:`Scheduler.waiting_writes` lists such fires for ``/healthz``. A stop
+leaves them pending: the next start's catch-up writes them.
+
 Start order for the daemon: ``await start()``, ``apply(rules)``, ``await catch_up(rules)``.
 Catch-up covers (mark, the instant each job took over]; the jobs cover the rest.
 """
@@ -44,7 +50,7 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
 
-from engine.batching import Coalescer
+from engine.batching import Coalescer, never
 from engine.clock import Clock
 from engine.rules import Rule
 from engine.schedule import (
@@ -65,6 +71,7 @@ __all__ = [
     "Marks",
     "PollCallback",
     "Scheduler",
+    "WaitingWrite",
     "fire_key",
     "job_kind",
     "plan_catch_up",
@@ -80,6 +87,8 @@ PollCallback = Callable[[Rule, datetime], Awaitable[object]]
 MARK_SCOPE = "schedule"
 FIRE_KINDS = ("cron", "every", "at")
 MARK_EVERY = timedelta(seconds=30)
+#: Seconds before a failed fire write is tried again, doubling up to RETRY_MAX.
+RETRY_BASE, RETRY_MAX = 1.0, 30.0
 #: Fires skipped at once are logged one by one up to this many per rule, then summed up.
 LOG_EACH_SKIPPED = 5
 #: Effectively "never refuse a run": APScheduler drops a refused run for good.
@@ -105,6 +114,33 @@ class Changes:
     removed: list[str] = field(default_factory=list)
     rescheduled: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class WaitingWrite:
+    """A scheduled fire whose write failed and is being tried again (clock instants, UTC)."""
+
+    rule: str
+    scheduled_at: datetime
+    attempts: int
+    last_error: str
+    next_try: datetime
+    gives_up_at: datetime
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "scheduled_at": self.scheduled_at.isoformat(),
+            "failed_attempts": self.attempts,
+            "last_error": self.last_error,
+            "next_try": self.next_try.isoformat(),
+            "gives_up_at": self.gives_up_at.isoformat(),
+        }
+
+
+def retry_delay(failures: int, base: float, most: float) -> float:
+    """Seconds before the next try of a fire write that failed ``failures`` times (>= 1)."""
+    return min(most, base * 2 ** min(failures - 1, 30))
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,10 +317,21 @@ class Scheduler:
         on_poll: PollCallback,
         *,
         mark_every: timedelta = MARK_EVERY,
+        on_retry: Callable[[str], None] | None = None,
+        retry_base: float = RETRY_BASE,
+        retry_max: float = RETRY_MAX,
     ) -> None:
         self._clock = clock
         self._marks = marks
-        self._mark_writes: Coalescer[dict[str, datetime], None] = Coalescer(self._flush_marks)
+        self._mark_writes: Coalescer[dict[str, datetime], None] = Coalescer(
+            self._flush_marks, split=never
+        )
+        self._on_retry = on_retry
+        self._retry_base = retry_base
+        self._retry_max = retry_max
+        self._waiting: dict[tuple[str, datetime], WaitingWrite] = {}
+        self._retries: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
         self._on_fire = on_fire
         self._on_poll = on_poll
         self._mark_every = mark_every
@@ -301,6 +348,9 @@ class Scheduler:
 
     async def start(self) -> None:
         """Start on the running loop; jobs added by an earlier :meth:`apply` begin now."""
+        # Fires left pending by an earlier stop are the coming catch-up's now.
+        self._pending.clear()
+        self._stopping.clear()
         self._aps.start()
         self._marker = asyncio.get_running_loop().create_task(self._mark_periodically())
 
@@ -309,11 +359,12 @@ class Scheduler:
         if not self._aps.running:
             return
         self._aps.pause()  # synchronous: no job is submitted from here on
+        self._stopping.set()  # fires waiting to be written again stay pending, unmarked
         if self._marker is not None:
             self._marker.cancel()
             await asyncio.gather(self._marker, return_exceptions=True)
             self._marker = None
-        running = set(self._executor.tasks)
+        running = set(self._executor.tasks) | self._retries
         if running:
             _, late = await asyncio.wait(running, timeout=timeout)
             for task in late:
@@ -462,25 +513,124 @@ class Scheduler:
         pending = self._pending.setdefault(rule.id, [])
         pending.append(at)
         lock = self._locks.setdefault(rule.id, asyncio.Lock())
-        error: str | None = None
         try:
             async with lock:
                 await self._on_fire(rule, at, key)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
-            log.exception(
-                "rule %s: the fire due at %s failed and is not retried; to send it by hand "
-                "(at most once): pushrules send %s --at %s --key %s",
-                rule.id,
-                at.isoformat(),
-                rule.id,
-                at.isoformat(),
-                key,
-            )
+            if self._stopping.is_set():
+                log.warning(
+                    "rule %s: writing the fire due at %s failed while stopping (%s); it stays "
+                    "unmarked, so the next start's catch-up writes it",
+                    rule.id,
+                    at.isoformat(),
+                    error,
+                )
+            elif not self._retry_later(rule, at, key, error):
+                self._give_up(rule, at, key, error)
+            return error  # pending until it lands or is given up: the mark stays before it
         # Not in ``finally``: a fire cancelled mid-way stays pending, so its mark stays before
         # it and the next start reconsiders it.
         pending.remove(at)
-        return error
+        return None
+
+    def _retry_later(self, rule: Rule, at: datetime, key: str, error: str) -> bool:
+        """Start trying the write again in the background; False if it is too late for that."""
+        gives_up_at = at + rule.catch_up
+        now = self._clock.now()
+        if now >= gives_up_at:
+            return False
+        waiting = WaitingWrite(rule.id, at, 1, error, now, gives_up_at)
+        self._waiting[(rule.id, at)] = waiting
+        log.warning(
+            "rule %s: writing the fire due at %s failed (%s); it is tried again with backoff "
+            "until it lands or %s (its catch_up), and its mark stays before it",
+            rule.id,
+            at.isoformat(),
+            error,
+            gives_up_at.isoformat(),
+        )
+        task = asyncio.get_running_loop().create_task(
+            self._retry(rule, waiting, key), name=f"retry of rule {rule.id}'s fire at {at}"
+        )
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+        return True
+
+    async def _retry(self, rule: Rule, waiting: WaitingWrite, key: str) -> None:
+        at = waiting.scheduled_at
+        try:
+            while True:
+                now = self._clock.now()
+                if now >= waiting.gives_up_at:
+                    self._give_up(rule, at, key, waiting.last_error)
+                    return
+                delay = retry_delay(waiting.attempts, self._retry_base, self._retry_max)
+                delay = min(delay, (waiting.gives_up_at - now).total_seconds())
+                waiting.next_try = now + timedelta(seconds=delay)
+                if await self._stopped_within(delay):
+                    return  # stays pending, so unmarked: the next start's catch-up has it
+                if self._on_retry is not None:
+                    self._on_retry(rule.id)
+                try:
+                    async with self._locks.setdefault(rule.id, asyncio.Lock()):
+                        await self._on_fire(rule, at, key)
+                except Exception as exc:
+                    waiting.attempts += 1
+                    waiting.last_error = f"{type(exc).__name__}: {exc}"
+                    log.warning(
+                        "rule %s: writing the fire due at %s failed again (attempt %d: %s)",
+                        rule.id,
+                        at.isoformat(),
+                        waiting.attempts,
+                        waiting.last_error,
+                    )
+                    continue
+                log.info(
+                    "rule %s: the fire due at %s is written, after %d failed attempt(s)",
+                    rule.id,
+                    at.isoformat(),
+                    waiting.attempts,
+                )
+                self._settle(rule.id, at)
+                await self._write_marks([rule.id])
+                return
+        finally:
+            self._waiting.pop((rule.id, at), None)
+
+    def _settle(self, rule_id: str, at: datetime) -> None:
+        """The fire is no longer pending: the mark may move past it."""
+        with contextlib.suppress(ValueError):  # a start after a stop forgot it already
+            self._pending.get(rule_id, []).remove(at)
+
+    async def _stopped_within(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    def _give_up(self, rule: Rule, at: datetime, key: str, error: str) -> None:
+        """Past ``catch_up``: a restart would skip it too, so the mark may move past it now."""
+        self._settle(rule.id, at)
+        log.error(
+            "rule %s: the fire due at %s could not be written within its catch_up (%s) and is "
+            "given up (last error: %s); to send it by hand (at most once): "
+            "pushrules send %s --at %s --key %s",
+            rule.id,
+            at.isoformat(),
+            describe_age(rule.catch_up),
+            error,
+            rule.id,
+            at.isoformat(),
+            key,
+        )
+
+    def waiting_writes(self) -> list[dict[str, Any]]:
+        """Fires due whose write failed and is being tried again, oldest first."""
+        # A copy first: /healthz calls this from a worker thread while the loop changes it.
+        waiting = list(self._waiting.values())
+        return [w.report() for w in sorted(waiting, key=lambda w: (w.scheduled_at, w.rule))]
 
     async def _poll(self, rule: Rule, at: datetime) -> None:
         if rule.id in self._polling:
@@ -557,6 +707,8 @@ class Scheduler:
                 )
                 error = await self._deliver(rule, item.scheduled_at)
                 if error is not None:
+                    if (rule.id, item.scheduled_at) in self._waiting:
+                        error += "; it is tried again until it lands or catch_up runs out"
                     item = CatchUp(rule.id, item.scheduled_at, "failed", error)
             done.append(item)
         skipped = [(c.scheduled_at, c.reason) for c in done if c.action == "skipped"]

@@ -24,10 +24,12 @@ body that carries the ``user`` object.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -59,7 +61,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, RowMapping
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.sql.elements import ColumnElement
 
 DEFAULT_URL: Final = "sqlite:///pushrules.db"
@@ -427,12 +429,42 @@ def _attempt_row(m: RowMapping) -> AttemptRow:
     )
 
 
+#: Milliseconds a SQLite writer waits for the write lock unless :func:`busy_timeout` says less.
+DEFAULT_BUSY_MS: Final = 15000
+_BUSY_MS: ContextVar[int | None] = ContextVar("pushrules_busy_ms", default=None)
+
+
+@contextlib.contextmanager
+def busy_timeout(seconds: float) -> Iterator[None]:
+    """Store calls made inside wait at most ``seconds`` for SQLite's write lock, then raise
+    "database is locked" (see :func:`is_busy`) instead of stalling for the default 15 s.
+
+    A context variable, so it holds for this thread or task only (``asyncio.to_thread``
+    carries it into the thread). No effect on PostgreSQL, whose writers lock rows, not files.
+    """
+    token = _BUSY_MS.set(max(1, int(seconds * 1000)))
+    try:
+        yield
+    finally:
+        _BUSY_MS.reset(token)
+
+
+def is_busy(exc: BaseException) -> bool:
+    """True if SQLite refused to start a write because another connection held the lock:
+    nothing was done, so the call can be made again as it was."""
+    return (
+        isinstance(exc, OperationalError)
+        and "database is locked" in str(exc.orig)
+        and str(exc.statement or "").startswith("BEGIN")
+    )
+
+
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     # Let SQLAlchemy's "begin" hook start transactions (BEGIN IMMEDIATE), not the driver.
     dbapi_connection.isolation_level = None
     cur = dbapi_connection.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=15000")
+    cur.execute(f"PRAGMA busy_timeout={DEFAULT_BUSY_MS}")
     # FULL: a claim is on disk before its request leaves, so a power cut cannot make a sent
     # row pending again. Results are written in batches, which keeps the fsyncs few.
     cur.execute("PRAGMA synchronous=FULL")
@@ -446,7 +478,19 @@ def _sqlite_begin(conn: Connection) -> None:
     # SQLITE_BUSY_SNAPSHOT. A reader takes no lock, so an operator's ``history`` never holds up
     # the dispatcher.
     read_only = conn.get_execution_options().get(_READ_ONLY, False)
+    if not read_only:
+        _apply_busy_timeout(conn)
     conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def _apply_busy_timeout(conn: Connection) -> None:
+    """Set the connection's busy timeout to what :func:`busy_timeout` asks (or the default),
+    only when it differs from what this pooled connection has already."""
+    wanted = _BUSY_MS.get() or DEFAULT_BUSY_MS
+    info = conn.connection.info
+    if info.get("busy_ms", DEFAULT_BUSY_MS) != wanted:
+        conn.exec_driver_sql(f"PRAGMA busy_timeout={wanted}")
+        info["busy_ms"] = wanted
 
 
 _READ_ONLY: Final = "pushrules_read_only"
@@ -583,12 +627,17 @@ class Store:
                     }
                 )
             prepared.append((fire, rows))
-        if len({(f.rule, f.idem_key) for f, _ in prepared}) != len(prepared):
-            raise ValueError("the same (rule, idem_key) appears twice in one enqueue_many call")
+        # The same fire twice in one call (two POSTs with one Idempotency-Key, coalesced into
+        # one batch) is one fire: the first is written, the others find it, as they would had
+        # they come a moment later.
+        firsts: dict[tuple[str, str], int] = {}
+        for index, (fire, _) in enumerate(prepared):
+            firsts.setdefault((fire.rule, fire.idem_key), index)
+        unique = [prepared[index] for index in firsts.values()]
 
         # The same order in every transaction: two concurrent calls sharing fires then wait for
         # each other on PostgreSQL instead of deadlocking.
-        ordered = sorted(prepared, key=lambda p: (p[0].rule, p[0].idem_key))
+        ordered = sorted(unique, key=lambda p: (p[0].rule, p[0].idem_key))
         with self.engine.begin() as conn:
             heads = [rows[0] for _, rows in ordered]
             stmt = (
@@ -599,7 +648,7 @@ class Store:
             won = {(r.rule, r.idem_key): r.id for r in conn.execute(stmt, heads)} if heads else {}
             tails = [
                 row
-                for fire, rows in prepared
+                for fire, rows in unique
                 if (fire.rule, fire.idem_key) in won
                 for row in rows[1:]
             ]
@@ -610,20 +659,26 @@ class Store:
                 )
                 for r in conn.execute(ins, tails):
                     tail_ids[(r.rule, r.idem_key, r.chunk)] = r.id
-            results: list[EnqueueResult] = []
-            for fire, rows in prepared:
+            found: dict[tuple[str, str], EnqueueResult] = {}
+            for fire, rows in unique:
                 key = (fire.rule, fire.idem_key)
                 if key in won:
                     ids = [won[key]] + [tail_ids[(*key, row["chunk"])] for row in rows[1:]]
-                    results.append(EnqueueResult(ids, True))
+                    found[key] = EnqueueResult(ids, True)
                 else:
                     existing = conn.execute(
                         select(outbox.c.id)
                         .where(outbox.c.rule == fire.rule, outbox.c.idem_key == fire.idem_key)
                         .order_by(outbox.c.chunk)
                     ).scalars()
-                    results.append(EnqueueResult(list(existing), False))
-            return results
+                    found[key] = EnqueueResult(list(existing), False)
+        results: list[EnqueueResult] = []
+        for index, (fire, _) in enumerate(prepared):
+            key = (fire.rule, fire.idem_key)
+            first = found[key]
+            # Only the first occurrence created the fire; a repeat is a duplicate of it.
+            results.append(first if firsts[key] == index else EnqueueResult(first.ids, False))
+        return results
 
     # -- claim -------------------------------------------------------------------------------
 
@@ -1170,6 +1225,8 @@ __all__ = [
     "ResultUpdate",
     "Store",
     "TransitionError",
+    "busy_timeout",
     "encode_body",
+    "is_busy",
     "utcnow",
 ]

@@ -273,21 +273,26 @@ def test_every_second_fires_with_utc_keys_and_survives_a_raising_callback(
         await sched.start()
         try:
             sched.apply({"tick": make_rule("tick", {"every": "1s"})})
-            await rec.wait_fires(2, timeout=3.5)  # the second came although the first raised
+            await rec.wait_fires(3, timeout=4.5)  # later fires came although the first raised
         finally:
             await sched.shutdown()
-        (r1, at1, key1), (r2, at2, key2) = rec.fires[:2]
-        assert r1 == r2 == "tick"
+        times = [at for _, at, _ in rec.fires]
+        at1 = times[0]
+        assert times.count(at1) == 2  # the failed write was tried again, with the same key
+        at2 = sorted(set(times))[1]
+        assert {r for r, _, _ in rec.fires} == {"tick"}
         assert at1.tzinfo is UTC and at1.microsecond == 0
         assert at2 - at1 == timedelta(seconds=1)
-        assert KEY.match(key1) and key1 == fire_key(at1) and key2 == fire_key(at2)
-        assert abs((datetime.now(UTC) - at2).total_seconds()) < 2
+        keys = {at: key for _, at, key in rec.fires}
+        assert KEY.match(keys[at1]) and keys[at1] == fire_key(at1) and keys[at2] == fire_key(at2)
+        assert abs((datetime.now(UTC) - at2).total_seconds()) < 3
 
-    with caplog.at_level(logging.ERROR, logger="pushrules.scheduler"):
+    with caplog.at_level(logging.WARNING, logger="pushrules.scheduler"):
         run(scenario())
-    errors = [r for r in caplog.records if r.name == "pushrules.scheduler"]
-    assert len(errors) == 1 and "rule tick" in errors[0].getMessage()
-    assert "store is locked" in (errors[0].exc_text or "")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "pushrules.scheduler"]
+    assert any(
+        "rule tick" in m and "store is locked" in m and "tried again" in m for m in warnings
+    ), warnings
 
 
 def test_shifted_clock_fires_the_skipped_dst_time_at_the_end_of_the_gap() -> None:
