@@ -314,6 +314,8 @@ def cmd_history(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if getattr(args, "unmatched", False):
+        return _history_unmatched(project, since, args.limit, args.format)
     store = open_store(project)
     try:
         rows = store.history(rule=args.rule, states=states, since=since, limit=args.limit)
@@ -326,6 +328,34 @@ def cmd_history(args: argparse.Namespace) -> int:
         print("no matching request in the outbox", file=sys.stderr)
         return EXIT_OK
     _print_table(rows)
+    return EXIT_OK
+
+
+def _history_unmatched(project: Project, since: datetime | None, limit: int, fmt: str) -> int:
+    """Events answered 202 that no rule took: when, which, and why (to fire them again)."""
+    from engine.runtime import open_store
+
+    with open_store(project) as store:
+        events = store.unmatched(since=since, limit=limit)
+    if fmt == "json":
+        out = [
+            {
+                "id": e.id,
+                "event": e.event,
+                "key": e.key,
+                "received_at": e.received_at.isoformat(),
+                "why": e.reason,
+                "payload": json.loads(e.payload),
+            }
+            for e in events
+        ]
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not events:
+        print("no event was left without a rule", file=sys.stderr)
+        return EXIT_OK
+    for e in events:
+        print(f"{e.received_at:%Y-%m-%d %H:%M:%S} {e.event} {e.key}: {e.reason}")
     return EXIT_OK
 
 
