@@ -64,30 +64,43 @@ def fired(daemon: Daemon, event: str, marker: str) -> list[str]:
 def test_a_deeply_nested_file_added_to_a_running_daemon_fails_alone(
     tmp_path: Path, sandbox: RunningSandbox, started: list[Daemon]
 ) -> None:
+    """400 nested ``[``: at start, added while running, or breaking a rule that was good."""
+    deep = "description: x\nvars: " + "[" * 400 + "]" * 400 + "\n"
     project = Project(tmp_path / "project", sandbox.url)
     project.rule("other", "event: other", "other {{ event.marker }}")
-    daemon = start(started, project)
-
-    (project.root / "rules" / "deep.yaml").write_text(
-        "description: x\nvars: " + "[" * 400 + "]" * 400 + "\n"
+    victim = project.rule("victim", "event: victim", "victim")
+    (project.root / "rules" / "at-start.yaml").write_text(deep)
+    daemon = start(started, project)  # it starts: the file is a problem of its own
+    status, report = daemon.health()
+    assert status == 200 and report["rules"]["loaded"] == 2
+    assert any(
+        line.startswith("rules/at-start.yaml:2:") for line in report["rules"]["first_errors"]
     )
+
+    (project.root / "rules" / "deep.yaml").write_text(deep)
+    victim.write_text(victim.read_text() + "vars: " + "[" * 400 + "]" * 400 + "\n")
     report = daemon.wait_health(
-        lambda h: h["rules"]["errors"], "the deep file's problem in /healthz"
+        lambda h: h["rules"]["errors"] == 3, "the deep files' problems in /healthz"
     )
     assert any(
         line.startswith("rules/deep.yaml:2:") and "nested more than" in line
         for line in report["rules"]["first_errors"]
     ), report
+    assert report["rules"]["kept_at_last_good_version"] == ["victim"]
     assert fired(daemon, "other", "a") == ["other"]
+    assert fired(daemon, "victim", "a") == ["victim"]
 
-    # A later good reload works: a new rule is taken, the deep file repaired is taken.
+    # A later good reload works: a new rule is taken, the deep files repaired are taken.
     project.rule("later", "event: later", "later")
     project.rule("deep", "event: deep", "deep")
+    project.rule("victim", "event: victim2", "victim2")
+    (project.root / "rules" / "at-start.yaml").unlink()
     daemon.wait_health(
-        lambda h: h["rules"]["loaded"] == 3 and not h["rules"]["errors"], "the repair's reload"
+        lambda h: h["rules"]["loaded"] == 4 and not h["rules"]["errors"], "the repair's reload"
     )
     assert fired(daemon, "later", "b") == ["later"]
     assert fired(daemon, "deep", "c") == ["deep"]
+    assert fired(daemon, "victim2", "d") == ["victim"]
     assert daemon.stop() == 0
 
 
