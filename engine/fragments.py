@@ -41,7 +41,7 @@ def _load_dir(
     directory = root / folder
     if not directory.is_dir():
         return found, 0
-    paths = yaml_files(directory)
+    paths = yaml_files(directory, root)
     for path in paths:
         rel = str(folder / path.relative_to(directory))
         if path.stem in seen:
@@ -59,7 +59,7 @@ def _load_dir(
             continue
         seen[path.stem] = rel
         try:
-            text = read_source(path, root)
+            text = read_source(path, root, directory)
         except Unreadable as exc:
             problems.append(Problem(rel, exc.line, None, "", None, "error", exc.message))
             continue

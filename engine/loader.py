@@ -72,7 +72,7 @@ def rule_files(root: Path) -> list[Path]:
     directory = root / RULES_DIR
     if not directory.is_dir():
         return []
-    return yaml_files(directory)
+    return yaml_files(directory, root)
 
 
 def _context_key(root: Path) -> str:
@@ -82,7 +82,7 @@ def _context_key(root: Path) -> str:
     for folder in (MESSAGES_DIR, BUTTONS_DIR):
         directory = root / folder
         if directory.is_dir():
-            paths.extend(yaml_files(directory))
+            paths.extend(yaml_files(directory, root))
     for path in paths:
         digest.update(str(path.relative_to(root)).encode())
         try:
@@ -149,11 +149,9 @@ class Loader:
                 )
                 continue
             try:
-                text = read_source(path, root)
+                text = read_source(path, root, root / RULES_DIR)
             except Unreadable as exc:
-                problems.append(
-                    Problem(rel, exc.line, None, "", None, "error", f"this file {exc.message}")
-                )
+                problems.append(Problem(rel, exc.line, None, "", None, "error", exc.message))
                 held.add(rule_id)
                 continue
             texts[rel] = (rule_id, text, hashlib.blake2b(text.encode(), digest_size=16).hexdigest())

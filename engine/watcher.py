@@ -84,6 +84,9 @@ def _walk(root: Path) -> list[tuple[Entry, str | None]]:
     """
     out: list[tuple[Entry, str | None]] = []
     seen_dirs: set[tuple[int, int]] = set()
+    # A linked folder leading out of the project is noted but not entered (the loader
+    # refuses it too): a link to / must not make each poll walk the disk.
+    allowed = [os.path.realpath(root)] + [os.path.realpath(os.path.join(root, w)) for w in WATCHED]
     stack = [
         (str(w), path, os.path.islink(path))
         for w in reversed(WATCHED)
@@ -94,6 +97,8 @@ def _walk(root: Path) -> list[tuple[Entry, str | None]]:
         entry, is_dir = _facts(rel, path, is_link)
         out.append((entry, path if entry[1] == "file" else None))
         if not is_dir:
+            continue
+        if is_link and not _within(os.path.realpath(path), allowed):
             continue
         try:
             st = os.stat(path)
@@ -106,6 +111,10 @@ def _walk(root: Path) -> list[tuple[Entry, str | None]]:
             continue
         stack.extend((f"{rel}/{name}", child, link) for name, child, link in reversed(children))
     return out
+
+
+def _within(real: str, bases: list[str]) -> bool:
+    return any(real == base or real.startswith(base.rstrip(os.sep) + os.sep) for base in bases)
 
 
 def fingerprint(root: Path) -> Fingerprint:

@@ -392,12 +392,21 @@ class Unreadable(Exception):
         self.line = line
 
 
-def yaml_files(directory: Path) -> list[Path]:
+def inside(path: Path, root: Path, top: Path) -> bool:
+    """Whether ``path``, links resolved, is in the project ``root`` or in ``top`` (the folder
+    being read, which may itself be a link, e.g. a mounted ``rules/``)."""
+    real = path.resolve()
+    return real.is_relative_to(root.resolve()) or real.is_relative_to(top.resolve())
+
+
+def yaml_files(directory: Path, root: Path | None = None) -> list[Path]:
     """Every ``*.yaml`` / ``*.yml`` under ``directory``, in subfolders too, in a stable order.
 
     Names starting with ``.`` are skipped: editor swap files, ``.git``, and the ``..data``
     folders of a Kubernetes ConfigMap (whose files are also linked one level up). Linked
-    folders are entered once each, so a link loop ends.
+    folders are entered once each, so a link loop ends. With ``root``, a linked folder that
+    leads out of the project is not entered but listed itself, so that reading it reports it
+    (a link to ``/`` must not make every reload walk the whole disk).
     """
     found: list[Path] = []
     seen: set[tuple[int, int]] = set()
@@ -417,38 +426,41 @@ def yaml_files(directory: Path) -> list[Path]:
             if name.startswith("."):
                 continue
             path = folder / name
-            if is_dir:
+            if is_dir and root is not None and not inside(path, root, directory):
+                found.append(path)
+            elif is_dir:
                 stack.append(path)
             elif path.suffix in (".yaml", ".yml"):
                 found.append(path)
     return sorted(found, key=lambda p: p.relative_to(directory).parts)
 
 
-def read_source(path: Path, root: Path, limit: int = MAX_FILE_BYTES) -> str:
-    """A project file's text; :class:`Unreadable` when it is too big, not UTF-8, gone, or a
-    link to a file outside the project (a rule must not read ``/etc/...`` through a link)."""
+def read_source(path: Path, root: Path, top: Path, limit: int = MAX_FILE_BYTES) -> str:
+    """A project file's text; :class:`Unreadable` when it is too big, not UTF-8, gone, or
+    reached through a link leading out of the project (``root``, or ``top``, the folder being
+    read): a rule must not read ``/etc/...`` through a link."""
+    what = "this folder" if path.is_dir() else "this file"
     try:
         real = path.resolve(strict=True)
-        inside = (root.resolve(), path.parent.resolve())
-        if path.is_symlink() and not any(real.is_relative_to(base) for base in inside):
+        if not inside(path, root, top):
             raise Unreadable(
-                f"is a link to {real}, outside the project; copy the file into the project"
+                f"{what} is a link to {real}, outside the project; copy it into the project"
             )
         size = real.stat().st_size
         if size > limit:
             raise Unreadable(
-                f"is {size:,} bytes, more than the {limit:,} a project file may hold; a rule "
-                "is a few KB: check that it is the file you meant, or split it"
+                f"this file is {size:,} bytes, more than the {limit:,} a project file may hold; "
+                "a rule is a few KB: check that it is the file you meant, or split it"
             )
         data = real.read_bytes()
     except FileNotFoundError:
-        raise Unreadable("was removed while being read") from None
+        raise Unreadable(f"{what} was removed while being read") from None
     except OSError as exc:
-        raise Unreadable(f"cannot be read: {exc.strerror or exc}") from None
+        raise Unreadable(f"{what} cannot be read: {exc.strerror or exc}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise Unreadable(
-            f"is not UTF-8 text (byte 0x{data[exc.start]:02x}); save it as UTF-8", line
+            f"this file is not UTF-8 text (byte 0x{data[exc.start]:02x}); save it as UTF-8", line
         ) from None

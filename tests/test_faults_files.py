@@ -333,3 +333,17 @@ def test_the_intake_server_does_not_take_over_signals(project: Path) -> None:
     with server.capture_signals():
         during = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     assert during == before
+
+
+def test_a_linked_folder_out_of_the_project_is_reported_not_walked(project: Path) -> None:
+    outside = project.parent / "elsewhere"
+    (outside / "deep" / "deeper").mkdir(parents=True)
+    (outside / "deep" / "deeper" / "stray.yaml").write_text(rule_text(event="stray"))
+    (project / "rules" / "shared").symlink_to(outside)
+    ruleset = Loader(project, workers=1).load()
+    assert "stray" not in ruleset.rules and "good" in ruleset.rules
+    [message] = errors_of(ruleset, "rules/shared")
+    assert message.startswith("this folder is a link to") and "outside the project" in message
+    walked = [entry[0] for entry in fingerprint(project)]
+    assert "rules/shared" in walked
+    assert not any(name.startswith("rules/shared/") for name in walked)
