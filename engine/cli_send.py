@@ -319,8 +319,16 @@ def cmd_history(args: argparse.Namespace) -> int:
     store = open_store(project)
     try:
         rows = store.history(rule=args.rule, states=states, since=since, limit=args.limit)
+        unmatched = len(store.unmatched(since=since, limit=1000))
     finally:
         store.close()
+    if unmatched and args.format != "json" and not (args.rule or states):
+        more = "+" if unmatched >= 1000 else ""
+        print(
+            f"{unmatched}{more} event(s) taken by no rule are not in this list: "
+            "pushrules history --unmatched",
+            file=sys.stderr,
+        )
     if args.format == "json":
         print(json.dumps([_row_json(r) for r in rows], indent=2, ensure_ascii=False))
         return EXIT_OK

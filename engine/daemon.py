@@ -125,9 +125,10 @@ class Daemon:
         assert self.store is not None
         reason = no_rule_note(ruleset, name)
         body = json.dumps(payload, ensure_ascii=False)
-        await asyncio.to_thread(self.store.record_unmatched, name, key, reason, body, now=now)
-        self.metrics.event_unmatched()
-        log.warning("event %r (%s) taken by no rule: %s", name, key, reason)
+        new = await asyncio.to_thread(self.store.record_unmatched, name, key, reason, body, now=now)
+        if new:  # a client's retry of the same event is one event
+            self.metrics.event_unmatched()
+            log.warning("event %r (%s) taken by no rule: %s", name, key, reason)
 
     def health(self) -> dict[str, Any]:
         ruleset = self.ruleset()
