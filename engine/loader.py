@@ -75,6 +75,13 @@ def rule_files(root: Path) -> list[Path]:
     return yaml_files(directory, root)
 
 
+def _relative(path: Path, root: Path) -> str:
+    """``path`` (found below ``root``) relative to it; cheaper than ``Path.relative_to``."""
+    prefix = str(root).rstrip(os.sep) + os.sep
+    text = str(path)
+    return text[len(prefix) :] if text.startswith(prefix) else str(path.relative_to(root))
+
+
 def _context_key(root: Path) -> str:
     """A fingerprint of what every rule depends on: the config and the templates."""
     digest = hashlib.blake2b(digest_size=16)
@@ -123,10 +130,10 @@ class Loader:
         texts: dict[str, tuple[str, str, str]] = {}  # rel -> (rule id, text, hash)
         held: set[str] = set()  # rule ids present but unusable now: they keep their last good
         by_id: dict[str, list[str]] = {}
-        for path in paths:
-            by_id.setdefault(path.stem, []).append(str(path.relative_to(root)))
-        for path in paths:
-            rel = str(path.relative_to(root))
+        rels = [_relative(path, root) for path in paths]
+        for path, rel in zip(paths, rels, strict=True):
+            by_id.setdefault(path.stem, []).append(rel)
+        for path, rel in zip(paths, rels, strict=True):
             rule_id = path.stem
             if len(by_id[rule_id]) > 1:
                 others = " and ".join(f for f in by_id[rule_id] if f != rel)

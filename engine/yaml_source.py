@@ -408,51 +408,58 @@ def yaml_files(directory: Path, root: Path | None = None) -> list[Path]:
     leads out of the project is not entered but listed itself, so that reading it reports it
     (a link to ``/`` must not make every reload walk the whole disk).
     """
-    found: list[Path] = []
+    found: list[tuple[tuple[str, ...], str]] = []  # (parts below directory, path)
     seen: set[tuple[int, int]] = set()
-    stack = [directory]
+    stack: list[tuple[tuple[str, ...], str]] = [((), str(directory))]
     while stack:
-        folder = stack.pop()
+        parts, folder = stack.pop()
         try:
-            st = folder.stat()
+            st = os.stat(folder)
             if (st.st_dev, st.st_ino) in seen:
                 continue
             seen.add((st.st_dev, st.st_ino))
             with os.scandir(folder) as listing:
-                entries = sorted((e.name, e.is_dir()) for e in listing)
+                entries = [(e.name, e.path, e.is_dir(), e.is_symlink()) for e in listing]
         except OSError:
             continue
-        for name, is_dir in entries:
+        for name, path, is_dir, is_link in entries:
             if name.startswith("."):
                 continue
-            path = folder / name
-            if is_dir and root is not None and not inside(path, root, directory):
-                found.append(path)
+            below = (*parts, name)
+            if is_dir and is_link and root is not None and not inside(Path(path), root, directory):
+                found.append((below, path))
             elif is_dir:
-                stack.append(path)
-            elif path.suffix in (".yaml", ".yml"):
-                found.append(path)
-    return sorted(found, key=lambda p: p.relative_to(directory).parts)
+                stack.append((below, path))
+            elif name.endswith((".yaml", ".yml")):
+                found.append((below, path))
+    return [Path(path) for _, path in sorted(found)]
 
 
 def read_source(path: Path, root: Path, top: Path, limit: int = MAX_FILE_BYTES) -> str:
     """A project file's text; :class:`Unreadable` when it is too big, not UTF-8, gone, or
     reached through a link leading out of the project (``root``, or ``top``, the folder being
-    read): a rule must not read ``/etc/...`` through a link."""
-    what = "this folder" if path.is_dir() else "this file"
+    read): a rule must not read ``/etc/...`` through a link.
+
+    Only a link is resolved (a reload reads every file, and resolving costs more than
+    reading): :func:`yaml_files` does not enter folders that lead out of the project.
+    """
+    what = "this file"
     try:
-        real = path.resolve(strict=True)
-        if not inside(path, root, top):
-            raise Unreadable(
-                f"{what} is a link to {real}, outside the project; copy it into the project"
-            )
-        size = real.stat().st_size
-        if size > limit:
+        if path.is_symlink():
+            what = "this folder" if path.is_dir() else what
+            if not inside(path, root, top):
+                raise Unreadable(
+                    f"{what} is a link to {path.resolve()}, outside the project; copy it into "
+                    "the project"
+                )
+        with path.open("rb") as handle:
+            data = handle.read(limit + 1)
+        if len(data) > limit:
+            size = os.stat(path).st_size
             raise Unreadable(
                 f"this file is {size:,} bytes, more than the {limit:,} a project file may hold; "
                 "a rule is a few KB: check that it is the file you meant, or split it"
             )
-        data = real.read_bytes()
     except FileNotFoundError:
         raise Unreadable(f"{what} was removed while being read") from None
     except OSError as exc:
