@@ -7,10 +7,13 @@ whose file vanishes mid-deploy).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ import yaml
 from engine import yaml_source
 from engine.cli import main
 from engine.loader import Loader
-from engine.watcher import fingerprint
+from engine.watcher import Watcher, fingerprint
 from engine.yaml_source import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES, load
 from tests.helpers import make_project, write_rule
 
@@ -347,3 +350,43 @@ def test_a_linked_folder_out_of_the_project_is_reported_not_walked(project: Path
     walked = [entry[0] for entry in fingerprint(project)]
     assert "rules/shared" in walked
     assert not any(name.startswith("rules/shared/") for name in walked)
+
+
+def test_a_forced_watcher_call_is_not_settled_and_a_settled_one_follows(project: Path) -> None:
+    """Mid-burst (max_delay) calls say so; once the files stay still a settled call follows,
+    even though nothing changes after the forced one."""
+
+    async def scenario() -> list[bool]:
+        seen: list[bool] = []
+
+        async def changed() -> None:
+            seen.append(watcher.settled)
+
+        watcher = Watcher(project, changed, poll_every=0.05, debounce=0.2, max_delay=0.4)
+        watcher.prime()
+        stop = asyncio.Event()
+        task = asyncio.create_task(watcher.run(stop))
+        path = project / "rules" / "good.yaml"
+        text = path.read_text()
+
+        def churn() -> None:  # delete and re-create for 1 s, never 0.2 s of quiet
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:
+                path.unlink()
+                time.sleep(0.03)
+                path.write_text(text)
+                time.sleep(0.03)
+
+        thread = threading.Thread(target=churn)
+        thread.start()
+        await asyncio.to_thread(thread.join)
+        deadline = time.monotonic() + 3.0
+        while (not seen or not seen[-1]) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        stop.set()
+        await asyncio.wait_for(task, 2)
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert False in seen, seen  # at least one call forced mid-burst
+    assert seen[-1] is True, seen  # and a settled one after it
