@@ -368,6 +368,11 @@ def _sending_commands(sub: Any) -> None:
         default="text",
         help="text: a table for people; json: every row with its attempts, for tools",
     )
+    p.add_argument(
+        "--unmatched",
+        action="store_true",
+        help="events the daemon answered but no rule took, with why (instead of the outbox)",
+    )
     _sandbox_store_argument(p)
     p.set_defaults(func=lazy("cmd_history"))
 
@@ -590,20 +595,25 @@ def fire_context(args: argparse.Namespace, rule: Rule) -> FireContext:
     return FireContext(now=at, event=event, item=item)
 
 
+def _rule_file_of(rel: str, rule_id: str) -> bool:
+    """Whether ``rel`` is a file of rule ``rule_id`` (in rules/ or any subfolder of it)."""
+    path = Path(rel)
+    return path.parts[:1] == ("rules",) and path.stem == rule_id
+
+
 def rule_to_fire(ruleset: RuleSet, rule_id: str, fmt: str = "text") -> Rule | None:
     """The rule, or None after printing why it cannot fire: unknown, or it (or the project
     configuration it needs) has errors."""
-    rel = f"rules/{rule_id}.yaml"
     own = [
         p
         for p in ruleset.problems
-        if p.is_error and (p.file == rel or not p.file.startswith("rules/"))
+        if p.is_error and (_rule_file_of(p.file, rule_id) or not p.file.startswith("rules/"))
     ]
     rule = ruleset.rules.get(rule_id)
     if (
         ruleset.project is not None
         and rule is None
-        and not any(p.file == rel for p in ruleset.problems)
+        and not any(_rule_file_of(p.file, rule_id) for p in ruleset.problems)
     ):
         known = ", ".join(sorted(ruleset.rules)) or "none"
         print(f"pushrules: no rule '{rule_id}' in rules/ (known: {known})", file=sys.stderr)

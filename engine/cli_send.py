@@ -370,12 +370,22 @@ def cmd_history(args: argparse.Namespace) -> int:
             print("[]")
         print(f"no outbox yet ({missing} does not exist): nothing was sent", file=sys.stderr)
         return EXIT_OK
+    if getattr(args, "unmatched", False):
+        return _history_unmatched(project, since, args.limit, args.format)
     store = open_store(project)
     try:
         rows = store.history(rule=args.rule, states=states, since=since, limit=args.limit)
         paused = store.paused()
+        unmatched = len(store.unmatched(since=since, limit=1000))
     finally:
         store.close()
+    if unmatched and args.format != "json" and not (args.rule or states):
+        more = "+" if unmatched >= 1000 else ""
+        print(
+            f"{unmatched}{more} event(s) taken by no rule are not in this list: "
+            "pushrules history --unmatched",
+            file=sys.stderr,
+        )
     now = datetime.now(UTC)
     waits = {r.id: why_waiting(r, paused, now) for r in rows}
     if args.format == "json":
@@ -417,6 +427,34 @@ def why_waiting(row: OutboxRow, paused: Mapping[str, datetime | None], now: date
     if row.state == PENDING and row.next_attempt_at > now:
         return f"deferred by quiet hours to {row.next_attempt_at.isoformat(timespec='seconds')}"
     return None
+
+
+def _history_unmatched(project: Project, since: datetime | None, limit: int, fmt: str) -> int:
+    """Events answered 202 that no rule took: when, which, and why (to fire them again)."""
+    from engine.runtime import open_store
+
+    with open_store(project) as store:
+        events = store.unmatched(since=since, limit=limit)
+    if fmt == "json":
+        out = [
+            {
+                "id": e.id,
+                "event": e.event,
+                "key": e.key,
+                "received_at": e.received_at.isoformat(),
+                "why": e.reason,
+                "payload": json.loads(e.payload),
+            }
+            for e in events
+        ]
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not events:
+        print("no event was left without a rule", file=sys.stderr)
+        return EXIT_OK
+    for e in events:
+        print(f"{e.received_at:%Y-%m-%d %H:%M:%S} {e.event} {e.key}: {e.reason}")
+    return EXIT_OK
 
 
 def _print_table(rows: Sequence[OutboxRow], waits: Mapping[int, str | None]) -> None:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -33,7 +34,7 @@ from engine.clock import Clock
 from engine.compiler import FireContext
 from engine.dispatch import Dispatcher
 from engine.firing import FireOutcome, FireRequest, fire_many
-from engine.intake import create_app
+from engine.intake import create_app, no_rule_note
 from engine.loader import Loader, RuleSet
 from engine.metrics import Metrics
 from engine.poller import Poller
@@ -91,6 +92,8 @@ class Daemon:
         self._leading = False
         self._reloads: set[asyncio.Task[None]] = set()
         self._sandbox: Any = None
+        self._watcher: Watcher | None = None
+        self._server_ref: uvicorn.Server | None = None
         self.store: Store | None = None
         self.started_at = self.clock.now()
 
@@ -111,11 +114,27 @@ class Daemon:
 
     async def fire_event(self, name: str, payload: dict[str, Any], key: str) -> list[FireOutcome]:
         now = self.clock.now()
+        ruleset = self.ruleset()
         requests = [
             FireRequest(rule, FireContext(now=self._local(rule, now), event=payload), key)
-            for rule in self.ruleset().for_event(name)
+            for rule in ruleset.for_event(name)
         ]
+        if not requests:
+            await self._record_unmatched(ruleset, name, payload, key, now)
         return await self._fire(requests, now)
+
+    async def _record_unmatched(
+        self, ruleset: RuleSet, name: str, payload: dict[str, Any], key: str, now: datetime
+    ) -> None:
+        """An event no rule takes is kept with why before it is answered 202: an event a
+        deploy or a typo left without its rule can be found and fired again."""
+        assert self.store is not None
+        reason = no_rule_note(ruleset, name)
+        body = json.dumps(payload, ensure_ascii=False)
+        new = await asyncio.to_thread(self.store.record_unmatched, name, key, reason, body, now=now)
+        if new:  # a client's retry of the same event is one event
+            self.metrics.event_unmatched()
+            log.warning("event %r (%s) taken by no rule: %s", name, key, reason)
 
     def health(self) -> dict[str, Any]:
         ruleset = self.ruleset()
@@ -134,6 +153,11 @@ class Daemon:
             credentials(self.project, sandbox=self.options.sandbox).resolve()
         except MissingSecret as exc:
             problems.append(f"credentials: {exc}")
+        if self._last_reload.get("failed"):
+            problems.append(
+                f"the last reload failed ({self._last_reload['failed']}); the daemon runs the "
+                "rules it had before it"
+            )
         errors = [p for p in ruleset.problems if p.is_error]
         return {
             "ok": not problems,
@@ -144,6 +168,7 @@ class Daemon:
                 "loaded": len(ruleset.rules),
                 "enabled": sum(r.enabled for r in ruleset.rules.values()),
                 "kept_at_last_good_version": sorted(ruleset.stale),
+                "kept_while_file_missing": sorted(ruleset.vanishing),
                 "errors": len(errors),
                 "warnings": len(ruleset.problems) - len(errors),
                 "first_errors": format_text(errors[:20]).splitlines(),
@@ -271,23 +296,27 @@ class Daemon:
                     log.debug("rule %s: template not precompiled: %s", rule.id, exc)
                 self._compiled.add(rule.digest)
 
-    async def reload(self) -> None:
-        """Re-check what changed, swap the rule set whole, reschedule only changed rules."""
+    async def reload(self, *, settled: bool = True) -> None:
+        """Re-check what changed, swap the rule set whole, reschedule only changed rules.
+
+        ``settled=False`` (files still changing) keeps rules whose file is missing for now.
+        A reload that loads nothing keeps the running rules and shows in /healthz.
+        """
         async with self._reload_lock:
             started = time.perf_counter()
-            ruleset = await asyncio.to_thread(self.loader.load)
+            try:
+                ruleset = await asyncio.to_thread(self.loader.load, settled=settled)
+            except Exception as exc:
+                log.exception("reload failed; the daemon keeps running its current rules")
+                self._reload_failed(f"{type(exc).__name__}: {exc}"[:300])
+                return
             if ruleset.project is None:
                 log.error(
                     "pushrules.yaml has errors; the daemon keeps running on its last good "
                     "configuration:\n%s",
                     format_text(ruleset.problems),
                 )
-                self.metrics.reloaded(False, len(self.ruleset().rules))
-                self._last_reload = {
-                    "at": self.clock.now().isoformat(),
-                    "ok": False,
-                    "rules": len(self.ruleset().rules),
-                }
+                self._reload_failed("pushrules.yaml has errors: " + _first_line(ruleset))
                 return
             self._accept(ruleset)
             changes = self.scheduler.apply(self.ruleset().rules) if self._leading else None
@@ -297,6 +326,19 @@ class Daemon:
                 len(ruleset.rules),
                 _describe(changes),
             )
+
+    def _reload_failed(self, why: str) -> None:
+        self.metrics.reload_failed()
+        self._last_reload = {
+            "at": self.clock.now().isoformat(),
+            "ok": False,
+            "failed": why,
+            "rules": len(self.ruleset().rules),
+        }
+
+    async def _files_changed(self) -> None:
+        """The watcher's call: a load made while files kept changing keeps vanished rules."""
+        await self.reload(settled=self._watcher.settled if self._watcher else True)
 
     async def run(self) -> int:
         if self.options.sandbox:
@@ -336,7 +378,7 @@ class Daemon:
             loop.add_signal_handler(sig, self._request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
 
-        watcher = Watcher(self.options.root, self.reload)
+        watcher = self._watcher = Watcher(self.options.root, self._files_changed)
         watcher.prime()
         server = self._server()
         tasks = [
@@ -370,13 +412,20 @@ class Daemon:
 
     async def _reload_logged(self) -> None:
         try:
-            await self.reload()
+            # Not settled: a SIGHUP sent in the middle of a deploy must not drop a rule whose
+            # file is being re-created; the watcher's settled reload drops what is truly gone.
+            await self.reload(settled=False)
         except Exception:
             log.exception("reload on SIGHUP failed; the running rules stay")
 
     def _request_stop(self, sig: signal.Signals) -> None:
+        """First SIGTERM/SIGINT: stop gracefully. A second one: stop waiting for open HTTP
+        connections (in-flight sends still finish and queued rows are still given back)."""
         if not self.stop.is_set():
             log.info("%s received: finishing in-flight sends, then stopping", sig.name)
+        elif self._server_ref is not None:
+            log.warning("%s received again: closing open connections now", sig.name)
+            self._server_ref.force_exit = True
         self.stop.set()
 
     async def _lead(self) -> None:
@@ -462,8 +511,8 @@ class Daemon:
             access_log=False,
             timeout_keep_alive=75,
         )
-        server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        server = _Server(config)
+        self._server_ref = server
         return server
 
     def _start_sandbox(self) -> None:
@@ -481,6 +530,21 @@ class Daemon:
             self._sandbox.url,
             self._sandbox.base_url,
         )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handling: the daemon owns SIGTERM, SIGINT and SIGHUP.
+
+    ``Server.serve`` wraps itself in ``capture_signals``, which replaces the process's
+    SIGINT/SIGTERM handlers with uvicorn's own (and re-raises the signal on exit); the old
+    ``install_signal_handlers`` hook it replaced is gone since uvicorn 0.29. Making it a no-op
+    leaves the daemon's ``loop.add_signal_handler`` handlers in place, and the daemon stops
+    the server through ``should_exit`` / ``force_exit``.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class _IntakeAdapter:
@@ -526,6 +590,11 @@ def _describe(changes: Changes | None, most: int = 10) -> str:
             more = f" and {len(ids) - most} more" if len(ids) > most else ""
             parts.append(f"{what} {', '.join(ids[:most])}{more}")
     return f"; schedules {'; '.join(parts)}" if parts else ""
+
+
+def _first_line(ruleset: RuleSet) -> str:
+    errors = [p for p in ruleset.problems if p.is_error]
+    return format_text(errors[:1]) or "see the log"
 
 
 def _jsonable(value: Any) -> Any:

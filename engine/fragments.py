@@ -9,7 +9,7 @@ from pathlib import Path
 from engine import accengage
 from engine.problems import Problem, field_path
 from engine.schemas import BUTTON_TEMPLATE_CHECKER, MESSAGE_TEMPLATE_CHECKER, SchemaChecker
-from engine.yaml_source import MarkedMap, load, position
+from engine.yaml_source import MarkedMap, Unreadable, load, position, read_source, yaml_files
 
 MESSAGES_DIR = Path("templates/messages")
 BUTTONS_DIR = Path("templates/buttons")
@@ -30,7 +30,7 @@ def load_fragments(root: Path) -> tuple[Fragments, list[Problem], int]:
         root, BUTTONS_DIR, BUTTON_TEMPLATE_CHECKER, problems, ("interactiveButtons",)
     )
     broken = frozenset(
-        f"{Path(p.file).parent.name}/{Path(p.file).stem}" for p in problems if p.is_error
+        f"{Path(p.file).parts[1]}/{Path(p.file).stem}" for p in problems if p.is_error
     )
     return Fragments(messages, buttons, broken), problems, count_m + count_b
 
@@ -44,23 +44,38 @@ def _load_dir(
 ) -> tuple[dict[str, MarkedMap], int]:
     """``within``: where in a message this folder's templates go (for their return codes)."""
     found: dict[str, MarkedMap] = {}
+    seen: dict[str, str] = {}  # template name -> its file
     directory = root / folder
     if not directory.is_dir():
         return found, 0
-    paths = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml"))
+    paths = yaml_files(directory, root)
     for path in paths:
-        rel = str(folder / path.name)
+        rel = str(folder / path.relative_to(directory))
+        if path.stem in seen:
+            problems.append(
+                Problem(
+                    rel,
+                    None,
+                    None,
+                    "",
+                    None,
+                    "error",
+                    f"template name '{path.stem}' is also {seen[path.stem]}; rename one of them",
+                )
+            )
+            continue
+        seen[path.stem] = rel
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            problems.append(Problem(rel, None, None, "", None, "error", f"cannot read: {exc}"))
+            text = read_source(path, root, directory)
+        except Unreadable as exc:
+            problems.append(Problem(rel, exc.line, None, "", None, "error", exc.message))
             continue
         loaded = load(text)
         issues = [
-            Problem(rel, i.line, i.column, "", None, "error", i.message) for i in loaded.issues
+            Problem(rel, i.line, i.column, "", None, i.severity, i.message) for i in loaded.issues
         ]
         doc = loaded.data
-        if not issues and not isinstance(doc, MarkedMap):
+        if not any(p.is_error for p in issues) and not isinstance(doc, MarkedMap):
             issues.append(
                 Problem(
                     rel,
@@ -72,7 +87,7 @@ def _load_dir(
                     "a template must be a mapping of fields (name: value lines)",
                 )
             )
-        if not issues:
+        if not any(p.is_error for p in issues):
             for err in checker.check(doc):
                 line, column = position(doc, err.path, at_value=err.kind in ("type", "allowed"))
                 err_code = accengage.message_field_code(

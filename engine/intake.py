@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -196,10 +196,21 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The body, counted while read: a chunked body has no Content-Length to trust."""
     check_declared_length(request.headers.get("content-length"), limit)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _refuse(413, _too_large(limit))
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise _refuse(413, _too_large(limit))
+    except ClientDisconnect:
+        # The client's own doing (a timeout, a killed process): one line, not a traceback.
+        # Nothing was recorded, so the client must send the event again.
+        client = request.client.host if request.client else "?"
+        log.warning(
+            "a client (%s) disconnected after %d bytes of an event's body; nothing was recorded",
+            client,
+            len(body),
+        )
+        raise _refuse(400, "the client disconnected before the whole body arrived") from None
     return bytes(body)
 
 

@@ -20,6 +20,7 @@ from engine.fragments import BUTTONS_DIR, MESSAGES_DIR, Fragments, load_fragment
 from engine.problems import Problem
 from engine.project import CONFIG_NAME, Project, load_project
 from engine.rules import Rule, parse_rule
+from engine.yaml_source import Unreadable, read_source, yaml_files
 
 RULES_DIR = Path("rules")
 _RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -38,6 +39,9 @@ class RuleSet:
     problems: tuple[Problem, ...]
     files: int
     stale: frozenset[str] = field(default_factory=frozenset)  # rules kept at a last good version
+    #: Of ``stale``, rules whose file is missing in a load made while files were changing:
+    #: kept until a settled load confirms the file is gone.
+    vanishing: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def ok(self) -> bool:
@@ -64,10 +68,18 @@ def _file_error(rel: str, message: str) -> Problem:
 
 
 def rule_files(root: Path) -> list[Path]:
+    """Every rule file under ``rules/``, subfolders included (see :func:`yaml_files`)."""
     directory = root / RULES_DIR
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    return yaml_files(directory, root)
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` (found below ``root``) relative to it; cheaper than ``Path.relative_to``."""
+    prefix = str(root).rstrip(os.sep) + os.sep
+    text = str(path)
+    return text[len(prefix) :] if text.startswith(prefix) else str(path.relative_to(root))
 
 
 def _context_key(root: Path) -> str:
@@ -77,9 +89,9 @@ def _context_key(root: Path) -> str:
     for folder in (MESSAGES_DIR, BUTTONS_DIR):
         directory = root / folder
         if directory.is_dir():
-            paths.extend(sorted(directory.iterdir()))
+            paths.extend(yaml_files(directory, root))
     for path in paths:
-        digest.update(str(path.name).encode())
+        digest.update(str(path.relative_to(root)).encode())
         try:
             digest.update(path.read_bytes())
         except OSError:
@@ -101,7 +113,14 @@ class Loader:
         self._entries: dict[str, _Entry] = {}
         self._last_good: dict[str, Rule] = {}
 
-    def load(self) -> RuleSet:
+    def load(self, *, settled: bool = True) -> RuleSet:
+        """The project as it is now.
+
+        ``settled``: the files have stayed still for a while (the watcher's debounce), so a
+        rule file that is missing is really gone. A load made in the middle of a burst of
+        changes (a deploy deleting and re-creating files) keeps a vanished rule at its last
+        good version instead, and a later settled load drops it.
+        """
         root = self.root
         context = _context_key(root)
         project, problems = load_project(root)
@@ -109,18 +128,24 @@ class Loader:
         problems = [*problems, *fragment_problems]
         paths = rule_files(root)
         texts: dict[str, tuple[str, str, str]] = {}  # rel -> (rule id, text, hash)
-        seen_ids: dict[str, str] = {}
-        for path in paths:
-            rel = str(RULES_DIR / path.name)
+        held: set[str] = set()  # rule ids present but unusable now: they keep their last good
+        by_id: dict[str, list[str]] = {}
+        rels = [_relative(path, root) for path in paths]
+        for path, rel in zip(paths, rels, strict=True):
+            by_id.setdefault(path.stem, []).append(rel)
+        for path, rel in zip(paths, rels, strict=True):
             rule_id = path.stem
-            if rule_id in seen_ids:
+            if len(by_id[rule_id]) > 1:
+                others = " and ".join(f for f in by_id[rule_id] if f != rel)
                 problems.append(
                     _file_error(
-                        rel, f"rule id '{rule_id}' is also {seen_ids[rule_id]}; rename one of them"
+                        rel,
+                        f"rule id '{rule_id}' is also {others} (the file name, wherever it is "
+                        "under rules/, is the rule's id); rename or remove one of them",
                     )
                 )
+                held.add(rule_id)
                 continue
-            seen_ids[rule_id] = rel
             if not _RULE_ID.match(rule_id):
                 problems.append(
                     _file_error(
@@ -131,15 +156,15 @@ class Loader:
                 )
                 continue
             try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                problems.append(_file_error(rel, f"cannot read: {exc}"))
+                text = read_source(path, root, root / RULES_DIR)
+            except Unreadable as exc:
+                problems.append(Problem(rel, exc.line, None, "", None, "error", exc.message))
+                held.add(rule_id)
                 continue
             texts[rel] = (rule_id, text, hashlib.blake2b(text.encode(), digest_size=16).hexdigest())
 
         if project is None:
             # Without a valid pushrules.yaml no rule can be checked against apps and platforms.
-            rules: dict[str, Rule] = {}
             self._entries.clear()
             return RuleSet(
                 root,
@@ -163,7 +188,7 @@ class Loader:
         for gone in set(self._entries) - set(texts):
             del self._entries[gone]
 
-        rules = {}
+        rules: dict[str, Rule] = {}
         stale = set()
         for rel, (rule_id, _, _) in texts.items():
             entry = self._entries[rel]
@@ -174,6 +199,14 @@ class Loader:
             elif rule_id in self._last_good:
                 rules[rule_id] = self._last_good[rule_id]
                 stale.add(rule_id)
+        keep = held if settled else held | set(self._last_good)
+        vanishing = set()
+        for rule_id in keep - set(rules):
+            if rule_id in self._last_good:
+                rules[rule_id] = self._last_good[rule_id]
+                stale.add(rule_id)
+                if rule_id not in held:
+                    vanishing.add(rule_id)
         for gone in set(self._last_good) - set(rules):
             del self._last_good[gone]
         return RuleSet(
@@ -184,6 +217,7 @@ class Loader:
             tuple(problems),
             1 + fragment_files + len(paths),
             frozenset(stale),
+            frozenset(vanishing),
         )
 
     def _check(

@@ -64,7 +64,7 @@ class Metrics:
         )
         self.reloads = Counter(
             "pushrules_reloads",
-            "Rule set reloads by result (ok / problems)",
+            "Rule set reloads by result (ok / problems / error: nothing could be loaded)",
             ["result"],
             registry=r,
         )
@@ -86,7 +86,12 @@ class Metrics:
             "Scheduled fires due whose write failed and is being tried again",
             registry=r,
         )
-        for result in ("ok", "problems"):
+        self.unmatched = Counter(
+            "pushrules_events_unmatched",
+            "Events answered 202 that no enabled rule took (recorded, see history --unmatched)",
+            registry=r,
+        )
+        for result in ("ok", "problems", "error"):
             self.reloads.labels(result=result)
 
     def fired(self, outcomes: Iterable[_Outcome]) -> None:
@@ -116,6 +121,13 @@ class Metrics:
     def reloaded(self, ok: bool, rules: int) -> None:
         self.reloads.labels(result="ok" if ok else "problems").inc()
         self.rules_loaded.set(rules)
+
+    def reload_failed(self) -> None:
+        """A reload that loaded nothing (pushrules.yaml broken, or the load itself failed)."""
+        self.reloads.labels(result="error").inc()
+
+    def event_unmatched(self) -> None:
+        self.unmatched.inc()
 
     def feed_failed(self, rule: str) -> None:
         self.feed_failures.labels(rule=rule).inc()

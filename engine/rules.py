@@ -170,7 +170,7 @@ def parse_rule(
     out = _Collector(rel, loaded.data)
     for issue in loaded.issues:
         out.problems.append(
-            Problem(rel, issue.line, issue.column, "", None, "error", issue.message)
+            Problem(rel, issue.line, issue.column, "", None, issue.severity, issue.message)
         )
     if out.failed:
         return None, out.problems

@@ -217,6 +217,32 @@ marks = Table(
     Column("at", UTCDateTime, nullable=False),
 )
 
+#: Events that no rule took (none listened, or the rule was disabled): kept with why, so an
+#: event answered 202 is always somewhere (the outbox, or here) and can be fired again.
+unmatched_events = Table(
+    "unmatched_events",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("event", String(255), nullable=False),
+    Column("key", String(MAX_KEY_LENGTH), nullable=False, unique=True),
+    Column("received_at", UTCDateTime, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("payload", Text, nullable=False),
+    Index("ix_unmatched_received", "received_at"),
+    sqlite_autoincrement=True,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UnmatchedEvent:
+    id: int
+    event: str
+    key: str
+    received_at: datetime
+    reason: str
+    payload: str  # the event's JSON, as received
+
+
 # -- statements on the hot path, built once (building one costs more than running it) --------
 
 _ACTIVE_PAUSES = select(pauses.c.rule).where(
@@ -1145,6 +1171,37 @@ class Store:
         )
         with self._read() as conn:
             return conn.execute(q).scalar()
+
+    # -- events no rule took -----------------------------------------------------------------
+
+    def record_unmatched(
+        self, event: str, key: str, reason: str, payload: str, *, now: datetime | None = None
+    ) -> bool:
+        """Remember an event that no rule took; True when new (a retried key adds nothing)."""
+        _check_key("key", key)
+        stmt = (
+            self._insert(unmatched_events)
+            .on_conflict_do_nothing(index_elements=["key"])
+            .returning(unmatched_events.c.id)
+        )
+        values = {
+            "event": event[:255],
+            "key": key,
+            "received_at": now or utcnow(),
+            "reason": reason,
+            "payload": payload,
+        }
+        with self.engine.begin() as conn:
+            return conn.execute(stmt, values).first() is not None
+
+    def unmatched(self, since: datetime | None = None, limit: int = 100) -> list[UnmatchedEvent]:
+        """Events no rule took, newest first."""
+        q = select(unmatched_events)
+        if since is not None:
+            q = q.where(unmatched_events.c.received_at >= _aware(since, "since"))
+        q = q.order_by(unmatched_events.c.id.desc()).limit(limit)
+        with self._read() as conn:
+            return [UnmatchedEvent(**m) for m in conn.execute(q).mappings()]
 
 
 class Leadership:

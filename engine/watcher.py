@@ -15,7 +15,9 @@ Symlinks are followed (a ConfigMap's files are links into ``..data/``), folders 
 
 A burst of changes gives one call: after a change the tree is checked again every
 ``debounce`` seconds, and ``on_change`` runs once it stayed still that long (or after
-``max_delay`` of continuous change, so a file written without end cannot starve reloads).
+``max_delay`` of continuous change, so a file written without end cannot starve reloads;
+``settled`` is then False, so the daemon keeps rules whose file is missing for the moment).
+Folders are walked recursively, so rules and templates in subfolders are watched too.
 Both fingerprints are taken again right before ``on_change``, so a change made while it runs
 is seen afterwards, never lost.
 
@@ -67,8 +69,10 @@ def _facts(rel: str, path: str, is_link: bool) -> tuple[Entry, bool]:
     except OSError:
         return (rel, "dangling" if target else "missing", 0, 0, 0, target), False
     if stat.S_ISDIR(st.st_mode):
-        # A folder's own size and mtime only echo its entries, which are listed anyway.
-        return (rel, "dir", 0, 0, st.st_ino, target), True
+        # A folder's mtime moves whenever an entry is added or removed, so two equal
+        # fingerprints also mean no file came and went between them (a delete and re-create
+        # that both polls missed): "settled" then means the listing stayed still.
+        return (rel, "dir", 0, st.st_mtime_ns, st.st_ino, target), True
     return (rel, "file", st.st_size, st.st_mtime_ns, st.st_ino, target), False
 
 
@@ -80,6 +84,9 @@ def _walk(root: Path) -> list[tuple[Entry, str | None]]:
     """
     out: list[tuple[Entry, str | None]] = []
     seen_dirs: set[tuple[int, int]] = set()
+    # A linked folder leading out of the project is noted but not entered (the loader
+    # refuses it too): a link to / must not make each poll walk the disk.
+    allowed = [os.path.realpath(root)] + [os.path.realpath(os.path.join(root, w)) for w in WATCHED]
     stack = [
         (str(w), path, os.path.islink(path))
         for w in reversed(WATCHED)
@@ -90,6 +97,8 @@ def _walk(root: Path) -> list[tuple[Entry, str | None]]:
         entry, is_dir = _facts(rel, path, is_link)
         out.append((entry, path if entry[1] == "file" else None))
         if not is_dir:
+            continue
+        if is_link and not _within(os.path.realpath(path), allowed):
             continue
         try:
             st = os.stat(path)
@@ -102,6 +111,10 @@ def _walk(root: Path) -> list[tuple[Entry, str | None]]:
             continue
         stack.extend((f"{rel}/{name}", child, link) for name, child, link in reversed(children))
     return out
+
+
+def _within(real: str, bases: list[str]) -> bool:
+    return any(real == base or real.startswith(base.rstrip(os.sep) + os.sep) for base in bases)
 
 
 def fingerprint(root: Path) -> Fingerprint:
@@ -174,6 +187,10 @@ class Watcher:
         self.poll_every = poll_every
         self.max_delay = max(max_delay, debounce)
         self.calls = 0  # on_change calls so far, for health and tests
+        #: Whether the change behind the current ``on_change`` call settled (the tree stayed
+        #: still for ``debounce``) or was forced by ``max_delay`` while files kept changing:
+        #: a file missing in a forced call may only be between a delete and a re-create.
+        self.settled = True
         self._baseline: tuple[Fingerprint, str] | None = None
 
     def prime(self) -> None:
@@ -211,8 +228,13 @@ class Watcher:
             cheap = fresh
             if burst.observe(now, changed):
                 burst.reset()
+                self.settled = not changed  # False: forced by max_delay, mid-burst
                 cheap, deep = await asyncio.to_thread(deep_fingerprint, self.root)
                 await self._call()
+                if not self.settled:
+                    # Call again once the tree is still, even if it never changes again: that
+                    # settled call is what lets a vanished file's rule go.
+                    burst.observe(time.monotonic(), True)
 
     async def _call(self) -> None:
         self.calls += 1

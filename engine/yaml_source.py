@@ -12,8 +12,11 @@ pure-Python loader and keeps marks just the same.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import yaml
 
@@ -36,6 +39,14 @@ _KNOWN = {_STR, _NULL, _BOOL, _INT, _FLOAT, _MAP, _SEQ, _VALUE, "tag:yaml.org,20
 
 #: Nodes a document may expand to through aliases before it is refused ("billion laughs").
 MAX_NODES = 200_000
+#: Nesting a document may have. A rule is a dozen levels deep at most; 400 nested ``[`` would
+#: otherwise recurse past Python's limit in whatever walks the data.
+MAX_DEPTH = 64
+#: Bytes a project file may hold. The biggest real rule is a few KB; a file this large is a
+#: mistake (a generated dump, a wrong file), and parsing it would stall every reload.
+MAX_FILE_BYTES = 2 * 1024 * 1024
+#: Fields whose text reaches a phone: a `` #`` after a plain value there cuts the text.
+TEXT_FIELDS = frozenset({"subject", "text", "longText", "alert", "title", "labels"})
 
 _constructor = yaml.constructor.SafeConstructor()
 
@@ -89,6 +100,7 @@ class YamlIssue:
     line: int | None
     column: int | None
     message: str
+    severity: Literal["error", "warning"] = "error"
 
 
 @dataclass(slots=True)
@@ -108,24 +120,23 @@ def load(text: str) -> Loaded:
         return Loaded(None, [YamlIssue(None, None, f"not valid YAML: {exc}")])
     except (UnicodeDecodeError, ValueError) as exc:
         return Loaded(None, [YamlIssue(None, None, f"not readable as text: {exc}")])
+    except RecursionError:  # the pure-Python composer recurses per level; libyaml does not
+        return Loaded(None, [YamlIssue(1, 1, _too_deep_message())])
     if node is None:
         return Loaded(None, [])
     builder = _Builder(text)
     try:
-        data = builder.build(node)
-    except _TooLarge:
-        return Loaded(
-            None,
-            [
-                YamlIssue(
-                    1,
-                    1,
-                    f"the document expands to more than {MAX_NODES} values through "
-                    "aliases (&/*); write the values out instead",
-                )
-            ],
-        )
+        data = builder.build(node, 1)
+    except _TooLarge as exc:
+        return Loaded(None, [YamlIssue(exc.line, exc.column, exc.message)])
     return Loaded(data, builder.issues)
+
+
+def _too_deep_message() -> str:
+    return (
+        f"nested more than {MAX_DEPTH} levels deep ([ or {{ inside one another); a rule "
+        "needs a dozen at most: look for unclosed or repeated brackets"
+    )
 
 
 #: Characters YAML reads as syntax at the start of a value; such a value must be quoted.
@@ -174,7 +185,13 @@ def _syntax_issue(exc: yaml.MarkedYAMLError, mark: Any, text: str) -> YamlIssue:
 
 
 class _TooLarge(Exception):
-    pass
+    """The document is refused whole: too many values or too deep; says where and why."""
+
+    def __init__(self, line: int, column: int, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+        self.column = column
+        self.message = message
 
 
 class _Builder:
@@ -183,25 +200,43 @@ class _Builder:
     def __init__(self, text: str = "") -> None:
         self.issues: list[YamlIssue] = []
         self.count = 0
+        self.aliased = False  # whether an alias has been expanded (for the "too large" message)
         self.seen: dict[int, tuple[Any, int]] = {}
         self.text = text
         #: Keys of the mappings being built, innermost last (for hints that name the key).
         self.keys: list[str] = []
+        self.lines = text.splitlines()
 
-    def build(self, node: yaml.Node) -> Any:
+    def _too_many(self, node: yaml.Node) -> _TooLarge:
+        if self.aliased:
+            message = (
+                f"the document expands to more than {MAX_NODES} values through aliases (&/*); "
+                "write the values out instead"
+            )
+        else:
+            message = (
+                f"the file holds more than {MAX_NODES} values; a rule needs far fewer: split it, "
+                "or check that it is the file you meant"
+            )
+        return _TooLarge(node.start_mark.line + 1, node.start_mark.column + 1, message)
+
+    def build(self, node: yaml.Node, depth: int) -> Any:
         done = self.seen.get(id(node))
         if done is not None:
             # An alias: the same node again. Reuse it, but count what it expands to, so that
             # nested aliases cannot blow up whoever walks the data later.
             self.count += done[1]
+            self.aliased = True
             if self.count > MAX_NODES:
-                raise _TooLarge
+                raise self._too_many(node)
             return done[0]
         before = self.count
         self.count += 1
         if self.count > MAX_NODES:
-            raise _TooLarge
+            raise self._too_many(node)
         line, column = node.start_mark.line + 1, node.start_mark.column + 1
+        if depth > MAX_DEPTH:
+            raise _TooLarge(line, column, _too_deep_message())
         if node.tag not in _KNOWN:
             if node.tag.startswith("!"):
                 message = (
@@ -215,9 +250,9 @@ class _Builder:
             result = self._scalar(node, line, column)
         elif isinstance(node, yaml.SequenceNode):
             result = MarkedList(line, column)
-            result.extend(self.build(item) for item in node.value)
+            result.extend(self.build(item, depth + 1) for item in node.value)
         else:
-            result = self._mapping(node, line, column)
+            result = self._mapping(node, line, column, depth)
         self.seen[id(node)] = (result, self.count - before)
         return result
 
@@ -233,7 +268,7 @@ class _Builder:
                 typed = None
         return Scalar(node.value, line, column, typed)
 
-    def _mapping(self, node: yaml.MappingNode, line: int, column: int) -> MarkedMap:
+    def _mapping(self, node: yaml.MappingNode, line: int, column: int, depth: int) -> MarkedMap:
         result = MarkedMap(line, column)
         for key_node, value_node in node.value:
             kline, kcol = key_node.start_mark.line + 1, key_node.start_mark.column + 1
@@ -269,12 +304,49 @@ class _Builder:
                 )
                 continue
             result.key_marks[key] = (kline, kcol)
+            if key in TEXT_FIELDS:
+                self._check_cut_text(key, value_node)
             self.keys.append(key)
             try:
-                result[Scalar(key, kline, kcol)] = self.build(value_node)
+                result[Scalar(key, kline, kcol)] = self.build(value_node, depth + 1)
             finally:
                 self.keys.pop()
         return result
+
+    def _check_cut_text(self, key: str, node: yaml.Node) -> None:
+        """Warn where a `` #`` after a plain value starts a comment the author meant as text."""
+        items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+        lead = "- " if isinstance(node, yaml.SequenceNode) else f"{key}: "
+        for item in items:
+            if not isinstance(item, yaml.ScalarNode) or item.style:  # "" or None: plain
+                continue
+            end = item.end_mark
+            if end.line >= len(self.lines):
+                continue
+            found = _COMMENT_AFTER.match(self.lines[end.line], end.column)
+            if found is None:
+                continue
+            comment = found.group(1)
+            self.issues.append(
+                YamlIssue(
+                    end.line + 1,
+                    found.start(1) + 1,
+                    f"{key}: YAML reads '{comment}' as a comment, so only "
+                    f"'{item.value}' is sent; quote the whole value to keep it, like "
+                    f"{lead}{_quoted(item.value + ' ' + comment)} (or put a comment on a line "
+                    "of its own)",
+                    "warning",
+                )
+            )
+
+
+#: Spaces then ``#`` then the rest of the line, right after a plain scalar.
+_COMMENT_AFTER = re.compile(r"[ \t]+(#.*?)\s*$")
+
+
+def _quoted(text: str) -> str:
+    """``text`` as a YAML double-quoted scalar."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _quoted_hint(key: str | None, node: yaml.Node, text: str) -> str:
@@ -325,3 +397,96 @@ def native(value: Any) -> Any:
     if isinstance(value, list):
         return [native(v) for v in value]
     return value
+
+
+# --- reading project files (the I/O edge) ------------------------------------------------------
+
+
+class Unreadable(Exception):
+    """A project file that cannot be used as text; the message says why and what to do."""
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.line = line
+
+
+def inside(path: Path, root: Path, top: Path) -> bool:
+    """Whether ``path``, links resolved, is in the project ``root`` or in ``top`` (the folder
+    being read, which may itself be a link, e.g. a mounted ``rules/``)."""
+    real = path.resolve()
+    return real.is_relative_to(root.resolve()) or real.is_relative_to(top.resolve())
+
+
+def yaml_files(directory: Path, root: Path | None = None) -> list[Path]:
+    """Every ``*.yaml`` / ``*.yml`` under ``directory``, in subfolders too, in a stable order.
+
+    Names starting with ``.`` are skipped: editor swap files, ``.git``, and the ``..data``
+    folders of a Kubernetes ConfigMap (whose files are also linked one level up). Linked
+    folders are entered once each, so a link loop ends. With ``root``, a linked folder that
+    leads out of the project is not entered but listed itself, so that reading it reports it
+    (a link to ``/`` must not make every reload walk the whole disk).
+    """
+    found: list[tuple[tuple[str, ...], str]] = []  # (parts below directory, path)
+    seen: set[tuple[int, int]] = set()
+    stack: list[tuple[tuple[str, ...], str]] = [((), str(directory))]
+    while stack:
+        parts, folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as listing:
+                entries = [(e.name, e.path, e.is_dir(), e.is_symlink()) for e in listing]
+        except OSError:
+            continue
+        for name, path, is_dir, is_link in entries:
+            if name.startswith("."):
+                continue
+            below = (*parts, name)
+            if is_dir and is_link and root is not None and not inside(Path(path), root, directory):
+                found.append((below, path))
+            elif is_dir:
+                stack.append((below, path))
+            elif name.endswith((".yaml", ".yml")):
+                found.append((below, path))
+    return [Path(path) for _, path in sorted(found)]
+
+
+def read_source(path: Path, root: Path, top: Path, limit: int = MAX_FILE_BYTES) -> str:
+    """A project file's text; :class:`Unreadable` when it is too big, not UTF-8, gone, or
+    reached through a link leading out of the project (``root``, or ``top``, the folder being
+    read): a rule must not read ``/etc/...`` through a link.
+
+    Only a link is resolved (a reload reads every file, and resolving costs more than
+    reading): :func:`yaml_files` does not enter folders that lead out of the project.
+    """
+    what = "this file"
+    try:
+        if path.is_symlink():
+            what = "this folder" if path.is_dir() else what
+            if not inside(path, root, top):
+                raise Unreadable(
+                    f"{what} is a link to {path.resolve()}, outside the project; copy it into "
+                    "the project"
+                )
+        with path.open("rb") as handle:
+            data = handle.read(limit + 1)
+        if len(data) > limit:
+            size = os.stat(path).st_size
+            raise Unreadable(
+                f"this file is {size:,} bytes, more than the {limit:,} a project file may hold; "
+                "a rule is a few KB: check that it is the file you meant, or split it"
+            )
+    except FileNotFoundError:
+        raise Unreadable(f"{what} was removed while being read") from None
+    except OSError as exc:
+        raise Unreadable(f"{what} cannot be read: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise Unreadable(
+            f"this file is not UTF-8 text (byte 0x{data[exc.start]:02x}); save it as UTF-8", line
+        ) from None
