@@ -488,6 +488,9 @@ class ReclaimPlan:
         return bool(self.requeue or self.park)
 
 
+#: When this process started, at the latest (real time): an instance with our pid registered
+#: before it belongs to a previous process.
+_PROCESS_STARTED: Final = datetime.now(UTC)
 #: Prefix of the advisory lock key of an instance's liveness on PostgreSQL.
 INSTANCE_LOCK_PREFIX: Final = "pushrules-instance:"
 
@@ -531,15 +534,19 @@ def instance_gone(
     pid: int,
     now: datetime,
     running: Callable[[int], bool],
+    since: datetime = _PROCESS_STARTED,
 ) -> bool:
     """Whether a SQLite-registered instance is dead: its heartbeat ran out, or it ran on this
-    host and its process is gone (or its pid is now ours, so it is another process)."""
+    host and its process is gone, or its pid is ours but it registered before this process
+    started (a container restarted keeps pid 1: the old one is dead)."""
     if info.id == me:
         return False
     if info.alive_until < now:
         return True
     if info.host == host:
-        return info.pid == pid or not running(info.pid)
+        if info.pid == pid:
+            return info.started_at < since
+        return not running(info.pid)
     return False
 
 
@@ -1436,7 +1443,7 @@ class Liveness:
         _aware(now, "now")
         if self._store.dialect == "postgresql" and not self._locked():
             return False
-        self._started = self._started or now
+        self._started = self._started or utcnow()  # real time, whatever the daemon's clock
         values = {
             "id": self.instance,
             "host": socket.gethostname(),
