@@ -2,9 +2,12 @@
 
 The rules, in the order they matter:
 
-* A row is claimed (``sending``, under a lease) before its request leaves, and its result is
-  written after; a process that dies in between leaves it ``sending`` until ``recover`` parks it
-  ``in_doubt``. Nothing whose fate is unknown is ever resent without a person saying so.
+* A row is claimed (``sending``, under a lease), then marked as leaving (group-committed with
+  the requests starting together) before its bytes go out, and its result is written after. A
+  process that dies leaves its rows ``sending``; any instance's ``reclaim`` (at start, and every
+  ``recover_every`` seconds) sees the dead instance and sends again the rows that never left,
+  and parks the others ``in_doubt``. Nothing whose fate is unknown is ever resent without a
+  person saying so.
 * An error that proves the request never reached Accengage (no connection, the connection pool
   was full, the body could not be fully written) is retried with backoff. An error after the
   request may have arrived (read timeout, connection dropped before the answer) is ``in_doubt``
@@ -756,6 +759,11 @@ class Dispatcher:
         if self._registered:
             self._registered = False
             try:
+                # Requests abandoned in flight (a cancelled run) are settled now, not when
+                # their lease ends; after a graceful stop nothing is left to settle.
+                log_reclaimed(
+                    await self._db(self.store.reclaim, self._clock(), stopping=self.instance)
+                )
                 await self._db(self._liveness.end)
             except Exception as exc:
                 LOG.warning("could not unregister instance %s: %s", self.instance, exc)
@@ -942,7 +950,7 @@ class Dispatcher:
 
         On stop, requests in flight finish and rows claimed but not started are given back.
         Cancelling the task instead abandons requests in flight: their rows stay ``sending``
-        and are parked ``in_doubt`` once their lease runs out.
+        until this instance is unregistered or dead, or their lease runs out.
         """
         s = self.settings
         await self._beat()

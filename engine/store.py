@@ -1013,7 +1013,9 @@ class Store:
         """:meth:`reclaim` for callers that only want the ids parked ``in_doubt``."""
         return self.reclaim(now).parked
 
-    def reclaim(self, now: datetime, *, me: str | None = None) -> Reclaimed:
+    def reclaim(
+        self, now: datetime, *, me: str | None = None, stopping: str | None = None
+    ) -> Reclaimed:
         """Take back the rows of senders that died, and of leases that ran out.
 
         A ``sending`` row is acted on when the instance that claimed it is registered and gone
@@ -1022,9 +1024,10 @@ class Store:
         back: nothing was sent, so sending it is safe. Otherwise, or if its claimer never
         registered (so never recorded departures), it is parked ``in_doubt``: whether
         Accengage got it is unknown, so a person decides (``resend`` or ``drop``). ``me`` is the
-        caller's own instance, never deemed gone. Every write is fenced to the claim that was
-        read, so two instances reclaiming at once, or a sender deemed dead by mistake, cannot
-        make a row be sent twice.
+        caller's own instance, never deemed gone; ``stopping`` one that is closing down, whose
+        rows still ``sending`` (abandoned requests) are settled now. Every write is fenced to
+        the claim that was read, so two instances reclaiming at once, or a sender deemed dead by
+        mistake, cannot make a row be sent twice.
         """
         _aware(now, "now")
         with self._read() as conn:
@@ -1034,6 +1037,8 @@ class Store:
             ]
             known = [InstanceInfo(**m) for m in conn.execute(select(instances)).mappings()]
             gone = self._gone(conn, known, me, now)
+        if stopping is not None:
+            gone.add(stopping)
         plan = plan_reclaim(flights, {i.id for i in known}, gone)
         if not plan and not gone:
             return Reclaimed([], [])

@@ -256,6 +256,34 @@ def test_a_request_leaves_only_once_its_mark_is_committed(tmp_path: Path) -> Non
     assert all(left is not None for _, left in seen), seen
 
 
+def test_a_cancelled_run_settles_its_abandoned_requests_when_closed(tmp_path: Path) -> None:
+    """Cancelling ``run`` abandons the requests in flight: closing the dispatcher parks them
+    at once (they had left) instead of leaving them ``sending`` for the lease."""
+    hang = asyncio.Event()
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        await hang.wait()
+        return httpx.Response(200, json={"returnCode": "0"})
+
+    settings = DispatchSettings(concurrency=2, claim_batch=4, lease=timedelta(minutes=5))
+    with Store(f"sqlite:///{tmp_path / 'o.db'}") as store:
+        ids = enqueue(store, 6)
+
+        async def go() -> None:
+            transport = httpx.MockTransport(answer)
+            async with Dispatcher(store, settings, CREDS, transport=transport) as d:
+                task = asyncio.create_task(d.run(asyncio.Event()))
+                while sum(r.left_at is not None for r in store.get_many(ids)) < 2:
+                    await asyncio.sleep(0.01)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+
+        asyncio.run(go())
+        states = Counter(r.state for r in store.get_many(ids))
+    assert states == {IN_DOUBT: 2, PENDING: 4}
+
+
 def test_an_error_before_the_headers_left_is_retried_not_parked(tmp_path: Path) -> None:
     """A TLS handshake that never ends, cut by the request deadline: an ambiguous timeout by
     its type, but the trace shows no header left, so the row is retried, not in_doubt."""
