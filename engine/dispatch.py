@@ -771,7 +771,7 @@ class Dispatcher:
     async def _beat(self) -> None:
         """Register this instance, or renew its sign of life."""
         try:
-            self._registered = await self._db(self._liveness.beat, self._clock())
+            self._registered = await self._db(self._liveness.beat)
         except Exception as exc:
             LOG.error("could not renew this instance's sign of life in the store: %s", exc)
 

@@ -28,6 +28,7 @@ body that carries the ``user`` object.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -509,21 +510,33 @@ def advisory_key(name: str) -> int:
     return key - (1 << 63)
 
 
-def pid_running(pid: int) -> bool:
-    """Whether a process of this id exists on this host and is not a zombie."""
+def process_info(pid: int) -> tuple[bool, datetime | None]:
+    """Whether a process of this id runs on this host (a zombie does not), and when it started
+    if the system says (Linux's /proc), so a pid taken again by a later process is told apart."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+        return False, None
     except OSError:
-        return True  # cannot tell: the heartbeat decides
+        return True, None  # someone else's process: it runs
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
-            return stat.read().rpartition(")")[2].split()[:1] != ["Z"]
-    except OSError:
-        return True
+            fields = stat.read().rpartition(")")[2].split()
+        if fields[0] == "Z":
+            return False, None
+        ticks = int(fields[19])  # field 22, starttime: clock ticks after boot
+        return True, _boot_time() + timedelta(seconds=ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return True, None
+
+
+@functools.cache
+def _boot_time() -> datetime:
+    with open("/proc/stat", encoding="ascii") as stat:
+        for line in stat:
+            if line.startswith("btime "):
+                return datetime.fromtimestamp(int(line.split()[1]), UTC)
+    raise ValueError("no btime in /proc/stat")
 
 
 def instance_gone(
@@ -533,21 +546,27 @@ def instance_gone(
     host: str,
     pid: int,
     now: datetime,
-    running: Callable[[int], bool],
+    process: Callable[[int], tuple[bool, datetime | None]] = process_info,
     since: datetime = _PROCESS_STARTED,
 ) -> bool:
-    """Whether a SQLite-registered instance is dead: its heartbeat ran out, or it ran on this
-    host and its process is gone, or its pid is ours but it registered before this process
-    started (a container restarted keeps pid 1: the old one is dead)."""
+    """Whether a SQLite-registered instance is dead.
+
+    On this host its process tells: gone, a zombie, or its pid now another process's (one that
+    started after the instance registered; ours, if the instance registered before this process
+    started, as after a container restart that keeps pid 1). Elsewhere, or when the system
+    cannot tell, its heartbeat (``alive_until``, real time) ran out.
+    """
     if info.id == me:
         return False
-    if info.alive_until < now:
-        return True
     if info.host == host:
         if info.pid == pid:
             return info.started_at < since
-        return not running(info.pid)
-    return False
+        running, started = process(info.pid)
+        if not running:
+            return True
+        if started is not None:  # btime has whole seconds: a second of slack
+            return started > info.started_at + timedelta(seconds=1)
+    return info.alive_until < now
 
 
 def _expired(row: Any, now: datetime) -> bool:
@@ -1080,12 +1099,8 @@ class Store:
     ) -> set[str]:
         """The registered instances that are dead (see :class:`Liveness` for how each tells)."""
         if self.dialect != "postgresql":
-            host, pid = socket.gethostname(), os.getpid()
-            return {
-                i.id
-                for i in known
-                if instance_gone(i, me=me, host=host, pid=pid, now=now, running=pid_running)
-            }
+            host, pid, real = socket.gethostname(), os.getpid(), utcnow()
+            return {i.id for i in known if instance_gone(i, me=me, host=host, pid=pid, now=real)}
         gone = set()
         for info in known:
             if info.id == me:
@@ -1443,12 +1458,14 @@ class Liveness:
         self._conn: Connection | None = None
         self._started: datetime | None = None
 
-    def beat(self, now: datetime) -> bool:
-        """Register, or say again that this instance lives; False if it cannot (yet)."""
-        _aware(now, "now")
+    def beat(self) -> bool:
+        """Register, or say again that this instance lives; False if it cannot (yet).
+
+        Real time, not the daemon's clock: liveness is about processes, not fire times."""
         if self._store.dialect == "postgresql" and not self._locked():
             return False
-        self._started = self._started or utcnow()  # real time, whatever the daemon's clock
+        now = utcnow()
+        self._started = self._started or now
         values = {
             "id": self.instance,
             "host": socket.gethostname(),
@@ -1536,5 +1553,6 @@ __all__ = [
     "encode_body",
     "instance_gone",
     "plan_reclaim",
+    "process_info",
     "utcnow",
 ]

@@ -38,7 +38,9 @@ from engine.store import (
     SENT,
     Fire,
     InFlight,
+    InstanceInfo,
     Store,
+    instance_gone,
     instances,
     plan_reclaim,
     utcnow,
@@ -121,6 +123,38 @@ def test_plan_requeues_what_never_left_and_parks_the_rest() -> None:
     assert plan.park == {("dead#a", True): [2], ("old#c", False): [5]}
 
 
+def test_which_sqlite_instances_are_dead() -> None:
+    def info(pid: int, host: str = "h", started: int = 0, alive: int = 60) -> InstanceInfo:
+        return InstanceInfo(
+            f"{host}:{pid}/x",
+            host,
+            pid,
+            T0 + timedelta(seconds=started),
+            T0 + timedelta(seconds=alive),
+        )
+
+    def process(pid: int) -> tuple[bool, datetime | None]:
+        return {
+            10: (True, T0 - timedelta(seconds=5)),  # the instance's own process
+            11: (True, T0 + timedelta(seconds=30)),  # its pid, taken by a later process
+            12: (False, None),  # gone
+            13: (True, None),  # cannot tell
+        }[pid]
+
+    def gone(i: InstanceInfo, now: int = 0) -> bool:
+        at = T0 + timedelta(seconds=now)
+        return instance_gone(
+            i, me=None, host="h", pid=99, now=at, process=process, since=T0 + timedelta(hours=1)
+        )
+
+    assert not gone(info(10)) and not gone(info(10), now=120)  # alive, heartbeat late or not
+    assert gone(info(11)) and gone(info(12))
+    assert not gone(info(13)) and gone(info(13), now=120)  # the heartbeat decides
+    assert gone(info(99))  # our pid, registered before this process started
+    assert not gone(info(99, started=7200))  # our pid, registered since: another dispatcher
+    assert not gone(info(12, host="other")) and gone(info(12, host="other"), now=120)
+
+
 # --- the store -------------------------------------------------------------------------------
 
 
@@ -133,7 +167,7 @@ def test_a_dead_instance_rows_are_taken_back_at_once(store: Store) -> None:
     assert store.mark_leaving({token: ids[:2]}, T0) == set(ids[:2])
     # A live instance (this process) with a row in flight: left alone.
     mine = store.liveness("host:2/alive")
-    assert mine.beat(T0)
+    assert mine.beat()
     live_id = enqueue(store, 1, "live")[0]
     live = store.claim("host:2/alive", 1, T0, LEASE)
     try:
@@ -189,7 +223,7 @@ def test_a_postgres_instance_is_dead_when_its_lock_is_free(tmp_path: Path) -> No
     with PostgresSchema() as schema, Store(schema.url) as a, Store(schema.url) as b:
         ids = enqueue(a, 2)
         life = a.liveness("host:3/a")
-        assert life.beat(T0)
+        assert life.beat()
         claimed = a.claim("host:3/a", 2, T0, LEASE)
         a.mark_leaving({claimed[0].claimed_by or "": [ids[0]]}, T0)
         assert b.reclaim(T0) == b.reclaim(T0)  # alive: nothing to do
@@ -215,7 +249,7 @@ def test_an_old_database_is_upgraded(store_url: str) -> None:
         rows = s.claim("host:1/x", 2, T0, LEASE)
         assert [r.id for r in rows] == ids and rows[0].left_at is None
         assert s.mark_leaving({rows[0].claimed_by or "": ids}, T0) == set(ids)
-        assert s.liveness("host:1/x").beat(T0)
+        assert s.liveness("host:1/x").beat()
         assert [r.left_at for r in s.get_many(ids)] == [T0, T0]
     with Store(store_url) as s:  # a second start migrates nothing more
         assert s.schema_version() == 2
