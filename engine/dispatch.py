@@ -603,7 +603,9 @@ class _Departures:
                 claims.setdefault(row.claimed_by or "", []).append(row.id)
             d = self._dispatcher
             try:
-                marked: set[int] | BaseException = await d._db(
+                # In a thread even on SQLite: while one group's commit waits for the disk, the
+                # loop goes on, and the requests ready meanwhile form the next, larger group.
+                marked: set[int] | BaseException = await asyncio.to_thread(
                     d.store.mark_leaving, claims, d._clock()
                 )
             except Exception as exc:  # the database is away: nothing of this group leaves
