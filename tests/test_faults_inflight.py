@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from engine.dispatch import Credentials, Dispatcher, DispatchSettings
 from engine.sandbox import RunningSandbox, start_in_thread
@@ -443,10 +443,10 @@ def test_sigkill_mid_flight_then_restart_settles_every_event_at_once(
     poster = Poster([first], total=2000)
     db = tmp_path / "project" / "store.db"
 
-    def busy() -> bool:  # more rows sending than can be in flight: some never left
+    def busy() -> bool:  # a flow going, and more rows sending than can be in flight
         with sqlite3.connect(db, timeout=5) as conn:
-            n = conn.execute("SELECT count(*) FROM outbox WHERE state = 'sending'").fetchone()[0]
-        return n > 20
+            counts = dict(conn.execute("SELECT state, count(*) FROM outbox GROUP BY state"))
+        return counts.get(SENT, 0) >= 30 and counts.get(SENDING, 0) > 20
 
     wait_for(busy, "rows claimed beyond those in flight", timeout=30, log=first.log)
     first.signal(signal.SIGKILL)
@@ -456,7 +456,7 @@ def test_sigkill_mid_flight_then_restart_settles_every_event_at_once(
     at_kill = outbox_rows(project)
     never_left = {r["text"] for r in at_kill if r["state"] == SENDING and not r["left"]}
     gone_out = {r["text"] for r in at_kill if r["state"] == SENDING and r["left"]}
-    assert never_left and len(accepted) > 20
+    assert never_left and len(accepted) > 50
 
     second = Daemon(project, name="run2").start()
     daemons.append(second)
@@ -505,7 +505,7 @@ def test_three_instances_on_postgres_survive_the_leader_sigkilled(
         projects = [PostgresProject(tmp_path / f"p{i}", sandbox.url, schema.url) for i in range(3)]
         for project in projects:
             project.rule("go", "event: go", "{{ event.n }}")
-        sandbox.set_faults(latency_ms=2000)
+        sandbox.set_faults(latency_ms=4000)  # requests pile up in flight and claimed behind
         instances_ = [Daemon(p, name=f"i{i}").start() for i, p in enumerate(projects)]
         daemons.extend(instances_)
 
@@ -518,17 +518,30 @@ def test_three_instances_on_postgres_survive_the_leader_sigkilled(
         pid = killed.process.pid
         poster = Poster(instances_, total=3000)
 
-        def leader_busy() -> bool:
+        def leader_busy() -> bool:  # more rows claimed than it has in flight: some never left
             rows = outbox_rows(projects[0])
             mine = [r for r in rows if r["state"] == SENDING and f":{pid}/" in r["claimed_by"]]
-            return len(mine) >= 4
+            return len(mine) > 16 and any(not r["left"] for r in mine)
 
-        wait_for(leader_busy, "the leader sending", timeout=30, log=killed.log)
+        wait_for(leader_busy, "the leader sending", timeout=60, log=killed.log)
         killed.signal(signal.SIGKILL)
         killed_at = time.monotonic()
         killed.process.wait(10)
+        at_kill = outbox_rows(projects[0])
+        never_left = {
+            r["text"]
+            for r in at_kill
+            if r["state"] == SENDING and not r["left"] and f":{pid}/" in r["claimed_by"]
+        }
         sandbox.set_faults(latency_ms=50)
-        time.sleep(1.0)  # events keep flowing to the survivors
+
+        def taken_over() -> bool:
+            rows = outbox_rows(projects[0])
+            return not [r for r in rows if r["state"] == SENDING and f":{pid}/" in r["claimed_by"]]
+
+        wait_for(taken_over, "the killed leader's rows taken back", timeout=30, every=0.1)
+        took = time.monotonic() - killed_at
+        time.sleep(max(0.0, 1.0 - took))  # events keep flowing to the survivors
         accepted = poster.join()
         rows = wait_for(
             lambda: settled(projects[0], accepted),
@@ -536,19 +549,20 @@ def test_three_instances_on_postgres_survive_the_leader_sigkilled(
             timeout=30,
             every=0.2,
         )
-        took = time.monotonic() - killed_at
+        settled_after = time.monotonic() - killed_at
         check_sent_once(sandbox, rows, accepted)
         parked = [t for t, r in rows.items() if r["state"] == IN_DOUBT]
         assert all(f":{pid}/" in rows[t]["claimed_by"] and rows[t]["left"] for t in parked)
-        assert len(parked) <= 16, parked
-        assert took < TAKE_OVER_BOUND + 3.0, f"settled {took:.1f} s after the kill"
+        assert len(parked) <= 2 * 16, parked
+        assert {t for t in never_left if rows[t]["state"] == SENT} == never_left
+        # Within the bound, plus the time this test takes to look (a store opened per poll).
+        assert took < TAKE_OVER_BOUND + 1.0, f"taken back {took:.1f} s after the kill"
         survivor = next(d for d in instances_ if d is not killed)
         wait_for(lambda: survivor.health()[1]["leader"] or None, "a new leader", timeout=30)
         print(
-            f"PostgreSQL: {len(accepted)} accepted, {len(parked)} in_doubt; settled "
-            f"{took:.1f} s after the leader's SIGKILL"
+            f"PostgreSQL: {len(accepted)} accepted, {len(never_left)} claimed by the killed "
+            f"leader but never sent, then sent, {len(parked)} in_doubt; its rows taken back "
+            f"{took:.1f} s after its SIGKILL, every event settled after {settled_after:.1f} s"
         )
         for d in instances_:
             d.kill()
-        engine = create_engine(postgres_url())
-        engine.dispose()
