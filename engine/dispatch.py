@@ -862,12 +862,16 @@ class Dispatcher:
             return
         attempt, outcome, error_kind = result
         now = self._clock()
+        # Nothing was sent for want of a credential or of the leaving mark: the attempt does
+        # not bring the row closer to dead.
+        counted = outcome is not None and error_kind != "store"
         if outcome is None:
             state = RETRYING
             next_at: datetime | None = now + timedelta(seconds=self.settings.missing_secret_retry)
         else:
-            state, next_at = decide(outcome, row.attempts, self.settings, now, self._rng)
-            error = final_error(outcome, state, row.attempts)
+            made = row.attempts if counted else row.attempts - 1
+            state, next_at = decide(outcome, made, self.settings, now, self._rng)
+            error = final_error(outcome, state, made)
             if error != attempt.error:
                 attempt = dataclasses.replace(attempt, error=error)
         writer.add(
@@ -877,7 +881,7 @@ class Dispatcher:
                 state,
                 next_at,
                 claimed_by=row.claimed_by,
-                count_attempt=outcome is not None,
+                count_attempt=counted,
                 worker=self.worker_id,
             )
         )
@@ -1066,12 +1070,7 @@ def _log_result(
     elif state == FAILED:
         LOG.warning("%s failed for good: %s", where, attempt.error)
     elif state == DEAD:
-        LOG.error(
-            "%s gave up after %d attempts; last: %s. Resend it once the cause is fixed",
-            where,
-            row.attempts,
-            attempt.error,
-        )
+        LOG.error("%s given up: %s", where, attempt.error)
     elif state == IN_DOUBT:
         LOG.error("%s parked in_doubt: %s", where, attempt.error)
 

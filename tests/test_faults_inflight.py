@@ -290,6 +290,45 @@ def test_a_request_leaves_only_once_its_mark_is_committed(tmp_path: Path) -> Non
     assert all(left is not None for left in seen.values()), seen
 
 
+def test_a_row_whose_leaving_mark_fails_is_not_sent_and_tried_again(tmp_path: Path) -> None:
+    """The database fails as requests are about to leave: none leaves, each is retried later
+    and the failed try does not count towards giving up."""
+    sent: list[bytes] = []
+
+    class FlakyStore(Store):
+        failures = 1
+
+        def mark_leaving(self, claims: Any, now: datetime) -> set[int]:
+            if self.failures:
+                self.failures -= 1
+                raise OSError("disk I/O error")
+            return super().mark_leaving(claims, now)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request.content)
+        return httpx.Response(200, json={"returnCode": "0", "messageId": "1"})
+
+    settings = DispatchSettings(
+        concurrency=1, max_attempts=1, backoff_base=0.01, backoff_max=0.02, lease=LEASE
+    )
+    with FlakyStore(f"sqlite:///{tmp_path / 'o.db'}") as store:
+        [row_id] = enqueue(store, 1)
+
+        async def go() -> None:
+            transport = httpx.MockTransport(answer)
+            async with Dispatcher(store, settings, CREDS, transport=transport) as d:
+                await d.run_once()
+                row = store.get(row_id)
+                assert row is not None and row.state == RETRYING and row.attempts == 0
+                assert "nothing was sent" in (row.last_error or "") and not sent
+                await asyncio.sleep(0.05)
+                await d.run_once()
+
+        asyncio.run(go())
+        row = store.get(row_id)
+    assert row is not None and row.state == SENT and len(sent) == 1
+
+
 def test_a_cancelled_run_settles_its_abandoned_requests_when_closed(tmp_path: Path) -> None:
     """Cancelling ``run`` abandons the requests in flight: closing the dispatcher parks them
     at once (they had left) instead of leaving them ``sending`` for the lease."""
