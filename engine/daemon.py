@@ -32,7 +32,7 @@ from sqlalchemy.exc import OperationalError
 from engine.batching import Coalescer
 from engine.clock import Clock
 from engine.compiler import FireContext
-from engine.dispatch import Dispatcher
+from engine.dispatch import Dispatcher, log_reclaimed
 from engine.firing import FireOutcome, FireRequest, fire_many
 from engine.intake import create_app, no_rule_note
 from engine.loader import Loader, RuleSet
@@ -347,13 +347,10 @@ class Daemon:
         project = self.project
         listening = self._bind()
         self.store = await asyncio.to_thread(open_store, project)
-        recovered = await asyncio.to_thread(self.store.recover, self.clock.now())
-        if recovered:
-            log.warning(
-                "%d request(s) were in flight when the last run stopped: parked as "
-                "in_doubt (see `pushrules history --status in_doubt`)",
-                len(recovered),
-            )
+        # Rows of a run that died (this one's last run, or a dead peer's): those that never
+        # left are due again, the others in_doubt, now rather than when their lease ends.
+        reclaimed = await asyncio.to_thread(self.store.reclaim, self.clock.now())
+        log_reclaimed(reclaimed)
         # On the daemon's clock, not the system's: rows are due at clock instants (the fire
         # time, the end of quiet hours), so a clock set ahead must not leave them unclaimed.
         self.dispatcher = Dispatcher(

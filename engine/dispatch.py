@@ -2,9 +2,12 @@
 
 The rules, in the order they matter:
 
-* A row is claimed (``sending``, under a lease) before its request leaves, and its result is
-  written after; a process that dies in between leaves it ``sending`` until ``recover`` parks it
-  ``in_doubt``. Nothing whose fate is unknown is ever resent without a person saying so.
+* A row is claimed (``sending``, under a lease), then marked as leaving (group-committed with
+  the requests starting together) before its bytes go out, and its result is written after. A
+  process that dies leaves its rows ``sending``; any instance's ``reclaim`` (at start, and every
+  ``recover_every`` seconds) sees the dead instance and sends again the rows that never left,
+  and parks the others ``in_doubt``. Nothing whose fate is unknown is ever resent without a
+  person saying so.
 * An error that proves the request never reached Accengage (no connection, the connection pool
   was full, the body could not be fully written) is retried with backoff. An error after the
   request may have arrived (read timeout, connection dropped before the answer) is ``in_doubt``
@@ -24,11 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import email.utils
 import json
 import logging
 import os
 import random
+import secrets
 import socket
 import time
 from collections import Counter
@@ -43,7 +48,7 @@ from sqlalchemy.exc import OperationalError
 from engine import __version__, accengage
 from engine.accengage import RETRYABLE_CODES, describe
 from engine.schemas import DISPATCH
-from engine.secrets import MASK, MissingSecret, SecretRef
+from engine.secrets import MissingSecret, SecretRef, mask
 from engine.store import (
     DEAD,
     FAILED,
@@ -52,6 +57,7 @@ from engine.store import (
     SENT,
     AttemptResult,
     OutboxRow,
+    Reclaimed,
     ResultUpdate,
     Store,
     busy_timeout,
@@ -99,9 +105,8 @@ class DispatchSettings:
     #: little over 16 at 50 ms answers, and 16 keeps a crash's in_doubt batch small.
     concurrency: int = 16
     #: Rows claimed at a time, in flight or queued (0: 32, or twice ``concurrency`` if more).
-    #: A claim costs about a millisecond on SQLite whatever its size, hence batches; but a
-    #: claimed row counts as in flight for ``recover``, so a crash parks up to this many rows
-    #: in_doubt, some of which never left. Keep it small.
+    #: A claim costs about a millisecond on SQLite whatever its size, hence batches. A crash
+    #: parks in_doubt only the rows whose requests had left; the others are sent again.
     claim_batch: int = 0
     #: Requests started per second at most (None: no limit but ``concurrency``).
     rate_per_second: float | None = None
@@ -122,8 +127,12 @@ class DispatchSettings:
     on_unknown_outcome: UnknownPolicy = "park"
     #: Sleep when nothing is due.
     idle_sleep: float = 0.5
-    #: How often ``run`` parks rows of dead processes.
-    recover_every: float = 30.0
+    #: How often ``run`` renews this instance's sign of life and takes back the rows of dead
+    #: ones (sent again if they never left, else parked in_doubt): the take-over bound.
+    recover_every: float = 2.0
+    #: On SQLite, an instance on another host (or in another pid namespace) whose sign of life
+    #: is older than this is deemed dead. On one host a dead pid tells at once.
+    liveness_ttl: timedelta = timedelta(seconds=15)
     #: Results wait up to this long, or until ``concurrency`` of them are ready, to be written
     #: together: a transaction costs about a millisecond on SQLite whatever its size. Safety is
     #: the same; a crash in that window parks those rows in_doubt instead of marking them sent.
@@ -190,6 +199,9 @@ class Outcome:
     message_id: str | None = None
     error: str | None = None
     retry_after: float | None = None
+    #: What happened, without what comes next ("will try again"): the text a final state
+    #: (dead after the last attempt) is written with.
+    cause: str | None = None
 
 
 def with_user(body: str, login: str, password: str) -> bytes:
@@ -198,8 +210,14 @@ def with_user(body: str, login: str, password: str) -> bytes:
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def snippet(content: bytes | str, limit: int = SNIPPET) -> str:
+def snippet(
+    content: bytes | str, limit: int = SNIPPET, scrub: Callable[[str], str] | None = None
+) -> str:
+    """The start of an answer for a message; ``scrub`` masks secrets before the cut, since a
+    secret cut in two is no longer found whole."""
     text = content.decode("utf-8", "replace") if isinstance(content, bytes) else content
+    if scrub is not None:
+        text = scrub(text)
     return text[:limit]
 
 
@@ -257,28 +275,35 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
 
 
 def classify_response(
-    status: int, headers: Mapping[str, str], content: bytes, now: datetime
+    status: int,
+    headers: Mapping[str, str],
+    content: bytes,
+    now: datetime,
+    scrub: Callable[[str], str] | None = None,
 ) -> Outcome:
-    """An HTTP answer -> what happened to the request."""
+    """An HTTP answer -> what happened to the request. ``scrub`` masks the credentials in what
+    is quoted of the answer (an upstream may echo the request)."""
     if status in RETRY_STATUSES:
+        cause = f"HTTP {status} from Accengage: {snippet(content, 120, scrub)!r}"
         return Outcome(
             "retry",
             http_status=status,
-            error=f"HTTP {status} from Accengage: {snippet(content, 120)!r}; will try again",
+            error=f"{cause}; will try again",
             retry_after=parse_retry_after(headers.get("retry-after"), now),
+            cause=cause,
         )
     if not 200 <= status < 300:
         return Outcome(
             "failed",
             http_status=status,
             error=(
-                f"HTTP {status} from Accengage: {snippet(content, 120)!r}; not retried: check "
-                "accengage.url in pushrules.yaml, then resend the row"
+                f"HTTP {status} from Accengage: {snippet(content, 120, scrub)!r}; not retried: "
+                "check accengage.url in pushrules.yaml, then resend the row"
             ),
         )
     parsed = parse_answer(content)
     if parsed is None:
-        label = f"answer is not the documented JSON: {snippet(content)}"
+        label = f"answer is not the documented JSON: {snippet(content, SNIPPET, scrub)}"
         return Outcome(
             "unknown",
             http_status=status,
@@ -293,8 +318,9 @@ def classify_response(
     if code == 0:
         return Outcome("sent", status, code, label, message_id)
     if code in RETRYABLE_CODES:
-        error = f"Accengage code {code} ({describe(code)}): will try again"
-        return Outcome("retry", status, code, label, message_id, error)
+        cause = f"Accengage code {code} ({describe(code)})"
+        error = f"{cause}: will try again"
+        return Outcome("retry", status, code, label, message_id, error, cause=cause)
     error = (
         f"Accengage refused the request with code {code} ({describe(code)}); not retried: "
         "fix the rule, then resend the row"
@@ -302,21 +328,33 @@ def classify_response(
     return Outcome("failed", status, code, label, message_id, error)
 
 
-def classify_error(exc: BaseException, deadline: float | None = None) -> Outcome:
-    """An exception raised while sending -> was the request sent, and what now."""
+def classify_error(
+    exc: BaseException, deadline: float | None = None, *, left: bool | None = None
+) -> Outcome:
+    """An exception raised while sending -> was the request sent, and what now.
+
+    ``left``: whether the request's headers started being written (httpcore's ``trace``), when
+    known. False proves the request never left, whatever the exception.
+    """
     name = type(exc).__name__
     detail = str(exc).strip()
     what = f"{name}: {detail}" if detail else name
-    if isinstance(exc, NOT_SENT_ERRORS):
-        return Outcome("retry", error=f"{what} (the request did not reach Accengage; will retry)")
     if isinstance(exc, TimeoutError) and deadline is not None:
         what = f"no complete answer within the {deadline:g} s deadline"
+    if isinstance(exc, NOT_SENT_ERRORS) or left is False:
+        cause = f"{what} (the request did not reach Accengage)"
+        return Outcome(
+            "retry",
+            error=f"{what} (the request did not reach Accengage; will retry)",
+            cause=cause,
+        )
     return Outcome(
         "unknown",
         error=(
             f"{what} (the request may have reached Accengage: check whether the push arrived, "
             "then resend or drop the row)"
         ),
+        cause=f"{what} (the request may have reached Accengage)",
     )
 
 
@@ -348,17 +386,25 @@ def decide(
     return RETRYING, now + timedelta(seconds=delay)
 
 
-def redact(text: str | None, secrets: Iterable[str]) -> str | None:
-    """Mask each secret (and its JSON-escaped form) wherever an answer echoes it."""
+def final_error(outcome: Outcome, state: str, attempts: int) -> str | None:
+    """The error text a row is left with, true to the state it is left in: a row given up on
+    does not say "will try again", nor a row retried say "check, then resend"."""
+    cause = outcome.cause or outcome.error
+    if state == DEAD and cause is not None:
+        return (
+            f"{cause}; gave up after {attempts} attempt{'s' if attempts != 1 else ''}: resend "
+            "the row once the cause is fixed"
+        )
+    if state == RETRYING and outcome.kind == "unknown" and cause is not None:
+        return f"{cause}; will try again (dispatch.on_unknown_outcome: retry)"
+    return outcome.error
+
+
+def redact(text: str | None, secrets: Iterable[str], login: str = "") -> str | None:
+    """Mask each secret in every encoding an answer may echo it in (engine.secrets.mask)."""
     if text is None:
         return None
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, MASK)
-            escaped = json.dumps(secret, ensure_ascii=False)[1:-1]
-            if escaped != secret:
-                text = text.replace(escaped, MASK)
-    return text
+    return mask(text, [s for s in secrets if s], login)
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -530,6 +576,53 @@ class _ResultWriter:
         await self.flush()
 
 
+class _Departures:
+    """Group-commits the "leaving" marks of requests about to be sent.
+
+    A request may leave only once its mark is on disk: a process killed after sending then has
+    its row parked ``in_doubt`` (it may have arrived), and one killed before sending has it
+    sent again (it never left). A commit per request would cost a transaction each; instead
+    the requests that reach this point together are marked in one, while the next group
+    gathers. A crash between a commit and the bytes leaving parks only that small group.
+    """
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+        self._waiting: list[tuple[OutboxRow, asyncio.Future[bool]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def leave(self, row: OutboxRow) -> bool:
+        """True once the row is marked as leaving; False if its claim was taken back."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((row, future))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._commit(), name="pushrules-departures")
+        return await future
+
+    async def _commit(self) -> None:
+        while self._waiting:
+            group, self._waiting = self._waiting, []
+            claims: dict[str, list[int]] = {}
+            for row, _ in group:
+                claims.setdefault(row.claimed_by or "", []).append(row.id)
+            d = self._dispatcher
+            try:
+                # In a thread even on SQLite: while one group's commit waits for the disk, the
+                # loop goes on, and the requests ready meanwhile form the next, larger group.
+                marked: set[int] | BaseException = await asyncio.to_thread(
+                    d.store.mark_leaving, claims, d._clock()
+                )
+            except Exception as exc:  # the database is away: nothing of this group leaves
+                marked = exc
+            for row, future in group:
+                if future.done():
+                    continue
+                if isinstance(marked, BaseException):
+                    future.set_exception(marked)
+                else:
+                    future.set_result(row.id in marked)
+
+
 class _Pipeline:
     """``concurrency`` workers draining a queue of claimed rows."""
 
@@ -614,6 +707,15 @@ class Dispatcher:
         self.settings = settings or DispatchSettings()
         self.credentials = credentials
         self.worker_id = worker_id or default_worker_id()
+        #: This process's identity in the store: claims carry it, and its liveness tells the
+        #: others sharing the store when they may take its rows back.
+        self.instance = f"{self.worker_id}/{secrets.token_hex(4)}"
+        self._liveness = store.liveness(self.instance, self.settings.liveness_ttl)
+        self._registered = False
+        self._departures = _Departures(self)
+        #: httpcore's trace tells whether a failed request's headers started leaving; a
+        #: transport given by a test may not report it.
+        self._traced = transport is None
         self.stats = DispatchStats()
         self._wake: asyncio.Event | None = None
         self._clock = clock
@@ -671,11 +773,32 @@ class Dispatcher:
 
     async def aclose(self) -> None:
         await self._pools.aclose()
+        if self._registered:
+            self._registered = False
+            try:
+                # Requests abandoned in flight (a cancelled run) are settled now, not when
+                # their lease ends; after a graceful stop nothing is left to settle.
+                log_reclaimed(
+                    await self._db(self.store.reclaim, self._clock(), stopping=self.instance)
+                )
+                await self._db(self._liveness.end)
+            except Exception as exc:
+                LOG.warning("could not unregister instance %s: %s", self.instance, exc)
+
+    async def _beat(self) -> None:
+        """Register this instance, or renew its sign of life."""
+        try:
+            self._registered = await self._db(self._liveness.beat)
+        except Exception as exc:
+            LOG.error("could not renew this instance's sign of life in the store: %s", exc)
 
     # -- one attempt --------------------------------------------------------------------------
 
-    async def _attempt(self, row: OutboxRow) -> tuple[AttemptResult, Outcome | None, str | None]:
-        """Send one row once. Outcome None: nothing was sent (a credential is missing)."""
+    async def _attempt(
+        self, row: OutboxRow
+    ) -> tuple[AttemptResult, Outcome | None, str | None] | None:
+        """Send one row once. Outcome None: nothing was sent (a credential is missing). None:
+        the row is no longer this claim's (another instance took it back), nothing was sent."""
         started = self._clock()
         try:
             login, password = self.credentials.resolve()
@@ -693,40 +816,79 @@ class Dispatcher:
         if self._limiter is not None:
             await self._limiter.acquire()
             started = self._clock()
+        try:
+            if not await self._departures.leave(row):
+                return None  # taken back by another instance meanwhile: it is theirs now
+        except Exception as exc:
+            error = (
+                f"could not record that the request was leaving ({type(exc).__name__}: {exc}); "
+                "nothing was sent, will try again"
+            )
+            outcome = Outcome("retry", error=error, cause=error)
+            return AttemptResult(started, 0.0, error=error), outcome, "store"
+        # The password always; the login too unless too short to mask without mangling text.
+        hidden = (password, login) if len(login) >= 4 else (password,)
+
+        def scrub(text: str) -> str:
+            return mask(text, hidden, login)
+
+        headers_sent = False
+
+        async def trace(event: str, info: Mapping[str, Any]) -> None:
+            nonlocal headers_sent
+            if event.endswith("send_request_headers.started"):
+                headers_sent = True
+
+        extensions = {"trace": trace} if self._traced else None
         t0 = time.monotonic()
         error_kind = None
         try:
             async with asyncio.timeout(self.settings.deadline):
                 async with self._pools.client() as client:
-                    response = await client.post(row.url, content=content)
+                    response = await client.post(row.url, content=content, extensions=extensions)
             outcome = classify_response(
-                response.status_code, response.headers, response.content, self._clock()
+                response.status_code, response.headers, response.content, self._clock(), scrub
             )
         except Exception as exc:
-            outcome = classify_error(exc, self.settings.deadline)
+            left = headers_sent if self._traced else None
+            outcome = classify_error(exc, self.settings.deadline, left=left)
             error_kind = type(exc).__name__
         duration = time.monotonic() - t0
-        # The password always; the login too unless too short to mask without mangling text.
-        secrets = (password, login) if len(login) >= 4 else (password,)
         attempt = AttemptResult(
             started_at=started,
             duration_s=duration,
             http_status=outcome.http_status,
             return_code=outcome.return_code,
-            return_label=redact(outcome.return_label, secrets),
-            message_id=outcome.message_id,
-            error=redact(outcome.error, secrets),
+            return_label=redact(outcome.return_label, hidden, login),
+            message_id=redact(outcome.message_id, hidden, login),
+            error=redact(outcome.error, hidden, login),
         )
-        return attempt, outcome, error_kind
+        scrubbed = dataclasses.replace(
+            outcome,
+            error=attempt.error,
+            cause=redact(outcome.cause, hidden, login),
+        )
+        return attempt, scrubbed, error_kind
 
     async def _handle(self, row: OutboxRow, writer: _ResultWriter) -> None:
-        attempt, outcome, error_kind = await self._attempt(row)
+        result = await self._attempt(row)
+        if result is None:
+            LOG.info("row %s was taken back by another instance before it left: not sent", row.id)
+            return
+        attempt, outcome, error_kind = result
         now = self._clock()
+        # Nothing was sent for want of a credential or of the leaving mark: the attempt does
+        # not bring the row closer to dead.
+        counted = outcome is not None and error_kind != "store"
         if outcome is None:
             state = RETRYING
             next_at: datetime | None = now + timedelta(seconds=self.settings.missing_secret_retry)
         else:
-            state, next_at = decide(outcome, row.attempts, self.settings, now, self._rng)
+            made = row.attempts if counted else row.attempts - 1
+            state, next_at = decide(outcome, made, self.settings, now, self._rng)
+            error = final_error(outcome, state, made)
+            if error != attempt.error:
+                attempt = dataclasses.replace(attempt, error=error)
         writer.add(
             ResultUpdate(
                 row.id,
@@ -734,7 +896,7 @@ class Dispatcher:
                 state,
                 next_at,
                 claimed_by=row.claimed_by,
-                count_attempt=outcome is not None,
+                count_attempt=counted,
                 worker=self.worker_id,
             )
         )
@@ -747,7 +909,9 @@ class Dispatcher:
 
     async def _claim(self, limit: int) -> list[OutboxRow]:
         s = self.settings
-        return await self._db(self.store.claim, self.worker_id, limit, self._clock(), s.lease)
+        if not self._registered:
+            await self._beat()
+        return await self._db(self.store.claim, self.instance, limit, self._clock(), s.lease)
 
     async def _claim_quietly(self, limit: int) -> list[OutboxRow]:
         try:
@@ -758,16 +922,19 @@ class Dispatcher:
 
     async def _recover(self) -> None:
         try:
-            parked = await self._db(self.store.recover, self._clock())
+            done = await self._db(self.store.reclaim, self._clock(), me=self.instance)
         except Exception as exc:
             LOG.error("could not look for abandoned rows: %s", exc)
             return
-        if parked:
-            LOG.error(
-                "rows %s were in flight when their process stopped: parked in_doubt; check "
-                "whether Accengage sent them, then resend or drop each",
-                parked,
-            )
+        log_reclaimed(done)
+
+    async def _keep_alive(self) -> None:
+        """Renew this instance's sign of life and take back dead instances' rows, every
+        ``recover_every`` seconds, whatever the sending loop is doing."""
+        while True:
+            await asyncio.sleep(self.settings.recover_every)
+            await self._beat()
+            await self._recover()
 
     async def _unclaim(self, rows: Sequence[OutboxRow]) -> None:
         by_claim: dict[str, list[int]] = {}
@@ -804,11 +971,12 @@ class Dispatcher:
 
         On stop, requests in flight finish and rows claimed but not started are given back.
         Cancelling the task instead abandons requests in flight: their rows stay ``sending``
-        and are parked ``in_doubt`` once their lease runs out.
+        until this instance is unregistered or dead, or their lease runs out.
         """
         s = self.settings
+        await self._beat()
         await self._recover()
-        next_recover = time.monotonic() + s.recover_every
+        keep_alive = asyncio.create_task(self._keep_alive(), name="pushrules-liveness")
         writer = _ResultWriter(self, s.flush_interval, s.batch)
         writer.start()
         pipe = _Pipeline(self, writer, low_water=s.batch // 2)
@@ -817,9 +985,6 @@ class Dispatcher:
         cancelled = False
         try:
             while not stop.is_set():
-                if time.monotonic() >= next_recover:
-                    await self._recover()
-                    next_recover = time.monotonic() + s.recover_every
                 pipe.wake.clear()
                 idle = False
                 if pipe.load <= pipe.low_water:
@@ -843,6 +1008,7 @@ class Dispatcher:
         finally:
             self._wake = None
             watcher.cancel()
+            keep_alive.cancel()
             leftovers = await pipe.close(cancel=cancelled)
             await writer.close()
             await self._unclaim(leftovers)
@@ -859,9 +1025,11 @@ class Dispatcher:
         """
         deadline = time.monotonic() + wait
         wanted = list(dict.fromkeys(ids))
+        if not self._registered:
+            await self._beat()
         while True:
             rows = await self._db(
-                self.store.claim_ids, self.worker_id, wanted, self._clock(), self.settings.lease
+                self.store.claim_ids, self.instance, wanted, self._clock(), self.settings.lease
             )
             if rows:
                 await self._process(rows)
@@ -875,6 +1043,23 @@ class Dispatcher:
                 break
             await asyncio.sleep(delay)
         return await self._db(self.store.get_many, wanted)
+
+
+def log_reclaimed(done: Reclaimed) -> None:
+    """Say what a reclaim did: rows sent again need nobody; rows parked need a person."""
+    if done.requeued:
+        LOG.warning(
+            "rows %s were claimed by a process that stopped before sending them: due again, "
+            "they are sent now",
+            done.requeued,
+        )
+    if done.parked:
+        LOG.error(
+            "rows %s were in flight when their process stopped: parked in_doubt; check "
+            "whether Accengage sent them, then resend or drop each "
+            "(pushrules history --status in_doubt)",
+            done.parked,
+        )
 
 
 async def _set_when(source: asyncio.Event, target: asyncio.Event) -> None:
@@ -900,12 +1085,7 @@ def _log_result(
     elif state == FAILED:
         LOG.warning("%s failed for good: %s", where, attempt.error)
     elif state == DEAD:
-        LOG.error(
-            "%s gave up after %d attempts; last: %s. Resend it once the cause is fixed",
-            where,
-            row.attempts,
-            attempt.error,
-        )
+        LOG.error("%s given up: %s", where, attempt.error)
     elif state == IN_DOUBT:
         LOG.error("%s parked in_doubt: %s", where, attempt.error)
 
@@ -920,6 +1100,8 @@ __all__ = [
     "classify_error",
     "classify_response",
     "decide",
+    "final_error",
+    "log_reclaimed",
     "parse_answer",
     "parse_retry_after",
     "parse_return_code",

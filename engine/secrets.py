@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import functools
+import html
+import json
 import os
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 MASK = "********"
 
@@ -40,3 +47,80 @@ class SecretRef:
 
     def __str__(self) -> str:
         return self.describe()
+
+
+#: A prefix of a secret this long is masked too: an answer that echoes the request cut short
+#: (``"password":"P@ss-SECR``) still gives most of it away.
+MASK_PREFIX = 6
+
+
+@functools.lru_cache(maxsize=16)
+def encodings(secret: str, login: str = "") -> tuple[str, ...]:
+    """Every form in which an answer may echo ``secret``, longest first.
+
+    Raw; JSON-escaped with non-ASCII kept or escaped (``\\u00e4``, either hex case) and with
+    ``/`` escaped as PHP does; URL-encoded (path and form style, either hex case); HTML-escaped;
+    base64 (standard and URL-safe, padding left out) of the secret and of ``login:secret``, as
+    HTTP Basic authentication carries it.
+    """
+    if not secret:
+        return ()
+    forms = {secret, html.escape(secret)}
+    for ascii_only in (False, True):
+        escaped = json.dumps(secret, ensure_ascii=ascii_only)[1:-1]
+        upper = _UNICODE_ESCAPE.sub(lambda m: "\\u" + m.group(0)[2:].upper(), escaped)
+        for form in (escaped, upper):
+            forms |= {form, form.replace("/", "\\/")}
+    for quoted in (quote(secret, safe=""), quote_plus(secret, safe=""), quote(secret)):
+        forms |= {quoted, _PERCENT.sub(lambda m: m.group(0).lower(), quoted)}
+    for raw in {secret, f"{login}:{secret}"} if login else {secret}:
+        data = raw.encode()
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            forms.add(encode(data).decode().rstrip("="))
+    return tuple(sorted((f for f in forms if f), key=len, reverse=True))
+
+
+_UNICODE_ESCAPE = re.compile(r"\\u[0-9a-f]{4}")
+_PERCENT = re.compile(r"%[0-9A-F]{2}")
+
+
+def mask(text: str, secrets: Iterable[str], login: str = "") -> str:
+    """``text`` with each secret masked in every encoding (see :func:`encodings`).
+
+    Mask before cutting a text short: cut first, and the part of a secret before the cut is no
+    longer the secret, so it survives. A run of :data:`MASK_PREFIX` or more leading characters
+    of an encoding is masked as well, for answers that cut the echoed request themselves.
+    """
+    forms = sorted(
+        {form for secret in secrets for form in encodings(secret, login)}, key=len, reverse=True
+    )
+    for form in forms:
+        if form in text:
+            text = text.replace(form, MASK)
+    spans = sorted(span for form in forms for span in _prefix_spans(text, form))
+    out, done = [], 0
+    for start, end in spans:
+        if end <= done:
+            continue
+        if start < done:  # overlaps the previous span: extend it
+            out[-1] = MASK
+        else:
+            out.append(text[done:start])
+            out.append(MASK)
+        done = end
+    out.append(text[done:])
+    return "".join(out)
+
+
+def _prefix_spans(text: str, form: str) -> Iterable[tuple[int, int]]:
+    """Where ``text`` holds at least the first MASK_PREFIX characters of ``form``."""
+    if len(form) <= MASK_PREFIX:
+        return
+    head = form[:MASK_PREFIX]
+    start = text.find(head)
+    while start != -1:
+        end = start + MASK_PREFIX
+        while end < len(text) and end - start < len(form) and text[end] == form[end - start]:
+            end += 1
+        yield start, end
+        start = text.find(head, start + 1)

@@ -12,7 +12,10 @@ States and moves (``docs`` and the dispatcher rely on these):
     pending | retrying --hold--> held
     pending | retrying (due, rule not paused) --claim--> sending
     sending --result--> sent | retrying | failed | dead | in_doubt
-    sending --lease expired (recover)--> in_doubt
+    sending, never handed to the network --its instance died, or lease expired (reclaim)-->
+        pending | retrying
+    sending, handed to the network (left_at set) --its instance died, or lease expired
+        (reclaim)--> in_doubt
     in_doubt --the same claim's answer, arriving late--> sent | retrying | failed | dead
     sending --unclaim (graceful stop, never sent)--> pending | retrying
     held | pending | retrying | in_doubt | failed | dead --drop--> dropped
@@ -25,10 +28,13 @@ body that carries the ``user`` object.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
+import os
 import secrets
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import socket
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -65,7 +71,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.sql.elements import ColumnElement
 
 DEFAULT_URL: Final = "sqlite:///pushrules.db"
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 HELD, PENDING, SENDING, SENT = "held", "pending", "sending", "sent"
 RETRYING, FAILED, DEAD, IN_DOUBT, DROPPED = "retrying", "failed", "dead", "in_doubt", "dropped"
@@ -146,6 +152,10 @@ outbox = Table(
     Column("message_id", String(255)),
     Column("last_error", Text),
     Column("sent_at", UTCDateTime),
+    # When the claim's request was about to be handed to the network (committed before the
+    # bytes leave); NULL while claimed but not sent, so a dead sender's row can go back to
+    # pending instead of in_doubt. Reset by every claim.
+    Column("left_at", UTCDateTime),
     UniqueConstraint("rule", "idem_key", "chunk", name="uq_outbox_fire"),
     sqlite_autoincrement=True,  # ids are never reused, even after the newest row is pruned
 )
@@ -243,6 +253,19 @@ class UnmatchedEvent:
     payload: str  # the event's JSON, as received
 
 
+#: Processes that claim rows, and their sign of life: a row claimed by a dead one is taken back
+#: (or parked) at once rather than when its lease runs out. On SQLite ``host``/``pid`` and
+#: ``alive_until`` (a heartbeat) tell; on PostgreSQL an advisory lock held by the instance.
+instances = Table(
+    "instances",
+    metadata,
+    Column("id", String(255), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("alive_until", UTCDateTime, nullable=False),
+)
+
 # -- statements on the hot path, built once (building one costs more than running it) --------
 
 _ACTIVE_PAUSES = select(pauses.c.rule).where(
@@ -272,6 +295,7 @@ def _claim_statement(*, by_ids: bool, paused: bool) -> Any:
             claimed_by=bindparam("token", type_=String),
             claimed_until=bindparam("until", type_=UTCDateTime),
             updated_at=bindparam("now", type_=UTCDateTime),
+            left_at=None,
         )
         .returning(*outbox.columns)
     )
@@ -309,8 +333,56 @@ _RECORD = (
 )
 _RECORD_FENCED = _RECORD.where(outbox.c.claimed_by == bindparam("b_claim", type_=String))
 
+
+def _add_left_at(conn: Connection) -> None:
+    """1 -> 2: ``outbox.left_at`` (the ``instances`` table is new, made by create_all)."""
+    type_ = "TIMESTAMP WITHOUT TIME ZONE" if conn.dialect.name == "postgresql" else "DATETIME"
+    conn.exec_driver_sql(f"ALTER TABLE outbox ADD COLUMN left_at {type_}")
+
+
+_IDS = bindparam("ids", expanding=True)
+_TOKEN = bindparam("token", type_=String)
+_NOW = bindparam("now", type_=UTCDateTime)
+_MARK_LEAVING = (
+    update(outbox)
+    .where(outbox.c.id.in_(_IDS), outbox.c.claimed_by == _TOKEN, _states(SENDING))
+    .values(left_at=_NOW)
+    .returning(outbox.c.id)
+)
+_IN_FLIGHT = select(
+    outbox.c.id, outbox.c.claimed_by, outbox.c.left_at, outbox.c.claimed_until
+).where(_states(SENDING))
+_REQUEUE = (
+    update(outbox)
+    .where(
+        outbox.c.id.in_(_IDS),
+        outbox.c.claimed_by == _TOKEN,
+        _states(SENDING),
+        outbox.c.left_at.is_(None),
+    )
+    .values(
+        state=case((outbox.c.attempts > 1, RETRYING), else_=PENDING),
+        attempts=outbox.c.attempts - 1,
+        claimed_until=None,
+        updated_at=_NOW,
+    )
+    .returning(outbox.c.id)
+)
+_PARK = (
+    update(outbox)
+    .where(outbox.c.id.in_(_IDS), outbox.c.claimed_by == _TOKEN, _states(SENDING))
+    .values(
+        state=IN_DOUBT,
+        claimed_until=None,
+        last_error=bindparam("message", type_=Text),
+        updated_at=_NOW,
+    )
+    .returning(outbox.c.id, outbox.c.attempts)
+)
+_PARK_LEFT = _PARK.where(outbox.c.left_at.is_not(None))
+
 #: Migrations from version N to N + 1, run in order inside the schema transaction.
-MIGRATIONS: dict[int, Any] = {}
+MIGRATIONS: dict[int, Any] = {1: _add_left_at}
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,6 +434,7 @@ class OutboxRow:
     message_id: str | None
     last_error: str | None
     sent_at: datetime | None
+    left_at: datetime | None = None
     attempt_log: tuple[AttemptRow, ...] = ()
 
     def request(self) -> dict[str, Any]:
@@ -401,6 +474,163 @@ class ResultUpdate:
     claimed_by: str | None = None
     count_attempt: bool = True
     worker: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reclaimed:
+    """What :meth:`Store.reclaim` did: rows parked ``in_doubt``, rows made due again."""
+
+    parked: list[int]
+    requeued: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceInfo:
+    """A registered sender, as the ``instances`` table has it."""
+
+    id: str
+    host: str
+    pid: int
+    started_at: datetime
+    alive_until: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """A ``sending`` row, as :meth:`Store.reclaim` sees it."""
+
+    id: int
+    claimed_by: str
+    left: bool
+    lease_over: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReclaimPlan:
+    """Claim token -> rows to make due again; (token, fenced on left_at) -> rows to park."""
+
+    requeue: dict[str, list[int]] = field(default_factory=dict)
+    park: dict[tuple[str, bool], list[int]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.requeue or self.park)
+
+
+#: When this process started, at the latest (real time): an instance with our pid registered
+#: before it belongs to a previous process.
+_PROCESS_STARTED: Final = datetime.now(UTC)
+#: Prefix of the advisory lock key of an instance's liveness on PostgreSQL.
+INSTANCE_LOCK_PREFIX: Final = "pushrules-instance:"
+
+
+def claim_owner(claimed_by: str | None) -> str:
+    """The instance a claim token belongs to: the part before its last ``#``."""
+    if not claimed_by:
+        return ""
+    owner, sep, _ = claimed_by.rpartition("#")
+    return owner if sep else claimed_by
+
+
+def advisory_key(name: str) -> int:
+    """A signed 64-bit key for PostgreSQL's advisory locks, stable for a name."""
+    key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big")
+    return key - (1 << 63)
+
+
+def process_info(pid: int) -> tuple[bool, datetime | None]:
+    """Whether a process of this id runs on this host (a zombie does not), and when it started
+    if the system says (Linux's /proc), so a pid taken again by a later process is told apart."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False, None
+    except OSError:
+        return True, None  # someone else's process: it runs
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+        if fields[0] == "Z":
+            return False, None
+        ticks = int(fields[19])  # field 22, starttime: clock ticks after boot
+        return True, _boot_time() + timedelta(seconds=ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return True, None
+
+
+@functools.cache
+def _boot_time() -> datetime:
+    with open("/proc/stat", encoding="ascii") as stat:
+        for line in stat:
+            if line.startswith("btime "):
+                return datetime.fromtimestamp(int(line.split()[1]), UTC)
+    raise ValueError("no btime in /proc/stat")
+
+
+def instance_gone(
+    info: InstanceInfo,
+    *,
+    me: str | None,
+    host: str,
+    pid: int,
+    now: datetime,
+    process: Callable[[int], tuple[bool, datetime | None]] = process_info,
+    since: datetime = _PROCESS_STARTED,
+) -> bool:
+    """Whether a SQLite-registered instance is dead.
+
+    On this host its process tells: gone, a zombie, or its pid now another process's (one that
+    started after the instance registered; ours, if the instance registered before this process
+    started, as after a container restart that keeps pid 1). Elsewhere, or when the system
+    cannot tell, its heartbeat (``alive_until``, real time) ran out.
+    """
+    if info.id == me:
+        return False
+    if info.host == host:
+        if info.pid == pid:
+            return info.started_at < since
+        running, started = process(info.pid)
+        if not running:
+            return True
+        if started is not None:  # btime has whole seconds: a second of slack
+            return started > info.started_at + timedelta(seconds=1)
+    return info.alive_until < now
+
+
+def _expired(row: Any, now: datetime) -> bool:
+    return row.claimed_until is not None and row.claimed_until < now
+
+
+def plan_reclaim(flights: Iterable[InFlight], registered: set[str], gone: set[str]) -> ReclaimPlan:
+    """Which in-flight rows go back to pending and which are parked, by claim.
+
+    A registered claimer records departures, so its rows that never left are safe to send
+    again; an unregistered one (an older pushrules) did not, so its rows are all parked.
+    """
+    plan = ReclaimPlan()
+    for f in flights:
+        owner = claim_owner(f.claimed_by)
+        if not (owner in gone or f.lease_over):
+            continue
+        if owner not in registered and owner not in gone:
+            plan.park.setdefault((f.claimed_by, False), []).append(f.id)
+        elif f.left:
+            plan.park.setdefault((f.claimed_by, True), []).append(f.id)
+        else:
+            plan.requeue.setdefault(f.claimed_by, []).append(f.id)
+    return plan
+
+
+def _parked_message(owner: str, gone: bool) -> str:
+    if gone:
+        return (
+            f"the instance sending it ({owner}) stopped after handing the request to the "
+            "network: Accengage may or may not have it; check whether the push arrived, then "
+            "resend or drop"
+        )
+    return (
+        "the lease ran out while the request was in flight (the process that sent it died "
+        "or lost the database): Accengage may or may not have it; check, then resend or drop"
+    )
 
 
 class TransitionError(ValueError):
@@ -857,41 +1087,109 @@ class Store:
             return sum(conn.execute(stmt, p).rowcount for p in params)
         return conn.execute(stmt, params).rowcount
 
-    def recover(self, now: datetime) -> list[int]:
-        """Park rows whose lease ran out while ``sending`` as ``in_doubt``; returns their ids.
+    def mark_leaving(self, claims: Mapping[str, Sequence[int]], now: datetime) -> set[int]:
+        """Record, durably, that these claimed rows' requests are about to leave.
 
-        Their process died (or lost its database) while the request was in flight: whether
-        Accengage got it is unknown, so a person decides (``resend`` or ``drop``).
+        ``claims`` maps a claim token to its rows. Returns the ids still held by that claim: only
+        those may be sent. A row taken back meanwhile (its instance deemed dead) is not marked,
+        so it is never sent by two instances. One transaction for the lot: the dispatcher
+        group-commits the requests it is about to send together.
         """
         _aware(now, "now")
-        message = (
-            "the lease ran out while the request was in flight (the process that sent it died "
-            "or lost the database): Accengage may or may not have it; check, then resend or drop"
-        )
+        marked: set[int] = set()
         with self.engine.begin() as conn:
-            parked = conn.execute(
-                update(outbox)
-                .where(_states(SENDING), outbox.c.claimed_until < now)
-                .values(state=IN_DOUBT, claimed_until=None, last_error=message, updated_at=now)
-                .returning(outbox.c.id, outbox.c.attempts, outbox.c.claimed_by)
-            ).all()
-            if parked:
-                conn.execute(
-                    attempts_table.insert(),
-                    [
-                        {
-                            "outbox_id": p.id,
-                            "number": p.attempts,
-                            "started_at": now,
-                            "duration_ms": 0.0,
-                            "error": message,
-                            "outcome": IN_DOUBT,
-                            "worker": (p.claimed_by or "").split("#")[0] or None,
-                        }
-                        for p in parked
-                    ],
-                )
-        return sorted(p.id for p in parked)
+            for token, ids in claims.items():
+                if ids:
+                    params = {"ids": list(ids), "token": token, "now": now}
+                    marked.update(conn.execute(_MARK_LEAVING, params).scalars())
+        return marked
+
+    def liveness(self, instance: str, ttl: timedelta = timedelta(seconds=15)) -> Liveness:
+        """This process's sign of life for the others sharing the store (see Liveness)."""
+        return Liveness(self, instance, ttl)
+
+    def recover(self, now: datetime) -> list[int]:
+        """:meth:`reclaim` for callers that only want the ids parked ``in_doubt``."""
+        return self.reclaim(now).parked
+
+    def reclaim(
+        self, now: datetime, *, me: str | None = None, stopping: str | None = None
+    ) -> Reclaimed:
+        """Take back the rows of senders that died, and of leases that ran out.
+
+        A ``sending`` row is acted on when the instance that claimed it is registered and gone
+        (see :class:`Liveness`), or when its lease ran out. If its request was never handed to
+        the network (no ``left_at``) it goes back to pending (or retrying), its attempt given
+        back: nothing was sent, so sending it is safe. Otherwise, or if its claimer never
+        registered (so never recorded departures), it is parked ``in_doubt``: whether
+        Accengage got it is unknown, so a person decides (``resend`` or ``drop``). ``me`` is the
+        caller's own instance, never deemed gone; ``stopping`` one that is closing down, whose
+        rows still ``sending`` (abandoned requests) are settled now. Every write is fenced to
+        the claim that was read, so two instances reclaiming at once, or a sender deemed dead by
+        mistake, cannot make a row be sent twice.
+        """
+        _aware(now, "now")
+        with self._read() as conn:
+            flights = [
+                InFlight(r.id, r.claimed_by or "", r.left_at is not None, _expired(r, now))
+                for r in conn.execute(_IN_FLIGHT)
+            ]
+            known = [InstanceInfo(**m) for m in conn.execute(select(instances)).mappings()]
+            gone = self._gone(conn, known, me, now)
+        if stopping is not None:
+            gone.add(stopping)
+        plan = plan_reclaim(flights, {i.id for i in known}, gone)
+        if not plan and not gone:
+            return Reclaimed([], [])
+        requeued: list[int] = []
+        parked: list[int] = []
+        with self.engine.begin() as conn:
+            for token, ids in plan.requeue.items():
+                params = {"ids": ids, "token": token, "now": now}
+                requeued.extend(conn.execute(_REQUEUE, params).scalars())
+            for (token, need_left), ids in plan.park.items():
+                owner = claim_owner(token)
+                message = _parked_message(owner, owner in gone)
+                stmt = _PARK_LEFT if need_left else _PARK
+                params = {"ids": ids, "token": token, "now": now, "message": message}
+                done = conn.execute(stmt, params).all()
+                if done:
+                    conn.execute(
+                        attempts_table.insert(),
+                        [
+                            {
+                                "outbox_id": p.id,
+                                "number": p.attempts,
+                                "started_at": now,
+                                "duration_ms": 0.0,
+                                "error": message,
+                                "outcome": IN_DOUBT,
+                                "worker": owner or None,
+                            }
+                            for p in done
+                        ],
+                    )
+                    parked.extend(p.id for p in done)
+            if gone:
+                conn.execute(instances.delete().where(instances.c.id.in_(sorted(gone))))
+        return Reclaimed(sorted(parked), sorted(requeued))
+
+    def _gone(
+        self, conn: Connection, known: Sequence[InstanceInfo], me: str | None, now: datetime
+    ) -> set[str]:
+        """The registered instances that are dead (see :class:`Liveness` for how each tells)."""
+        if self.dialect != "postgresql":
+            host, pid, real = socket.gethostname(), os.getpid(), utcnow()
+            return {i.id for i in known if instance_gone(i, me=me, host=host, pid=pid, now=real)}
+        gone = set()
+        for info in known:
+            if info.id == me:
+                continue
+            # Free means its holder's session ended; taken shared for this transaction only.
+            key = advisory_key(INSTANCE_LOCK_PREFIX + info.id)
+            if conn.execute(select(func.pg_try_advisory_xact_lock_shared(key))).scalar():
+                gone.add(info.id)
+        return gone
 
     # -- operator actions --------------------------------------------------------------------
 
@@ -1215,8 +1513,7 @@ class Leadership:
 
     def __init__(self, store: Store, name: str) -> None:
         self._store = store
-        self._key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big")
-        self._key -= 1 << 63  # a signed bigint, as pg_try_advisory_lock takes
+        self._key = advisory_key(name)
         self._conn: Connection | None = None
         self.held = store.dialect != "postgresql"
 
@@ -1261,6 +1558,91 @@ class Leadership:
         self.held = self._store.dialect != "postgresql"
 
 
+class Liveness:
+    """One instance's sign of life, so the others act on its rows at once when it dies.
+
+    Registered in the ``instances`` table by :meth:`beat`, which the dispatcher calls every
+    few seconds. On PostgreSQL the instance also holds a session advisory lock of its own on a
+    connection kept open: when its process dies the connection closes, the lock is free, and
+    the next :meth:`Store.reclaim` of any instance sees it (TCP keepalives bound the wait when
+    a whole host vanishes). On SQLite, one host's file, the row's host and pid tell (a pid that
+    no longer runs is dead), with ``alive_until`` (``now + ttl`` at each beat) for the rest.
+    Mistaking a live instance for dead costs no duplicate: every move is fenced to the claim.
+    """
+
+    def __init__(self, store: Store, instance: str, ttl: timedelta) -> None:
+        self._store = store
+        self.instance = instance
+        self._ttl = ttl
+        self._key = advisory_key(INSTANCE_LOCK_PREFIX + instance)
+        self._conn: Connection | None = None
+        self._started: datetime | None = None
+
+    def beat(self) -> bool:
+        """Register, or say again that this instance lives; False if it cannot (yet).
+
+        Real time, not the daemon's clock: liveness is about processes, not fire times."""
+        if self._store.dialect == "postgresql" and not self._locked():
+            return False
+        now = utcnow()
+        self._started = self._started or now
+        values = {
+            "id": self.instance,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": self._started,
+            "alive_until": now + self._ttl,
+        }
+        stmt = self._store._insert(instances).values(values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["id"], set_={"alive_until": values["alive_until"]}
+        )
+        with self._store.engine.begin() as conn:
+            conn.execute(stmt)
+        return True
+
+    def _locked(self) -> bool:
+        """Hold the instance's advisory lock, taking it again on a new connection if lost."""
+        if self._conn is not None:
+            try:
+                self._conn.execute(select(1))
+                self._conn.commit()
+                return True
+            except SQLAlchemyError:
+                self._drop_connection()
+        conn = self._store.engine.connect()
+        try:
+            for setting in ("tcp_keepalives_idle = 5", "tcp_keepalives_interval = 2"):
+                conn.exec_driver_sql(f"SET {setting}")
+            conn.exec_driver_sql("SET tcp_keepalives_count = 3")
+            got = bool(conn.execute(select(func.pg_try_advisory_lock(self._key))).scalar())
+            conn.commit()
+        except SQLAlchemyError:
+            conn.invalidate()
+            conn.close()
+            raise
+        if not got:  # an old session of ours still holds it: try again at the next beat
+            conn.close()
+            return False
+        self._conn = conn
+        return True
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(SQLAlchemyError):
+                self._conn.invalidate()  # closes the session, which frees the lock
+                self._conn.close()
+            self._conn = None
+
+    def end(self) -> None:
+        """Unregister (a clean stop): rows are all given back or written by now."""
+        try:
+            with self._store.engine.begin() as conn:
+                conn.execute(instances.delete().where(instances.c.id == self.instance))
+        finally:
+            self._drop_connection()
+
+
 __all__ = [
     "DEAD",
     "DEFAULT_URL",
@@ -1277,13 +1659,22 @@ __all__ = [
     "AttemptRow",
     "EnqueueResult",
     "Fire",
+    "InFlight",
+    "InstanceInfo",
     "Leadership",
+    "Liveness",
     "OutboxRow",
+    "ReclaimPlan",
+    "Reclaimed",
     "ResultUpdate",
     "Store",
     "TransitionError",
     "busy_timeout",
+    "claim_owner",
     "encode_body",
+    "instance_gone",
     "is_busy",
+    "plan_reclaim",
+    "process_info",
     "utcnow",
 ]

@@ -672,9 +672,10 @@ def test_sigkill_mid_send_loses_nothing_and_sends_nothing_twice(
         assert len(rows) == n  # nothing lost
         sending = {r.id for r in rows if r.state == "sending"}
         assert sending
-        # A fresh process whose lease view has moved past the dead one's leases:
-        parked = store.recover(utcnow() + timedelta(minutes=6))
-        assert set(parked) == sending
+        # A fresh process takes the dead one's rows back at once, not after their lease: those
+        # that never left are due again, the others parked.
+        done = store.reclaim(utcnow())
+        assert set(done.parked) | set(done.requeued) == sending
         rows = store.history(limit=1000)
         assert {r.state for r in rows} <= {SENT, IN_DOUBT, PENDING}
         received = Counter(marker_of(e) for e in sandbox.requests())

@@ -28,6 +28,7 @@ from engine.store import (
     IN_DOUBT,
     PENDING,
     RETRYING,
+    SCHEMA_VERSION,
     SENDING,
     SENT,
     STATES,
@@ -483,7 +484,7 @@ def test_pauses(store: Store) -> None:
 
 def test_schema_version_is_kept(store_url: str) -> None:
     with Store(store_url) as s:
-        assert s.schema_version() == 1
+        assert s.schema_version() == SCHEMA_VERSION
         with s.engine.begin() as conn:
             conn.execute(
                 text("INSERT INTO schema_version VALUES (99, :t)"), {"t": T0.replace(tzinfo=None)}
