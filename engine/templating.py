@@ -25,6 +25,7 @@ from jinja2.sandbox import SandboxedEnvironment, SandboxedFormatter
 from jinja2.visitor import NodeTransformer
 
 from engine import template_bounds as bounds
+from engine.problems import did_you_mean
 from engine.template_bounds import MAX_OUTPUT, MAX_SEQUENCE
 
 CONTEXT_NAMES = frozenset({"event", "item", "now", "rule", "vars"})
@@ -356,10 +357,13 @@ def _unknown_names(used: set[str], allowed: frozenset[str]) -> str | None:
     unknown = sorted(used - allowed - set(ENV.globals) - {"loop"})
     if not unknown:
         return None
+    name = unknown[0]
+    hint = did_you_mean(name, allowed) or (
+        f" (a field of the event is written event.{name}, of a poll rule's feed item item.{name})"
+    )
     return (
-        f"unknown name '{unknown[0]}' in the template; the names a template can use here "
-        f"are {', '.join(sorted(allowed))} (a field of the event is written "
-        f"event.{unknown[0]}, of a poll rule's feed item item.{unknown[0]})"
+        f"unknown name '{name}' in the template; the names a template can use here "
+        f"are {', '.join(sorted(allowed))}{hint}"
     )
 
 

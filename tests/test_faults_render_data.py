@@ -228,6 +228,8 @@ def test_compile_of_a_poll_rule_with_event_says_pass_item(
 def test_a_top_level_name_that_is_an_event_field_suggests_event_dot_name() -> None:
     problem = syntax_problem("Hi {{ first_name }}")
     assert problem is not None and "event.first_name" in problem
+    typo = syntax_problem("Hi {{ evnt.first_name }}")
+    assert typo is not None and typo.endswith("(did you mean 'event'?)")
     with pytest.raises(RenderError, match=r"write event\.first_name"):
         render(
             "{% for first_name in [] %}{% endfor %}Hi {{ first_name }}",
