@@ -221,17 +221,18 @@ class _Renderer:
         text = str(value)
         if not templating.is_template(text):
             return text
-        where = field_path((*self.base, *path))
         try:
             rendered = templating.render_detail(text, self.scope)
         except templating.RenderError as exc:
             if exc.reference is None:
                 raise self.error(path, exc) from None
+            where = field_path((*self.base, *path))
             raise BlankTarget(
                 self.rule.id, where, f"{exc.reference} is missing", exc.reference
             ) from None
         if rendered.text.strip() and not rendered.nulls:
             return rendered.text
+        where = field_path((*self.base, *path))
         blank = templating.blank_references(text, self.scope)
         reason = ", ".join(blank) or (
             "it printed a null" if rendered.nulls else "the template gave empty text"

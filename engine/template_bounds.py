@@ -76,8 +76,18 @@ def fire_budget(seconds: float | None = None) -> Iterator[Budget]:
         _budget.reset(token)
 
 
-def current() -> Budget | None:
-    return _budget.get()
+def enter() -> tuple[Budget, contextvars.Token[Budget | None] | None]:
+    """The active budget, or a new one for a rendering outside any fire (then ``leave`` it)."""
+    active = _budget.get()
+    if active is not None:
+        return active, None
+    budget = Budget(deadline=time.thread_time() + FIRE_SECONDS)
+    return budget, _budget.set(budget)
+
+
+def leave(token: contextvars.Token[Budget | None] | None) -> None:
+    if token is not None:
+        _budget.reset(token)
 
 
 def step(count: int = 1) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 import types
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache, update_wrapper
 from typing import Any
@@ -275,14 +274,17 @@ def _concat(_context: Any, values: list[Any]) -> str:
 
 def _finalize(value: Any) -> Any:
     """What ``{{ value }}`` prints: null as empty text, never an Accengage macro, never huge."""
+    if type(value) is str:  # the common case, kept fast: for_each renders it per target
+        if len(value) > MAX_OUTPUT:
+            bounds.refuse_size("printing a value", len(value))
+        return neutralise_macros(value)
     if value is None:
         bounds.note_null()
         return ""
     if isinstance(value, jinja2.Undefined):
         return value
     bounds.refuse_size("printing a value", bounds.flat_size(value))
-    text = value if isinstance(value, str) else str(value)
-    return neutralise_macros(text)
+    return neutralise_macros(str(value))
 
 
 def neutralise_macros(text: str) -> str:
@@ -406,45 +408,64 @@ def render_detail(text: str, context: Mapping[str, Any]) -> Rendered:
     """:func:`render`, also saying whether a null was printed (a target id must not be)."""
     if not is_template(text):
         return Rendered(text)
-    with bounds.fire_budget() as budget, _render_errors(text, context):
+    budget, token = bounds.enter()
+    try:
         template = compile_text(text)
         budget.start_text()
         return Rendered(_collect(template.generate(context)), budget.nulls)
+    except _CAUGHT as exc:
+        raise _render_error(exc, text, context) from None
+    finally:
+        bounds.leave(token)
 
 
 def evaluate(text: str, context: Mapping[str, Any]) -> Any:
     """The value of a ``{{ expr }}`` text (for ``when`` and ``for_each``)."""
-    with bounds.fire_budget() as budget, _render_errors(text, context):
+    budget, token = bounds.enter()
+    try:
         expression = compile_expression(text)
         budget.start_text()
         value = expression(**context)
         if isinstance(value, jinja2.Undefined):
             str(value)  # a StrictUndefined raises here, naming the missing name
         return value
+    except _CAUGHT as exc:
+        raise _render_error(exc, text, context) from None
+    finally:
+        bounds.leave(token)
 
 
-@contextmanager
-def _render_errors(text: str, context: Mapping[str, Any]) -> Iterator[None]:
-    """Whatever goes wrong inside a template becomes a RenderError an author can act on."""
-    try:
-        yield
-    except RenderError:
-        raise
-    except bounds.BoundExceeded as exc:
-        raise RenderError(str(exc)) from None
-    except jinja2.UndefinedError as exc:
-        raise _undefined(exc, text, context) from None
-    except RecursionError:
-        raise RenderError(
+#: What a template may raise: each becomes a RenderError (RecursionError is a RuntimeError).
+_CAUGHT = (
+    RenderError,
+    bounds.BoundExceeded,
+    jinja2.TemplateError,
+    RecursionError,
+    MemoryError,
+    TypeError,
+    ValueError,
+    ArithmeticError,
+    LookupError,
+    AttributeError,
+)
+
+
+def _render_error(exc: Exception, text: str, context: Mapping[str, Any]) -> RenderError:
+    """Whatever went wrong inside a template, as a RenderError an author can act on."""
+    if isinstance(exc, RenderError):
+        return exc
+    if isinstance(exc, bounds.BoundExceeded):
+        return RenderError(str(exc))
+    if isinstance(exc, jinja2.UndefinedError):
+        return _undefined(exc, text, context)
+    if isinstance(exc, RecursionError):
+        return RenderError(
             "the template or its data nests too deeply to render (macros, recursive loops or "
             "nested lists); flatten the data or limit the nesting"
-        ) from None
-    except MemoryError:
-        raise RenderError("the template needs more memory than a push may use") from None
-    except jinja2.TemplateError as exc:
-        raise RenderError(f"template error: {exc}") from None
-    except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as exc:
-        raise RenderError(f"template error: {exc}") from None
+        )
+    if isinstance(exc, MemoryError):
+        return RenderError("the template needs more memory than a push may use")
+    return RenderError(f"template error: {exc}")
 
 
 def _collect(chunks: Iterator[str]) -> str:
