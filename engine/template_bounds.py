@@ -327,7 +327,9 @@ def _urlize_size(s: Any, *args: Any, **kwargs: Any) -> int:
 
 def _sum_size(iterable: Any, attribute: Any = None, start: Any = 0, *_: Any) -> int:
     if not isinstance(start, str | list | tuple):
-        return 0
+        return 0  # numbers: the honest use
+    if attribute is not None:
+        return MAX_SEQUENCE + 1  # adding up lists picked from items: too costly to foresee
     return len(start) + sum(len(i) for i in iterable if isinstance(i, str | list | tuple))
 
 

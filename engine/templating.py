@@ -2,7 +2,10 @@
 
 ``{{ ... }}`` and ``{% ... %}`` are ours, rendered when a rule fires; ``${name}`` is an Accengage
 macro that Jinja leaves alone. Values that come from an event are data: rendering is one pass,
-so an event field holding ``{{ 7*7 }}`` is sent as those characters.
+so an event field holding ``{{ 7*7 }}`` is sent as those characters, and one holding ``${name}``
+is printed with a zero-width space after the ``$``, so Accengage never fills data as a macro.
+A null prints as empty text; ``default`` replaces null and empty text too. The limits on time,
+memory and nesting are in :mod:`engine.template_bounds`.
 
 Templates are compiled once per distinct source text and cached, so loading 1,000 rules that
 share expressions compiles each expression once, and firing a rule compiles nothing.
@@ -288,7 +291,8 @@ def _finalize(value: Any) -> Any:
 
 
 def neutralise_macros(text: str) -> str:
-    """``${name}`` in data becomes ``$\u200b{name}``: it shows the same, Accengage leaves it."""
+    """``${name}`` in data gets a zero-width space after the ``$``: it shows the same, and
+    Accengage does not read it as a macro."""
     if "$" not in text:
         return text
     return text.replace("${", "$" + MACRO_BREAK + "{")

@@ -69,6 +69,7 @@ ATTACKS = {
     "batch fill": "{{ [1] | batch(900000000, 'x') | list }}",
     "slice count": "{{ [1] | slice(900000000) | list }}",
     "sum of lists": "{{ ([[1] * 100000] * 100000) | sum(start=[]) }}",
+    "sum of picked lists": "{{ ([{'l': [1] * 100000}] * 100000) | sum(attribute='l', start=[]) }}",
     "printing a nested list": "{{ [[1] * 100000] * 100000 }}",
     "tojson of a nested list": "{{ ([[1] * 100000] * 100000) | tojson }}",
     "~ doubling": "{% set s = 'x' * 65536 %}{% set s = s ~ s %}{% set s = s ~ s %}"
