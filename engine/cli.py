@@ -625,7 +625,13 @@ def rule_to_fire(ruleset: RuleSet, rule_id: str, fmt: str = "text") -> Rule | No
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from engine.compiler import CompileError, compile_fire, for_display, passes_when
+    from engine.compiler import (
+        CompileError,
+        compile_fire,
+        for_display,
+        missing_input,
+        passes_when,
+    )
     from engine.loader import Loader
     from engine.secrets import MissingSecret
 
@@ -653,6 +659,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
         for note in fire_notes(rule, context, len(requests)):
             print(f"pushrules: {note}", file=sys.stderr)
     except CompileError as exc:
+        hint = missing_input(exc, event=args.event is not None, item=args.item is not None)
+        if hint:
+            exc = CompileError(exc.rule, exc.field, hint, exc.code, exc.reference)
         if args.format == "json":
             problem = Problem(rule.file, None, None, exc.field, exc.code, "error", exc.message)
             print(format_json([problem]))

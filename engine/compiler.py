@@ -7,6 +7,7 @@ Pure: no clock, no network, no store. Jinja renders here; ``${macros}`` pass thr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,19 +21,62 @@ from engine.rules import AppPlan, Rule
 from engine.secrets import MASK
 from engine.yaml_source import Scalar, native
 
+log = logging.getLogger("pushrules.compile")
+
 #: Targets one fire may expand to through for_each before it is refused.
 MAX_EXPANDED_TARGETS = 1_000_000
 
 
 class CompileError(Exception):
-    """Rendering or expanding failed; names the rule and the field so the author can fix it."""
+    """Rendering or expanding failed; names the rule and the field so the author can fix it.
 
-    def __init__(self, rule: str, field: str, message: str, code: int | None = None) -> None:
+    ``reference`` is the input the template read and did not find (``event.first_name``).
+    """
+
+    def __init__(
+        self,
+        rule: str,
+        field: str,
+        message: str,
+        code: int | None = None,
+        reference: str | None = None,
+    ) -> None:
         super().__init__(f"rule {rule}, {field}: {message}")
         self.rule = rule
         self.field = field
         self.message = message
         self.code = code
+        self.reference = reference
+
+
+class BlankTarget(CompileError):
+    """A target's id or criterion came out empty or from a null: it would select the wrong
+    devices, so that target is not sent (a ``for_each`` item is skipped instead)."""
+
+    def __init__(self, rule: str, field: str, reason: str, reference: str | None) -> None:
+        super().__init__(
+            rule,
+            field,
+            f"came out empty ({reason}); a target with an empty id or criterion would select "
+            "the wrong devices, so it is not sent",
+            9,
+            reference,
+        )
+        self.reason = reason
+
+
+def missing_input(error: CompileError, *, event: bool, item: bool) -> str | None:
+    """What ``compile`` should say when the rule reads an event or feed item it was not given:
+    ``this rule reads event.first_name: pass --event FILE``; None when that is not the cause."""
+    reference = error.reference or ""
+    root = reference.split(".", 1)[0]
+    if root == "event" and not event:
+        also = " (not --item: this rule reads an event)" if item else ""
+        return f"this rule reads {reference}: pass --event FILE{also}"
+    if root == "item" and not item:
+        also = " (not --event: this rule reads a feed item)" if event else ""
+        return f"this rule reads {reference}: pass --item FILE{also}"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +113,10 @@ def passes_when(rule: Rule, ctx: FireContext) -> bool:
     if not rule.when:
         return True
     try:
-        return bool(templating.evaluate(rule.when, template_context(rule, ctx)))
+        with templating.fire_budget():
+            return bool(templating.evaluate(rule.when, template_context(rule, ctx)))
     except templating.RenderError as exc:
-        raise CompileError(rule.id, "when", str(exc)) from None
+        raise CompileError(rule.id, "when", str(exc), reference=exc.reference) from None
 
 
 def compile_fire(rule: Rule, project: Project, ctx: FireContext) -> list[CompiledRequest]:
@@ -79,7 +124,13 @@ def compile_fire(rule: Rule, project: Project, ctx: FireContext) -> list[Compile
 
     Each request passes the same check the sandbox answers with before it is returned, so what
     rendering produced (an event's values) cannot send Accengage a request it would refuse.
+    All rendering of one fire shares one budget of processor time (``FIRE_SECONDS``).
     """
+    with templating.fire_budget():
+        return _compile_fire(rule, project, ctx)
+
+
+def _compile_fire(rule: Rule, project: Project, ctx: FireContext) -> list[CompiledRequest]:
     scope = template_context(rule, ctx)
     messages = [
         (plan, _parent(rule, plan, scope), _api_message(rule, plan, scope)) for plan in rule.apps
@@ -159,7 +210,34 @@ class _Renderer:
         try:
             return templating.render(text, self.scope)
         except templating.RenderError as exc:
-            raise CompileError(self.rule.id, field_path((*self.base, *path)), str(exc)) from None
+            raise self.error(path, exc) from None
+
+    def error(self, path: tuple[Any, ...], exc: templating.RenderError) -> CompileError:
+        where = field_path((*self.base, *path))
+        return CompileError(self.rule.id, where, str(exc), reference=exc.reference)
+
+    def criterion(self, value: Any, path: tuple[Any, ...]) -> str:
+        """A target id or criterion: a template must give real text, not '' or a null."""
+        text = str(value)
+        if not templating.is_template(text):
+            return text
+        try:
+            rendered = templating.render_detail(text, self.scope)
+        except templating.RenderError as exc:
+            if exc.reference is None:
+                raise self.error(path, exc) from None
+            where = field_path((*self.base, *path))
+            raise BlankTarget(
+                self.rule.id, where, f"{exc.reference} is missing", exc.reference
+            ) from None
+        if rendered.text.strip() and not rendered.nulls:
+            return rendered.text
+        where = field_path((*self.base, *path))
+        blank = templating.blank_references(text, self.scope)
+        reason = ", ".join(blank) or (
+            "it printed a null" if rendered.nulls else "the template gave empty text"
+        )
+        raise BlankTarget(self.rule.id, where, reason, None)
 
     def native(self, value: Any, path: tuple[Any, ...]) -> Any:
         """Apple's dictionaries keep YAML's types; text is rendered."""
@@ -266,10 +344,10 @@ def _target(r: _Renderer, target: Mapping[str, Any], path: tuple[Any, ...]) -> d
         elif isinstance(value, dict):
             out[str(key)] = {
                 "operator": str(value["operator"]),
-                "value": r.text(value["value"], (*kpath, "value")),
+                "value": r.criterion(value["value"], (*kpath, "value")),
             }
         else:
-            out[str(key)] = r.text(value, kpath)
+            out[str(key)] = r.criterion(value, kpath)
     return out
 
 
@@ -285,7 +363,7 @@ def _expand_targets(rule: Rule, scope: Mapping[str, Any]) -> Iterator[dict[str, 
         try:
             items = templating.evaluate(str(target["for_each"]), scope)
         except templating.RenderError as exc:
-            raise CompileError(rule.id, field_path((*path, "for_each")), str(exc)) from None
+            raise r.error((*path, "for_each"), exc) from None
         if isinstance(items, str | bytes | Mapping) or not hasattr(items, "__iter__"):
             raise CompileError(
                 rule.id,
@@ -294,24 +372,51 @@ def _expand_targets(rule: Rule, scope: Mapping[str, Any]) -> Iterator[dict[str, 
                 9,
             )
         name = str(target.get("as") or "item")
+        seen = 0
+        skipped: list[BlankTarget] = []
         for item in items:
-            produced += 1
-            if produced > MAX_EXPANDED_TARGETS:
+            seen += 1
+            if produced + 1 > MAX_EXPANDED_TARGETS:
                 raise CompileError(
                     rule.id,
                     field_path((*path, "for_each")),
                     f"expands to more than {MAX_EXPANDED_TARGETS:,} targets",
                     14,
                 )
+            templating.check_time()
             inner = _Renderer(rule, {**scope, name: item}, ())
-            yield _target(inner, target["target"], (*path, "target"))
+            try:
+                made = _target(inner, target["target"], (*path, "target"))
+            except BlankTarget as blank:
+                skipped.append(blank)
+                continue
+            produced += 1
+            yield made
+        if skipped:
+            _report_skipped(rule, path, seen, skipped)
+
+
+def _report_skipped(
+    rule: Rule, path: tuple[Any, ...], seen: int, skipped: list[BlankTarget]
+) -> None:
+    """Items whose id came out empty are left out and counted; all of them is an error."""
+    first = skipped[0]
+    words = (
+        f"{len(skipped)} of {seen} for_each items skipped: their {first.field} came out "
+        f"empty (the first: {first.reason})"
+    )
+    if len(skipped) == seen:
+        raise CompileError(rule.id, field_path((*path, "for_each")), f"all {words}", 9)
+    log.warning("rule %s, %s: %s", rule.id, field_path((*path, "for_each")), words)
 
 
 __all__ = [
+    "BlankTarget",
     "CompileError",
     "CompiledRequest",
     "FireContext",
     "compile_fire",
     "for_display",
+    "missing_input",
     "passes_when",
 ]

@@ -2,7 +2,10 @@
 
 ``{{ ... }}`` and ``{% ... %}`` are ours, rendered when a rule fires; ``${name}`` is an Accengage
 macro that Jinja leaves alone. Values that come from an event are data: rendering is one pass,
-so an event field holding ``{{ 7*7 }}`` is sent as those characters.
+so an event field holding ``{{ 7*7 }}`` is sent as those characters, and one holding ``${name}``
+is printed with a zero-width space after the ``$``, so Accengage never fills data as a macro.
+A null prints as empty text; ``default`` replaces null and empty text too. The limits on time,
+memory and nesting are in :mod:`engine.template_bounds`.
 
 Templates are compiled once per distinct source text and cached, so loading 1,000 rules that
 share expressions compiles each expression once, and firing a rule compiles nothing.
@@ -10,39 +13,95 @@ share expressions compiles each expression once, and firing a rule compiles noth
 
 from __future__ import annotations
 
-import contextvars
 import re
+import types
 from collections.abc import Callable, Iterator, Mapping
-from functools import lru_cache
+from dataclasses import dataclass
+from functools import lru_cache, update_wrapper
 from typing import Any
 
 import jinja2
-from jinja2 import nodes
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2 import nodes, pass_context
+from jinja2.runtime import LoopContext
+from jinja2.sandbox import SandboxedEnvironment, SandboxedFormatter
+from jinja2.visitor import NodeTransformer
 
-#: Characters one rendering may produce.
-MAX_OUTPUT = 100_000
-#: Items one ``range`` may hold, and loop steps one rendering may take over ranges.
-MAX_RANGE = 10_000
-#: Length of a string or list that ``*`` or ``+`` may build.
-MAX_SEQUENCE = 100_000
+from engine import template_bounds as bounds
+from engine.problems import did_you_mean
+from engine.template_bounds import MAX_OUTPUT, MAX_SEQUENCE
 
 CONTEXT_NAMES = frozenset({"event", "item", "now", "rule", "vars"})
 
 _MARKERS = ("{{", "{%", "{#")
 _WHOLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>.*)\}\}\s*$", re.DOTALL)
+#: Put between ``$`` and ``{`` in printed values, so data never forms an Accengage macro.
+MACRO_BREAK = "\u200b"
+
+#: Internal filters the compiled templates call: loop turns and ``~`` are counted and bounded.
+_STEPS_FILTER = "_pushrules_steps"
+_CONCAT_FILTER = "_pushrules_concat"
 
 
 class RenderError(Exception):
-    """A template failed when the rule fired; the message says which name or limit."""
+    """A template failed when the rule fired; the message says which name or limit.
+
+    ``reference`` is the dotted path the template read when a name was undefined
+    (``event.first_name``), so a caller can say which input was missing.
+    """
+
+    def __init__(self, message: str, reference: str | None = None) -> None:
+        super().__init__(message)
+        self.reference = reference
+
+
+class _BoundedFormatter(SandboxedFormatter):
+    """``str.format`` in templates: a field's width, precision and value are checked first."""
+
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        bounds.check_format_field(value, format_spec)
+        return super().format_field(value, format_spec)
+
+
+class _Bounded(NodeTransformer):
+    """Rewrites a parsed template so loop turns are counted and ``~`` is bounded."""
+
+    def visit_For(self, node: nodes.For) -> nodes.Node:
+        node = self.generic_visit(node)
+        node.iter = nodes.Filter(
+            node.iter, _STEPS_FILTER, [], [], None, None, lineno=node.iter.lineno
+        )
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
+        node = self.generic_visit(node)
+        return nodes.Filter(
+            nodes.List(node.nodes, lineno=node.lineno),
+            _CONCAT_FILTER,
+            [],
+            [],
+            None,
+            None,
+            lineno=node.lineno,
+        )
 
 
 class _BoundedEnvironment(SandboxedEnvironment):
-    """A sandbox that also refuses to build huge strings and lists."""
+    """A sandbox that refuses to build huge values and counts the work a rendering does."""
 
-    intercepted_binops = frozenset({"*", "+", "**"})
+    intercepted_binops = frozenset({"*", "+", "**", "%"})
+
+    def _generate(
+        self,
+        source: nodes.Template,
+        name: str | None,
+        filename: str | None,
+        defer_init: bool = False,
+    ) -> str:
+        _Bounded().visit(source)
+        return super()._generate(source, name, filename, defer_init)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        bounds.step()
         if operator == "**" and _is_number(left) and _is_number(right) and abs(right) > 100:
             raise RenderError(f"{left} ** {right} is too large to compute in a template")
         if operator == "*":
@@ -59,17 +118,63 @@ class _BoundedEnvironment(SandboxedEnvironment):
             and len(left) + len(right) > MAX_SEQUENCE
         ):
             raise RenderError(f"the template builds text longer than {MAX_SEQUENCE:,}")
-        return super().call_binop(context, operator, left, right)
+        if operator == "%" and isinstance(left, str):
+            bounds.check_percent(left, right)
+        return bounds.check_result(
+            f"'{operator}'", super().call_binop(context, operator, left, right)
+        )
+
+    def call_unop(self, context: Any, operator: str, arg: Any) -> Any:
+        bounds.step()
+        return super().call_unop(context, operator, arg)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        bounds.step()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        bounds.step()
+        return super().getitem(obj, argument)
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        """The sandbox's ``str.format``, with every field checked before it is formatted."""
+        if not isinstance(value, types.MethodType | types.BuiltinMethodType) or (
+            value.__name__ not in ("format", "format_map")
+        ):
+            return None
+        owner = value.__self__
+        if not isinstance(owner, str):
+            return None
+        is_map = value.__name__ == "format_map"
+        formatter = _BoundedFormatter(self)
+
+        def wrapper(*args: Any, **kwargs: Any) -> str:
+            if is_map:
+                if kwargs or len(args) != 1:
+                    raise TypeError("format_map() takes exactly one argument")
+                kwargs, args = args[0], ()
+            return str(formatter.vformat(owner, args, kwargs))
+
+        return update_wrapper(wrapper, value)
 
     def call(self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
-        """Calls in templates (``'x'.center(n)``, ``'{:>9}'.format(...)``) stay bounded too."""
+        """Calls in templates (``'x'.center(n)``, macros, ``loop(...)``) stay bounded too."""
+        bounds.step()
         name = getattr(__obj, "__name__", "")
-        # The sandbox wraps str.format; the string it formats is behind __wrapped__.
-        owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
-        if isinstance(owner, str):
-            _check_width(name, (owner, *args))
-        result = super().call(__context, __obj, *args, **kwargs)
-        return _check_size(f"{name}()" if name else "a call", result)
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, str) and name in bounds.STR_METHODS:
+            if name == "join" and args:
+                args = (bounds.materialise(args[0]), *args[1:])
+            bounds.refuse_size(f"{name}()", bounds.STR_METHODS[name](owner, *args))
+        for value in (*args, *kwargs.values()):
+            bounds.check_result("an argument", value)
+        if isinstance(__obj, LoopContext) and args:
+            args = (bounds.counted(args[0]), *args[1:])
+        with bounds.nested():
+            result = super().call(__context, __obj, *args, **kwargs)
+        if isinstance(owner, list | dict | set):
+            bounds.check_result(f"{name}()", owner)  # append, extend, update grow the owner
+        return bounds.check_result(f"{name}()" if name else "a call", result)
 
 
 def _is_number(value: object) -> bool:
@@ -88,59 +193,122 @@ def _product_size(left: object, right: object) -> int:
     return 0
 
 
-_range_budget: contextvars.ContextVar[int] = contextvars.ContextVar("range_budget", default=0)
-
-
 def _bounded_range(*args: int) -> range:
     """``range`` with a per-item cap and a per-rendering budget, so nested loops stay bounded."""
     result = range(*args)
-    left = _range_budget.get() - len(result)
-    if len(result) > MAX_RANGE or left < 0:
-        raise RenderError(
-            f"the template's loops over range() take more than {MAX_RANGE:,} steps in all"
-        )
-    _range_budget.set(left)
+    bounds.take_range(len(result))
     return result
 
 
-#: Filters and str methods whose first argument is a width: the result is at least that long.
-_WIDTH_FUNCTIONS = frozenset({"center", "indent", "ljust", "rjust", "zfill"})
-_FORMAT_WIDTH = re.compile(r"\d{6,}")
-
-
-def _check_width(name: str, args: tuple[Any, ...]) -> None:
-    """Refuse before building: a huge width or format field would allocate it at once."""
-    if name in _WIDTH_FUNCTIONS:
-        widths = [a for a in args if isinstance(a, int) and not isinstance(a, bool)]
-        if any(w > MAX_SEQUENCE for w in widths):
-            raise RenderError(f"{name}() with a width over {MAX_SEQUENCE:,} characters")
-    elif name == "format" and any(isinstance(a, str) and _FORMAT_WIDTH.search(a) for a in args):
-        raise RenderError(f"a format width over {MAX_SEQUENCE:,} characters")
-
-
-def _check_size(name: str, result: Any) -> Any:
-    if _is_sized(result) and len(result) > MAX_SEQUENCE:
-        raise RenderError(f"{name} built {len(result):,} items; the limit is {MAX_SEQUENCE:,}")
-    return result
+#: Text filters: a null value is treated as empty text, as ``{{ value }}`` prints it.
+_TEXT_FILTERS = frozenset(
+    {
+        "capitalize", "center", "e", "escape", "forceescape", "indent", "lower", "replace",
+        "string", "striptags", "title", "trim", "truncate", "upper", "urlencode", "urlize",
+        "wordwrap",
+    }
+)  # fmt: skip
 
 
 def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    passes = hasattr(function, "jinja_pass_arg")
+
     def bounded(*args: Any, **kwargs: Any) -> Any:
-        _check_width(name, args[1:] if name == "indent" else args)
-        return _check_size(f"the {name} filter", function(*args, **kwargs))
+        bounds.step()
+        head, args = (args[:1], args[1:]) if passes else ((), args)
+        if args:
+            value = args[0]
+            if value is None and name in _TEXT_FILTERS:
+                bounds.note_null()
+                value = ""
+            if name in bounds.MATERIALISE:
+                value = bounds.materialise(value)
+            if name in bounds.STRINGIFYING:
+                bounds.refuse_size(f"the {name} filter", bounds.flat_size(value))
+            if name == "format" and isinstance(value, str):
+                bounds.check_percent(value, tuple(args[1:]) or kwargs)
+            args = (value, *args[1:])
+            if name in bounds.FILTERS:
+                bounds.refuse_size(f"the {name} filter", bounds.FILTERS[name](*args, **kwargs))
+        return bounds.check_result(f"the {name} filter", function(*head, *args, **kwargs))
 
     # Jinja passes the context or environment first to filters marked so; keep the mark.
-    if hasattr(function, "jinja_pass_arg"):
+    if passes:
         bounded.jinja_pass_arg = function.jinja_pass_arg  # type: ignore[attr-defined]
     return bounded
 
 
+def _is_blank(value: Any) -> bool:
+    return (
+        value is None
+        or isinstance(value, jinja2.Undefined)
+        or (isinstance(value, str) and not value.strip())
+    )
+
+
+def _default(value: Any, default_value: Any = "", boolean: bool = False) -> Any:
+    """Jinja's ``default``, which also replaces null and empty text, as an author expects:
+    ``{{ event.first_name | default("there") }}`` gives "there" for a missing, null or ""
+    first name. ``default(x, true)`` still replaces every false value (0, an empty list)."""
+    if _is_blank(value) or (boolean and not value):
+        return default_value
+    return value
+
+
+@pass_context
+def _steps(_context: Any, iterable: Any) -> Any:
+    """Every loop turn counts (a pass_context filter, so Jinja never runs it at compile time)."""
+    return bounds.counted(iterable)
+
+
+@pass_context
+def _concat(_context: Any, values: list[Any]) -> str:
+    """``a ~ b``: null is empty text, and the result is sized before it is built."""
+    parts = []
+    for value in values:
+        if value is None:
+            bounds.note_null()
+            value = ""
+        parts.append(value)
+    bounds.refuse_size("'~'", sum(bounds.flat_size(v) for v in parts))
+    return "".join(str(v) for v in parts)
+
+
+def _finalize(value: Any) -> Any:
+    """What ``{{ value }}`` prints: null as empty text, never an Accengage macro, never huge."""
+    if type(value) is str:  # the common case, kept fast: for_each renders it per target
+        if len(value) > MAX_OUTPUT:
+            bounds.refuse_size("printing a value", len(value))
+        return neutralise_macros(value)
+    if value is None:
+        bounds.note_null()
+        return ""
+    if isinstance(value, jinja2.Undefined):
+        return value
+    bounds.refuse_size("printing a value", bounds.flat_size(value))
+    return neutralise_macros(str(value))
+
+
+def neutralise_macros(text: str) -> str:
+    """``${name}`` in data gets a zero-width space after the ``$``: it shows the same, and
+    Accengage does not read it as a macro."""
+    if "$" not in text:
+        return text
+    return text.replace("${", "$" + MACRO_BREAK + "{")
+
+
 def _make_env() -> _BoundedEnvironment:
     env = _BoundedEnvironment(
-        undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+        finalize=_finalize,
     )
     env.globals = {"range": _bounded_range, "dict": dict}
-    env.filters = {name: _bounded_filter(name, f) for name, f in env.filters.items()}
+    filters = {**env.filters, "default": _default, "d": _default}
+    env.filters = {name: _bounded_filter(name, f) for name, f in filters.items()}
+    env.filters[_STEPS_FILTER] = _steps
+    env.filters[_CONCAT_FILTER] = _concat
     return env
 
 
@@ -194,9 +362,13 @@ def _unknown_names(used: set[str], allowed: frozenset[str]) -> str | None:
     unknown = sorted(used - allowed - set(ENV.globals) - {"loop"})
     if not unknown:
         return None
+    name = unknown[0]
+    hint = did_you_mean(name, allowed) or (
+        f" (a field of the event is written event.{name}, of a poll rule's feed item item.{name})"
+    )
     return (
-        f"unknown name '{unknown[0]}' in the template; the names a template can use here "
-        f"are {', '.join(sorted(allowed))}"
+        f"unknown name '{name}' in the template; the names a template can use here "
+        f"are {', '.join(sorted(allowed))}{hint}"
     )
 
 
@@ -222,48 +394,93 @@ def is_expression(text: str) -> bool:
     return bool(_WHOLE_EXPRESSION.match(text)) and text.count("{{") == 1
 
 
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """A rendered text, and how many null (None) values it printed as empty text."""
+
+    text: str
+    nulls: int = 0
+
+
 def render(text: str, context: Mapping[str, Any]) -> str:
-    """Render one text, bounded in output size; undefined names and limits raise RenderError."""
+    """Render one text, bounded in size and work; undefined names and limits raise RenderError."""
+    return render_detail(text, context).text
+
+
+def render_detail(text: str, context: Mapping[str, Any]) -> Rendered:
+    """:func:`render`, also saying whether a null was printed (a target id must not be)."""
     if not is_template(text):
-        return text
-    template = compile_text(text)
-    _range_budget.set(MAX_RANGE)
+        return Rendered(text)
+    budget, token = bounds.enter()
     try:
-        return _collect(template.generate(context))
-    except RenderError:
-        raise
-    except jinja2.UndefinedError as exc:
-        raise RenderError(_undefined_words(exc)) from None
-    except jinja2.TemplateError as exc:
-        raise RenderError(f"template error: {exc}") from None
-    except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as exc:
-        raise RenderError(f"template error: {exc}") from None
+        template = compile_text(text)
+        budget.start_text()
+        return Rendered(_collect(template.generate(context)), budget.nulls)
+    except _CAUGHT as exc:
+        raise _render_error(exc, text, context) from None
+    finally:
+        bounds.leave(token)
 
 
 def evaluate(text: str, context: Mapping[str, Any]) -> Any:
     """The value of a ``{{ expr }}`` text (for ``when`` and ``for_each``)."""
-    expression = compile_expression(text)
-    _range_budget.set(MAX_RANGE)
+    budget, token = bounds.enter()
     try:
+        expression = compile_expression(text)
+        budget.start_text()
         value = expression(**context)
-    except RenderError:
-        raise
-    except jinja2.UndefinedError as exc:
-        raise RenderError(_undefined_words(exc)) from None
-    except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError) as exc:
-        raise RenderError(f"template error: {exc}") from None
-    if isinstance(value, jinja2.Undefined):
-        try:
-            str(value)
-        except jinja2.UndefinedError as exc:
-            raise RenderError(_undefined_words(exc)) from None
-    return value
+        if isinstance(value, jinja2.Undefined):
+            str(value)  # a StrictUndefined raises here, naming the missing name
+        return value
+    except _CAUGHT as exc:
+        raise _render_error(exc, text, context) from None
+    finally:
+        bounds.leave(token)
+
+
+#: What a template may raise: each becomes a RenderError (RecursionError is a RuntimeError).
+_CAUGHT = (
+    RenderError,
+    bounds.BoundExceeded,
+    jinja2.TemplateError,
+    RecursionError,
+    MemoryError,
+    TypeError,
+    ValueError,
+    ArithmeticError,
+    LookupError,
+    AttributeError,
+)
+
+
+def _render_error(exc: Exception, text: str, context: Mapping[str, Any]) -> RenderError:
+    """Whatever went wrong inside a template, as a RenderError an author can act on."""
+    if isinstance(exc, RenderError):
+        return exc
+    if isinstance(exc, bounds.BoundExceeded):
+        return RenderError(str(exc))
+    if isinstance(exc, jinja2.UndefinedError):
+        return _undefined(exc, text, context)
+    if isinstance(exc, RecursionError):
+        return RenderError(
+            "the template or its data nests too deeply to render (macros, recursive loops or "
+            "nested lists); flatten the data or limit the nesting"
+        )
+    if isinstance(exc, MemoryError):
+        return RenderError("the template needs more memory than a push may use")
+    return RenderError(f"template error: {exc}")
 
 
 def _collect(chunks: Iterator[str]) -> str:
+    """Join the output, bounded; a ``$`` and a ``{`` from two different pieces (a value and the
+    text around it) are kept apart, so no ``${macro}`` is formed from data."""
     out: list[str] = []
     size = 0
     for chunk in chunks:
+        if not chunk:
+            continue
+        if out and chunk[0] == "{" and out[-1][-1] == "$":
+            chunk = MACRO_BREAK + chunk
         size += len(chunk)
         if size > MAX_OUTPUT:
             raise RenderError(f"the template renders more than {MAX_OUTPUT:,} characters")
@@ -271,12 +488,89 @@ def _collect(chunks: Iterator[str]) -> str:
     return "".join(out)
 
 
-def _undefined_words(exc: jinja2.UndefinedError) -> str:
-    text = str(exc.message or exc)
-    match = re.search(r"'([^']+)' is undefined", text)
-    if match:
-        return f"'{match.group(1)}' is undefined (not in the event, item or vars given)"
-    match = re.search(r"has no attribute '([^']+)'", text)
-    if match:
-        return f"'{match.group(1)}' is undefined (the event, item or vars given has no such field)"
-    return text
+fire_budget = bounds.fire_budget
+check_time = bounds.check_time
+
+_OWNERS = {"event": "the event", "item": "the feed item", "vars": "the rule's vars"}
+
+
+def _undefined(exc: jinja2.UndefinedError, text: str, context: Mapping[str, Any]) -> RenderError:
+    """Name the missing input the way the author wrote it: ``event.first_name``."""
+    message = str(exc.message or exc)
+    top = re.search(r"'([^']+)' is undefined", message)
+    if top:
+        name = top.group(1)
+        hint = " (not in the event, item or vars given)"
+        for owner in ("event", "item"):
+            data = context.get(owner)
+            if isinstance(data, Mapping) and name in data:
+                hint = f"; {_OWNERS[owner]} has a field '{name}': write {owner}.{name}"
+                break
+        return RenderError(f"'{name}' is undefined{hint}", name)
+    field = re.search(r"has no attribute '([^']+)'", message)
+    if not field:
+        return RenderError(message)
+    name = field.group(1)
+    reference = next((r for r in references(text) if r.rsplit(".", 1)[-1] == name), None)
+    if reference is None:
+        return RenderError(
+            f"'{name}' is undefined (the event, item or vars given has no such field)"
+        )
+    root = reference.split(".", 1)[0]
+    owner = _OWNERS.get(root, f"'{reference.rsplit('.', 1)[0]}'")
+    return RenderError(f"{reference} is undefined: {owner} has no field '{name}'", reference)
+
+
+def _path(node: nodes.Node) -> str | None:
+    """``event.a['b']`` -> ``"event.a.b"``; None for anything but names and plain lookups."""
+    if isinstance(node, nodes.Name):
+        return node.name
+    if isinstance(node, nodes.Getattr):
+        base = _path(node.node)
+        return f"{base}.{node.attr}" if base else None
+    if (
+        isinstance(node, nodes.Getitem)
+        and isinstance(node.arg, nodes.Const)
+        and isinstance(node.arg.value, str)
+    ):
+        base = _path(node.node)
+        return f"{base}.{node.arg.value}" if base else None
+    return None
+
+
+@lru_cache(maxsize=4096)
+def references(text: str) -> tuple[str, ...]:
+    """The dotted inputs a template reads (``event.member_id``), shortest first."""
+    try:
+        ast = ENV.parse(text)
+    except (jinja2.TemplateSyntaxError, RecursionError):
+        return ()
+    found = {p for n in ast.find_all((nodes.Getattr, nodes.Getitem)) if (p := _path(n))}
+    return tuple(sorted(found, key=lambda p: (p.count("."), p)))
+
+
+def blank_references(text: str, context: Mapping[str, Any]) -> list[str]:
+    """Which of the inputs a template reads are null, missing or empty, in words:
+    ``["event.member_id is null"]``. Used to say why a target id came out empty."""
+    found: list[str] = []
+    for reference in references(text):
+        if any(reference.startswith(f"{f.split(' ')[0]}.") for f in found):
+            continue  # event.a is missing: event.a.b need not be said too
+        value: Any = context
+        state = None
+        for part in reference.split("."):
+            if not isinstance(value, Mapping):
+                value = None
+                break
+            if part not in value:
+                state = "missing"
+                break
+            value = value[part]
+        if state is None:
+            if value is None:
+                state = "null"
+            elif isinstance(value, str) and not value.strip():
+                state = "empty"
+        if state:
+            found.append(f"{reference} is {state}")
+    return found

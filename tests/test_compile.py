@@ -161,12 +161,13 @@ def test_event_values_are_data_never_template_code(tmp_path: Path) -> None:
     assert req.body["sendInstantMessage"]["message"]["subject"] == "{{ 7*7 }} {% if 1 %}x"
 
 
-def test_macros_are_never_touched(tmp_path: Path) -> None:
+def test_macros_in_the_rule_are_never_touched_and_event_data_forms_none(tmp_path: Path) -> None:
     rule, project = rule_from(tmp_path, GOOD)
     [req] = compile_fire(rule, project, FireContext(NOW, {"subject": "${first_name}"}))
     message = req.body["sendInstantMessage"]["message"]
     assert message["text"] == "Hi ${first_name}"
-    assert message["subject"] == "${first_name}"
+    # The event's characters are kept, with a zero-width space Accengage does not read as a macro.
+    assert message["subject"] == "$\u200b{first_name}"
 
 
 def test_undefined_name_names_rule_field_and_name(tmp_path: Path) -> None:
