@@ -1,7 +1,7 @@
 """What the outbox costs: N requests through store + dispatcher vs a bare httpx loop.
 
 Both paths post the same bodies to the same sandbox at the same concurrency, in one run. The
-sandbox runs in its own process (``python -m engine.sandbox``) so that client and server do not
+sandbox runs in its own process (``python -m engine sandbox``) so that client and server do not
 share a GIL. "Ours" counts everything a real send does: enqueueing the fires, claiming them,
 adding the credentials to each body, sending, and recording every attempt.
 
@@ -33,9 +33,9 @@ import httpx  # noqa: E402
 from common import print_table, start_sandbox  # noqa: E402  (scripts run as python benchmarks/X.py)
 from sqlalchemy import create_engine, make_url, text  # noqa: E402
 
-from engine.dispatch import Credentials, Dispatcher, DispatchSettings  # noqa: E402
-from engine.secrets import SecretRef  # noqa: E402
-from engine.store import Fire, Store, utcnow  # noqa: E402
+from engine.outbox.store import Fire, Store, utcnow  # noqa: E402
+from engine.rules.secrets import SecretRef  # noqa: E402
+from engine.send.dispatch import Credentials, Dispatcher, DispatchSettings  # noqa: E402
 
 LOGIN, PASSWORD = "bench@example.com", "bench-password"
 

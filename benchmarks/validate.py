@@ -31,7 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from engine.loader import Loader  # noqa: E402
+from engine.rules.loader import Loader  # noqa: E402
 
 APPS = ["flights-ios", "flights-android", "news-ios", "news-android"]
 EVENTS = [

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from engine.store import OutboxRow, Store
+from engine.outbox.store import OutboxRow, Store
 from tests.helpers import REPO
 
 T = TypeVar("T")

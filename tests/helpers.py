@@ -6,8 +6,8 @@ import shutil
 import textwrap
 from pathlib import Path
 
-from engine.loader import Loader, RuleSet
-from engine.problems import Problem
+from engine.rules.loader import Loader, RuleSet
+from engine.rules.problems import Problem
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from engine.batching import Coalescer
+from engine.outbox.batching import Coalescer
 
 
 def test_callers_arriving_together_share_one_flush() -> None:

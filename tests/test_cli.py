@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import main
+from engine.cli.main import main
 from tests.helpers import REPO, make_project, write_rule
 
 BROKEN = """

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import main
-from engine.sandbox import RunningSandbox, SandboxConfig, start_in_thread
+from engine.accengage.sandbox import RunningSandbox, SandboxConfig, start_in_thread
+from engine.cli.main import main
 from tests.helpers import make_project, write_rule
 
 PASSWORD = "pw-Zq81-never-shown"

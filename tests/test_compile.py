@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.compiler import CompileError, FireContext, compile_fire, passes_when
+from engine.render.compiler import CompileError, FireContext, compile_fire, passes_when
 from tests.helpers import REPO, load, make_project, write_rule
 
 NOW = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)

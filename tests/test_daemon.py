@@ -24,9 +24,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.sandbox import RunningSandbox, start_in_thread
-from engine.store import PENDING, SENDING, SENT
-from engine.watcher import fingerprint
+from engine.accengage.sandbox import RunningSandbox, start_in_thread
+from engine.daemon.watcher import fingerprint
+from engine.outbox.store import PENDING, SENDING, SENT
 from tests.daemon_process import Daemon, FeedServer, Project, wait_for
 
 MORNING = 'cron: "0 9 * * *"\ntimezone: Europe/Paris'

@@ -33,8 +33,22 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from engine.accengage import ROUTE
-from engine.dispatch import (
+from engine.accengage.api import ROUTE
+from engine.accengage.sandbox import RunningSandbox, SandboxConfig, start_in_thread
+from engine.outbox.store import (
+    DEAD,
+    FAILED,
+    IN_DOUBT,
+    PENDING,
+    RETRYING,
+    SENT,
+    Fire,
+    OutboxRow,
+    Store,
+    utcnow,
+)
+from engine.rules.secrets import SecretRef
+from engine.send.dispatch import (
     Credentials,
     Dispatcher,
     DispatchSettings,
@@ -48,20 +62,6 @@ from engine.dispatch import (
     parse_return_code,
     redact,
     with_user,
-)
-from engine.sandbox import RunningSandbox, SandboxConfig, start_in_thread
-from engine.secrets import SecretRef
-from engine.store import (
-    DEAD,
-    FAILED,
-    IN_DOUBT,
-    PENDING,
-    RETRYING,
-    SENT,
-    Fire,
-    OutboxRow,
-    Store,
-    utcnow,
 )
 from tests.test_store import store_url_context
 
@@ -616,9 +616,9 @@ def test_two_dispatchers_share_one_outbox(
 CRASHING_SENDER = """
 import asyncio, sys
 from datetime import timedelta
-from engine.dispatch import Credentials, Dispatcher, DispatchSettings
-from engine.secrets import SecretRef
-from engine.store import Fire, Store, utcnow
+from engine.send.dispatch import Credentials, Dispatcher, DispatchSettings
+from engine.rules.secrets import SecretRef
+from engine.outbox.store import Fire, Store, utcnow
 store_url, url, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 store = Store(store_url)
 body = lambda m: {"sendInstantMessage": {"partner": {"id": "p"}, "parentMessageId": "1",
@@ -712,7 +712,7 @@ def test_sigkill_mid_send_loses_nothing_and_sends_nothing_twice(
 
 
 def test_concurrency_is_split_into_small_pools() -> None:
-    from engine.dispatch import POOL_SIZE, pool_sizes
+    from engine.send.dispatch import POOL_SIZE, pool_sizes
 
     for concurrency in (1, 3, 4, 5, 8, 16, 17, 32):
         sizes = pool_sizes(concurrency)

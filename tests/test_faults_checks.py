@@ -22,16 +22,16 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import accengage as api
-from engine.cli import main
-from engine.compiler import CompileError, FireContext, compile_fire
-from engine.loader import RuleSet
-from engine.problems import Problem
-from engine.request_check import check_request
-from engine.rules import Rule, parse_rule
-from engine.sandbox import RunningSandbox, SandboxConfig, start_in_thread
-from engine.yaml_source import load as load_yaml
-from engine.yaml_source import native
+from engine.accengage import api
+from engine.accengage.request_check import check_request
+from engine.accengage.sandbox import RunningSandbox, SandboxConfig, start_in_thread
+from engine.cli.main import main
+from engine.render.compiler import CompileError, FireContext, compile_fire
+from engine.rules.loader import RuleSet
+from engine.rules.problems import Problem
+from engine.rules.rule import Rule, parse_rule
+from engine.rules.yaml_source import load as load_yaml
+from engine.rules.yaml_source import native
 from tests.helpers import REPO, load, make_project, problems, write_rule
 
 NOW = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)

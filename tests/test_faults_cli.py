@@ -15,9 +15,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from engine.cli import main
-from engine.sandbox import RunningSandbox
-from engine.store import Store
+from engine.accengage.sandbox import RunningSandbox
+from engine.cli.main import main
+from engine.outbox.store import Store
 from tests.daemon_process import START_TIMEOUT, Daemon, free_port, wait_for
 from tests.daemon_process import Project as DaemonProject
 from tests.helpers import REPO, make_project, write_rule

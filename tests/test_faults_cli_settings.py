@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from engine.cli import main
-from engine.schemas import PROJECT
+from engine.cli.main import main
+from engine.rules.schemas import PROJECT
 from tests.daemon_process import free_port
 from tests.helpers import REPO, write_rule
 

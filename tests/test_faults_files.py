@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine import yaml_source
-from engine.cli import main
-from engine.loader import Loader
-from engine.watcher import Watcher, fingerprint
-from engine.yaml_source import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES, load
+from engine.cli.main import main
+from engine.daemon.watcher import Watcher, fingerprint
+from engine.rules import yaml_source
+from engine.rules.loader import Loader
+from engine.rules.yaml_source import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES, load
 from tests.helpers import make_project, write_rule
 
 RULE = """\
@@ -327,7 +327,7 @@ def test_a_delete_and_recreate_between_two_polls_changes_the_fingerprint(project
 
 
 def test_the_intake_server_does_not_take_over_signals(project: Path) -> None:
-    from engine.daemon import Daemon, Options
+    from engine.daemon.process import Daemon, Options
 
     daemon = Daemon(Options(root=project))
     daemon._load_first()

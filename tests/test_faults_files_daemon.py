@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.sandbox import RunningSandbox, start_in_thread
-from engine.store import Store
+from engine.accengage.sandbox import RunningSandbox, start_in_thread
+from engine.outbox.store import Store
 from tests.daemon_process import Daemon, Project, wait_for
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect
 
-from engine.store import Store
+from engine.outbox.store import Store
 from tests.test_store import store_url_context
 
 

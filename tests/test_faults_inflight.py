@@ -26,10 +26,8 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from engine.dispatch import Credentials, Dispatcher, DispatchSettings
-from engine.sandbox import RunningSandbox, start_in_thread
-from engine.secrets import SecretRef
-from engine.store import (
+from engine.accengage.sandbox import RunningSandbox, start_in_thread
+from engine.outbox.store import (
     DEAD,
     IN_DOUBT,
     PENDING,
@@ -46,6 +44,8 @@ from engine.store import (
     plan_reclaim,
     utcnow,
 )
+from engine.rules.secrets import SecretRef
+from engine.send.dispatch import Credentials, Dispatcher, DispatchSettings
 from tests.conftest import postgres_url
 from tests.daemon_process import Daemon, Project, wait_for
 from tests.test_store import PostgresSchema, store_url_context

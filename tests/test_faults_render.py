@@ -19,9 +19,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import template_bounds
-from engine.compiler import CompileError, FireContext, compile_fire
-from engine.templating import RenderError, render
+from engine.render.compiler import CompileError, FireContext, compile_fire
+from engine.rules import template_bounds
+from engine.rules.templating import RenderError, render
 from tests.helpers import load, make_project, write_rule
 
 NOW = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)

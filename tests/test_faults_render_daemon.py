@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.sandbox import RunningSandbox, start_in_thread
+from engine.accengage.sandbox import RunningSandbox, start_in_thread
 from tests.daemon_process import Daemon, Project, wait_for
 
 

@@ -13,9 +13,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.cli import main
-from engine.compiler import BlankTarget, CompileError, FireContext, compile_fire
-from engine.templating import MACRO_BREAK, RenderError, macros, render, syntax_problem
+from engine.accengage.api import macros
+from engine.cli.main import main
+from engine.render.compiler import BlankTarget, CompileError, FireContext, compile_fire
+from engine.rules.templating import MACRO_BREAK, RenderError, render, syntax_problem
 from tests.helpers import load, make_project, write_rule
 
 NOW = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)

@@ -29,14 +29,14 @@ from typing import Any
 import httpx
 import pytest
 
-from engine import firing
-from engine.batching import Coalescer
-from engine.clock import Clock
-from engine.compiler import FireContext
-from engine.firing import FireRequest, fire_many
-from engine.sandbox import RunningSandbox, SandboxConfig, start_in_thread
-from engine.scheduler import MARK_SCOPE, Scheduler
-from engine.store import IN_DOUBT, SENDING, SENT, Store, busy_timeout, is_busy
+from engine.accengage.sandbox import RunningSandbox, SandboxConfig, start_in_thread
+from engine.daemon.clock import Clock
+from engine.daemon.scheduler import MARK_SCOPE, Scheduler
+from engine.outbox import firing
+from engine.outbox.batching import Coalescer
+from engine.outbox.firing import FireRequest, fire_many
+from engine.outbox.store import IN_DOUBT, SENDING, SENT, Store, busy_timeout, is_busy
+from engine.render.compiler import FireContext
 from tests.daemon_process import Daemon, Project, wait_for
 from tests.helpers import load, make_project, write_rule
 from tests.test_scheduler import MemoryMarks, make_rule

@@ -8,10 +8,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from engine.compiler import FireContext
-from engine.firing import FireRequest, fire, fire_many, quiet_until
-from engine.rules import QuietHours
-from engine.store import HELD, PENDING, Store
+from engine.outbox.firing import FireRequest, fire, fire_many, quiet_until
+from engine.outbox.store import HELD, PENDING, Store
+from engine.render.compiler import FireContext
+from engine.rules.rule import QuietHours
 from tests.helpers import load, make_project, write_rule
 
 PARIS = ZoneInfo("Europe/Paris")

@@ -18,13 +18,13 @@ import httpx
 import pytest
 import uvicorn
 
-from engine.compiler import FireContext
-from engine.firing import FireOutcome, FireRequest, fire_many
-from engine.intake import MAX_BODY, create_app
-from engine.loader import Loader, RuleSet
-from engine.metrics import Metrics
-from engine.secrets import SecretRef
-from engine.store import Store
+from engine.daemon.intake import MAX_BODY, create_app
+from engine.daemon.metrics import Metrics
+from engine.outbox.firing import FireOutcome, FireRequest, fire_many
+from engine.outbox.store import Store
+from engine.render.compiler import FireContext
+from engine.rules.loader import Loader, RuleSet
+from engine.rules.secrets import SecretRef
 from tests.helpers import REPO
 
 TOKEN_VAR = "PUSHRULES_TEST_INTAKE_TOKEN"

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from engine.clock import Clock
-from engine.poller import FeedError, Poller, PollResult, item_key, items_at
-from engine.rules import Rule
-from engine.scheduler import Scheduler
-from engine.store import Store
+from engine.daemon.clock import Clock
+from engine.daemon.poller import FeedError, Poller, PollResult, item_key, items_at
+from engine.daemon.scheduler import Scheduler
+from engine.outbox.store import Store
+from engine.rules.rule import Rule
 from tests.test_scheduler import MemoryMarks, make_rule
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import accengage as api
-from engine.request_check import CODE_ORDER, DEFAULT_DEVICES, check_request, message_count
+from engine.accengage import api
+from engine.accengage.request_check import CODE_ORDER, DEFAULT_DEVICES, check_request, message_count
 from tests.test_sandbox import (
     BASE,
     DELETE,

@@ -13,14 +13,14 @@ from typing import Any
 import httpx
 import pytest
 
-from engine import accengage as api
-from engine.cli import build_parser, main
-from engine.sandbox import (
+from engine.accengage import api
+from engine.accengage.sandbox import (
     DEFAULT_PORT,
     RunningSandbox,
     SandboxConfig,
     start_in_thread,
 )
+from engine.cli.main import build_parser, main
 
 # The three examples of ACCENGAGE_API.md, repaired, copied as they are written there.
 EXAMPLE_ONE_APP = """

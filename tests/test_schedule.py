@@ -1,4 +1,4 @@
-"""engine.schedule: crontab meaning, Vixie DST behaviour, every/at, errors, APScheduler."""
+"""engine.rules.schedule: crontab meaning, Vixie DST behaviour, every/at, errors, APScheduler."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from engine.schedule import (
+from engine.rules.schedule import (
     AtSchedule,
     CronSchedule,
     EverySchedule,

@@ -16,10 +16,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from engine.clock import Clock
-from engine.rules import TRIGGER_KINDS, Rule
-from engine.schedule import RuleTrigger, schedule_for
-from engine.scheduler import (
+from engine.daemon.clock import Clock
+from engine.daemon.scheduler import (
     MARK_SCOPE,
     CatchUp,
     ClockTrigger,
@@ -29,7 +27,9 @@ from engine.scheduler import (
     job_kind,
     plan_catch_up,
 )
-from engine.store import Store
+from engine.outbox.store import Store
+from engine.rules.rule import TRIGGER_KINDS, Rule
+from engine.rules.schedule import RuleTrigger, schedule_for
 from tests.helpers import load, make_project, write_rule
 
 PARIS = ZoneInfo("Europe/Paris")

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, make_url, text
 
-from engine.store import (
+from engine.outbox.store import (
     DEAD,
     DROPPED,
     FAILED,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine import templating
-from engine.templating import RenderError, render, syntax_problem
+from engine.rules import templating
+from engine.rules.templating import RenderError, render, syntax_problem
 
 HUGE = [
     "{{ 'x' * 10**9 }}",

@@ -425,7 +425,7 @@ def test_broken_template_file_is_reported_and_rules_using_it_fail(root: Path) ->
 
 
 def test_last_good_version_is_kept_after_a_file_breaks(root: Path) -> None:
-    from engine.loader import Loader
+    from engine.rules.loader import Loader
 
     write_rule(root, "r", GOOD)
     loader = Loader(root, workers=1)

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from engine.loader import Loader
-from engine.watcher import Debounce, Watcher, deep_fingerprint, fingerprint
+from engine.daemon.watcher import Debounce, Watcher, deep_fingerprint, fingerprint
+from engine.rules.loader import Loader
 from tests.helpers import make_project, write_rule
 
 RULE = """\

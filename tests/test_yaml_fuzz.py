@@ -8,10 +8,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.fragments import Fragments
-from engine.project import parse_project
-from engine.rules import parse_rule
-from engine.yaml_source import Scalar, load
+from engine.rules.fragments import Fragments
+from engine.rules.project import parse_project
+from engine.rules.rule import parse_rule
+from engine.rules.yaml_source import Scalar, load
 from tests.helpers import REPO
 
 PROJECT, _ = parse_project(REPO, (REPO / "pushrules.yaml").read_text())

@@ -41,11 +41,12 @@ from typing import Any, Literal, Protocol
 
 import httpx
 
-from engine import __version__, templating
-from engine.clock import Clock
-from engine.compiler import FireContext, template_context
-from engine.rules import Rule
-from engine.schedule import TriggerError, parse_duration, parse_timezone
+from engine import __version__
+from engine.daemon.clock import Clock
+from engine.render.compiler import FireContext, template_context
+from engine.rules import templating
+from engine.rules.rule import Rule
+from engine.rules.schedule import TriggerError, parse_duration, parse_timezone
 
 __all__ = [
     "FeedError",
@@ -74,7 +75,7 @@ MAX_RETRY = 1000
 
 
 class Seen(Protocol):
-    """engine/store.py's Store: True the first time a key is marked in a scope, only."""
+    """engine/outbox/store.py's Store: True the first time a key is marked in a scope, only."""
 
     def mark_seen(self, scope: str, key: str, *, now: datetime | None = None) -> bool: ...
 

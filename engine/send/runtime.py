@@ -13,10 +13,10 @@ from typing import Any
 
 import httpx
 
-from engine.dispatch import Credentials, Dispatcher, DispatchSettings
-from engine.project import Project
-from engine.secrets import MissingSecret, SecretRef
-from engine.store import AttemptResult, OutboxRow, Store
+from engine.outbox.store import AttemptResult, OutboxRow, Store
+from engine.rules.project import Project
+from engine.rules.secrets import MissingSecret, SecretRef
+from engine.send.dispatch import Credentials, Dispatcher, DispatchSettings
 
 #: What ``--sandbox`` sends as credentials when the real ones are not set: the sandbox only
 #: checks that they are there, and a trial should not need secrets.

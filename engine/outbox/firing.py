@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from typing import Literal
 
-from engine.compiler import CompileError, FireContext, compile_fire, passes_when
-from engine.project import Project
-from engine.rules import QuietHours, Rule
-from engine.schedule import parse_timezone
-from engine.store import HELD, PENDING, Fire, Store
+from engine.outbox.store import HELD, PENDING, Fire, Store
+from engine.render.compiler import CompileError, FireContext, compile_fire, passes_when
+from engine.rules.project import Project
+from engine.rules.rule import QuietHours, Rule
+from engine.rules.schedule import parse_timezone
 
 log = logging.getLogger("pushrules.fire")
 

@@ -1,9 +1,9 @@
 """One rule file -> a checked, immutable :class:`Rule`, or the problems that stop it.
 
 Checks run in the order an author fixes things: the YAML, the shape (Cerberus, see
-:mod:`engine.schemas`), then what needs the project and the templates (apps, platforms, buttons,
-macros, languages, triggers, Jinja). Every problem points at the line in the rule file where the
-author can fix it.
+:mod:`engine.rules.schemas`), then what needs the project and the templates (apps, platforms,
+buttons, macros, languages, triggers, Jinja). Every problem points at the line in the rule file
+where the author can fix it.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from datetime import timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from engine import accengage, templating
-from engine.fragments import Fragments
-from engine.problems import Problem, closest, did_you_mean, field_path
-from engine.project import App, Project
-from engine.schemas import RULE_CHECKER, TARGET_CHECKER
-from engine.yaml_source import MarkedList, MarkedMap, load, native, position
+from engine.accengage import api as accengage
+from engine.rules import templating
+from engine.rules.fragments import Fragments
+from engine.rules.problems import Problem, closest, did_you_mean, field_path
+from engine.rules.project import App, Project
+from engine.rules.schemas import RULE_CHECKER, TARGET_CHECKER
+from engine.rules.yaml_source import MarkedList, MarkedMap, load, native, position
 
 DEFAULT_CATCH_UP = timedelta(minutes=10)
 TRIGGER_KINDS = ("cron", "every", "at", "event", "poll")
@@ -301,7 +302,7 @@ def _text_digest(text: str) -> str:
 def _check_trigger(
     trigger: Mapping[str, Any], project: Project, out: _Collector
 ) -> tuple[str | None, str]:
-    from engine import schedule
+    from engine.rules import schedule
 
     kinds = [k for k in TRIGGER_KINDS if k in trigger]
     timezone = str(trigger.get("timezone") or project.timezone)
@@ -331,7 +332,7 @@ def _check_trigger_kind(
 ) -> str | None:
     """The one trigger kind checked; a bad timezone is reported already, so the schedule is
     checked in the project's timezone, for its own mistakes to show in the same run."""
-    from engine import schedule
+    from engine.rules import schedule
 
     if kind == "event":
         name = str(trigger["event"])
@@ -366,7 +367,7 @@ def _check_trigger_kind(
 
 def _first_zone(*names: str) -> ZoneInfo:
     """The first valid of these timezones, else UTC (a bad one is reported where it is set)."""
-    from engine import schedule
+    from engine.rules import schedule
 
     for name in names:
         try:
@@ -379,7 +380,7 @@ def _first_zone(*names: str) -> ZoneInfo:
 def _duration(value: Any, path: tuple[Any, ...], out: _Collector) -> timedelta | None:
     if value is None:
         return None
-    from engine import schedule
+    from engine.rules import schedule
 
     try:
         return schedule.parse_duration(str(value))

@@ -15,7 +15,7 @@ The rules, in the order they matter:
   delays (``"retry"``).
 * HTTP 429 and 5xx are retried, honouring ``Retry-After``. A 200 answer is read for its
   ``returnCode`` (a string in the documentation, a number accepted too): 0 is sent, 1 and 11
-  (:data:`engine.accengage.RETRYABLE_CODES`) are retried, any other code is permanent
+  (:data:`engine.accengage.api.RETRYABLE_CODES`) are retried, any other code is permanent
   (``failed``) and recorded with the API's meaning.
 * A 2xx answer that is not the documented JSON is ``in_doubt``: Accengage may well have sent
   the push, so resending blindly could send it twice.
@@ -45,11 +45,10 @@ from typing import Any, Literal
 import httpx
 from sqlalchemy.exc import OperationalError
 
-from engine import __version__, accengage
-from engine.accengage import RETRYABLE_CODES, describe
-from engine.schemas import DISPATCH
-from engine.secrets import MissingSecret, SecretRef, mask
-from engine.store import (
+from engine import __version__
+from engine.accengage import api as accengage
+from engine.accengage.api import RETRYABLE_CODES, describe
+from engine.outbox.store import (
     DEAD,
     FAILED,
     IN_DOUBT,
@@ -64,6 +63,8 @@ from engine.store import (
     is_busy,
     utcnow,
 )
+from engine.rules.schemas import DISPATCH
+from engine.rules.secrets import MissingSecret, SecretRef, mask
 
 LOG = logging.getLogger("pushrules.dispatch")
 #: Seconds an inline store call may hold the event loop waiting for SQLite's write lock.
@@ -401,7 +402,7 @@ def final_error(outcome: Outcome, state: str, attempts: int) -> str | None:
 
 
 def redact(text: str | None, secrets: Iterable[str], login: str = "") -> str | None:
-    """Mask each secret in every encoding an answer may echo it in (engine.secrets.mask)."""
+    """Mask each secret in every encoding an answer may echo it in (engine.rules.secrets.mask)."""
     if text is None:
         return None
     return mask(text, [s for s in secrets if s], login)

@@ -29,31 +29,31 @@ from typing import Any
 import uvicorn
 from sqlalchemy.exc import OperationalError
 
-from engine.batching import Coalescer
-from engine.clock import Clock
-from engine.compiler import FireContext
-from engine.dispatch import Dispatcher, log_reclaimed
-from engine.firing import FireOutcome, FireRequest, fire_many
-from engine.intake import create_app, no_rule_note
-from engine.loader import Loader, RuleSet
-from engine.metrics import Metrics
-from engine.poller import Poller
-from engine.problems import format_text
-from engine.project import Project
-from engine.rules import Rule, compile_templates
-from engine.runtime import credentials, dispatch_settings, open_store, sandboxed
-from engine.schedule import parse_timezone
-from engine.scheduler import Changes, Scheduler
-from engine.secrets import MissingSecret, SecretRef
-from engine.store import Store, busy_timeout
-from engine.watcher import Watcher
+from engine.daemon.clock import Clock
+from engine.daemon.intake import create_app, no_rule_note
+from engine.daemon.metrics import Metrics
+from engine.daemon.poller import Poller
+from engine.daemon.scheduler import Changes, Scheduler
+from engine.daemon.watcher import Watcher
+from engine.outbox.batching import Coalescer
+from engine.outbox.firing import FireOutcome, FireRequest, fire_many
+from engine.outbox.store import Store, busy_timeout
+from engine.render.compiler import FireContext
+from engine.rules.loader import Loader, RuleSet
+from engine.rules.problems import format_text
+from engine.rules.project import Project
+from engine.rules.rule import Rule, compile_templates
+from engine.rules.schedule import parse_timezone
+from engine.rules.secrets import MissingSecret, SecretRef
+from engine.send.dispatch import Dispatcher, log_reclaimed
+from engine.send.runtime import credentials, dispatch_settings, open_store, sandboxed
 
 log = logging.getLogger("pushrules.daemon")
 
 #: How often a follower asks whether it may lead, and the leader checks it still does.
 LEADERSHIP_EVERY = 10.0
 #: Seconds a fire write waits for SQLite's write lock before it fails: an event is then
-#: answered 503 "retry" quickly, and a scheduled fire is tried again (engine/scheduler.py).
+#: answered 503 "retry" quickly, and a scheduled fire is tried again (engine/daemon/scheduler.py).
 FIRE_WRITE_WAIT = 2.0
 
 
@@ -85,7 +85,7 @@ class Daemon:
         self._last_reload: dict[str, Any] = {}
         self._compiled: set[str] = set()
         # A batch that fails for a reason other than the database is re-written caller by
-        # caller, so one bad fire fails alone (see engine/batching.py).
+        # caller, so one bad fire fails alone (see engine/outbox/batching.py).
         self._fires: Coalescer[tuple[list[FireRequest], datetime], list[FireOutcome]] = Coalescer(
             self._write_fires, split=lambda exc: not isinstance(exc, OperationalError)
         )
@@ -513,7 +513,7 @@ class Daemon:
         return server
 
     def _start_sandbox(self) -> None:
-        from engine.sandbox import SandboxConfig, start_in_thread
+        from engine.accengage.sandbox import SandboxConfig, start_in_thread
 
         try:
             self._sandbox = start_in_thread(SandboxConfig(), port=self.options.sandbox_port)

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from engine import accengage, templating
-from engine.problems import field_path
-from engine.project import Project
-from engine.request_check import check_request
-from engine.rules import AppPlan, Rule
-from engine.secrets import MASK
-from engine.yaml_source import Scalar, native
+from engine.accengage import api as accengage
+from engine.accengage.request_check import check_request
+from engine.rules import templating
+from engine.rules.problems import field_path
+from engine.rules.project import Project
+from engine.rules.rule import AppPlan, Rule
+from engine.rules.secrets import MASK
+from engine.rules.yaml_source import Scalar, native
 
 log = logging.getLogger("pushrules.compile")
 

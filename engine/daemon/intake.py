@@ -27,9 +27,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from engine.firing import FireOutcome
-from engine.loader import RuleSet
-from engine.secrets import MissingSecret, SecretRef
+from engine.outbox.firing import FireOutcome
+from engine.rules.loader import RuleSet
+from engine.rules.secrets import MissingSecret, SecretRef
 
 log = logging.getLogger("pushrules.intake")
 

@@ -8,11 +8,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from engine import accengage
-from engine.problems import Problem, field_path
-from engine.schemas import PROJECT_CHECKER, is_yaml_int
-from engine.secrets import SecretRef
-from engine.yaml_source import load, native, position
+from engine.accengage import api as accengage
+from engine.rules.problems import Problem, field_path
+from engine.rules.schemas import PROJECT_CHECKER, is_yaml_int
+from engine.rules.secrets import SecretRef
+from engine.rules.yaml_source import load, native, position
 
 CONFIG_NAME = "pushrules.yaml"
 DEFAULT_STORE = "sqlite:///pushrules.db"
@@ -172,7 +172,7 @@ def parse_project(root: Path, text: str) -> tuple[Project | None, list[Problem]]
 
 def _check_settings(doc: Mapping[str, Any], report: Any) -> None:
     """Settings whose text has a shape: a timezone, a store URL, an address, a duration."""
-    from engine.schedule import TriggerError, parse_timezone
+    from engine.rules.schedule import TriggerError, parse_timezone
 
     if isinstance(doc.get("timezone"), str):
         try:
@@ -209,7 +209,7 @@ def _check_settings(doc: Mapping[str, Any], report: Any) -> None:
 
 def _dispatch(section: Mapping[str, Any]) -> DispatchConfig:
     """The typed ``dispatch:`` of a section the schema passed (bounds included)."""
-    from engine.schedule import parse_duration
+    from engine.rules.schedule import parse_duration
 
     def number(key: str) -> int | None:
         return int(native(section[key])) if key in section else None

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
-#: Seconds; the same bounds as :data:`engine.dispatch.LATENCY_BUCKETS`, so both views agree.
+#: Seconds; the same bounds as :data:`engine.send.dispatch.LATENCY_BUCKETS`, so both views agree.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 #: The classic text format: every scraper reads it, and our names need nothing newer.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -133,7 +133,7 @@ class Metrics:
         self.feed_failures.labels(rule=rule).inc()
 
     def set_backlog(self, counts: Mapping[str, int]) -> None:
-        """From :meth:`engine.store.Store.backlog` (every state present, zeros included)."""
+        """From :meth:`engine.outbox.store.Store.backlog` (every state present, zeros included)."""
         for state, n in counts.items():
             self.backlog.labels(state=state).set(n)
 

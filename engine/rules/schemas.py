@@ -1,9 +1,9 @@
 """Cerberus schemas of the files a user writes, and the plain-language reading of their errors.
 
 The shapes follow the Accengage API (ACCENGAGE_API.md) with the rule-level keys of DESIGN.md.
-Scalars arrive as text (see :mod:`engine.yaml_source`), so the two API types that are not text,
-boolean and integer, are custom types that accept a plain YAML ``true`` or ``12``.
-What Cerberus cannot say (cross-field and cross-file rules) is checked in :mod:`engine.validate`.
+Scalars arrive as text (see :mod:`engine.rules.yaml_source`), so the two API types that are not
+text, boolean and integer, are custom types that accept a plain YAML ``true`` or ``12``. What
+Cerberus cannot say (cross-field and cross-file rules) is checked in :mod:`engine.rules.rule`.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from typing import Any, ClassVar
 import cerberus
 from cerberus import errors as cerr
 
-from engine import accengage
-from engine.problems import did_you_mean
-from engine.yaml_source import Scalar
+from engine.accengage import api as accengage
+from engine.rules.problems import did_you_mean
+from engine.rules.yaml_source import Scalar
 
 TEXT: dict[str, Any] = {"type": "string"}
 BOOL: dict[str, Any] = {"type": "yamlbool"}
 INT: dict[str, Any] = {"type": "yamlint"}
 
 #: A mapping (the authors' short form) or the API's list; its items are checked in rules.py
-#: with :func:`engine.accengage.custom_params_problems`.
+#: with :func:`engine.accengage.api.custom_params_problems`.
 CUSTOM_PARAMS: dict[str, Any] = {"type": ["dict", "list"]}
 
 # Nested schemas say allow_unknown: False because Cerberus hands a parent's allow_unknown down
@@ -38,8 +38,8 @@ CRITERION: dict[str, Any] = {
     },
 }
 
-#: The rules of each API type of :mod:`engine.accengage`'s field tables (``id``: a button's
-#: number, checked in rules.py with :func:`engine.accengage.button_index`; ``action``'s values
+#: The rules of each API type of :mod:`engine.accengage.api`'s field tables (``id``: a button's
+#: number, checked in rules.py with :func:`engine.accengage.api.button_index`; ``action``'s values
 #: are checked there too, as Accengage's own spelling variant only warns).
 _KINDS: dict[str, dict[str, Any]] = {
     "string": TEXT,
@@ -304,7 +304,7 @@ def bounded_value(value: object, bounds: Bounds) -> float | str | None:
     if bounds.unit == "s":
         if not isinstance(value, str):
             return None
-        from engine.schedule import TriggerError, parse_duration
+        from engine.rules.schedule import TriggerError, parse_duration
 
         try:
             return parse_duration(str(value)).total_seconds()

@@ -44,9 +44,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.fragments import MESSAGES_DIR
-from engine.loader import RULES_DIR
-from engine.project import CONFIG_NAME
+from engine.rules.fragments import MESSAGES_DIR
+from engine.rules.loader import RULES_DIR
+from engine.rules.project import CONFIG_NAME
 
 log = logging.getLogger("pushrules.watch")
 

@@ -8,7 +8,7 @@ import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from engine.cli import (
+from engine.cli.main import (
     EXIT_OK,
     EXIT_PROBLEMS,
     EXIT_USAGE,
@@ -17,20 +17,26 @@ from engine.cli import (
     load_settings,
     parse_time,
 )
-from engine.schedule import TriggerError, fire_times, parse_duration, parse_timezone, schedule_for
+from engine.rules.schedule import (
+    TriggerError,
+    fire_times,
+    parse_duration,
+    parse_timezone,
+    schedule_for,
+)
 
 if TYPE_CHECKING:
-    from engine.loader import RuleSet
-    from engine.project import Project
-    from engine.store import Store
+    from engine.outbox.store import Store
+    from engine.rules.loader import RuleSet
+    from engine.rules.project import Project
 
 SCHEDULED = ("cron", "every", "at")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from engine import logs
-    from engine.clock import Clock
-    from engine.daemon import Options, run
+    from engine.daemon import logs
+    from engine.daemon.clock import Clock
+    from engine.daemon.process import Options, run
 
     logs.configure(args.log_format)
     try:
@@ -107,7 +113,7 @@ def invalid_rules(ruleset: RuleSet) -> list[str]:
 
 def _not_scheduled(ruleset: RuleSet, rule_id: str) -> str:
     """Why ``next`` has no fire times for a rule: its trigger, its errors, or no such rule."""
-    from engine.problems import did_you_mean
+    from engine.rules.problems import did_you_mean
 
     if rule_id in ruleset.rules:
         return f"it fires on {ruleset.rules[rule_id].trigger_kind}, not on a schedule"
@@ -120,8 +126,8 @@ def _not_scheduled(ruleset: RuleSet, rule_id: str) -> str:
 def _pause_target(args: argparse.Namespace, *, must_exist: bool) -> tuple[Project, str]:
     """The settings and the rule (or "*") that pause and resume act on; UsageError when the
     command names neither, or a rule the project does not have (a typo would pause nothing)."""
-    from engine.loader import rule_files
-    from engine.problems import did_you_mean
+    from engine.rules.loader import rule_files
+    from engine.rules.problems import did_you_mean
 
     if bool(args.rule) == bool(args.all):
         raise UsageError("name one RULE, or --all")
@@ -135,7 +141,7 @@ def _pause_target(args: argparse.Namespace, *, must_exist: bool) -> tuple[Projec
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
-    from engine.runtime import open_store
+    from engine.send.runtime import open_store
 
     try:
         project, target = _pause_target(args, must_exist=True)
@@ -152,7 +158,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from engine.runtime import open_store
+    from engine.send.runtime import open_store
 
     try:
         project, _ = _pause_target(args, must_exist=False)  # its file may be gone

@@ -5,7 +5,7 @@ stall the daemon or exhaust its memory. So every known way to build a large valu
 *before* the value is built (a width, a format field, a ``replace``, a ``join``), every loop
 turn, call and lookup is counted, nesting is capped well below Python's own recursion limit,
 and a fire as a whole gets a budget of processor time. Each check raises ``BoundExceeded``
-(turned into a render problem by :mod:`engine.templating`), so the worst template fails only
+(turned into a render problem by :mod:`engine.rules.templating`), so the worst template fails only
 its own fire, fast. Nothing here uses threads or signals: the checks run inside the sandbox's
 hooks, in the thread that renders.
 """

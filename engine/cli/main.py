@@ -18,18 +18,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine import __version__
-from engine.problems import Problem, format_github, format_json, format_text, summary
+from engine.rules.problems import Problem, format_github, format_json, format_text, summary
 
 if TYPE_CHECKING:  # the modules behind commands load when a command runs (fast --help)
-    from engine.compiler import FireContext
-    from engine.loader import RuleSet
-    from engine.project import Project
-    from engine.rules import Rule
+    from engine.render.compiler import FireContext
+    from engine.rules.loader import RuleSet
+    from engine.rules.project import Project
+    from engine.rules.rule import Rule
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
-SANDBOX_PORT = 8751  # engine.sandbox.DEFAULT_PORT, kept here so --help does not load the server
+#: engine.accengage.sandbox.DEFAULT_PORT, kept here so --help does not load the server.
+SANDBOX_PORT = 8751
 
 EPILOG = """\
 Typical use:
@@ -205,7 +206,7 @@ def _daemon_commands(sub: Any) -> None:
         default="text",
         help="text for a terminal, json lines for a log collector",
     )
-    p.set_defaults(func=_lazy("engine.cli_daemon", "cmd_run"))
+    p.set_defaults(func=_lazy("engine.cli.daemon", "cmd_run"))
 
     p = sub.add_parser(
         "next",
@@ -221,7 +222,7 @@ def _daemon_commands(sub: Any) -> None:
     p.add_argument("--from", dest="from_", metavar="ISO8601", help="start (default: now)")
     p.add_argument("--count", type=int, default=3, help="fire times per rule (default 3)")
     p.add_argument("--format", choices=("text", "json"), default="text")
-    p.set_defaults(func=_lazy("engine.cli_daemon", "cmd_next"))
+    p.set_defaults(func=_lazy("engine.cli.daemon", "cmd_next"))
 
     for name, text, description, examples in (
         (
@@ -271,7 +272,7 @@ def _daemon_commands(sub: Any) -> None:
                 "paused) instead of sending it",
             )
         _sandbox_store_argument(p)
-        p.set_defaults(func=_lazy("engine.cli_daemon", f"cmd_{name}"))
+        p.set_defaults(func=_lazy("engine.cli.daemon", f"cmd_{name}"))
 
 
 def _sandbox_store_argument(p: argparse.ArgumentParser) -> None:
@@ -283,10 +284,10 @@ def _sandbox_store_argument(p: argparse.ArgumentParser) -> None:
 
 
 def _sending_commands(sub: Any) -> None:
-    """send, fire, history, outbox: implemented in engine.cli_send, loaded when run."""
+    """send, fire, history, outbox: implemented in engine.cli.send, loaded when run."""
 
     def lazy(name: str) -> Any:
-        return _lazy("engine.cli_send", name)
+        return _lazy("engine.cli.send", name)
 
     def sending(p: argparse.ArgumentParser) -> None:
         _project_argument(p)
@@ -452,13 +453,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 #: The project's errors that speak to a user (module, class): their message is the answer,
 #: a traceback would only hide it. Looked up among loaded modules: one not loaded raised none.
 USER_ERRORS = (
-    ("engine.secrets", "MissingSecret"),
-    ("engine.schedule", "TriggerError"),
-    ("engine.compiler", "CompileError"),
-    ("engine.templating", "RenderError"),
-    ("engine.store", "TransitionError"),
-    ("engine.daemon", "StartupError"),
-    ("engine.poller", "FeedError"),
+    ("engine.rules.secrets", "MissingSecret"),
+    ("engine.rules.schedule", "TriggerError"),
+    ("engine.render.compiler", "CompileError"),
+    ("engine.rules.templating", "RenderError"),
+    ("engine.outbox.store", "TransitionError"),
+    ("engine.daemon.process", "StartupError"),
+    ("engine.daemon.poller", "FeedError"),
 )
 
 
@@ -497,7 +498,7 @@ def print_problems(problems: Sequence[Problem], fmt: str, files: int) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from engine.loader import Loader
+    from engine.rules.loader import Loader
 
     if args.dir is not None and args.project is not None and args.dir != args.project:
         print(
@@ -560,7 +561,7 @@ class UsageError(Exception):
 def load_project_dir(project_dir: Path) -> tuple[RuleSet, Project]:
     """The rule set and project of a command that fires rules; UsageError when pushrules.yaml
     has errors."""
-    from engine.loader import Loader
+    from engine.rules.loader import Loader
 
     ruleset = Loader(project_dir).load()
     if ruleset.project is None:
@@ -572,13 +573,13 @@ def load_settings(project_dir: Path, *, sandbox: bool = False) -> Project:
     """pushrules.yaml alone, for commands on the outbox (history, outbox, pause, resume): no
     need to check a thousand rules to read a store URL. With ``sandbox``, the settings as
     ``--sandbox`` trials see them (their own store)."""
-    from engine.project import load_project
+    from engine.rules.project import load_project
 
     project, problems = load_project(project_dir)
     if project is None:
         raise UsageError("pushrules.yaml is invalid:\n" + format_text(problems))
     if sandbox:
-        from engine.runtime import sandboxed
+        from engine.send.runtime import sandboxed
 
         return sandboxed(project)
     return project
@@ -586,8 +587,8 @@ def load_settings(project_dir: Path, *, sandbox: bool = False) -> Project:
 
 def fire_context(args: argparse.Namespace, rule: Rule) -> FireContext:
     """The context of ``--event``/``--item``/``--at``; UsageError on bad input."""
-    from engine.compiler import FireContext
-    from engine.schedule import parse_timezone
+    from engine.render.compiler import FireContext
+    from engine.rules.schedule import parse_timezone
 
     event = read_event(args.event)
     item = read_event(args.item, "item")
@@ -625,15 +626,15 @@ def rule_to_fire(ruleset: RuleSet, rule_id: str, fmt: str = "text") -> Rule | No
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from engine.compiler import (
+    from engine.render.compiler import (
         CompileError,
         compile_fire,
         for_display,
         missing_input,
         passes_when,
     )
-    from engine.loader import Loader
-    from engine.secrets import MissingSecret
+    from engine.rules.loader import Loader
+    from engine.rules.secrets import MissingSecret
 
     ruleset = Loader(args.project).load()
     rule = rule_to_fire(ruleset, args.rule, args.format)
@@ -680,7 +681,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def fire_notes(rule: Rule, context: FireContext, requests: int) -> list[str]:
     """What would become of a compiled fire that the JSON alone does not say: targets that
     expanded to nobody, quiet hours that defer or skip it."""
-    from engine.firing import quiet_until
+    from engine.outbox.firing import quiet_until
 
     if not requests:
         return [EMPTY_FOR_EACH]
@@ -711,7 +712,7 @@ EMPTY_FOR_EACH = (
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
     """Serve the sandbox in the foreground; 2 on a bad option, 1 when the port is taken."""
-    from engine.sandbox import SandboxConfig, serve
+    from engine.accengage.sandbox import SandboxConfig, serve
 
     try:
         config = SandboxConfig(

@@ -16,11 +16,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.fragments import BUTTONS_DIR, MESSAGES_DIR, Fragments, load_fragments
-from engine.problems import Problem
-from engine.project import CONFIG_NAME, Project, load_project
-from engine.rules import Rule, parse_rule
-from engine.yaml_source import Unreadable, read_source, yaml_files
+from engine.rules.fragments import BUTTONS_DIR, MESSAGES_DIR, Fragments, load_fragments
+from engine.rules.problems import Problem
+from engine.rules.project import CONFIG_NAME, Project, load_project
+from engine.rules.rule import Rule, parse_rule
+from engine.rules.yaml_source import Unreadable, read_source, yaml_files
 
 RULES_DIR = Path("rules")
 _RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -5,7 +5,7 @@ macro that Jinja leaves alone. Values that come from an event are data: renderin
 so an event field holding ``{{ 7*7 }}`` is sent as those characters, and one holding ``${name}``
 is printed with a zero-width space after the ``$``, so Accengage never fills data as a macro.
 A null prints as empty text; ``default`` replaces null and empty text too. The limits on time,
-memory and nesting are in :mod:`engine.template_bounds`.
+memory and nesting are in :mod:`engine.rules.template_bounds`.
 
 Templates are compiled once per distinct source text and cached, so loading 1,000 rules that
 share expressions compiles each expression once, and firing a rule compiles nothing.
@@ -26,9 +26,9 @@ from jinja2.runtime import LoopContext
 from jinja2.sandbox import SandboxedEnvironment, SandboxedFormatter
 from jinja2.visitor import NodeTransformer
 
-from engine import template_bounds as bounds
-from engine.problems import did_you_mean
-from engine.template_bounds import MAX_OUTPUT, MAX_SEQUENCE
+from engine.rules import template_bounds as bounds
+from engine.rules.problems import did_you_mean
+from engine.rules.template_bounds import MAX_OUTPUT, MAX_SEQUENCE
 
 CONTEXT_NAMES = frozenset({"event", "item", "now", "rule", "vars"})
 

@@ -1,10 +1,11 @@
 """A fake Accengage on loopback, spoken to over real HTTP by tests, benchmarks and the quick start.
 
-``POST /sendInstantMessage.php`` answers what Accengage would (see :mod:`engine.request_check`),
-in the API's own shape: errors are HTTP 200 with a non-zero ``returnCode``. Faults can be turned
-on at start (:class:`SandboxConfig`) or at run time (``POST /_faults``): HTTP 503s at a rate,
-latency, a forced return code, connections closed without an answer (``drop``) and requests
-never answered (``hang``), so a client's retries and its "outcome unknown" path can be tested.
+``POST /sendInstantMessage.php`` answers what Accengage would (see
+:mod:`engine.accengage.request_check`), in the API's own shape: errors are HTTP 200 with a non-
+zero ``returnCode``. Faults can be turned on at start (:class:`SandboxConfig`) or at run time
+(``POST /_faults``): HTTP 503s at a rate, latency, a forced return code, connections closed
+without an answer (``drop``) and requests never answered (``hang``), so a client's retries and
+its "outcome unknown" path can be tested.
 
 Every request is recorded for ``GET /requests`` (``DELETE`` clears) and, when ``record_path``
 is set, appended to that file as a JSON line. Memory stays bounded: only the newest
@@ -22,7 +23,6 @@ import json
 import math
 import random
 import socket
-import sys
 import threading
 import time
 from collections import deque
@@ -40,8 +40,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from engine import accengage as api
-from engine.request_check import DEFAULT_LANGUAGES, check_request, message_count
+from engine.accengage import api
+from engine.accengage.request_check import DEFAULT_LANGUAGES, check_request, message_count
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8751
@@ -61,7 +61,7 @@ class SandboxConfig:
 
     ``code`` replaces the answer to every request that would otherwise succeed (1 or 11 to test
     retries, 5 for a permanent failure). ``devices`` is the device table by ``memberId`` that
-    fills ``${macros}`` (``None``: :data:`engine.request_check.DEFAULT_DEVICES`);
+    fills ``${macros}`` (``None``: :data:`engine.accengage.request_check.DEFAULT_DEVICES`);
     ``languages=None`` accepts any language. ``hang_seconds`` bounds a hung request.
     """
 
@@ -510,9 +510,3 @@ def serve(
         _server(app, embedded=False).run(sockets=[sock])
     finally:
         sock.close()
-
-
-if __name__ == "__main__":
-    from engine.cli import main
-
-    raise SystemExit(main(["sandbox", *sys.argv[1:]]))

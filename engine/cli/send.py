@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from engine.cli import (
+from engine.cli.main import (
     EXIT_OK,
     EXIT_PROBLEMS,
     EXIT_USAGE,
@@ -32,11 +32,8 @@ from engine.cli import (
     read_event,
     rule_to_fire,
 )
-from engine.compiler import FireContext
-from engine.firing import FireOutcome, FireRequest, fire_many
-from engine.project import Project
-from engine.schedule import TriggerError, parse_duration, parse_timezone
-from engine.store import (
+from engine.outbox.firing import FireOutcome, FireRequest, fire_many
+from engine.outbox.store import (
     DEAD,
     FAILED,
     HELD,
@@ -51,6 +48,9 @@ from engine.store import (
     Store,
     TransitionError,
 )
+from engine.render.compiler import FireContext
+from engine.rules.project import Project
+from engine.rules.schedule import TriggerError, parse_duration, parse_timezone
 
 EXIT_LEFT_TO_DAEMON = 75  # EX_TEMPFAIL: try again later (the daemon will)
 FINAL_STATES = (SENT, FAILED, DEAD, IN_DOUBT)
@@ -68,8 +68,8 @@ def _maybe_sandbox(project: Project, enabled: bool) -> Iterator[Project]:
     if not enabled:
         yield project
         return
-    from engine.runtime import sandboxed
-    from engine.sandbox import start_in_thread
+    from engine.accengage.sandbox import start_in_thread
+    from engine.send.runtime import sandboxed
 
     with start_in_thread() as sandbox:
         print(
@@ -124,7 +124,7 @@ def cmd_fire(args: argparse.Namespace) -> int:
 def _fire_and_deliver(
     args: argparse.Namespace, project: Project, requests: list[FireRequest], now: datetime
 ) -> int:
-    from engine.runtime import open_store
+    from engine.send.runtime import open_store
 
     if args.dry_run:
         return _dry_run(project, requests)
@@ -156,8 +156,8 @@ def unreadable_credentials(project: Project) -> str | None:
     A command that sends refuses up front: a row queued without them would wait in the real
     outbox for a daemon to send it later, stale, to real users.
     """
-    from engine.runtime import credentials
-    from engine.secrets import MissingSecret
+    from engine.rules.secrets import MissingSecret
+    from engine.send.runtime import credentials
 
     try:
         credentials(project).resolve()
@@ -194,7 +194,7 @@ def _deliverable(store: Store, outcomes: Sequence[FireOutcome]) -> list[int]:
 
 
 def _dry_run(project: Project, requests: list[FireRequest]) -> int:
-    from engine.compiler import CompileError, compile_fire, for_display, passes_when
+    from engine.render.compiler import CompileError, compile_fire, for_display, passes_when
 
     output = []
     for req in requests:
@@ -215,7 +215,7 @@ def _dry_run(project: Project, requests: list[FireRequest]) -> int:
 async def _deliver(
     project: Project, store: Store, ids: list[int], wait: float, sandbox: bool
 ) -> list[OutboxRow]:
-    from engine.runtime import make_dispatcher
+    from engine.send.runtime import make_dispatcher
 
     with _progress(len(ids)) as advance:
 
@@ -346,7 +346,7 @@ def _row_json(row: OutboxRow) -> dict[str, Any]:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from engine.runtime import open_store
+    from engine.send.runtime import open_store
 
     states = None
     if args.status:
@@ -431,7 +431,7 @@ def why_waiting(row: OutboxRow, paused: Mapping[str, datetime | None], now: date
 
 def _history_unmatched(project: Project, since: datetime | None, limit: int, fmt: str) -> int:
     """Events answered 202 that no rule took: when, which, and why (to fire them again)."""
-    from engine.runtime import open_store
+    from engine.send.runtime import open_store
 
     with open_store(project) as store:
         events = store.unmatched(since=since, limit=limit)
@@ -494,7 +494,7 @@ def _print_table(rows: Sequence[OutboxRow], waits: Mapping[int, str | None]) -> 
 def cmd_outbox(args: argparse.Namespace) -> int:
     """``resend`` queues rows again and sends them now (waiting as ``send`` does); ``drop``
     gives up on them for good. Both keep the row's history."""
-    from engine.runtime import open_store
+    from engine.send.runtime import open_store
 
     try:
         project = load_settings(args.project, sandbox=args.sandbox)

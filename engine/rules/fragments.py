@@ -6,10 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine import accengage
-from engine.problems import Problem, field_path
-from engine.schemas import BUTTON_TEMPLATE_CHECKER, MESSAGE_TEMPLATE_CHECKER, SchemaChecker
-from engine.yaml_source import MarkedMap, Unreadable, load, position, read_source, yaml_files
+from engine.accengage import api as accengage
+from engine.rules.problems import Problem, field_path
+from engine.rules.schemas import BUTTON_TEMPLATE_CHECKER, MESSAGE_TEMPLATE_CHECKER, SchemaChecker
+from engine.rules.yaml_source import MarkedMap, Unreadable, load, position, read_source, yaml_files
 
 MESSAGES_DIR = Path("templates/messages")
 BUTTONS_DIR = Path("templates/buttons")

@@ -7,7 +7,7 @@ changed, so a reload does not shift the phase of the others.
 
 Why the job options are what they are (APScheduler 3.11, measured):
 
-* Fire times are computed by :mod:`engine.schedule` on the injected clock and handed to
+* Fire times are computed by :mod:`engine.rules.schedule` on the injected clock and handed to
   APScheduler as the real instants they happen at (:class:`ClockTrigger`); the scheduled time
   given to ``on_fire`` is mapped back to the clock.
 * A run skipped by ``max_instances`` is lost for good, and a job killed mid-run is not
@@ -50,10 +50,10 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
 
-from engine.batching import Coalescer, never
-from engine.clock import Clock
-from engine.rules import Rule
-from engine.schedule import (
+from engine.daemon.clock import Clock
+from engine.outbox.batching import Coalescer, never
+from engine.rules.rule import Rule
+from engine.rules.schedule import (
     RuleTrigger,
     Schedule,
     TriggerError,
@@ -99,7 +99,7 @@ JobKind = Literal["fire", "poll"]
 
 
 class Marks(Protocol):
-    """Instants remembered by name (engine/store.py's Store); aware UTC datetimes."""
+    """Instants remembered by name (engine/outbox/store.py's Store); aware UTC datetimes."""
 
     def get_mark(self, scope: str, name: str) -> datetime | None: ...
 

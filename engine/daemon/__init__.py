@@ -1,0 +1,8 @@
+"""``pushrules run``: the long-running process and what drives it.
+
+Owns the process wiring (``process``), the APScheduler adapter (``scheduler``), polled feeds
+(``poller``), the HTTP intake with /healthz and /metrics (``intake``, ``metrics``), hot reload
+(``watcher``), the injectable clock (``clock``) and logging (``logs``).
+
+May import: :mod:`engine.send` and everything below it; never :mod:`engine.cli`.
+"""
