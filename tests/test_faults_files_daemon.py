@@ -167,7 +167,9 @@ def test_delete_and_recreate_churn_loses_no_event(
     finally:
         stop.set()
         thread.join()
-    assert len(answers) > 50
+    # Enough events to span many delete/re-create cycles (about 40 in 10 s), even on a busy
+    # machine where each POST takes 0.2 s.
+    assert len(answers) >= 20, len(answers)
     # An event no rule listens to is recorded too, with why.
     for _ in range(2):  # a client's retry: one event
         assert daemon.post("nobody", {"marker": "n"}, key="nobody-1").status_code == 202
