@@ -70,6 +70,9 @@ ATTACKS = {
     "slice count": "{{ [1] | slice(900000000) | list }}",
     "sum of lists": "{{ ([[1] * 100000] * 100000) | sum(start=[]) }}",
     "sum of picked lists": "{{ ([{'l': [1] * 100000}] * 100000) | sum(attribute='l', start=[]) }}",
+    "sorting repeated lists": "{{ ([[1] * 100000] * 100000) | sort | length }}",
+    "format !r of a nested list": "{% set b = [1] * 100000 %}{% set c = [b, b, b, b, b, b, b, "
+    "b] %}{% set d = [c, c, c, c, c, c, c, c] %}{{ '{!r}'.format([d, d, d, d, d, d, d, d]) }}",
     "printing a nested list": "{{ [[1] * 100000] * 100000 }}",
     "tojson of a nested list": "{{ ([[1] * 100000] * 100000) | tojson }}",
     "~ doubling": "{% set s = 'x' * 65536 %}{% set s = s ~ s %}{% set s = s ~ s %}"

@@ -57,6 +57,11 @@ class RenderError(Exception):
 class _BoundedFormatter(SandboxedFormatter):
     """``str.format`` in templates: a field's width, precision and value are checked first."""
 
+    def convert_field(self, value: Any, conversion: str | None) -> Any:
+        if conversion:  # !r and !s build the text before format_field sees it
+            bounds.refuse_size("a format field", bounds.flat_size(value))
+        return super().convert_field(value, conversion)
+
     def format_field(self, value: Any, format_spec: str) -> Any:
         bounds.check_format_field(value, format_spec)
         return super().format_field(value, format_spec)
@@ -186,11 +191,17 @@ def _is_sized(value: object) -> bool:
 
 
 def _product_size(left: object, right: object) -> int:
-    if _is_sized(left) and isinstance(right, int):
-        return len(left) * right  # type: ignore[arg-type]
+    """Items ``left * right`` would hold; for a list of lists, all their items: ``[big] * n``
+    is small in memory, but printing, joining or sorting it costs ``n`` times ``big``."""
     if _is_sized(right) and isinstance(left, int):
-        return len(right) * left  # type: ignore[arg-type]
-    return 0
+        left, right = right, left
+    if not (_is_sized(left) and isinstance(right, int)):
+        return 0
+    if isinstance(left, list | tuple) and any(
+        isinstance(i, list | tuple | dict | set) for i in left
+    ):
+        return bounds.flat_size(left) * right
+    return len(left) * right  # type: ignore[arg-type]
 
 
 def _bounded_range(*args: int) -> range:
