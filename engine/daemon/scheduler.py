@@ -42,7 +42,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta, tzinfo
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any, Literal, Protocol
 
 from apscheduler.executors.asyncio import AsyncIOExecutor
@@ -54,7 +54,6 @@ from engine.daemon.clock import Clock
 from engine.outbox.batching import Coalescer, never
 from engine.rules.rule import Rule
 from engine.rules.schedule import (
-    RuleTrigger,
     Schedule,
     TriggerError,
     missed_fires,
@@ -70,6 +69,7 @@ __all__ = [
     "FireCallback",
     "Marks",
     "PollCallback",
+    "RuleTrigger",
     "Scheduler",
     "WaitingWrite",
     "fire_key",
@@ -236,6 +236,43 @@ def log_skipped(rule_id: str, skipped: Sequence[tuple[datetime, str]], context: 
 
 
 # --------------------------------------------------------------------------- APScheduler glue
+
+
+class RuleTrigger(BaseTrigger):
+    """Runs a :class:`Schedule` under APScheduler 3.
+
+    Fire times are handed over with a fixed UTC offset (the rule's local offset at
+    that instant): APScheduler compares and subtracts them with its own ``now``,
+    and with a shared IANA tzinfo Python would do that by wall clock, wrongly in
+    the repeated autumn hour.
+    """
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.schedule = schedule
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        # Like APScheduler's own triggers: the first fire is due at ``now`` inclusive,
+        # later ones strictly after the previous fire (missed runs are APScheduler's).
+        # In UTC: subtracting from a local time would be wall-clock arithmetic.
+        after = (
+            previous_fire_time
+            if previous_fire_time is not None
+            else now.astimezone(UTC) - timedelta(microseconds=1)
+        )
+        fire = self.schedule.next_after(after)
+        if fire is None:
+            return None
+        offset = fire.utcoffset()
+        assert offset is not None
+        return fire.astimezone(timezone(offset))
+
+    def __str__(self) -> str:
+        return str(self.schedule)
+
+    def __repr__(self) -> str:
+        return f"<RuleTrigger ({self.schedule})>"
 
 
 class ClockTrigger(BaseTrigger):
