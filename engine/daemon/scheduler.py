@@ -150,7 +150,7 @@ class WaitingWrite:
 
 def retry_delay(failures: int, base: float, most: float) -> float:
     """Seconds before the next try of a fire write that failed ``failures`` times (>= 1)."""
-    return min(most, base * 2 ** min(failures - 1, 30))
+    return min(most, base * 2.0 ** min(failures - 1, 30))
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +248,7 @@ def log_skipped(rule_id: str, skipped: Sequence[tuple[datetime, str]], context: 
 # --------------------------------------------------------------------------- APScheduler glue
 
 
-class RuleTrigger(BaseTrigger):
+class RuleTrigger(BaseTrigger):  # type: ignore[misc]  # APScheduler 3 has no type hints
     """Runs a :class:`Schedule` under APScheduler 3.
 
     Fire times are handed over with a fixed UTC offset (the rule's local offset at
@@ -285,7 +285,7 @@ class RuleTrigger(BaseTrigger):
         return f"<RuleTrigger ({self.schedule})>"
 
 
-class ClockTrigger(BaseTrigger):
+class ClockTrigger(BaseTrigger):  # type: ignore[misc]  # APScheduler 3 has no type hints
     """Computes fire times on the injected clock; gives APScheduler the real instants.
 
     ``covered_from`` is the clock instant of the first computation: the job fires every fire
