@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from engine.daemon.clock import Clock
+from engine.daemon.clock import SYSTEM, Clock
 from engine.daemon.scheduler import (
     MARK_SCOPE,
     CatchUp,
@@ -94,15 +94,18 @@ def marks(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Marks]:
 class Recorder:
     """on_fire / on_poll that remember their calls and can wait for a number of them."""
 
-    def __init__(self, action: Callable[[int], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self, action: Callable[[int], Awaitable[None]] | None = None, clock: Clock = SYSTEM
+    ) -> None:
         self.fires: list[tuple[str, datetime, str]] = []
         self.polls: list[tuple[str, datetime]] = []
-        self.real_times: list[float] = []
+        self.clock_times: list[datetime] = []  # what the clock showed at each call
+        self.clock = clock
         self.action = action
         self._changed = asyncio.Event()
 
     async def on_fire(self, rule: Rule, at: datetime, key: str) -> None:
-        self.real_times.append(time.monotonic())
+        self.clock_times.append(self.clock.now())
         self.fires.append((rule.id, at, key))
         self._changed.set()
         if self.action is not None:
@@ -169,13 +172,14 @@ def test_plan_catch_up_fires_newest_young_and_skips_the_rest() -> None:
 
 
 def test_clock_trigger_hands_apscheduler_real_instants() -> None:
-    clock = clock_at(datetime(2026, 3, 29, 1, 59, 58, tzinfo=PARIS))
+    # Pure: APScheduler passes the real "now", so a fixed one needs no waiting nor window.
+    real_now = datetime(2026, 11, 29, 12, 0, 0, 250000, tzinfo=UTC)
+    clock = Clock(datetime(2026, 3, 29, 1, 59, 58, tzinfo=PARIS) - real_now)
     trigger = ClockTrigger(RuleTrigger(schedule_for({"cron": "30 2 * * *"}, PARIS)), clock)
-    real_now = datetime.now(UTC)
     real_fire = trigger.get_next_fire_time(None, real_now)
     assert real_fire is not None
     assert clock.from_real(real_fire) == datetime(2026, 3, 29, 3, 0, tzinfo=PARIS)
-    assert 1.9 < (real_fire - real_now).total_seconds() < 2.1
+    assert real_fire - real_now == timedelta(seconds=2)
     assert trigger.covered_from == clock.from_real(real_now)
     following = trigger.get_next_fire_time(real_fire, real_fire)
     assert following is not None
@@ -374,11 +378,10 @@ def test_every_second_fires_with_utc_keys_and_survives_a_raising_callback(
 
 def test_shifted_clock_fires_the_skipped_dst_time_at_the_end_of_the_gap() -> None:
     async def scenario() -> None:
-        rec = Recorder()
-        clock = clock_at(datetime(2026, 3, 29, 1, 59, 58, tzinfo=PARIS))
+        clock = clock_at(datetime(2026, 3, 29, 1, 59, 59, tzinfo=PARIS))
+        rec = Recorder(clock=clock)
         sched = Scheduler(clock, MemoryMarks(), rec.on_fire, rec.on_poll)
         await sched.start()
-        started = time.monotonic()
         try:
             sched.apply({"nightly": make_rule("nightly", {"cron": "30 2 * * *"})})
             assert sched.next_fires()["nightly"] == datetime(2026, 3, 29, 3, 0, tzinfo=PARIS)
@@ -391,7 +394,7 @@ def test_shifted_clock_fires_the_skipped_dst_time_at_the_end_of_the_gap() -> Non
         assert at == datetime(2026, 3, 29, 1, 0, tzinfo=UTC)  # 03:00+02:00 on the clock
         assert at.tzinfo is UTC
         assert key == "schedule:2026-03-29T01:00:00+00:00"
-        assert 1.5 < rec.real_times[0] - started < 3.5
+        assert rec.clock_times[0] >= at  # on time by the clock, never early
         assert after == datetime(2026, 3, 30, 2, 30, tzinfo=PARIS)
 
     run(scenario())
