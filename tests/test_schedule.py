@@ -1,15 +1,12 @@
-"""engine.rules.schedule: crontab meaning, Vixie DST behaviour, every/at, errors, APScheduler."""
+"""engine.rules.schedule: crontab meaning, Vixie DST behaviour, every/at, errors."""
 
 from __future__ import annotations
 
-import pickle
-import threading
 import time
-from datetime import UTC, date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-from apscheduler.schedulers.background import BackgroundScheduler
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +14,6 @@ from engine.rules.schedule import (
     AtSchedule,
     CronSchedule,
     EverySchedule,
-    RuleTrigger,
     Schedule,
     TriggerError,
     ZonedCronSchedule,
@@ -882,73 +878,3 @@ def test_missed_fires_of_a_one_off() -> None:
     schedule = schedule_for({"at": "2026-06-01 12:00"}, PARIS)
     window = (datetime(2026, 6, 1, 9, tzinfo=UTC), datetime(2026, 6, 1, 11, tzinfo=UTC))
     assert iso(missed_fires(schedule, *window)) == ["2026-06-01T12:00:00+02:00"]
-
-
-# --------------------------------------------------------------------------- APScheduler
-
-
-def test_rule_trigger_next_fire_time() -> None:
-    trigger = RuleTrigger(cron("0 9 * * *", PARIS))
-    now = datetime(2026, 3, 28, 9, 0, tzinfo=PARIS)
-    first = trigger.get_next_fire_time(None, now)
-    assert first == now  # due now, like APScheduler's own triggers
-    second = trigger.get_next_fire_time(first, now)
-    assert second.isoformat() == "2026-03-29T09:00:00+02:00"
-    # a fixed offset, so APScheduler never compares by wall clock in a repeated hour
-    assert isinstance(second.tzinfo, timezone)
-    assert "0 9 * * *" in repr(trigger) and str(trigger) == "cron '0 9 * * *' in Europe/Paris"
-
-
-def test_rule_trigger_through_the_repeated_hour() -> None:
-    trigger = RuleTrigger(cron("*/30 * * * *", PARIS))
-    previous = datetime(2026, 10, 25, 2, 30, tzinfo=PARIS)  # CEST
-    fires = []
-    for _ in range(3):
-        previous = trigger.get_next_fire_time(previous, previous)
-        fires.append(previous.isoformat())
-    assert fires == [
-        "2026-10-25T02:00:00+01:00",
-        "2026-10-25T02:30:00+01:00",
-        "2026-10-25T03:00:00+01:00",
-    ]
-
-
-def test_rule_trigger_first_fire_due_now_in_the_repeated_hour() -> None:
-    trigger = RuleTrigger(cron("*/30 * * * *", PARIS))
-    now = datetime(2026, 10, 25, 2, 0, tzinfo=PARIS, fold=1)  # 02:00 CET, second pass
-    first = trigger.get_next_fire_time(None, now)
-    assert first.isoformat() == "2026-10-25T02:00:00+01:00"
-
-
-def test_rule_trigger_one_off_in_the_past() -> None:
-    trigger = RuleTrigger(schedule_for({"at": "2026-01-01 00:00"}, PARIS))
-    assert trigger.get_next_fire_time(None, datetime(2026, 6, 1, tzinfo=UTC)) is None
-
-
-def test_rule_trigger_pickles() -> None:
-    trigger = RuleTrigger(cron("0 9 * * MON", PARIS))
-    copy = pickle.loads(pickle.dumps(trigger))
-    now = datetime(2026, 1, 1, tzinfo=UTC)
-    assert copy.get_next_fire_time(None, now) == trigger.get_next_fire_time(None, now)
-
-
-def test_rule_trigger_in_a_background_scheduler() -> None:
-    ran = threading.Event()
-    calls: list[datetime] = []
-    when = datetime.now(UTC) + timedelta(milliseconds=300)
-    scheduler = BackgroundScheduler(timezone=PARIS)
-    scheduler.add_job(
-        lambda: (calls.append(datetime.now(UTC)), ran.set()),
-        RuleTrigger(AtSchedule(when, PARIS)),
-        id="once",
-    )
-    cron_job = scheduler.add_job(lambda: None, RuleTrigger(cron("0 9 1 1 *", PARIS)), id="yearly")
-    scheduler.start()
-    try:
-        assert cron_job.next_run_time.month == 1 and cron_job.next_run_time.hour == 9
-        assert ran.wait(5)
-        time.sleep(0.1)
-        assert len(calls) == 1 and calls[0] >= when
-        assert scheduler.get_job("once") is None  # a one-off is done after its fire
-    finally:
-        scheduler.shutdown(wait=False)

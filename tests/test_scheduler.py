@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import re
 import textwrap
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
 
-from engine.daemon.clock import Clock
+from engine.daemon.clock import SYSTEM, Clock
 from engine.daemon.scheduler import (
     MARK_SCOPE,
     CatchUp,
     ClockTrigger,
     Marks,
+    RuleTrigger,
     Scheduler,
     fire_key,
     job_kind,
@@ -29,7 +32,7 @@ from engine.daemon.scheduler import (
 )
 from engine.outbox.store import Store
 from engine.rules.rule import TRIGGER_KINDS, Rule
-from engine.rules.schedule import RuleTrigger, schedule_for
+from engine.rules.schedule import AtSchedule, Schedule, schedule_for
 from tests.helpers import load, make_project, write_rule
 
 PARIS = ZoneInfo("Europe/Paris")
@@ -91,15 +94,18 @@ def marks(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Marks]:
 class Recorder:
     """on_fire / on_poll that remember their calls and can wait for a number of them."""
 
-    def __init__(self, action: Callable[[int], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self, action: Callable[[int], Awaitable[None]] | None = None, clock: Clock = SYSTEM
+    ) -> None:
         self.fires: list[tuple[str, datetime, str]] = []
         self.polls: list[tuple[str, datetime]] = []
-        self.real_times: list[float] = []
+        self.clock_times: list[datetime] = []  # what the clock showed at each call
+        self.clock = clock
         self.action = action
         self._changed = asyncio.Event()
 
     async def on_fire(self, rule: Rule, at: datetime, key: str) -> None:
-        self.real_times.append(time.monotonic())
+        self.clock_times.append(self.clock.now())
         self.fires.append((rule.id, at, key))
         self._changed.set()
         if self.action is not None:
@@ -124,6 +130,10 @@ def run(coro: Awaitable[Any]) -> Any:
 
 def clock_at(moment: datetime) -> Clock:
     return Clock.starting_at(moment)
+
+
+def cron(expr: str, tz: ZoneInfo = PARIS) -> Schedule:
+    return schedule_for({"cron": expr}, tz)
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -162,17 +172,88 @@ def test_plan_catch_up_fires_newest_young_and_skips_the_rest() -> None:
 
 
 def test_clock_trigger_hands_apscheduler_real_instants() -> None:
-    clock = clock_at(datetime(2026, 3, 29, 1, 59, 58, tzinfo=PARIS))
+    # Pure: APScheduler passes the real "now", so a fixed one needs no waiting nor window.
+    real_now = datetime(2026, 11, 29, 12, 0, 0, 250000, tzinfo=UTC)
+    clock = Clock(datetime(2026, 3, 29, 1, 59, 58, tzinfo=PARIS) - real_now)
     trigger = ClockTrigger(RuleTrigger(schedule_for({"cron": "30 2 * * *"}, PARIS)), clock)
-    real_now = datetime.now(UTC)
     real_fire = trigger.get_next_fire_time(None, real_now)
     assert real_fire is not None
     assert clock.from_real(real_fire) == datetime(2026, 3, 29, 3, 0, tzinfo=PARIS)
-    assert 1.9 < (real_fire - real_now).total_seconds() < 2.1
+    assert real_fire - real_now == timedelta(seconds=2)
     assert trigger.covered_from == clock.from_real(real_now)
     following = trigger.get_next_fire_time(real_fire, real_fire)
     assert following is not None
     assert clock.from_real(following) == datetime(2026, 3, 30, 2, 30, tzinfo=PARIS)
+
+
+# --------------------------------------------------------------- the APScheduler trigger
+
+
+def test_rule_trigger_next_fire_time() -> None:
+    trigger = RuleTrigger(cron("0 9 * * *", PARIS))
+    now = datetime(2026, 3, 28, 9, 0, tzinfo=PARIS)
+    first = trigger.get_next_fire_time(None, now)
+    assert first == now  # due now, like APScheduler's own triggers
+    second = trigger.get_next_fire_time(first, now)
+    assert second.isoformat() == "2026-03-29T09:00:00+02:00"
+    # a fixed offset, so APScheduler never compares by wall clock in a repeated hour
+    assert isinstance(second.tzinfo, timezone)
+    assert "0 9 * * *" in repr(trigger) and str(trigger) == "cron '0 9 * * *' in Europe/Paris"
+
+
+def test_rule_trigger_through_the_repeated_hour() -> None:
+    trigger = RuleTrigger(cron("*/30 * * * *", PARIS))
+    previous = datetime(2026, 10, 25, 2, 30, tzinfo=PARIS)  # CEST
+    fires = []
+    for _ in range(3):
+        previous = trigger.get_next_fire_time(previous, previous)
+        fires.append(previous.isoformat())
+    assert fires == [
+        "2026-10-25T02:00:00+01:00",
+        "2026-10-25T02:30:00+01:00",
+        "2026-10-25T03:00:00+01:00",
+    ]
+
+
+def test_rule_trigger_first_fire_due_now_in_the_repeated_hour() -> None:
+    trigger = RuleTrigger(cron("*/30 * * * *", PARIS))
+    now = datetime(2026, 10, 25, 2, 0, tzinfo=PARIS, fold=1)  # 02:00 CET, second pass
+    first = trigger.get_next_fire_time(None, now)
+    assert first.isoformat() == "2026-10-25T02:00:00+01:00"
+
+
+def test_rule_trigger_one_off_in_the_past() -> None:
+    trigger = RuleTrigger(schedule_for({"at": "2026-01-01 00:00"}, PARIS))
+    assert trigger.get_next_fire_time(None, datetime(2026, 6, 1, tzinfo=UTC)) is None
+
+
+def test_rule_trigger_pickles() -> None:
+    trigger = RuleTrigger(cron("0 9 * * MON", PARIS))
+    copy = pickle.loads(pickle.dumps(trigger))
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    assert copy.get_next_fire_time(None, now) == trigger.get_next_fire_time(None, now)
+
+
+def test_rule_trigger_in_a_background_scheduler() -> None:
+    ran = threading.Event()
+    calls: list[datetime] = []
+    when = datetime.now(UTC) + timedelta(milliseconds=300)
+    scheduler = BackgroundScheduler(timezone=PARIS)
+    scheduler.add_job(
+        lambda: (calls.append(datetime.now(UTC)), ran.set()),
+        RuleTrigger(AtSchedule(when, PARIS)),
+        id="once",
+    )
+    cron_job = scheduler.add_job(lambda: None, RuleTrigger(cron("0 9 1 1 *", PARIS)), id="yearly")
+    scheduler.start()
+    try:
+        assert cron_job.next_run_time.month == 1 and cron_job.next_run_time.hour == 9
+        assert ran.wait(5)
+        time.sleep(0.1)
+        assert len(calls) == 1 and calls[0] >= when
+        assert scheduler.get_job("once") is None  # a one-off is done after its fire
+    finally:
+        scheduler.shutdown(wait=False)
 
 
 # --------------------------------------------------------------------------- jobs
@@ -297,11 +378,10 @@ def test_every_second_fires_with_utc_keys_and_survives_a_raising_callback(
 
 def test_shifted_clock_fires_the_skipped_dst_time_at_the_end_of_the_gap() -> None:
     async def scenario() -> None:
-        rec = Recorder()
-        clock = clock_at(datetime(2026, 3, 29, 1, 59, 58, tzinfo=PARIS))
+        clock = clock_at(datetime(2026, 3, 29, 1, 59, 59, tzinfo=PARIS))
+        rec = Recorder(clock=clock)
         sched = Scheduler(clock, MemoryMarks(), rec.on_fire, rec.on_poll)
         await sched.start()
-        started = time.monotonic()
         try:
             sched.apply({"nightly": make_rule("nightly", {"cron": "30 2 * * *"})})
             assert sched.next_fires()["nightly"] == datetime(2026, 3, 29, 3, 0, tzinfo=PARIS)
@@ -314,7 +394,7 @@ def test_shifted_clock_fires_the_skipped_dst_time_at_the_end_of_the_gap() -> Non
         assert at == datetime(2026, 3, 29, 1, 0, tzinfo=UTC)  # 03:00+02:00 on the clock
         assert at.tzinfo is UTC
         assert key == "schedule:2026-03-29T01:00:00+00:00"
-        assert 1.5 < rec.real_times[0] - started < 3.5
+        assert rec.clock_times[0] >= at  # on time by the clock, never early
         assert after == datetime(2026, 3, 30, 2, 30, tzinfo=PARIS)
 
     run(scenario())

@@ -24,15 +24,26 @@ _NOTHING_SENT = "credentials unavailable"
 
 
 class _Outcome(Protocol):
-    rule: str
-    status: str
+    # Read-only, so frozen dataclasses (the firing's outcomes) match.
+    @property
+    def rule(self) -> str: ...
+
+    @property
+    def status(self) -> str: ...
 
 
 class _Attempt(Protocol):
-    duration_s: float
-    http_status: int | None
-    return_code: int | None
-    error: str | None
+    @property
+    def duration_s(self) -> float: ...
+
+    @property
+    def http_status(self) -> int | None: ...
+
+    @property
+    def return_code(self) -> int | None: ...
+
+    @property
+    def error(self) -> str | None: ...
 
 
 class Metrics:

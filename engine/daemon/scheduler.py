@@ -10,14 +10,18 @@ Why the job options are what they are (APScheduler 3.11, measured):
 * Fire times are computed by :mod:`engine.rules.schedule` on the injected clock and handed to
   APScheduler as the real instants they happen at (:class:`ClockTrigger`); the scheduled time
   given to ``on_fire`` is mapped back to the clock.
-* A run skipped by ``max_instances`` is lost for good, and a job killed mid-run is not
-  re-run. So APScheduler never refuses a run here (``max_instances`` is effectively
-  unlimited) and the job stays tiny: ``on_fire`` only writes the fire to the store. Fires of
-  one rule queue behind a per-rule lock, in order; a poll turn that finds the previous poll of
-  its feed still running is skipped (the next turn sees the same feed).
-* Our executor receives every due run time (``coalesce=False`` at APScheduler's level) and
-  coalesces itself, so that what it drops is logged: the newest fire is sent if it is at most
-  the rule's ``catch_up`` late (also set as the job's ``misfire_grace_time``, for the record),
+* APScheduler is used through its public API only: a job per rule, whose coroutine is a
+  *wake-up*. A run takes from the rule's schedule every fire due since the previous run took
+  its own (:meth:`_Entry.claim_due`), so APScheduler need not say which run times were due:
+  ``coalesce=True`` (one run per wake-up), ``misfire_grace_time=None`` (APScheduler never drops
+  a run; lateness is judged against the rule's ``catch_up`` here, and logged) and
+  ``max_instances`` effectively unlimited (a refused run would leave its fires to the next
+  wake-up, maybe a day later). A listener logs the run errors, misses and refusals these
+  options rule out. Runs are tracked, so :meth:`Scheduler.shutdown` lets them finish.
+* The job stays tiny: ``on_fire`` only writes the fire to the store. Fires of one rule queue
+  behind a per-rule lock, in order; a poll turn that finds the previous poll of its feed still
+  running is skipped (the next turn sees the same feed).
+* Of the fires a run takes, the newest is sent if it is at most the rule's ``catch_up`` late;
   the others are logged as skipped. A late poll turn polls once, however late.
 
 Marks: ``marks.set_mark("schedule", rule_id, t)`` means "every fire of this rule up to t was
@@ -42,10 +46,16 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta, tzinfo
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any, Literal, Protocol
 
-from apscheduler.executors.asyncio import AsyncIOExecutor
+from apscheduler.events import (
+    EVENT_JOB_ERROR,
+    EVENT_JOB_MAX_INSTANCES,
+    EVENT_JOB_MISSED,
+    JobEvent,
+    JobExecutionEvent,
+)
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
@@ -54,7 +64,6 @@ from engine.daemon.clock import Clock
 from engine.outbox.batching import Coalescer, never
 from engine.rules.rule import Rule
 from engine.rules.schedule import (
-    RuleTrigger,
     Schedule,
     TriggerError,
     missed_fires,
@@ -70,6 +79,7 @@ __all__ = [
     "FireCallback",
     "Marks",
     "PollCallback",
+    "RuleTrigger",
     "Scheduler",
     "WaitingWrite",
     "fire_key",
@@ -140,7 +150,7 @@ class WaitingWrite:
 
 def retry_delay(failures: int, base: float, most: float) -> float:
     """Seconds before the next try of a fire write that failed ``failures`` times (>= 1)."""
-    return min(most, base * 2 ** min(failures - 1, 30))
+    return min(most, base * 2.0 ** min(failures - 1, 30))
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +248,44 @@ def log_skipped(rule_id: str, skipped: Sequence[tuple[datetime, str]], context: 
 # --------------------------------------------------------------------------- APScheduler glue
 
 
-class ClockTrigger(BaseTrigger):
+class RuleTrigger(BaseTrigger):  # type: ignore[misc]  # APScheduler 3 has no type hints
+    """Runs a :class:`Schedule` under APScheduler 3.
+
+    Fire times are handed over with a fixed UTC offset (the rule's local offset at
+    that instant): APScheduler compares and subtracts them with its own ``now``,
+    and with a shared IANA tzinfo Python would do that by wall clock, wrongly in
+    the repeated autumn hour.
+    """
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.schedule = schedule
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        # Like APScheduler's own triggers: the first fire is due at ``now`` inclusive,
+        # later ones strictly after the previous fire (missed runs are APScheduler's).
+        # In UTC: subtracting from a local time would be wall-clock arithmetic.
+        after = (
+            previous_fire_time
+            if previous_fire_time is not None
+            else now.astimezone(UTC) - timedelta(microseconds=1)
+        )
+        fire = self.schedule.next_after(after)
+        if fire is None:
+            return None
+        offset = fire.utcoffset()
+        assert offset is not None
+        return fire.astimezone(timezone(offset))
+
+    def __str__(self) -> str:
+        return str(self.schedule)
+
+    def __repr__(self) -> str:
+        return f"<RuleTrigger ({self.schedule})>"
+
+
+class ClockTrigger(BaseTrigger):  # type: ignore[misc]  # APScheduler 3 has no type hints
     """Computes fire times on the injected clock; gives APScheduler the real instants.
 
     ``covered_from`` is the clock instant of the first computation: the job fires every fire
@@ -267,33 +314,6 @@ class ClockTrigger(BaseTrigger):
         return f"<ClockTrigger {self.inner!r} offset={self.clock.offset}>"
 
 
-class _Executor(AsyncIOExecutor):
-    """Hands the job all its due run times, and lets running jobs finish at shutdown.
-
-    APScheduler's own executor gives the job no run time and cancels running jobs on
-    shutdown; a fire needs its scheduled time for its key, and must not die mid-write.
-    """
-
-    def start(self, scheduler: Any, alias: str) -> None:
-        super().start(scheduler, alias)
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:
-        task = self._eventloop.create_task(
-            job.func(*job.args, list(run_times)), name=f"scheduled job of rule {job.id}"
-        )
-        self.tasks.add(task)
-
-        def done(finished: asyncio.Task[None]) -> None:
-            self.tasks.discard(finished)
-            self._run_job_success(job.id, [])  # the job logs its own errors
-
-        task.add_done_callback(done)
-
-    def shutdown(self, wait: bool = True) -> None:
-        """Nothing to cancel: :meth:`Scheduler.shutdown` awaits the running jobs first."""
-
-
 @dataclass(slots=True)
 class _Entry:
     rule: Rule
@@ -301,6 +321,26 @@ class _Entry:
     schedule: Schedule
     trigger: ClockTrigger
     tz: tzinfo
+    #: Fires up to here (a clock instant, UTC) are claimed by a run of the job; None before
+    #: the job's first run, when it starts at ``trigger.covered_from``.
+    claimed_until: datetime | None = None
+
+    def claim_due(self, now: datetime) -> list[datetime]:
+        """The fires due by ``now`` that no run has taken yet, oldest first; they are this
+        run's. Synchronous, so two runs of one job never take the same fire."""
+        since = self.first_unclaimed_after()
+        if since is None:
+            return []
+        due = missed_fires(self.schedule, since, now)
+        self.claimed_until = max(since, now.astimezone(UTC))
+        return [at.astimezone(UTC) for at in due]
+
+    def first_unclaimed_after(self) -> datetime | None:
+        """Where the fires not yet taken begin (exclusive); None before the job runs."""
+        if self.claimed_until is not None:
+            return self.claimed_until
+        covered = self.trigger.covered_from
+        return None if covered is None else covered - _TICK
 
 
 # --------------------------------------------------------------------------- the scheduler
@@ -335,8 +375,11 @@ class Scheduler:
         self._on_fire = on_fire
         self._on_poll = on_poll
         self._mark_every = mark_every
-        self._executor = _Executor()
-        self._aps = AsyncIOScheduler(timezone=UTC, executors={"default": self._executor})
+        self._running: set[asyncio.Task[Any]] = set()
+        self._aps = AsyncIOScheduler(timezone=UTC)
+        self._aps.add_listener(
+            self._on_job_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES
+        )
         self._entries: dict[str, _Entry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._pending: dict[str, list[datetime]] = {}  # fires due and not yet handled
@@ -359,12 +402,13 @@ class Scheduler:
         if not self._aps.running:
             return
         self._aps.pause()  # synchronous: no job is submitted from here on
+        await asyncio.sleep(0)  # a run submitted just before starts, so it is awaited below
         self._stopping.set()  # fires waiting to be written again stay pending, unmarked
         if self._marker is not None:
             self._marker.cancel()
             await asyncio.gather(self._marker, return_exceptions=True)
             self._marker = None
-        running = set(self._executor.tasks) | self._retries
+        running = self._running | self._retries
         if running:
             _, late = await asyncio.wait(running, timeout=timeout)
             for task in late:
@@ -443,13 +487,15 @@ class Scheduler:
         self._aps.add_job(
             self._run,
             trigger=entry.trigger,
-            args=(rule,),
+            args=(entry,),
             id=rule.id,
             name=f"rule {rule.id} ({entry.kind})",
-            coalesce=False,
-            misfire_grace_time=None
-            if entry.kind == "poll"
-            else max(1, int(rule.catch_up.total_seconds())),
+            # A run is a wake-up: it takes every fire due since the previous run from the
+            # schedule itself, so one run per wake-up is enough, APScheduler must never drop
+            # one as missed (lateness is judged against the rule's catch_up, and logged), and
+            # never refuse one because another still runs (it would be lost until the next).
+            coalesce=True,
+            misfire_grace_time=None,
             max_instances=_MAX_INSTANCES,
             replace_existing=True,
         )
@@ -466,22 +512,46 @@ class Scheduler:
         real = getattr(job, "next_run_time", None) if job is not None else None
         return None if real is None else self._clock.from_real(real)
 
-    async def _run(self, rule: Rule, run_times: Sequence[datetime] = ()) -> None:
-        """One APScheduler run: never raises, so a bad callback cannot stop the schedule.
+    async def _run(self, entry: _Entry) -> None:
+        """One APScheduler run: takes the fires due since the previous run and handles them.
 
-        ``rule`` is the version that was in force when the run was due, even if a reload
-        replaced it since.
+        Never raises, so a bad callback cannot stop the schedule. ``entry.rule`` is the
+        version in force now (a reload that keeps the digest updates it in place).
         """
-        if not run_times:
-            return
-        times = [self._clock.from_real(t).astimezone(UTC) for t in run_times]
+        task = asyncio.current_task()
+        if task is not None:  # so that shutdown lets it finish
+            self._running.add(task)
+        rule = entry.rule
         try:
-            if job_kind(rule) == "poll":
+            times = entry.claim_due(self._clock.now())
+            if not times:
+                return
+            if entry.kind == "poll":
                 await self._poll(rule, times[-1])
             else:
                 await self._fire_due(rule, times)
         except Exception:
             log.exception("rule %s: the scheduled job failed; it runs again next time", rule.id)
+        finally:
+            if task is not None:
+                self._running.discard(task)
+
+    def _on_job_event(self, event: JobEvent) -> None:
+        """APScheduler dropped or failed a run, which the job options should rule out; the
+        fires it held stay unclaimed, so the next run or the next start's catch-up has them."""
+        what = {
+            EVENT_JOB_ERROR: "failed",
+            EVENT_JOB_MISSED: "was missed",
+            EVENT_JOB_MAX_INSTANCES: "was refused (too many running)",
+        }.get(event.code, f"had event {event.code}")
+        error = getattr(event, "exception", None) if isinstance(event, JobExecutionEvent) else None
+        log.error(
+            "rule %s: a scheduled run %s%s; the fires it would have handled are taken by the "
+            "next run, or by catch-up at the next start",
+            event.job_id,
+            what,
+            f" ({type(error).__name__}: {error})" if error is not None else "",
+        )
 
     async def _fire_due(self, rule: Rule, times: Sequence[datetime]) -> None:
         now = self._clock.now()
@@ -731,8 +801,12 @@ class Scheduler:
         bound = now
         for at in self._pending.get(rule_id, ()):
             bound = min(bound, at - _TICK)
-        nxt = self._next_run(rule_id)
-        if nxt is not None and nxt <= now:  # due, not yet picked up (a busy loop)
+        entry = self._entries.get(rule_id)
+        since = None if entry is None else entry.first_unclaimed_after()
+        nxt = None if entry is None or since is None else entry.schedule.next_after(since)
+        if nxt is not None and nxt <= now:  # due, not yet taken by a run (a busy loop)
+            # In UTC: subtracting in the rule's zone would be wall-clock arithmetic.
+            nxt = nxt.astimezone(UTC)
             bound = min(bound, nxt - _TICK)
         return bound.astimezone(UTC)
 

@@ -1,4 +1,5 @@
-"""Triggers: parse ``cron``, ``every`` and ``at``, and compute when they fire.
+"""Triggers: parse ``cron``, ``every`` and ``at``, and compute when they fire (no APScheduler:
+``pushrules validate`` and ``next`` never load it; its adapter is engine/daemon/scheduler.py).
 
 Everything here is pure: callers pass the instants, nothing reads the clock, so the
 daemon can inject one in tests and ``pushrules next`` shows exactly what will happen.
@@ -29,17 +30,14 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from functools import lru_cache
 from typing import Protocol, runtime_checkable
-
-from apscheduler.triggers.base import BaseTrigger
 
 __all__ = [
     "AtSchedule",
     "CronSchedule",
     "EverySchedule",
-    "RuleTrigger",
     "Schedule",
     "TriggerError",
     "ZonedCronSchedule",
@@ -837,43 +835,3 @@ def _fires_between(
         kept.append(moment)
         moment = schedule.next_after(moment)
     return list(kept)
-
-
-# --------------------------------------------------------------------------- APScheduler
-
-
-class RuleTrigger(BaseTrigger):
-    """Runs a :class:`Schedule` under APScheduler 3.
-
-    Fire times are handed over with a fixed UTC offset (the rule's local offset at
-    that instant): APScheduler compares and subtracts them with its own ``now``,
-    and with a shared IANA tzinfo Python would do that by wall clock, wrongly in
-    the repeated autumn hour.
-    """
-
-    def __init__(self, schedule: Schedule) -> None:
-        self.schedule = schedule
-
-    def get_next_fire_time(
-        self, previous_fire_time: datetime | None, now: datetime
-    ) -> datetime | None:
-        # Like APScheduler's own triggers: the first fire is due at ``now`` inclusive,
-        # later ones strictly after the previous fire (missed runs are APScheduler's).
-        # In UTC: subtracting from a local time would be wall-clock arithmetic.
-        after = (
-            previous_fire_time
-            if previous_fire_time is not None
-            else now.astimezone(UTC) - timedelta(microseconds=1)
-        )
-        fire = self.schedule.next_after(after)
-        if fire is None:
-            return None
-        offset = fire.utcoffset()
-        assert offset is not None
-        return fire.astimezone(timezone(offset))
-
-    def __str__(self) -> str:
-        return str(self.schedule)
-
-    def __repr__(self) -> str:
-        return f"<RuleTrigger ({self.schedule})>"

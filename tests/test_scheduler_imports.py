@@ -1,0 +1,53 @@
+"""The commands that only read rules never load APScheduler: only the daemon runs jobs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PROBE = """
+import json, sys
+from engine.cli.main import main
+code = main(sys.argv[1:])
+loaded = sorted(m for m in sys.modules if m.split(".")[0] == "apscheduler")
+print(json.dumps({"code": code, "apscheduler": loaded}))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["validate"], ["next"], ["next", "monday-digest", "--count", "3"]],
+    ids=["validate", "next", "next-rule"],
+)
+def test_read_only_commands_do_not_import_apscheduler(argv: list[str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0, done.stdout
+    assert result["apscheduler"] == [], f"pushrules {' '.join(argv)} loaded {result['apscheduler']}"
+
+
+def test_the_probe_sees_apscheduler_when_the_scheduler_is_imported() -> None:
+    """The probe itself can fail: importing the daemon's scheduler does load APScheduler."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import engine.daemon.scheduler\n" + PROBE, "next"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert json.loads(done.stdout.strip().splitlines()[-1])["apscheduler"], done.stderr
