@@ -35,6 +35,7 @@ from engine.daemon.metrics import Metrics
 from engine.daemon.poller import Poller
 from engine.daemon.scheduler import Changes, Scheduler
 from engine.daemon.watcher import Watcher
+from engine.errors import PushrulesError
 from engine.outbox.batching import Coalescer
 from engine.outbox.firing import FireOutcome, FireRequest, fire_many
 from engine.outbox.store import Store, busy_timeout
@@ -66,7 +67,7 @@ class Options:
     clock: Clock = field(default_factory=Clock)
 
 
-class StartupError(Exception):
+class StartupError(PushrulesError):
     """The daemon cannot start; the message says what to fix."""
 
 

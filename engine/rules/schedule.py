@@ -35,6 +35,8 @@ from typing import Protocol, runtime_checkable
 
 from apscheduler.triggers.base import BaseTrigger
 
+from engine.errors import PushrulesError
+
 __all__ = [
     "AtSchedule",
     "CronSchedule",
@@ -62,7 +64,7 @@ _PROBE = timedelta(days=1)
 _SEARCH_YEARS = 400
 
 
-class TriggerError(ValueError):
+class TriggerError(PushrulesError, ValueError):
     """A trigger a rule author must fix; the message says what and how."""
 
 

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, quote_plus
 
+from engine.errors import PushrulesError
+
 MASK = "********"
 
 
-class MissingSecret(Exception):
+class MissingSecret(PushrulesError):
     """A referenced secret cannot be read; the message names the reference, never a value."""
 
 

@@ -26,6 +26,7 @@ from jinja2.runtime import LoopContext
 from jinja2.sandbox import SandboxedEnvironment, SandboxedFormatter
 from jinja2.visitor import NodeTransformer
 
+from engine.errors import PushrulesError
 from engine.rules import template_bounds as bounds
 from engine.rules.problems import did_you_mean
 from engine.rules.template_bounds import MAX_OUTPUT, MAX_SEQUENCE
@@ -42,7 +43,7 @@ _STEPS_FILTER = "_pushrules_steps"
 _CONCAT_FILTER = "_pushrules_concat"
 
 
-class RenderError(Exception):
+class RenderError(PushrulesError):
     """A template failed when the rule fired; the message says which name or limit.
 
     ``reference`` is the dotted path the template read when a name was undefined

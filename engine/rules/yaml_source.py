@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from engine.errors import PushrulesError
+
 try:
     _Loader: type = yaml.CSafeLoader
 except AttributeError:  # pragma: no cover - libyaml missing
@@ -402,7 +404,7 @@ def native(value: Any) -> Any:
 # --- reading project files (the I/O edge) ------------------------------------------------------
 
 
-class Unreadable(Exception):
+class Unreadable(PushrulesError):
     """A project file that cannot be used as text; the message says why and what to do."""
 
     def __init__(self, message: str, line: int | None = None) -> None:
