@@ -40,10 +40,11 @@ from engine.outbox.batching import Coalescer
 from engine.outbox.firing import FireOutcome, FireRequest, fire_many
 from engine.outbox.store import Store, busy_timeout
 from engine.render.compiler import FireContext
+from engine.rules.checks import compile_templates
 from engine.rules.loader import Loader, RuleSet
 from engine.rules.problems import format_text
 from engine.rules.project import Project
-from engine.rules.rule import Rule, compile_templates
+from engine.rules.rule import Rule
 from engine.rules.schedule import parse_timezone
 from engine.rules.secrets import MissingSecret, SecretRef
 from engine.send.dispatch import Dispatcher, log_reclaimed

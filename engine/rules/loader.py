@@ -16,10 +16,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.rules.checks import parse_rule
 from engine.rules.fragments import BUTTONS_DIR, MESSAGES_DIR, Fragments, load_fragments
 from engine.rules.problems import Problem
 from engine.rules.project import CONFIG_NAME, Project, load_project
-from engine.rules.rule import Rule, parse_rule
+from engine.rules.rule import Rule
 from engine.rules.yaml_source import Unreadable, read_source, yaml_files
 
 RULES_DIR = Path("rules")

@@ -3,7 +3,7 @@
 The shapes follow the Accengage API (ACCENGAGE_API.md) with the rule-level keys of DESIGN.md.
 Scalars arrive as text (see :mod:`engine.rules.yaml_source`), so the two API types that are not
 text, boolean and integer, are custom types that accept a plain YAML ``true`` or ``12``. What
-Cerberus cannot say (cross-field and cross-file rules) is checked in :mod:`engine.rules.rule`.
+Cerberus cannot say (cross-field and cross-file rules) is checked in :mod:`engine.rules.checks`.
 """
 
 from __future__ import annotations
