@@ -1,6 +1,8 @@
 """The rule model: what one checked rule file means, as immutable dataclasses.
 
-The checks that build it from a file live in :mod:`engine.rules.checks`.
+The checks that build it from a file live in :mod:`engine.rules.checks`. The model imports
+neither Cerberus nor Jinja, so code that only reads rules (the outbox, the scheduler's tests, a
+tool) does not load the checking machinery.
 """
 
 from __future__ import annotations
@@ -8,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.rules.project import App
+if TYPE_CHECKING:  # the model loads neither Cerberus (project's schemas) nor Jinja
+    from engine.rules.project import App
 
 DEFAULT_CATCH_UP = timedelta(minutes=10)
 TRIGGER_KINDS = ("cron", "every", "at", "event", "poll")
