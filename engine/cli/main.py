@@ -54,7 +54,7 @@ Docs: docs/rules.md (writing rules), docs/operations.md (running the daemon).
 class _Parser(argparse.ArgumentParser):
     """argparse, exiting 2 on usage errors (its default) with a pointer to --help."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
 

@@ -173,7 +173,7 @@ def _deliverable(store: Store, outcomes: Sequence[FireOutcome]) -> list[int]:
     """Rows to send now: not those deferred by quiet hours, nor those of a paused rule, which
     the daemon sends when their time comes."""
     paused = store.paused()
-    ids = []
+    ids: list[int] = []
     for o in outcomes:
         if o.status not in ("queued", "duplicate"):
             continue

@@ -216,7 +216,7 @@ def _build(
     quiet = _check_quiet_hours(doc.get("quiet_hours"), out)
     limit = _check_limit(doc.get("limit"), out)
     _check_templates(doc, out)
-    if out.failed or kind is None:
+    if out.failed or kind is None or trigger is None:  # no trigger: no kind either
         return None
     enabled = doc.get("enabled")
     return Rule(
@@ -890,7 +890,7 @@ def _check_templates(doc: MarkedMap, out: _Collector) -> None:
         for path, text in _walk_strings(doc.get(section), (section,)):
             _check_text(text, path, out)
     for index, target in enumerate(doc.get("targets") or []):
-        names = frozenset()
+        names: frozenset[str] = frozenset()
         if isinstance(target, dict) and "for_each" in target:
             names = frozenset({str(target.get("as") or "item")})
         for path, text in _walk_strings(target, ("targets", index)):

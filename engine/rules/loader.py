@@ -184,8 +184,9 @@ class Loader:
             or entry.text_hash != h
             or entry.context != context
         ]
-        for rel, entry in self._check(todo, texts, project, fragments, context).items():
-            self._entries[rel] = _Entry(texts[rel][2], context, entry[0], entry[1])
+        checked = self._check(todo, texts, project, fragments, context)
+        for rel, (new_rule, new_problems) in checked.items():
+            self._entries[rel] = _Entry(texts[rel][2], context, new_rule, new_problems)
         for gone in set(self._entries) - set(texts):
             del self._entries[gone]
 

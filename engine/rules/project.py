@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.accengage import api as accengage
-from engine.rules.problems import Problem, field_path
+from engine.rules.problems import Problem, Severity, field_path
 from engine.rules.schemas import PROJECT_CHECKER, is_yaml_int
 from engine.rules.secrets import SecretRef
 from engine.rules.yaml_source import load, native, position
@@ -121,10 +121,12 @@ def parse_project(root: Path, text: str) -> tuple[Project | None, list[Problem]]
         )
         return None, problems
 
-    def report(path: tuple[Any, ...], code: int | None, message: str, severity: str = "error"):
+    def report(
+        path: tuple[Any, ...], code: int | None, message: str, severity: Severity = "error"
+    ) -> None:
         line, column = position(doc, path)
         problems.append(
-            Problem(CONFIG_NAME, line, column, field_path(path), code, severity, message)  # type: ignore[arg-type]
+            Problem(CONFIG_NAME, line, column, field_path(path), code, severity, message)
         )
 
     for err in PROJECT_CHECKER.check(doc):
@@ -134,7 +136,8 @@ def parse_project(root: Path, text: str) -> tuple[Project | None, list[Problem]]
             code = None
         report(err.path, code, err.message)
 
-    accengage_section = doc.get("accengage") if isinstance(doc.get("accengage"), dict) else {}
+    given = doc.get("accengage")
+    accengage_section: Mapping[str, Any] = given if isinstance(given, dict) else {}
     login = _secret(accengage_section, "login", root, report, ("accengage",))
     password = _secret(accengage_section, "password", root, report, ("accengage",))
     token = _secret(doc, "intake_token", root, report, ())

@@ -100,7 +100,8 @@ def mask(text: str, secrets: Iterable[str], login: str = "") -> str:
         if form in text:
             text = text.replace(form, MASK)
     spans = sorted(span for form in forms for span in _prefix_spans(text, form))
-    out, done = [], 0
+    out: list[str] = []
+    done = 0
     for start, end in spans:
         if end <= done:
             continue

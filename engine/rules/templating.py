@@ -18,7 +18,7 @@ import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache, update_wrapper
-from typing import Any
+from typing import Any, cast
 
 import jinja2
 from jinja2 import nodes, pass_context
@@ -67,14 +67,14 @@ class _Bounded(NodeTransformer):
     """Rewrites a parsed template so loop turns are counted and ``~`` is bounded."""
 
     def visit_For(self, node: nodes.For) -> nodes.Node:
-        node = self.generic_visit(node)
+        node = cast(nodes.For, self.generic_visit(node))
         node.iter = nodes.Filter(
             node.iter, _STEPS_FILTER, [], [], None, None, lineno=node.iter.lineno
         )
         return node
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
-        node = self.generic_visit(node)
+        node = cast(nodes.Concat, self.generic_visit(node))
         return nodes.Filter(
             nodes.List(node.nodes, lineno=node.lineno),
             _CONCAT_FILTER,
