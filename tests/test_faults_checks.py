@@ -27,9 +27,10 @@ from engine.accengage.request_check import check_request
 from engine.accengage.sandbox import RunningSandbox, SandboxConfig, start_in_thread
 from engine.cli.main import main
 from engine.render.compiler import CompileError, FireContext, compile_fire
+from engine.rules.checks import parse_rule
 from engine.rules.loader import RuleSet
 from engine.rules.problems import Problem
-from engine.rules.rule import Rule, parse_rule
+from engine.rules.rule import Rule
 from engine.rules.yaml_source import load as load_yaml
 from engine.rules.yaml_source import native
 from tests.helpers import REPO, load, make_project, problems, write_rule

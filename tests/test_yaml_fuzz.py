@@ -8,9 +8,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from engine.rules.checks import parse_rule
 from engine.rules.fragments import Fragments
 from engine.rules.project import parse_project
-from engine.rules.rule import parse_rule
 from engine.rules.yaml_source import Scalar, load
 from tests.helpers import REPO
 

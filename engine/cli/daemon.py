@@ -87,10 +87,10 @@ def cmd_next(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return EXIT_OK
-    for rule_id, times in result.items():
+    for rule_id, moments in result.items():
         state = "" if ruleset.rules[rule_id].enabled else "  (disabled)"
         print(f"{rule_id}{state}")
-        for moment in times or ["never again"]:
+        for moment in moments or ["never again"]:
             print(f"  {moment}")
     for rule_id in invalid:
         print(f"{rule_id}  (invalid: see `pushrules validate`; it does not fire until fixed)")

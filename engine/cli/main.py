@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine import __version__
+from engine.errors import PushrulesError
 from engine.rules.problems import Problem, format_github, format_json, format_text, summary
 
 if TYPE_CHECKING:  # the modules behind commands load when a command runs (fast --help)
@@ -53,7 +54,7 @@ Docs: docs/rules.md (writing rules), docs/operations.md (running the daemon).
 class _Parser(argparse.ArgumentParser):
     """argparse, exiting 2 on usage errors (its default) with a pointer to --help."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
 
@@ -442,33 +443,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except PushrulesError as exc:  # every error meant for a user: its message is the answer
+        print(f"pushrules: {exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
     except Exception as exc:
-        message = user_facing(exc)
+        message = store_problem(exc)
         if message is None:
             raise  # a bug: its traceback is what a report needs
         print(f"pushrules: {message}", file=sys.stderr)
         return EXIT_PROBLEMS
 
 
-#: The project's errors that speak to a user (module, class): their message is the answer,
-#: a traceback would only hide it. Looked up among loaded modules: one not loaded raised none.
-USER_ERRORS = (
-    ("engine.rules.secrets", "MissingSecret"),
-    ("engine.rules.schedule", "TriggerError"),
-    ("engine.render.compiler", "CompileError"),
-    ("engine.rules.templating", "RenderError"),
-    ("engine.outbox.store", "TransitionError"),
-    ("engine.daemon.process", "StartupError"),
-    ("engine.daemon.poller", "FeedError"),
-)
-
-
-def user_facing(exc: BaseException) -> str | None:
-    """What to tell the user about ``exc``, or None when it is a bug."""
-    for module_name, name in USER_ERRORS:
-        module = sys.modules.get(module_name)
-        if module is not None and isinstance(exc, getattr(module, name)):
-            return str(exc)
+def store_problem(exc: BaseException) -> str | None:
+    """What to tell the user about a database driver's ``exc`` (not ours, so not a
+    :class:`PushrulesError`), or None when it is a bug."""
     sa = sys.modules.get("sqlalchemy.exc")
     if sa is not None and isinstance(exc, sa.OperationalError | sa.ArgumentError):
         # The driver's first line says why (refused, no such file); the URL may hold a password.
@@ -554,7 +542,7 @@ def parse_time(text: str | None, option: str = "--at") -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-class UsageError(Exception):
+class UsageError(PushrulesError):
     """Bad input on the command line: exit 2 with the message."""
 
 

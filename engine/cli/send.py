@@ -159,13 +159,15 @@ def unreadable_credentials(project: Project) -> str | None:
     from engine.rules.secrets import MissingSecret
     from engine.send.runtime import credentials
 
-    try:
-        credentials(project).resolve()
-    except MissingSecret as exc:
-        return (
-            f"cannot send: {exc} (the Accengage credentials of pushrules.yaml); set it, or "
-            "try the rule with --sandbox or --dry-run"
-        )
+    given = credentials(project)
+    for setting, ref in (("accengage.login", given.login), ("accengage.password", given.password)):
+        try:
+            ref.resolve()
+        except MissingSecret as exc:
+            return (
+                f"cannot send: {exc} ({setting}, {project.where(setting)}); set it, or "
+                "try the rule with --sandbox or --dry-run"
+            )
     return None
 
 
@@ -173,7 +175,7 @@ def _deliverable(store: Store, outcomes: Sequence[FireOutcome]) -> list[int]:
     """Rows to send now: not those deferred by quiet hours, nor those of a paused rule, which
     the daemon sends when their time comes."""
     paused = store.paused()
-    ids = []
+    ids: list[int] = []
     for o in outcomes:
         if o.status not in ("queued", "duplicate"):
             continue

@@ -43,6 +43,7 @@ import httpx
 
 from engine import __version__
 from engine.daemon.clock import Clock
+from engine.errors import PushrulesError
 from engine.render.compiler import FireContext, template_context
 from engine.rules import templating
 from engine.rules.rule import Rule
@@ -80,7 +81,7 @@ class Seen(Protocol):
     def mark_seen(self, scope: str, key: str, *, now: datetime | None = None) -> bool: ...
 
 
-class FeedError(Exception):
+class FeedError(PushrulesError):
     """Why a poll failed, in a few words for the log and /healthz."""
 
 

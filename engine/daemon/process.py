@@ -35,14 +35,16 @@ from engine.daemon.metrics import Metrics
 from engine.daemon.poller import Poller
 from engine.daemon.scheduler import Changes, Scheduler
 from engine.daemon.watcher import Watcher
+from engine.errors import PushrulesError
 from engine.outbox.batching import Coalescer
 from engine.outbox.firing import FireOutcome, FireRequest, fire_many
 from engine.outbox.store import Store, busy_timeout
 from engine.render.compiler import FireContext
+from engine.rules.checks import compile_templates
 from engine.rules.loader import Loader, RuleSet
 from engine.rules.problems import format_text
 from engine.rules.project import Project
-from engine.rules.rule import Rule, compile_templates
+from engine.rules.rule import Rule
 from engine.rules.schedule import parse_timezone
 from engine.rules.secrets import MissingSecret, SecretRef
 from engine.send.dispatch import Dispatcher, log_reclaimed
@@ -66,7 +68,7 @@ class Options:
     clock: Clock = field(default_factory=Clock)
 
 
-class StartupError(Exception):
+class StartupError(PushrulesError):
     """The daemon cannot start; the message says what to fix."""
 
 

@@ -70,6 +70,8 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.sql.elements import ColumnElement
 
+from engine.errors import PushrulesError
+
 DEFAULT_URL: Final = "sqlite:///pushrules.db"
 SCHEMA_VERSION: Final = 2
 
@@ -633,7 +635,7 @@ def _parked_message(owner: str, gone: bool) -> str:
     )
 
 
-class TransitionError(ValueError):
+class TransitionError(PushrulesError, ValueError):
     """An operator action that the row's state does not allow; the message says why."""
 
 

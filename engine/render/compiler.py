@@ -15,6 +15,7 @@ from typing import Any
 
 from engine.accengage import api as accengage
 from engine.accengage.request_check import check_request
+from engine.errors import PushrulesError
 from engine.rules import templating
 from engine.rules.problems import field_path
 from engine.rules.project import Project
@@ -28,7 +29,7 @@ log = logging.getLogger("pushrules.compile")
 MAX_EXPANDED_TARGETS = 1_000_000
 
 
-class CompileError(Exception):
+class CompileError(PushrulesError):
     """Rendering or expanding failed; names the rule and the field so the author can fix it.
 
     ``reference`` is the input the template read and did not find (``event.first_name``).

@@ -1,8 +1,9 @@
 """What authors write, read and checked: nothing here sends, stores or schedules.
 
 Owns the marked YAML reader (``yaml_source``), the problems it reports (``problems``), the
-Cerberus schemas (``schemas``), the rule model and its checks (``rule``), templates pulled with
-``use:`` (``fragments``), ``pushrules.yaml`` settings and secrets by reference (``project``,
+Cerberus schemas (``schemas``), the rule model (``rule``: dataclasses, no Cerberus or Jinja)
+and the checks that build it from a file (``checks``), templates pulled with ``use:``
+(``fragments``), ``pushrules.yaml`` settings and secrets by reference (``project``,
 ``secrets``), trigger math (``schedule``: pure, no APScheduler), the Jinja dialect authors write
 (``templating``, ``template_bounds``) and the project loader (``loader``).
 

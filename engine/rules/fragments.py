@@ -98,5 +98,5 @@ def _load_dir(
                 )
         problems.extend(issues)
         if not any(p.is_error for p in issues):
-            found[path.stem] = doc  # type: ignore[assignment]
+            found[path.stem] = doc
     return found, len(paths)

@@ -16,10 +16,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.rules.checks import parse_rule
 from engine.rules.fragments import BUTTONS_DIR, MESSAGES_DIR, Fragments, load_fragments
 from engine.rules.problems import Problem
 from engine.rules.project import CONFIG_NAME, Project, load_project
-from engine.rules.rule import Rule, parse_rule
+from engine.rules.rule import Rule
 from engine.rules.yaml_source import Unreadable, read_source, yaml_files
 
 RULES_DIR = Path("rules")
@@ -183,8 +184,9 @@ class Loader:
             or entry.text_hash != h
             or entry.context != context
         ]
-        for rel, entry in self._check(todo, texts, project, fragments, context).items():
-            self._entries[rel] = _Entry(texts[rel][2], context, entry[0], entry[1])
+        checked = self._check(todo, texts, project, fragments, context)
+        for rel, (new_rule, new_problems) in checked.items():
+            self._entries[rel] = _Entry(texts[rel][2], context, new_rule, new_problems)
         for gone in set(self._entries) - set(texts):
             del self._entries[gone]
 

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from engine.accengage import api as accengage
-from engine.rules.problems import Problem, field_path
-from engine.rules.schemas import PROJECT_CHECKER, is_yaml_int
+from engine.rules.problems import Problem, Severity, field_path
+from engine.rules.schemas import DISPATCH, PROJECT_CHECKER, Bounds, is_yaml_int
 from engine.rules.secrets import SecretRef
-from engine.rules.yaml_source import load, native, position
+from engine.rules.yaml_source import MarkedMap, load, native, position
 
 CONFIG_NAME = "pushrules.yaml"
 DEFAULT_STORE = "sqlite:///pushrules.db"
@@ -31,7 +31,7 @@ class App:
 class DispatchConfig:
     """``dispatch:`` of pushrules.yaml, typed and within the schema's bounds (None: the
     dispatcher's default). Built only from a file that validated, so the daemon never meets a
-    value it refuses."""
+    value it refuses. Its fields are the keys of :data:`~engine.rules.schemas.DISPATCH`."""
 
     concurrency: int | None = None
     rate_per_second: int | None = None
@@ -57,6 +57,15 @@ class Project:
     listen: str = DEFAULT_LISTEN
     intake_token: SecretRef | None = None
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    #: The line of each setting in the file (``accengage.password``: 7), so a problem met at
+    #: run time points where the operator fixes it. Not part of what the settings mean.
+    lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def where(self, setting: str) -> str:
+        """Where ``setting`` (dotted, like ``accengage.password``) is written:
+        ``pushrules.yaml:7``, or the file alone when it is not written there."""
+        line = self.lines.get(setting)
+        return f"{CONFIG_NAME}:{line}" if line is not None else CONFIG_NAME
 
     def button_count(self, template: str) -> int | None:
         """Buttons of a category: the app's declared ones first, then Accengage's predefined."""
@@ -121,10 +130,12 @@ def parse_project(root: Path, text: str) -> tuple[Project | None, list[Problem]]
         )
         return None, problems
 
-    def report(path: tuple[Any, ...], code: int | None, message: str, severity: str = "error"):
+    def report(
+        path: tuple[Any, ...], code: int | None, message: str, severity: Severity = "error"
+    ) -> None:
         line, column = position(doc, path)
         problems.append(
-            Problem(CONFIG_NAME, line, column, field_path(path), code, severity, message)  # type: ignore[arg-type]
+            Problem(CONFIG_NAME, line, column, field_path(path), code, severity, message)
         )
 
     for err in PROJECT_CHECKER.check(doc):
@@ -134,7 +145,8 @@ def parse_project(root: Path, text: str) -> tuple[Project | None, list[Problem]]
             code = None
         report(err.path, code, err.message)
 
-    accengage_section = doc.get("accengage") if isinstance(doc.get("accengage"), dict) else {}
+    given = doc.get("accengage")
+    accengage_section: Mapping[str, Any] = given if isinstance(given, dict) else {}
     login = _secret(accengage_section, "login", root, report, ("accengage",))
     password = _secret(accengage_section, "password", root, report, ("accengage",))
     token = _secret(doc, "intake_token", root, report, ())
@@ -166,8 +178,19 @@ def parse_project(root: Path, text: str) -> tuple[Project | None, list[Problem]]
         listen=str(doc.get("listen") or DEFAULT_LISTEN),
         intake_token=token,
         dispatch=_dispatch(doc.get("dispatch") or {}),
+        lines=_lines(doc),
     )
     return project, problems
+
+
+def _lines(doc: Mapping[str, Any]) -> dict[str, int]:
+    """The line of each setting and of each setting in a section, by dotted name."""
+    found: dict[str, int] = {}
+    for prefix, section in (("", doc), *((f"{k}.", v) for k, v in doc.items())):
+        if isinstance(section, MarkedMap):
+            for key in section:
+                found[f"{prefix}{key}"] = section.key_marks.get(key, (section.line, 0))[0]
+    return found
 
 
 def _check_settings(doc: Mapping[str, Any], report: Any) -> None:
@@ -208,21 +231,22 @@ def _check_settings(doc: Mapping[str, Any], report: Any) -> None:
 
 
 def _dispatch(section: Mapping[str, Any]) -> DispatchConfig:
-    """The typed ``dispatch:`` of a section the schema passed (bounds included)."""
+    """The typed ``dispatch:`` of a section the schema passed (bounds included), each value
+    read as the schema's table (:data:`DISPATCH`) types it: a duration, a number or a word."""
     from engine.rules.schedule import parse_duration
 
-    def number(key: str) -> int | None:
-        return int(native(section[key])) if key in section else None
-
-    timeout = section.get("timeout")
-    unknown = section.get("on_unknown_outcome")
-    return DispatchConfig(
-        concurrency=number("concurrency"),
-        rate_per_second=number("rate_per_second"),
-        max_attempts=number("max_attempts"),
-        timeout=parse_duration(str(timeout)) if timeout is not None else None,
-        on_unknown_outcome=str(unknown) if unknown is not None else None,
-    )
+    values: dict[str, Any] = {}
+    for key, spec in DISPATCH.items():
+        if key not in section:
+            continue
+        bounds: Bounds | None = spec.get("bounds")
+        if bounds is not None and bounds.unit:
+            values[key] = parse_duration(str(section[key]))
+        elif bounds is not None:
+            values[key] = int(native(section[key]))
+        else:
+            values[key] = str(section[key])
+    return DispatchConfig(**values)
 
 
 def _names(value: Any) -> frozenset[str] | None:

@@ -34,6 +34,8 @@ from datetime import UTC, date, datetime, timedelta, tzinfo
 from functools import lru_cache
 from typing import Protocol, runtime_checkable
 
+from engine.errors import PushrulesError
+
 __all__ = [
     "AtSchedule",
     "CronSchedule",
@@ -60,7 +62,7 @@ _PROBE = timedelta(days=1)
 _SEARCH_YEARS = 400
 
 
-class TriggerError(ValueError):
+class TriggerError(PushrulesError, ValueError):
     """A trigger a rule author must fix; the message says what and how."""
 
 

@@ -3,14 +3,14 @@
 The shapes follow the Accengage API (ACCENGAGE_API.md) with the rule-level keys of DESIGN.md.
 Scalars arrive as text (see :mod:`engine.rules.yaml_source`), so the two API types that are not
 text, boolean and integer, are custom types that accept a plain YAML ``true`` or ``12``. What
-Cerberus cannot say (cross-field and cross-file rules) is checked in :mod:`engine.rules.rule`.
+Cerberus cannot say (cross-field and cross-file rules) is checked in :mod:`engine.rules.checks`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import cerberus
 from cerberus import errors as cerr
@@ -278,7 +278,7 @@ class YamlInt(metaclass=_YamlIntType):
     """Matches what YAML reads as a whole number."""
 
 
-class _Validator(cerberus.Validator):
+class _Validator(cerberus.Validator):  # type: ignore[misc]  # Cerberus has no types
     """Cerberus with the two YAML-aware types."""
 
     types_mapping: ClassVar[dict[str, Any]] = {
@@ -312,7 +312,7 @@ def bounded_value(value: object, bounds: Bounds) -> float | str | None:
             return str(exc)
     if not is_yaml_int(value):
         return None
-    return int(value.typed if isinstance(value, Scalar) else value)  # type: ignore[arg-type]
+    return cast(int, value.typed if isinstance(value, Scalar) else value)  # is_yaml_int said so
 
 
 @dataclass(frozen=True, slots=True)

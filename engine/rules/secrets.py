@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, quote_plus
 
+from engine.errors import PushrulesError
+
 MASK = "********"
 
 
-class MissingSecret(Exception):
+class MissingSecret(PushrulesError):
     """A referenced secret cannot be read; the message names the reference, never a value."""
 
 
@@ -98,7 +100,8 @@ def mask(text: str, secrets: Iterable[str], login: str = "") -> str:
         if form in text:
             text = text.replace(form, MASK)
     spans = sorted(span for form in forms for span in _prefix_spans(text, form))
-    out, done = [], 0
+    out: list[str] = []
+    done = 0
     for start, end in spans:
         if end <= done:
             continue

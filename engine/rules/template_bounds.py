@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from engine.errors import PushrulesError
+
 #: Characters one rendering may produce.
 MAX_OUTPUT = 100_000
 #: Items one ``range`` may hold, and loop steps one rendering may take over ranges.
@@ -37,7 +39,7 @@ FIRE_SECONDS = 5.0
 MAX_INT_BITS = 20_000
 
 
-class BoundExceeded(Exception):
+class BoundExceeded(PushrulesError):
     """A template went past one of the limits; the message says which, in an author's words."""
 
 

@@ -18,7 +18,7 @@ import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache, update_wrapper
-from typing import Any
+from typing import Any, cast
 
 import jinja2
 from jinja2 import nodes, pass_context
@@ -26,6 +26,7 @@ from jinja2.runtime import LoopContext
 from jinja2.sandbox import SandboxedEnvironment, SandboxedFormatter
 from jinja2.visitor import NodeTransformer
 
+from engine.errors import PushrulesError
 from engine.rules import template_bounds as bounds
 from engine.rules.problems import did_you_mean
 from engine.rules.template_bounds import MAX_OUTPUT, MAX_SEQUENCE
@@ -42,7 +43,7 @@ _STEPS_FILTER = "_pushrules_steps"
 _CONCAT_FILTER = "_pushrules_concat"
 
 
-class RenderError(Exception):
+class RenderError(PushrulesError):
     """A template failed when the rule fired; the message says which name or limit.
 
     ``reference`` is the dotted path the template read when a name was undefined
@@ -71,14 +72,14 @@ class _Bounded(NodeTransformer):
     """Rewrites a parsed template so loop turns are counted and ``~`` is bounded."""
 
     def visit_For(self, node: nodes.For) -> nodes.Node:
-        node = self.generic_visit(node)
+        node = cast(nodes.For, self.generic_visit(node))
         node.iter = nodes.Filter(
             node.iter, _STEPS_FILTER, [], [], None, None, lineno=node.iter.lineno
         )
         return node
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
-        node = self.generic_visit(node)
+        node = cast(nodes.Concat, self.generic_visit(node))
         return nodes.Filter(
             nodes.List(node.nodes, lineno=node.lineno),
             _CONCAT_FILTER,

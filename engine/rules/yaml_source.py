@@ -16,9 +16,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
+
+from engine.errors import PushrulesError
 
 try:
     _Loader: type = yaml.CSafeLoader
@@ -70,7 +72,7 @@ class Scalar(str):
         return (Scalar, (str(self), self.line, self.column, self.typed))
 
 
-class MarkedMap(dict):
+class MarkedMap(dict[Any, Any]):
     """A mapping with the position of itself and of each key."""
 
     __slots__ = ("column", "key_marks", "line")
@@ -82,7 +84,7 @@ class MarkedMap(dict):
         self.key_marks: dict[str, tuple[int, int]] = {}
 
 
-class MarkedList(list):
+class MarkedList(list[Any]):
     """A sequence with its position."""
 
     __slots__ = ("column", "line")
@@ -246,13 +248,16 @@ class _Builder:
             else:
                 message = f"YAML tag {node.tag} is not supported; remove it"
             self.issues.append(YamlIssue(line, column, message))
+        result: Scalar | MarkedList | MarkedMap | None
         if isinstance(node, yaml.ScalarNode):
             result = self._scalar(node, line, column)
         elif isinstance(node, yaml.SequenceNode):
-            result = MarkedList(line, column)
-            result.extend(self.build(item, depth + 1) for item in node.value)
+            items = MarkedList(line, column)
+            items.extend(self.build(item, depth + 1) for item in node.value)
+            result = items
         else:
-            result = self._mapping(node, line, column, depth)
+            # The composer makes only these three kinds of node.
+            result = self._mapping(cast(yaml.MappingNode, node), line, column, depth)
         self.seen[id(node)] = (result, self.count - before)
         return result
 
@@ -402,7 +407,7 @@ def native(value: Any) -> Any:
 # --- reading project files (the I/O edge) ------------------------------------------------------
 
 
-class Unreadable(Exception):
+class Unreadable(PushrulesError):
     """A project file that cannot be used as text; the message says why and what to do."""
 
     def __init__(self, message: str, line: int | None = None) -> None:

@@ -156,7 +156,7 @@ class DispatchSettings:
             problems.append("backoff_base must be positive and backoff_max at least backoff_base")
         if self.store_calls not in ("auto", "inline", "thread"):
             problems.append('store_calls must be "auto", "inline" or "thread"')
-        if self.on_unknown_outcome not in ("park", "retry"):
+        if self.on_unknown_outcome not in DISPATCH["on_unknown_outcome"]["allowed"]:
             problems.append('on_unknown_outcome must be "park" or "retry"')
         if self.lease.total_seconds() < 2 * self.deadline:
             problems.append(

@@ -1,0 +1,37 @@
+"""Issue 9: the rule model is plain dataclasses, apart from the checks that build it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.helpers import REPO
+
+
+def modules_loaded_by(statement: str) -> set[str]:
+    """Top-level packages a fresh interpreter has loaded after ``statement``."""
+    script = f"import sys; {statement}; import json; print(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    return {name.split(".")[0] for name in json.loads(done.stdout)}
+
+
+def test_importing_the_rule_model_loads_neither_cerberus_nor_jinja() -> None:
+    loaded = modules_loaded_by("from engine.rules.rule import AppPlan, Limit, QuietHours, Rule")
+    assert "cerberus" not in loaded
+    assert "jinja2" not in loaded
+
+
+def test_the_checks_load_both() -> None:
+    """The other side of the split, so the test above cannot pass by loading nothing."""
+    loaded = modules_loaded_by("import engine.rules.checks")
+    assert {"cerberus", "jinja2"} <= loaded
+
+
+def test_moved_functions_are_still_found_on_the_model_module() -> None:
+    from engine.rules import checks, rule
+
+    assert rule.parse_rule is checks.parse_rule  # type: ignore[attr-defined]
+    assert rule.compile_templates is checks.compile_templates  # type: ignore[attr-defined]

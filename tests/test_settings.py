@@ -1,0 +1,88 @@
+"""Issue 9: pushrules.yaml is read once into typed settings that remember where each setting
+is written, so a problem met at run time points at the line to fix."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from engine.accengage.sandbox import RunningSandbox
+from engine.cli.main import main
+from engine.rules.project import DispatchConfig, load_project
+from engine.rules.schemas import DISPATCH
+from tests.helpers import REPO, make_project
+from tests.test_cli_send import event_file, project, sandbox  # noqa: F401 (fixtures)
+
+
+def line_of(path: Path, text: str) -> int:
+    """The 1-based line of the first line of ``path`` holding ``text``."""
+    lines = path.read_text().splitlines()
+    return next(n for n, line in enumerate(lines, 1) if text in line)
+
+
+def test_settings_know_the_line_of_each_setting(tmp_path: Path) -> None:
+    root = make_project(tmp_path / "p")
+    config = root / "pushrules.yaml"
+    loaded, problems = load_project(root)
+    assert loaded is not None, problems
+    assert loaded.where("accengage.password") == f"pushrules.yaml:{line_of(config, 'password:')}"
+    assert loaded.where("store") == f"pushrules.yaml:{line_of(config, 'store:')}"
+    assert loaded.where("intake_token.nothing") == "pushrules.yaml"  # not written: the file
+
+
+def test_where_a_setting_is_written_does_not_change_what_the_settings_mean(
+    tmp_path: Path,
+) -> None:
+    """A reload compares settings: a comment added above them is no change."""
+    root = make_project(tmp_path / "p")
+    a, _ = load_project(root)
+    text = (REPO / "pushrules.yaml").read_text()
+    (root / "pushrules.yaml").write_text("# a comment\n\n" + text)
+    b, _ = load_project(root)
+    assert a is not None and b is not None
+    assert a.lines != b.lines
+    assert a == b
+
+
+def test_the_typed_dispatch_settings_are_the_schema_s() -> None:
+    """One list of dispatch settings: the schema's table and the typed object agree."""
+    assert {f.name for f in dataclasses.fields(DispatchConfig)} == set(DISPATCH)
+
+
+@pytest.mark.parametrize(("variable", "setting"), [("ACCENGAGE_PASSWORD", "password:")])
+def test_an_unset_credential_names_its_setting_and_line(
+    variable: str,
+    setting: str,
+    project: Path,  # noqa: F811
+    sandbox: RunningSandbox,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv(variable)
+    data = event_file(tmp_path, order="N1", member="765c8")
+    assert main(["send", "shipped", "--event", data, "--project", str(project)]) == 1
+    err = capsys.readouterr().err
+    line = line_of(project / "pushrules.yaml", setting)
+    assert f"accengage.password, pushrules.yaml:{line}" in err, err
+    assert "Traceback" not in err
+    assert sandbox.requests() == []
+
+
+def test_dispatch_values_are_typed_as_the_schema_says(tmp_path: Path) -> None:
+    root = make_project(tmp_path / "p")
+    config = root / "pushrules.yaml"
+    config.write_text(
+        config.read_text()
+        + "dispatch:\n  concurrency: 4\n  rate_per_second: 20\n  max_attempts: 3\n"
+        + "  timeout: 45s\n  on_unknown_outcome: retry\n"
+    )
+    loaded, problems = load_project(root)
+    assert loaded is not None, problems
+    assert loaded.dispatch == DispatchConfig(4, 20, 3, timedelta(seconds=45), "retry")
+    assert type(loaded.dispatch.concurrency) is int
+    assert type(loaded.dispatch.on_unknown_outcome) is str  # not the YAML reader's marked text
+    assert loaded.where("dispatch.timeout") == f"pushrules.yaml:{line_of(config, 'timeout:')}"
