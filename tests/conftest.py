@@ -36,15 +36,6 @@ def postgres_url() -> str:
     return url
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Real-daemon tests share one xdist group: under ``-n 2 --dist loadgroup`` they run one
-    at a time on one worker (their timing checks assume a daemon has a core to itself) while
-    the other worker runs everything else."""
-    for item in items:
-        if item.get_closest_marker("e2e") is not None:
-            item.add_marker(pytest.mark.xdist_group("e2e"))
-
-
 # --- stores ------------------------------------------------------------------------------------
 
 
