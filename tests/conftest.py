@@ -1,13 +1,31 @@
-"""Shared fixtures: temporary projects, the store URLs to run on."""
+"""Shared fixtures: the stores to run on, a sandbox Accengage, real daemons, a one-rule project.
+
+A test module may still define a fixture of the same name; pytest uses the nearest one.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from engine.accengage.sandbox import RunningSandbox, start_in_thread
+from engine.outbox.store import Store
+from tests import daemon_process
+from tests.daemon_process import Daemon, Project
 
 POSTGRES_URL = os.environ.get("PUSHRULES_TEST_POSTGRES", "")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+#: Lines of each daemon's log printed at teardown (pytest shows them when the test failed).
+LOG_ON_FAILURE = 400
+
+StartDaemon = Callable[..., Daemon]
 
 
 def postgres_url() -> str:
@@ -16,3 +34,109 @@ def postgres_url() -> str:
     if not url:
         pytest.skip("set PUSHRULES_TEST_POSTGRES to run the PostgreSQL tests")
     return url
+
+
+# --- stores ------------------------------------------------------------------------------------
+
+
+def postgres_store_url(schema: str) -> str:
+    """The test PostgreSQL with ``schema`` first on the search path."""
+    url = make_url(postgres_url())
+    return url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+        hide_password=False
+    )
+
+
+class PostgresSchema:
+    """A throwaway schema: created on enter, dropped with everything in it on exit.
+
+    Each test gets its own, so tests (and parallel workers) never see each other's rows.
+    """
+
+    def __init__(self) -> None:
+        self.name = f"pushrules_test_{secrets.token_hex(6)}"
+        self.url = postgres_store_url(self.name)
+
+    def _admin(self, sql: str) -> None:
+        engine = create_engine(postgres_url(), isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                conn.execute(text(sql))
+        finally:
+            engine.dispose()
+
+    def __enter__(self) -> PostgresSchema:
+        self._admin(f'CREATE SCHEMA "{self.name}"')
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._admin(f'DROP SCHEMA IF EXISTS "{self.name}" CASCADE')
+
+
+def store_url_context(kind: str, tmp_path: Path) -> Iterator[str]:
+    """Yields a fresh store URL of ``kind`` ("sqlite" or "postgres")."""
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path / 'outbox.db'}"
+        return
+    postgres_url()  # skips (or fails in CI) before any work
+    with PostgresSchema() as schema:
+        yield schema.url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty store URL, once on SQLite and once on PostgreSQL."""
+    yield from store_url_context(request.param, tmp_path)
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    with Store(store_url) as s:
+        yield s
+
+
+# --- a sandbox Accengage, real daemons ---------------------------------------------------------
+
+
+@pytest.fixture
+def sandbox() -> Iterator[RunningSandbox]:
+    """A sandbox Accengage in a thread of this process, recording every request it gets."""
+    with start_in_thread() as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def _e2e_guard(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Lets a real daemon start only in a test marked ``e2e`` (see daemon_process)."""
+    daemon_process.E2E_ALLOWED = request.node.get_closest_marker("e2e") is not None
+    yield
+    daemon_process.E2E_ALLOWED = None
+
+
+@pytest.fixture
+def daemons() -> Iterator[StartDaemon]:
+    """Starts daemons; kills any still running at teardown and prints each log (pytest shows
+    it only when the test failed)."""
+    started: list[Daemon] = []
+
+    def start(
+        project: Project, *, clock: str | None = None, name: str | None = None, **env: str
+    ) -> Daemon:
+        daemon = Daemon(project, clock=clock, name=name or f"run{len(started)}")
+        started.append(daemon)
+        return daemon.start(**env)
+
+    yield start
+    for daemon in started:
+        daemon.kill()
+        print(f"--- {daemon.log_path} (last {LOG_ON_FAILURE} lines) ---")
+        print(daemon.log(tail=LOG_ON_FAILURE))
+
+
+@pytest.fixture
+def one_rule_project(tmp_path: Path, sandbox: RunningSandbox) -> Project:
+    """A daemon project sending to ``sandbox`` with one rule, ``ping``: event ``ping`` sends
+    ``ping {{ event.marker }}``."""
+    project = Project(tmp_path / "project", sandbox.url)
+    project.rule("ping", "event: ping", "ping {{ event.marker }}")
+    return project

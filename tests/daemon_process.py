@@ -37,6 +37,18 @@ LOGIN_VAR, PASSWORD_VAR = "TEST_LOGIN", "TEST_PASSWORD"
 START_TIMEOUT = 10.0
 #: Lines of the daemon's log attached to a failure.
 LOG_TAIL = 80
+#: Set by conftest for each test: whether it is marked ``e2e`` (None outside pytest).
+E2E_ALLOWED: bool | None = None
+
+
+def require_e2e() -> None:
+    """Fails a test that starts a real daemon without the ``e2e`` marker: the marker is how
+    ``-m "not e2e"`` gives a fast run and how the slow tests are found."""
+    if E2E_ALLOWED is False:
+        raise AssertionError(
+            "this test starts a real daemon process: mark it @pytest.mark.e2e "
+            "(or set pytestmark = pytest.mark.e2e in its module)"
+        )
 
 
 def free_port() -> int:
@@ -151,6 +163,8 @@ class Daemon:
         self.ready_at = 0.0  # time.time() when /healthz first answered
 
     def env(self, **extra: str) -> dict[str, str]:
+        """The daemon's environment; every way of starting one asks for it."""
+        require_e2e()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHRULES_")}
         env.update({LOGIN_VAR: "test-login", PASSWORD_VAR: "test-password", **extra})
         if self.clock:

@@ -17,31 +17,23 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
-from engine.accengage.sandbox import RunningSandbox, start_in_thread
+from engine.accengage.sandbox import RunningSandbox
 from engine.daemon.watcher import fingerprint
 from engine.outbox.store import PENDING, SENDING, SENT
+from tests.conftest import StartDaemon
 from tests.daemon_process import Daemon, FeedServer, Project, wait_for
+
+pytestmark = pytest.mark.e2e
 
 MORNING = 'cron: "0 9 * * *"\ntimezone: Europe/Paris'
 TOKEN_VAR, TOKEN = "PR_TEST_INTAKE_TOKEN", "intake-s3cret"
-
-#: Lines of each daemon's log printed at teardown (shown by pytest when the test failed).
-LOG_ON_FAILURE = 400
-
-StartDaemon = Callable[..., Daemon]
-
-
-@pytest.fixture
-def sandbox() -> Iterator[RunningSandbox]:
-    with start_in_thread() as running:
-        yield running
 
 
 @pytest.fixture
@@ -49,26 +41,6 @@ def feeds() -> Iterator[FeedServer]:
     server = FeedServer()
     yield server
     server.close()
-
-
-@pytest.fixture
-def daemons() -> Iterator[StartDaemon]:
-    """Starts daemons; kills any still running at teardown and prints every log (pytest
-    shows it only when the test failed)."""
-    started: list[Daemon] = []
-
-    def start(
-        project: Project, *, clock: str | None = None, name: str = "run", **env: str
-    ) -> Daemon:
-        daemon = Daemon(project, clock=clock, name=name)
-        started.append(daemon)
-        return daemon.start(**env)
-
-    yield start
-    for daemon in started:
-        daemon.kill()
-        print(f"--- {daemon.log_path} (last {LOG_ON_FAILURE} lines) ---")
-        print(daemon.log(tail=LOG_ON_FAILURE))
 
 
 def texts(sandbox: RunningSandbox) -> Counter[str]:
@@ -398,12 +370,11 @@ def test_failing_feeds_leave_the_daemon_healthy(
 
 
 def test_sigterm_finishes_the_send_in_flight_then_exits_0(
-    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
+    one_rule_project: Project, sandbox: RunningSandbox, daemons: StartDaemon
 ) -> None:
     """SIGTERM while Accengage takes 1.5 s to answer: the daemon waits for the answer, records
     the row as sent (not in_doubt) and exits 0."""
-    project = Project(tmp_path / "project", sandbox.url)
-    project.rule("ping", "event: ping", "ping {{ event.marker }}")
+    project = one_rule_project
     daemon = daemons(project)
     sandbox.set_faults(latency_ms=1500)
     assert daemon.post("ping", {"marker": "slow"}).status_code == 202
@@ -450,12 +421,9 @@ def test_pause_and_resume_are_honoured_by_the_running_daemon(
     assert texts(sandbox) == Counter({"other s1": 1, "promo s1": 1}), daemon.log()
 
 
-def test_a_busy_listen_port_is_a_clear_startup_error(
-    tmp_path: Path, sandbox: RunningSandbox
-) -> None:
+def test_a_busy_listen_port_is_a_clear_startup_error(one_rule_project: Project) -> None:
     """Exit 1 with one line saying what to fix, before anything starts (no traceback)."""
-    project = Project(tmp_path / "project", sandbox.url)
-    project.rule("ping", "event: ping", "ping")
+    project = one_rule_project
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", project.port))
         taken.listen()

@@ -134,6 +134,7 @@ def _send_sandbox(root: Path, event: Path) -> subprocess.Popen[str]:
     )
 
 
+@pytest.mark.e2e
 def test_send_sandbox_reports_the_outcome_when_a_running_daemon_sends_the_row(
     tmp_path: Path,
 ) -> None:
@@ -198,6 +199,7 @@ def test_pause_for_prints_its_end_in_the_projects_timezone(
     assert abs(end - datetime.now(UTC) - timedelta(hours=2)) < timedelta(minutes=1)
 
 
+@pytest.mark.e2e
 def test_a_post_to_a_paused_rule_answers_paused_and_history_says_why_it_waits(
     tmp_path: Path,
     sandbox: RunningSandbox,  # noqa: F811

@@ -12,36 +12,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from engine.accengage.sandbox import RunningSandbox, start_in_thread
+from engine.accengage.sandbox import RunningSandbox
 from engine.outbox.store import Store
+from tests.conftest import StartDaemon
 from tests.daemon_process import Daemon, Project, wait_for
 
-
-@pytest.fixture
-def sandbox() -> Iterator[RunningSandbox]:
-    with start_in_thread() as running:
-        yield running
-
-
-@pytest.fixture
-def started() -> Iterator[list[Daemon]]:
-    daemons: list[Daemon] = []
-    yield daemons
-    for daemon in daemons:
-        daemon.kill()
-        print(f"--- {daemon.log_path} ---\n{daemon.log(tail=300)}")
-
-
-def start(daemons: list[Daemon], project: Project) -> Daemon:
-    daemon = Daemon(project)
-    daemons.append(daemon)
-    return daemon.start()
+pytestmark = pytest.mark.e2e
 
 
 def metric(daemon: Daemon, name: str) -> float:
@@ -62,7 +43,7 @@ def fired(daemon: Daemon, event: str, marker: str) -> list[str]:
 
 
 def test_a_deeply_nested_file_added_to_a_running_daemon_fails_alone(
-    tmp_path: Path, sandbox: RunningSandbox, started: list[Daemon]
+    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
 ) -> None:
     """400 nested ``[``: at start, added while running, or breaking a rule that was good."""
     deep = "description: x\nvars: " + "[" * 400 + "]" * 400 + "\n"
@@ -70,7 +51,7 @@ def test_a_deeply_nested_file_added_to_a_running_daemon_fails_alone(
     project.rule("other", "event: other", "other {{ event.marker }}")
     victim = project.rule("victim", "event: victim", "victim")
     (project.root / "rules" / "at-start.yaml").write_text(deep)
-    daemon = start(started, project)  # it starts: the file is a problem of its own
+    daemon = daemons(project)  # it starts: the file is a problem of its own
     status, report = daemon.health()
     assert status == 200 and report["rules"]["loaded"] == 2
     assert any(
@@ -105,11 +86,11 @@ def test_a_deeply_nested_file_added_to_a_running_daemon_fails_alone(
 
 
 def test_a_failed_reload_shows_in_healthz_and_metrics_until_a_good_one(
-    tmp_path: Path, sandbox: RunningSandbox, started: list[Daemon]
+    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
 ) -> None:
     project = Project(tmp_path / "project", sandbox.url)
     project.rule("other", "event: other", "other")
-    daemon = start(started, project)
+    daemon = daemons(project)
     config = project.root / "pushrules.yaml"
     good = config.read_text()
     config.write_text(good.replace("apps:", "apps: [", 1))
@@ -133,14 +114,14 @@ def test_a_failed_reload_shows_in_healthz_and_metrics_until_a_good_one(
 
 
 def test_delete_and_recreate_churn_loses_no_event(
-    tmp_path: Path, sandbox: RunningSandbox, started: list[Daemon]
+    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
 ) -> None:
     """A deploy loop deleting and re-creating a rule file (100 ms gap) for 10 s while events
     arrive: every event answered 202 is in the outbox or recorded as taken by no rule, with
     why, and the churned rule takes every one of its events."""
     project = Project(tmp_path / "project", sandbox.url)
     churned = project.rule("churned", "event: churned", "churned {{ event.marker }}")
-    daemon = start(started, project)
+    daemon = daemons(project)
     text = churned.read_text()
     stop = threading.Event()
 
@@ -212,7 +193,7 @@ def test_delete_and_recreate_churn_loses_no_event(
 
 
 def test_a_rule_moved_into_a_subfolder_keeps_firing(
-    tmp_path: Path, sandbox: RunningSandbox, started: list[Daemon]
+    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
 ) -> None:
     project = Project(tmp_path / "project", sandbox.url)
     path = project.rule("xmas", "event: xmas", "xmas {{ event.marker }}")
@@ -220,7 +201,7 @@ def test_a_rule_moved_into_a_subfolder_keeps_firing(
     project.rule("easter", "event: easter", "easter").rename(
         project.root / "rules" / "seasonal" / "easter.yaml"
     )
-    daemon = start(started, project)
+    daemon = daemons(project)
     assert fired(daemon, "easter", "a") == ["easter"]
 
     moved = project.root / "rules" / "seasonal" / "xmas.yaml"
@@ -246,11 +227,11 @@ def _fires_new_version(daemon: Daemon, sandbox: RunningSandbox) -> bool:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_sigint_stop_the_daemon_cleanly(
-    tmp_path: Path, sandbox: RunningSandbox, started: list[Daemon], sig: signal.Signals
+    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon, sig: signal.Signals
 ) -> None:
     project = Project(tmp_path / "project", sandbox.url)
     project.rule("other", "event: other", "other")
-    daemon = start(started, project)
+    daemon = daemons(project)
     daemon.signal(sig)
     assert daemon.process is not None
     assert daemon.process.wait(15) == 0
@@ -261,11 +242,11 @@ def test_sigterm_and_sigint_stop_the_daemon_cleanly(
 
 
 def test_sighup_reloads_and_the_daemon_keeps_serving(
-    tmp_path: Path, sandbox: RunningSandbox, started: list[Daemon]
+    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
 ) -> None:
     project = Project(tmp_path / "project", sandbox.url)
     project.rule("other", "event: other", "other")
-    daemon = start(started, project)
+    daemon = daemons(project)
     daemon.signal(signal.SIGHUP)
     wait_for(
         lambda: (
@@ -284,11 +265,11 @@ def test_sighup_reloads_and_the_daemon_keeps_serving(
 
 
 def test_a_client_leaving_mid_body_is_one_warning_line(
-    tmp_path: Path, sandbox: RunningSandbox, started: list[Daemon]
+    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
 ) -> None:
     project = Project(tmp_path / "project", sandbox.url)
     project.rule("other", "event: other", "other")
-    daemon = start(started, project)
+    daemon = daemons(project)
     with socket.create_connection(("127.0.0.1", project.port)) as sock:
         sock.sendall(
             b"POST /events/other HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

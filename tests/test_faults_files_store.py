@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
 from sqlalchemy import create_engine, inspect
 
 from engine.outbox.store import Store
-from tests.test_store import store_url_context
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    for url in store_url_context(request.param, tmp_path):
-        with Store(url) as s:
-            yield s
 
 
 def test_an_unmatched_event_is_recorded_once_with_why(store: Store) -> None:

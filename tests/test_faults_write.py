@@ -20,7 +20,7 @@ import signal
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,37 +37,12 @@ from engine.outbox.batching import Coalescer
 from engine.outbox.firing import FireRequest, fire_many
 from engine.outbox.store import IN_DOUBT, SENDING, SENT, Store, busy_timeout, is_busy
 from engine.render.compiler import FireContext
-from tests.daemon_process import Daemon, Project, wait_for
+from tests.conftest import StartDaemon
+from tests.daemon_process import Project, wait_for
 from tests.helpers import load, make_project, write_rule
 from tests.test_scheduler import MemoryMarks, make_rule
 
-LOG_ON_FAILURE = 300
-StartDaemon = Callable[..., Daemon]
-
-
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-def sandbox() -> Iterator[RunningSandbox]:
-    with start_in_thread() as running:
-        yield running
-
-
-@pytest.fixture
-def daemons() -> Iterator[StartDaemon]:
-    started: list[Daemon] = []
-
-    def start(project: Project, *, clock: str | None = None, **env: str) -> Daemon:
-        daemon = Daemon(project, clock=clock, name=f"run{len(started)}")
-        started.append(daemon)
-        return daemon.start(**env)
-
-    yield start
-    for daemon in started:
-        daemon.kill()
-        print(f"--- {daemon.log_path} ---")
-        print(daemon.log(tail=LOG_ON_FAILURE))
 
 
 @contextlib.contextmanager
@@ -217,6 +192,7 @@ EVENT_RULE = "event: order"
 EVENT_TEXT = "order {{ event.id }} share {{ 100 // event.n }}"
 
 
+@pytest.mark.e2e
 def test_one_poison_event_and_shared_keys_fail_no_innocent_event(
     tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
 ) -> None:
@@ -280,6 +256,7 @@ def raw_mark(conn: sqlite3.Connection, rule: str) -> datetime | None:
     return None if row is None else datetime.fromisoformat(row[0]).replace(tzinfo=UTC)
 
 
+@pytest.mark.e2e
 def test_a_cron_fire_written_while_the_store_is_locked_lands_once(
     tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
 ) -> None:
@@ -335,6 +312,7 @@ def test_a_cron_fire_written_while_the_store_is_locked_lands_once(
     )
 
 
+@pytest.mark.e2e
 def test_a_fire_left_unwritten_at_stop_is_caught_up_at_the_next_start(
     tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
 ) -> None:
@@ -362,6 +340,7 @@ def test_a_fire_left_unwritten_at_stop_is_caught_up_at_the_next_start(
 # --------------------------------------------------------------------------- point 7, daemon
 
 
+@pytest.mark.e2e
 def test_the_loop_stays_responsive_while_another_process_holds_the_lock(
     tmp_path: Path, daemons: StartDaemon
 ) -> None:
