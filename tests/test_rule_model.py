@@ -28,10 +28,3 @@ def test_the_checks_load_both() -> None:
     """The other side of the split, so the test above cannot pass by loading nothing."""
     loaded = modules_loaded_by("import engine.rules.checks")
     assert {"cerberus", "jinja2"} <= loaded
-
-
-def test_moved_functions_are_still_found_on_the_model_module() -> None:
-    from engine.rules import checks, rule
-
-    assert rule.parse_rule is checks.parse_rule  # type: ignore[attr-defined]
-    assert rule.compile_templates is checks.compile_templates  # type: ignore[attr-defined]

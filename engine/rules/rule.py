@@ -72,16 +72,6 @@ class Rule:
         return len(self.apps) > 1
 
 
-def __getattr__(name: str) -> Any:
-    """``parse_rule``, ``compile_templates`` and ``deep_merge`` moved to
-    :mod:`engine.rules.checks`; callers not yet moved still find them here."""
-    if name in ("parse_rule", "compile_templates", "deep_merge"):
-        from engine.rules import checks
-
-        return getattr(checks, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "DEFAULT_CATCH_UP",
     "TRIGGER_KINDS",
