@@ -33,7 +33,8 @@ import httpx  # noqa: E402
 from common import print_table, start_sandbox  # noqa: E402  (scripts run as python benchmarks/X.py)
 from sqlalchemy import create_engine, make_url, text  # noqa: E402
 
-from engine.outbox.store import Fire, Store, utcnow  # noqa: E402
+from engine.outbox.schema import utcnow  # noqa: E402
+from engine.outbox.store import Fire, Store  # noqa: E402
 from engine.rules.secrets import SecretRef  # noqa: E402
 from engine.send.dispatch import Credentials, Dispatcher, DispatchSettings  # noqa: E402
 

@@ -35,18 +35,8 @@ from starlette.routing import Route
 
 from engine.accengage.api import ROUTE
 from engine.accengage.sandbox import RunningSandbox, SandboxConfig, start_in_thread
-from engine.outbox.store import (
-    DEAD,
-    FAILED,
-    IN_DOUBT,
-    PENDING,
-    RETRYING,
-    SENT,
-    Fire,
-    OutboxRow,
-    Store,
-    utcnow,
-)
+from engine.outbox.schema import DEAD, FAILED, IN_DOUBT, PENDING, RETRYING, SENT, utcnow
+from engine.outbox.store import Fire, OutboxRow, Store
 from engine.rules.secrets import SecretRef
 from engine.send.dispatch import (
     Credentials,
@@ -618,7 +608,8 @@ import asyncio, sys
 from datetime import timedelta
 from engine.send.dispatch import Credentials, Dispatcher, DispatchSettings
 from engine.rules.secrets import SecretRef
-from engine.outbox.store import Fire, Store, utcnow
+from engine.outbox.schema import utcnow
+from engine.outbox.store import Fire, Store
 store_url, url, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 store = Store(store_url)
 body = lambda m: {"sendInstantMessage": {"partner": {"id": "p"}, "parentMessageId": "1",

@@ -27,7 +27,8 @@ import pytest
 from sqlalchemy import text
 
 from engine.accengage.sandbox import RunningSandbox, start_in_thread
-from engine.outbox.store import (
+from engine.outbox.instances import InFlight, InstanceInfo, instance_gone, plan_reclaim
+from engine.outbox.schema import (
     DEAD,
     IN_DOUBT,
     PENDING,
@@ -35,15 +36,10 @@ from engine.outbox.store import (
     SCHEMA_VERSION,
     SENDING,
     SENT,
-    Fire,
-    InFlight,
-    InstanceInfo,
-    Store,
-    instance_gone,
     instances,
-    plan_reclaim,
     utcnow,
 )
+from engine.outbox.store import Fire, Store
 from engine.rules.secrets import SecretRef
 from engine.send.dispatch import Credentials, Dispatcher, DispatchSettings
 from tests.conftest import postgres_url

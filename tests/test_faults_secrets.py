@@ -28,7 +28,8 @@ from urllib.parse import parse_qs, quote_plus, urlsplit
 import httpx
 import pytest
 
-from engine.outbox.store import DEAD, Fire, Store, utcnow
+from engine.outbox.schema import DEAD, utcnow
+from engine.outbox.store import Fire, Store
 from engine.rules.secrets import MASK, MASK_PREFIX, SecretRef, encodings, mask
 from engine.send.dispatch import SNIPPET, Credentials, Dispatcher, DispatchSettings, final_error
 from tests.daemon_process import Project

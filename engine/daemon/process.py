@@ -36,8 +36,9 @@ from engine.daemon.poller import Poller
 from engine.daemon.scheduler import Changes, Scheduler
 from engine.daemon.watcher import Watcher
 from engine.outbox.batching import Coalescer
+from engine.outbox.connections import busy_timeout
 from engine.outbox.firing import FireOutcome, FireRequest, fire_many
-from engine.outbox.store import Store, busy_timeout
+from engine.outbox.store import Store
 from engine.render.compiler import FireContext
 from engine.rules.loader import Loader, RuleSet
 from engine.rules.problems import format_text

@@ -48,21 +48,9 @@ from sqlalchemy.exc import OperationalError
 from engine import __version__
 from engine.accengage import api as accengage
 from engine.accengage.api import RETRYABLE_CODES, describe
-from engine.outbox.store import (
-    DEAD,
-    FAILED,
-    IN_DOUBT,
-    RETRYING,
-    SENT,
-    AttemptResult,
-    OutboxRow,
-    Reclaimed,
-    ResultUpdate,
-    Store,
-    busy_timeout,
-    is_busy,
-    utcnow,
-)
+from engine.outbox.connections import busy_timeout, is_busy
+from engine.outbox.schema import DEAD, FAILED, IN_DOUBT, RETRYING, SENT, utcnow
+from engine.outbox.store import AttemptResult, OutboxRow, Reclaimed, ResultUpdate, Store
 from engine.rules.schemas import DISPATCH
 from engine.rules.secrets import MissingSecret, SecretRef, mask
 
