@@ -1,7 +1,22 @@
-"""The store's tables, the states they index, and the migrations between versions."""
+"""The store's tables, the states they index, and the migrations between versions.
+
+An empty database gets the current tables at once (``create_all``) and is stamped with
+:data:`SCHEMA_VERSION`; any other is brought up by :data:`MIGRATIONS`, one version at a time,
+and ``create_all`` never runs on it: a migration that adds a table would otherwise find it made
+already. Migrations carry their own frozen DDL, never these tables, so a later change to a table
+cannot change what an earlier migration makes. ``tests/test_store_schema.py`` checks that a
+database made at version 1 and migrated equals a fresh one, on SQLite and PostgreSQL.
+
+Not Alembic, yet: the migrations so far add a nullable column or a table, which both dialects do
+with a plain ``ALTER TABLE ... ADD COLUMN``/``CREATE TABLE``. Alembic's SQLite batch mode (copy
+the table, move the rows) earns its place the first time a column or constraint must change or
+go; until then it would add a dependency, a second version table and an ``env.py`` to ship for
+two statements.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -19,12 +34,17 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    func,
+    inspect,
     literal_column,
+    select,
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
-SCHEMA_VERSION: Final = 2
+from engine.errors import PushrulesError
+
+SCHEMA_VERSION: Final = 3
 
 HELD, PENDING, SENDING, SENT = "held", "pending", "sending", "sent"
 RETRYING, FAILED, DEAD, IN_DOUBT, DROPPED = "retrying", "failed", "dead", "in_doubt", "dropped"
@@ -210,11 +230,85 @@ instances = Table(
 )
 
 
-def _add_left_at(conn: Connection) -> None:
-    """1 -> 2: ``outbox.left_at`` (the ``instances`` table is new, made by create_all)."""
+def _v2_left_at_and_instances(conn: Connection) -> None:
+    """1 -> 2: ``outbox.left_at`` and the ``instances`` table."""
     type_ = "TIMESTAMP WITHOUT TIME ZONE" if conn.dialect.name == "postgresql" else "DATETIME"
     conn.exec_driver_sql(f"ALTER TABLE outbox ADD COLUMN left_at {type_}")
+    frozen = MetaData()
+    Table(
+        "instances",
+        frozen,
+        Column("id", String(255), primary_key=True),
+        Column("host", String(255), nullable=False),
+        Column("pid", Integer, nullable=False),
+        Column("started_at", DateTime, nullable=False),
+        Column("alive_until", DateTime, nullable=False),
+    )
+    frozen.create_all(conn)
+
+
+def _v3_unmatched_events(conn: Connection) -> None:
+    """2 -> 3: the ``unmatched_events`` table. ``checkfirst``: pushrules versions that stamped
+    2 while this table was new made it by ``create_all``."""
+    frozen = MetaData()
+    Table(
+        "unmatched_events",
+        frozen,
+        Column("id", _ID, primary_key=True, autoincrement=True),
+        Column("event", String(255), nullable=False),
+        Column("key", String(MAX_KEY_LENGTH), nullable=False, unique=True),
+        Column("received_at", DateTime, nullable=False),
+        Column("reason", Text, nullable=False),
+        Column("payload", Text, nullable=False),
+        Index("ix_unmatched_received", "received_at"),
+        sqlite_autoincrement=True,
+    )
+    frozen.create_all(conn, checkfirst=True)
 
 
 #: Migrations from version N to N + 1, run in order inside the schema transaction.
-MIGRATIONS: dict[int, Any] = {1: _add_left_at}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    1: _v2_left_at_and_instances,
+    2: _v3_unmatched_events,
+}
+
+
+class SchemaError(PushrulesError, RuntimeError):
+    """The database is not a store this pushrules can use as it is; the message says why."""
+
+
+def ensure_schema(conn: Connection) -> None:
+    """Create the tables on an empty database, or migrate an older one to this version.
+
+    Runs in the caller's transaction; on PostgreSQL every instance starting at once takes the
+    same advisory lock first, so one creates or migrates and the others find it done.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
+    present = set(inspect(conn).get_table_names())
+    if schema_version_table.name not in present:
+        if ours := sorted(present & set(metadata.tables)):
+            raise SchemaError(
+                f"the database has pushrules tables ({', '.join(ours)}) "
+                "but no schema_version: it was not made by pushrules or was damaged; point "
+                "store.url at an empty database, or restore this one from a backup"
+            )
+        metadata.create_all(conn)
+        conn.execute(
+            schema_version_table.insert().values(version=SCHEMA_VERSION, applied_at=utcnow())
+        )
+        return
+    current = conn.execute(select(func.max(schema_version_table.c.version))).scalar()
+    if current is None:
+        raise SchemaError(
+            "the store's schema_version table is empty: the database was damaged; restore it "
+            "from a backup or point store.url at an empty database"
+        )
+    if current > SCHEMA_VERSION:
+        raise SchemaError(
+            f"the store's schema is version {current}, newer than this pushrules "
+            f"understands ({SCHEMA_VERSION}): upgrade pushrules"
+        )
+    for version in range(current, SCHEMA_VERSION):
+        MIGRATIONS[version](conn)
+        conn.execute(schema_version_table.insert().values(version=version + 1, applied_at=utcnow()))

@@ -68,29 +68,26 @@ from engine.outbox.instances import (
     plan_reclaim,
 )
 from engine.outbox.schema import (
-    _SCHEMA_LOCK,
     DROPPABLE,
     DROPPED,
     DUE_STATES,
     HELD,
     IN_DOUBT,
     MAX_KEY_LENGTH,
-    MIGRATIONS,
     PENDING,
     RESENDABLE,
     RESULT_STATES,
     RESULT_TARGETS,
     RETRYING,
-    SCHEMA_VERSION,
     SENDING,
     SENT,
     STATES,
     UTCDateTime,
     _states,
     attempts_table,
+    ensure_schema,
     instances,
     marks,
-    metadata,
     outbox,
     pauses,
     schema_version_table,
@@ -418,27 +415,7 @@ class Store:
 
     def _create_schema(self) -> None:
         with self.engine.begin() as conn:
-            if self.dialect == "postgresql":
-                conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
-            metadata.create_all(conn, checkfirst=True)
-            current = conn.execute(select(func.max(schema_version_table.c.version))).scalar()
-            if current is None:
-                conn.execute(
-                    schema_version_table.insert().values(
-                        version=SCHEMA_VERSION, applied_at=utcnow()
-                    )
-                )
-                return
-            if current > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"the store's schema is version {current}, newer than this pushrules "
-                    f"understands ({SCHEMA_VERSION}): upgrade pushrules"
-                )
-            for version in range(current, SCHEMA_VERSION):
-                MIGRATIONS[version](conn)
-                conn.execute(
-                    schema_version_table.insert().values(version=version + 1, applied_at=utcnow())
-                )
+            ensure_schema(conn)
 
     def schema_version(self) -> int:
         with self._read() as conn:
