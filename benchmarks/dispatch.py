@@ -36,7 +36,8 @@ from sqlalchemy import create_engine, make_url, text  # noqa: E402
 from engine.outbox.schema import utcnow  # noqa: E402
 from engine.outbox.store import Fire, Store  # noqa: E402
 from engine.rules.secrets import SecretRef  # noqa: E402
-from engine.send.dispatch import Credentials, Dispatcher, DispatchSettings  # noqa: E402
+from engine.send.dispatch import Credentials, Dispatcher  # noqa: E402
+from engine.send.policy import DispatchSettings  # noqa: E402
 
 LOGIN, PASSWORD = "bench@example.com", "bench-password"
 

@@ -38,9 +38,8 @@ from engine.accengage.sandbox import RunningSandbox, SandboxConfig, start_in_thr
 from engine.outbox.schema import DEAD, FAILED, IN_DOUBT, PENDING, RETRYING, SENT, utcnow
 from engine.outbox.store import Fire, OutboxRow, Store
 from engine.rules.secrets import SecretRef
-from engine.send.dispatch import (
-    Credentials,
-    Dispatcher,
+from engine.send.dispatch import Credentials, Dispatcher
+from engine.send.policy import (
     DispatchSettings,
     Outcome,
     backoff_delay,
@@ -606,7 +605,8 @@ def test_two_dispatchers_share_one_outbox(
 CRASHING_SENDER = """
 import asyncio, sys
 from datetime import timedelta
-from engine.send.dispatch import Credentials, Dispatcher, DispatchSettings
+from engine.send.dispatch import Credentials, Dispatcher
+from engine.send.policy import DispatchSettings
 from engine.rules.secrets import SecretRef
 from engine.outbox.schema import utcnow
 from engine.outbox.store import Fire, Store

@@ -41,7 +41,8 @@ from engine.outbox.schema import (
 )
 from engine.outbox.store import Fire, Store
 from engine.rules.secrets import SecretRef
-from engine.send.dispatch import Credentials, Dispatcher, DispatchSettings
+from engine.send.dispatch import Credentials, Dispatcher
+from engine.send.policy import DispatchSettings
 from tests.conftest import postgres_url
 from tests.daemon_process import Daemon, Project, wait_for
 from tests.test_store import PostgresSchema, store_url_context
