@@ -142,7 +142,7 @@ async def our_path(
     credentials = Credentials(SecretRef("env", "BENCH_LOGIN"), SecretRef("env", "BENCH_PASSWORD"))
     async with Dispatcher(store, settings, credentials) as dispatcher:
         await dispatcher.run(asyncio.Event(), drain=True)
-        sent = dispatcher.stats.sent
+        sent = dispatcher.metrics.accepted
     return enqueued - started, time.perf_counter() - enqueued, sent
 
 

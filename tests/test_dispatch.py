@@ -340,7 +340,8 @@ def test_sandbox_down_then_up_delivers_each_request_once(store: Store, password:
                 done = await d.deliver(ids, wait=5)
                 received = Counter(marker_of(e) for e in sandbox.requests())
             assert received == {f"m-{i}": 1 for i in range(12)}
-            assert d.stats.sent == 12 and d.stats.by_error["ConnectError"] >= 12
+            assert d.metrics.accepted == 12
+            assert d.metrics.value("pushrules_sends_total", return_code="none") >= 12
             return done
 
     rows = run(scenario)
@@ -591,7 +592,7 @@ def test_two_dispatchers_share_one_outbox(
                     Dispatcher(shared, settings, CREDENTIALS, worker_id="b") as b,
                 ):
                     await asyncio.gather(a.run(stop, drain=True), b.run(stop, drain=True))
-                    return a.stats.sent, b.stats.sent
+                    return a.metrics.accepted, b.metrics.accepted
 
             sent_a, sent_b = run(scenario)
             assert sent_a + sent_b == 150 and sent_a > 0 and sent_b > 0

@@ -359,7 +359,7 @@ class Daemon:
             dispatch_settings(project),
             credentials(project, sandbox=self.options.sandbox),
             clock=self.clock.now,
-            on_attempt=self.metrics.observe_attempt,
+            metrics=self.metrics.dispatch,
         )
         self.scheduler = Scheduler(
             self.clock,

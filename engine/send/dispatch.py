@@ -34,9 +34,8 @@ import random
 import secrets
 import socket
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -48,6 +47,7 @@ from engine.outbox.connections import busy_timeout, is_busy
 from engine.outbox.schema import DEAD, FAILED, IN_DOUBT, RETRYING, SENT, utcnow
 from engine.outbox.store import AttemptResult, OutboxRow, Reclaimed, ResultUpdate, Store
 from engine.rules.secrets import MissingSecret, SecretRef, mask
+from engine.send.metrics import DispatchMetrics
 from engine.send.policy import (
     DispatchSettings,
     Outcome,
@@ -63,7 +63,6 @@ LOG = logging.getLogger("pushrules.dispatch")
 #: Seconds an inline store call may hold the event loop waiting for SQLite's write lock.
 INLINE_BUSY_WAIT = 0.05
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _HEADERS = {"content-type": "application/json", "user-agent": f"pushrules/{__version__}"}
 
 
@@ -83,50 +82,6 @@ class Credentials:
 
     def __repr__(self) -> str:
         return f"Credentials(login={self.login}, password={self.password})"
-
-
-# --- metrics ---------------------------------------------------------------------------------
-
-
-@dataclass
-class DispatchStats:
-    """Counters the daemon's /metrics reads; only ever grow."""
-
-    attempts: int = 0
-    by_state: Counter[str] = field(default_factory=Counter)  # sent, retrying, failed, dead...
-    by_return_code: Counter[int] = field(default_factory=Counter)
-    by_http_status: Counter[int] = field(default_factory=Counter)
-    by_error: Counter[str] = field(default_factory=Counter)  # exception names, "credentials"
-    latency_count: int = 0
-    latency_sum: float = 0.0
-    latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
-
-    def observe(self, attempt: AttemptResult, state: str, error_kind: str | None) -> None:
-        self.attempts += 1
-        self.by_state[state] += 1
-        if attempt.return_code is not None:
-            self.by_return_code[attempt.return_code] += 1
-        if attempt.http_status is not None:
-            self.by_http_status[attempt.http_status] += 1
-            self.latency_count += 1
-            self.latency_sum += attempt.duration_s
-            for i, bound in enumerate(LATENCY_BUCKETS):
-                if attempt.duration_s <= bound:
-                    self.latency_buckets[i] += 1
-        if error_kind is not None:
-            self.by_error[error_kind] += 1
-
-    @property
-    def handled(self) -> int:
-        return self.attempts
-
-    @property
-    def sent(self) -> int:
-        return self.by_state[SENT]
-
-    @property
-    def retries(self) -> int:
-        return self.by_state[RETRYING]
 
 
 # --- the I/O edge ----------------------------------------------------------------------------
@@ -377,6 +332,7 @@ class Dispatcher:
         worker_id: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         on_attempt: Callable[[OutboxRow, AttemptResult, str], None] | None = None,
+        metrics: DispatchMetrics | None = None,
         rng: random.Random | None = None,
     ) -> None:
         if credentials is None:
@@ -394,7 +350,8 @@ class Dispatcher:
         #: httpcore's trace tells whether a failed request's headers started leaving; a
         #: transport given by a test may not report it.
         self._traced = transport is None
-        self.stats = DispatchStats()
+        #: What each attempt did, in Prometheus counters (the daemon passes its registry's).
+        self.metrics = metrics if metrics is not None else DispatchMetrics()
         self._wake: asyncio.Event | None = None
         self._clock = clock
         self._on_attempt = on_attempt
@@ -578,7 +535,9 @@ class Dispatcher:
                 worker=self.worker_id,
             )
         )
-        self.stats.observe(attempt, state, error_kind)
+        self.metrics.attempted(
+            attempt.return_code, attempt.duration_s, state, sent=error_kind != "credentials"
+        )
         _log_result(row, attempt, state, next_at)
         if self._on_attempt is not None:
             self._on_attempt(row, attempt, state)
@@ -770,7 +729,6 @@ def _log_result(
 
 __all__ = [
     "Credentials",
-    "DispatchStats",
     "Dispatcher",
     "log_reclaimed",
 ]
