@@ -34,7 +34,7 @@ import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from sqlalchemy import (
     Integer,
@@ -52,6 +52,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, RowMapping
+from sqlalchemy.sql.elements import BindParameter
 
 from engine.outbox.connections import _READ_ONLY, _sqlite_begin, _sqlite_on_connect
 from engine.outbox.instances import (
@@ -177,7 +178,7 @@ _RECORD = (
 _RECORD_FENCED = _RECORD.where(outbox.c.claimed_by == bindparam("b_claim", type_=String))
 
 
-_IDS = bindparam("ids", expanding=True)
+_IDS: BindParameter[Any] = bindparam("ids", expanding=True)
 _TOKEN = bindparam("token", type_=String)
 _NOW = bindparam("now", type_=UTCDateTime)
 _MARK_LEAVING = (
@@ -273,7 +274,8 @@ class OutboxRow:
 
     def request(self) -> dict[str, Any]:
         """The stored request body, without ``user``."""
-        return json.loads(self.body)
+        body: dict[str, Any] = json.loads(self.body)
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -517,7 +519,9 @@ class Store:
             for fire, rows in unique:
                 key = (fire.rule, fire.idem_key)
                 if key in won:
-                    ids = [won[key]] + [tail_ids[(*key, row["chunk"])] for row in rows[1:]]
+                    ids = [won[key]] + [
+                        tail_ids[(*key, cast(int, row["chunk"]))] for row in rows[1:]
+                    ]
                     found[key] = EnqueueResult(ids, True)
                 else:
                     existing = conn.execute(
@@ -1011,9 +1015,9 @@ class Store:
         """Several instants of one scope in one transaction."""
         if not values:
             return
+        for name in values:
+            _check_key("name", name)
         rows = [{"scope": scope, "name": n, "at": _aware(at, "at")} for n, at in values.items()]
-        for row in rows:
-            _check_key("name", row["name"])
         stmt = self._insert(marks)
         stmt = stmt.on_conflict_do_update(
             index_elements=["scope", "name"], set_={"at": stmt.excluded.at}

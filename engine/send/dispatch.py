@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import httpx
 from sqlalchemy.exc import OperationalError
@@ -59,6 +59,8 @@ from engine.send.policy import (
     with_user,
 )
 
+P = ParamSpec("P")
+T = TypeVar("T")
 LOG = logging.getLogger("pushrules.dispatch")
 #: Seconds an inline store call may hold the event loop waiting for SQLite's write lock.
 INLINE_BUSY_WAIT = 0.05
@@ -383,7 +385,7 @@ class Dispatcher:
     def __repr__(self) -> str:
         return f"Dispatcher({self.store!r}, worker_id={self.worker_id!r})"
 
-    async def _db(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    async def _db(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a store call where ``settings.store_calls`` says.
 
         Inline, the call waits at most INLINE_BUSY_WAIT for SQLite's write lock: another

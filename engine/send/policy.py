@@ -237,11 +237,11 @@ def classify_response(
         )
     parsed = parse_answer(content)
     if parsed is None:
-        label = f"answer is not the documented JSON: {snippet(content, SNIPPET, scrub)}"
+        quoted = f"answer is not the documented JSON: {snippet(content, SNIPPET, scrub)}"
         return Outcome(
             "unknown",
             http_status=status,
-            return_label=label,
+            return_label=quoted,
             error=(
                 f"HTTP {status} with an answer that is not the documented JSON: Accengage may "
                 "have sent the push; check, then resend or drop the row"
