@@ -34,9 +34,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine
 
+from engine.cli.main import main
 from engine.outbox import schema
 from engine.outbox.schema import SCHEMA_VERSION, SchemaError
 from engine.outbox.store import Store
+from tests.helpers import make_project
 from tests.test_store import store_url_context
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -296,3 +298,18 @@ def test_a_database_with_tables_but_no_version_is_refused(tmp_path: Path) -> Non
     engine.dispose()
     with pytest.raises(SchemaError, match=r"outbox.*no schema_version.*empty database"):
         Store(url)
+
+
+def test_the_command_line_says_what_to_do_with_a_store_it_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No traceback: the message, and exit 1."""
+    project = make_project(tmp_path / "p")
+    db = project / "pushrules.db"
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE outbox (id INTEGER PRIMARY KEY)"))
+    engine.dispose()
+    assert main(["history", "--project", str(project)]) == 1
+    err = capsys.readouterr().err
+    assert "no schema_version" in err and "Traceback" not in err

@@ -458,6 +458,7 @@ USER_ERRORS = (
     ("engine.render.compiler", "CompileError"),
     ("engine.rules.templating", "RenderError"),
     ("engine.outbox.store", "TransitionError"),
+    ("engine.outbox.schema", "SchemaError"),
     ("engine.daemon.process", "StartupError"),
     ("engine.daemon.poller", "FeedError"),
 )

@@ -291,7 +291,7 @@ def ensure_schema(conn: Connection) -> None:
             raise SchemaError(
                 f"the database has pushrules tables ({', '.join(ours)}) "
                 "but no schema_version: it was not made by pushrules or was damaged; point "
-                "store.url at an empty database, or restore this one from a backup"
+                "`store` in pushrules.yaml at an empty database, or restore this one from a backup"
             )
         metadata.create_all(conn)
         conn.execute(
@@ -302,7 +302,7 @@ def ensure_schema(conn: Connection) -> None:
     if current is None:
         raise SchemaError(
             "the store's schema_version table is empty: the database was damaged; restore it "
-            "from a backup or point store.url at an empty database"
+            "from a backup or point `store` in pushrules.yaml at an empty database"
         )
     if current > SCHEMA_VERSION:
         raise SchemaError(
