@@ -1,7 +1,8 @@
 """Every compiled request is a row before anything is sent.
 
 Owns the store: ``schema`` (tables, state names, version and migrations), ``store`` (the
-outbox state machine, attempts, seen keys, marks, pauses, unmatched events), ``instances``
+outbox state machine and attempts), ``marks`` (seen keys, marks, pauses, unmatched events),
+``instances``
 (liveness, reclaim plans, leadership), ``connections`` (SQLite's pragmas, write lock and busy
 timeouts); write coalescing (``batching``) and the one path a fire takes into
 the outbox (``firing``: ``when``, quiet hours, limit, compile, enqueue).

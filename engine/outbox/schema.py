@@ -312,3 +312,16 @@ def ensure_schema(conn: Connection) -> None:
     for version in range(current, SCHEMA_VERSION):
         MIGRATIONS[version](conn)
         conn.execute(schema_version_table.insert().values(version=version + 1, applied_at=utcnow()))
+
+
+def _check_key(what: str, value: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string")
+    if len(value) > MAX_KEY_LENGTH:
+        raise ValueError(f"{what} is {len(value)} characters long; at most {MAX_KEY_LENGTH}")
+
+
+def _aware(value: datetime, what: str) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError(f"{what} must be timezone-aware (UTC)")
+    return value
