@@ -2,9 +2,8 @@
 
 Owns the store: ``schema`` (tables, state names, version and migrations), ``store`` (the
 outbox state machine and attempts), ``marks`` (seen keys, marks, pauses, unmatched events),
-``instances``
-(liveness, reclaim plans, leadership), ``connections`` (SQLite's pragmas, write lock and busy
-timeouts); write coalescing (``batching``) and the one path a fire takes into
+``instances`` (liveness, reclaim plans, leadership), ``connections`` (SQLite's pragmas, write
+lock and busy timeouts); write coalescing (``batching``) and the one path a fire takes into
 the outbox (``firing``: ``when``, quiet hours, limit, compile, enqueue).
 
 May import: :mod:`engine.render`, :mod:`engine.rules`, :mod:`engine.accengage`,
