@@ -33,9 +33,11 @@ import httpx  # noqa: E402
 from common import print_table, start_sandbox  # noqa: E402  (scripts run as python benchmarks/X.py)
 from sqlalchemy import create_engine, make_url, text  # noqa: E402
 
-from engine.outbox.store import Fire, Store, utcnow  # noqa: E402
+from engine.outbox.schema import utcnow  # noqa: E402
+from engine.outbox.store import Fire, Store  # noqa: E402
 from engine.rules.secrets import SecretRef  # noqa: E402
-from engine.send.dispatch import Credentials, Dispatcher, DispatchSettings  # noqa: E402
+from engine.send.dispatch import Credentials, Dispatcher  # noqa: E402
+from engine.send.policy import DispatchSettings  # noqa: E402
 
 LOGIN, PASSWORD = "bench@example.com", "bench-password"
 
@@ -140,7 +142,7 @@ async def our_path(
     credentials = Credentials(SecretRef("env", "BENCH_LOGIN"), SecretRef("env", "BENCH_PASSWORD"))
     async with Dispatcher(store, settings, credentials) as dispatcher:
         await dispatcher.run(asyncio.Event(), drain=True)
-        sent = dispatcher.stats.sent
+        sent = dispatcher.metrics.accepted
     return enqueued - started, time.perf_counter() - enqueued, sent
 
 

@@ -10,7 +10,6 @@ import asyncio
 import json
 import logging
 import os
-import random
 import secrets
 import signal
 import socket
@@ -35,31 +34,12 @@ from starlette.routing import Route
 
 from engine.accengage.api import ROUTE
 from engine.accengage.sandbox import RunningSandbox, SandboxConfig, start_in_thread
-from engine.outbox.store import (
-    DEAD,
-    FAILED,
-    IN_DOUBT,
-    PENDING,
-    RETRYING,
-    SENT,
-    Fire,
-    OutboxRow,
-    Store,
-    utcnow,
-)
+from engine.outbox.schema import DEAD, FAILED, IN_DOUBT, PENDING, RETRYING, SENT, utcnow
+from engine.outbox.store import Fire, OutboxRow, Store
 from engine.rules.secrets import SecretRef
-from engine.send.dispatch import (
-    Credentials,
-    Dispatcher,
+from engine.send.dispatch import Credentials, Dispatcher
+from engine.send.policy import (
     DispatchSettings,
-    Outcome,
-    backoff_delay,
-    classify_error,
-    classify_response,
-    decide,
-    parse_answer,
-    parse_retry_after,
-    parse_return_code,
     redact,
     with_user,
 )
@@ -195,129 +175,6 @@ def scripted() -> Iterator[Callable[..., Scripted]]:
         s.stop()
 
 
-# --- pure: classification and decisions ------------------------------------------------------
-
-
-def answer(doc: object, status: int = 200, headers: dict[str, str] | None = None) -> Outcome:
-    return classify_response(status, headers or {}, json.dumps(doc).encode(), NOW)
-
-
-def test_return_code_as_string_or_number() -> None:
-    sent = answer({"returnCode": "0", "returnLabel": "ok", "messageId": "77"})
-    assert (sent.kind, sent.return_code, sent.message_id) == ("sent", 0, "77")
-    number = answer({"returnCode": 0, "messageid": 78})
-    assert (number.kind, number.message_id, number.return_label) == (
-        "sent",
-        "78",
-        "Instant Message has been sent",
-    )
-    assert parse_return_code(" 5 ") == 5
-    assert parse_return_code(True) is None
-    assert parse_return_code(1.0) is None
-    assert parse_return_code("five") is None
-
-
-def test_retryable_and_permanent_codes() -> None:
-    for code in (1, 11, "1", "11"):
-        assert answer({"returnCode": code}).kind == "retry"
-    refused = answer({"returnCode": "5", "returnLabel": "No or bad message: text is missing"})
-    assert (refused.kind, refused.return_code) == ("failed", 5)
-    assert refused.return_label == "No or bad message: text is missing"
-    assert refused.error is not None and "No or bad message" in refused.error
-    assert "not retried" in refused.error
-    unknown_code = answer({"returnCode": 99})
-    assert unknown_code.kind == "failed" and unknown_code.return_label == "unknown return code 99"
-
-
-def test_an_answer_that_is_not_the_documented_json_is_in_doubt() -> None:
-    garbage = classify_response(200, {}, b"<html>Maintenance</html>", NOW)
-    assert garbage.kind == "unknown"
-    assert garbage.return_label == "answer is not the documented JSON: <html>Maintenance</html>"
-    assert answer({"status": "ok"}).kind == "unknown"
-    assert answer(["0"]).kind == "unknown"
-    long = classify_response(200, {}, b"x" * 1000, NOW)
-    assert long.return_label is not None and long.return_label.endswith("x" * 200 + "")
-    assert len(long.return_label) == len("answer is not the documented JSON: ") + 200
-    assert parse_answer(b"\xff\xfe") is None
-
-
-def test_http_statuses() -> None:
-    unavailable = classify_response(503, {}, b"down", NOW)
-    assert (unavailable.kind, unavailable.http_status, unavailable.retry_after) == (
-        "retry",
-        503,
-        None,
-    )
-    limited = classify_response(429, {"retry-after": "7"}, b"", NOW)
-    assert (limited.kind, limited.retry_after) == ("retry", 7.0)
-    missing = classify_response(404, {}, b"Not Found", NOW)
-    assert missing.kind == "failed" and "accengage.url" in (missing.error or "")
-
-
-def test_retry_after_forms() -> None:
-    assert parse_retry_after("120", NOW) == 120.0
-    assert parse_retry_after("Sun, 01 Mar 2026 12:00:30 GMT", NOW) == 30.0
-    assert parse_retry_after("Sun, 01 Mar 2026 11:00:00 GMT", NOW) == 0.0
-    assert parse_retry_after("soon", NOW) is None
-    assert parse_retry_after(None, NOW) is None
-
-
-@pytest.mark.parametrize(
-    ("exc", "kind"),
-    [
-        (httpx.ConnectError("refused"), "retry"),
-        (httpx.ConnectTimeout("slow"), "retry"),
-        (httpx.PoolTimeout("full"), "retry"),
-        (httpx.WriteError("broken pipe"), "retry"),
-        (httpx.WriteTimeout("stuck"), "retry"),
-        (httpx.ReadTimeout("no answer"), "unknown"),
-        (httpx.ReadError("reset"), "unknown"),
-        (httpx.RemoteProtocolError("Server disconnected"), "unknown"),
-        (TimeoutError(), "unknown"),
-        (RuntimeError("a bug"), "unknown"),
-    ],
-)
-def test_errors_before_and_after_the_request_left(exc: BaseException, kind: str) -> None:
-    outcome = classify_error(exc, deadline=60)
-    assert outcome.kind == kind
-    assert outcome.error and ("did not reach" if kind == "retry" else "may have") in outcome.error
-
-
-def test_decide() -> None:
-    rng = random.Random(1)
-    s = DispatchSettings(max_attempts=3, backoff_base=2, backoff_max=10)
-    assert decide(Outcome("sent"), 1, s, NOW, rng) == (SENT, None)
-    assert decide(Outcome("failed"), 1, s, NOW, rng) == (FAILED, None)
-    assert decide(Outcome("unknown"), 1, s, NOW, rng) == (IN_DOUBT, None)
-    retry_unknown = DispatchSettings(on_unknown_outcome="retry")
-    assert decide(Outcome("unknown"), 1, retry_unknown, NOW, rng)[0] == RETRYING
-    state, at = decide(Outcome("retry"), 2, s, NOW, rng)
-    assert state == RETRYING and at is not None and NOW <= at <= NOW + timedelta(seconds=4)
-    assert decide(Outcome("retry"), 3, s, NOW, rng) == (DEAD, None)
-    honoured = decide(Outcome("retry", retry_after=42), 1, s, NOW, rng)
-    assert honoured == (RETRYING, NOW + timedelta(seconds=42))
-    capped = decide(Outcome("retry", retry_after=10**9), 1, s, NOW, rng)
-    assert capped == (RETRYING, NOW + timedelta(seconds=s.retry_after_max))
-
-
-def test_backoff_is_full_jitter_under_a_cap() -> None:
-    rng = random.Random(7)
-    delays = [backoff_delay(n, 1.0, 30.0, rng) for n in range(1, 12) for _ in range(50)]
-    assert all(0 <= d <= 30 for d in delays)
-    assert max(backoff_delay(1, 1.0, 30.0, rng) for _ in range(200)) <= 1.0
-    assert max(delays) > 20  # late attempts reach near the cap
-
-
-def test_settings_are_checked() -> None:
-    with pytest.raises(ValueError, match="lease"):
-        DispatchSettings(lease=timedelta(seconds=10), deadline=60)
-    with pytest.raises(ValueError, match="concurrency"):
-        DispatchSettings(concurrency=0)
-    with pytest.raises(ValueError, match="on_unknown_outcome"):
-        DispatchSettings(on_unknown_outcome="guess")  # type: ignore[arg-type]
-    assert DispatchSettings().batch == 32
-
-
 def test_credentials_show_references_only(password: str) -> None:
     assert password not in repr(CREDENTIALS) and password not in str(CREDENTIALS)
     assert "PUSHRULES_TEST_PASSWORD" in repr(CREDENTIALS)
@@ -351,7 +208,8 @@ def test_sandbox_down_then_up_delivers_each_request_once(store: Store, password:
                 done = await d.deliver(ids, wait=5)
                 received = Counter(marker_of(e) for e in sandbox.requests())
             assert received == {f"m-{i}": 1 for i in range(12)}
-            assert d.stats.sent == 12 and d.stats.by_error["ConnectError"] >= 12
+            assert d.metrics.accepted == 12
+            assert d.metrics.value("pushrules_sends_total", return_code="none") >= 12
             return done
 
     rows = run(scenario)
@@ -602,7 +460,7 @@ def test_two_dispatchers_share_one_outbox(
                     Dispatcher(shared, settings, CREDENTIALS, worker_id="b") as b,
                 ):
                     await asyncio.gather(a.run(stop, drain=True), b.run(stop, drain=True))
-                    return a.stats.sent, b.stats.sent
+                    return a.metrics.accepted, b.metrics.accepted
 
             sent_a, sent_b = run(scenario)
             assert sent_a + sent_b == 150 and sent_a > 0 and sent_b > 0
@@ -616,9 +474,11 @@ def test_two_dispatchers_share_one_outbox(
 CRASHING_SENDER = """
 import asyncio, sys
 from datetime import timedelta
-from engine.send.dispatch import Credentials, Dispatcher, DispatchSettings
+from engine.send.dispatch import Credentials, Dispatcher
+from engine.send.policy import DispatchSettings
 from engine.rules.secrets import SecretRef
-from engine.outbox.store import Fire, Store, utcnow
+from engine.outbox.schema import utcnow
+from engine.outbox.store import Fire, Store
 store_url, url, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 store = Store(store_url)
 body = lambda m: {"sendInstantMessage": {"partner": {"id": "p"}, "parentMessageId": "1",

@@ -26,7 +26,8 @@ import pytest
 from sqlalchemy import text
 
 from engine.accengage.sandbox import RunningSandbox
-from engine.outbox.store import (
+from engine.outbox.instances import InFlight, InstanceInfo, instance_gone, plan_reclaim
+from engine.outbox.schema import (
     DEAD,
     IN_DOUBT,
     PENDING,
@@ -34,17 +35,13 @@ from engine.outbox.store import (
     SCHEMA_VERSION,
     SENDING,
     SENT,
-    Fire,
-    InFlight,
-    InstanceInfo,
-    Store,
-    instance_gone,
     instances,
-    plan_reclaim,
     utcnow,
 )
+from engine.outbox.store import Fire, Store
 from engine.rules.secrets import SecretRef
-from engine.send.dispatch import Credentials, Dispatcher, DispatchSettings
+from engine.send.dispatch import Credentials, Dispatcher
+from engine.send.policy import DispatchSettings
 from tests.conftest import PostgresSchema, StartDaemon, postgres_url
 from tests.daemon_process import Daemon, Project, wait_for
 
@@ -240,14 +237,14 @@ def test_an_old_database_is_upgraded(store_url: str) -> None:
                 text("INSERT INTO schema_version VALUES (1, :t)"), {"t": T0.replace(tzinfo=None)}
             )
     with Store(store_url) as s:
-        assert s.schema_version() == SCHEMA_VERSION == 2
+        assert s.schema_version() == SCHEMA_VERSION
         rows = s.claim("host:1/x", 2, T0, LEASE)
         assert [r.id for r in rows] == ids and rows[0].left_at is None
         assert s.mark_leaving({rows[0].claimed_by or "": ids}, T0) == set(ids)
         assert s.liveness("host:1/x").beat()
         assert [r.left_at for r in s.get_many(ids)] == [T0, T0]
     with Store(store_url) as s:  # a second start migrates nothing more
-        assert s.schema_version() == 2
+        assert s.schema_version() == SCHEMA_VERSION
 
 
 # --- the dispatcher --------------------------------------------------------------------------

@@ -28,9 +28,11 @@ from urllib.parse import parse_qs, quote_plus, urlsplit
 import httpx
 import pytest
 
-from engine.outbox.store import DEAD, Fire, Store, utcnow
+from engine.outbox.schema import DEAD, utcnow
+from engine.outbox.store import Fire, Store
 from engine.rules.secrets import MASK, MASK_PREFIX, SecretRef, encodings, mask
-from engine.send.dispatch import SNIPPET, Credentials, Dispatcher, DispatchSettings, final_error
+from engine.send.dispatch import Credentials, Dispatcher
+from engine.send.policy import SNIPPET, DispatchSettings, final_error
 from tests.daemon_process import Project
 from tests.helpers import REPO
 
@@ -260,7 +262,7 @@ def test_a_dead_row_does_not_say_it_will_try_again(tmp_path: Path) -> None:
 
 
 def test_final_error_keeps_the_cause() -> None:
-    from engine.send.dispatch import classify_error
+    from engine.send.policy import classify_error
 
     outcome = classify_error(httpx.ConnectError("refused"))
     assert final_error(outcome, DEAD, 8) == (

@@ -34,8 +34,10 @@ from engine.daemon.clock import Clock
 from engine.daemon.scheduler import MARK_SCOPE, Scheduler
 from engine.outbox import firing
 from engine.outbox.batching import Coalescer
+from engine.outbox.connections import busy_timeout, is_busy
 from engine.outbox.firing import FireRequest, fire_many
-from engine.outbox.store import IN_DOUBT, SENDING, SENT, Store, busy_timeout, is_busy
+from engine.outbox.schema import IN_DOUBT, SENDING, SENT
+from engine.outbox.store import Store
 from engine.render.compiler import FireContext
 from tests.conftest import StartDaemon
 from tests.daemon_process import Project, wait_for

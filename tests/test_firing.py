@@ -9,7 +9,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from engine.outbox.firing import FireRequest, fire, fire_many, quiet_until
-from engine.outbox.store import HELD, PENDING, Store
+from engine.outbox.schema import HELD, PENDING
+from engine.outbox.store import Store
 from engine.render.compiler import FireContext
 from engine.rules.rule import QuietHours
 from tests.helpers import load, make_project, write_rule

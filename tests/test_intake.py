@@ -322,9 +322,8 @@ def test_health_is_200_when_ok_else_503(ruleset: RuleSet) -> None:
 def test_metrics_are_prometheus_text(ruleset: RuleSet) -> None:
     state = FakeState(ruleset)
     assert post(state).status_code == 202
-    state.meter.sent(0, 0.12)
-    state.meter.sent(None, 30.0)
-    state.meter.retried()
+    state.meter.dispatch.attempted(0, 0.12, "sent")
+    state.meter.dispatch.attempted(None, 30.0, "retrying")
     state.meter.reloaded(ok=True, rules=5)
     state.meter.set_backlog({"pending": 3, "sent": 10})
     response = call(state, lambda c: c.get("/metrics"))

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, make_url, text
 
-from engine.outbox.store import (
+from engine.outbox.schema import (
     DEAD,
     DROPPED,
     FAILED,
@@ -32,12 +32,9 @@ from engine.outbox.store import (
     SENDING,
     SENT,
     STATES,
-    AttemptResult,
-    Fire,
-    Store,
-    TransitionError,
     utcnow,
 )
+from engine.outbox.store import AttemptResult, Fire, Store, TransitionError
 from tests.conftest import postgres_url
 
 URL = "https://api.example.invalid/sendInstantMessage.php"

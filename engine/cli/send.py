@@ -33,7 +33,7 @@ from engine.cli.main import (
     rule_to_fire,
 )
 from engine.outbox.firing import FireOutcome, FireRequest, fire_many
-from engine.outbox.store import (
+from engine.outbox.schema import (
     DEAD,
     FAILED,
     HELD,
@@ -43,11 +43,8 @@ from engine.outbox.store import (
     SENDING,
     SENT,
     STATES,
-    AttemptResult,
-    OutboxRow,
-    Store,
-    TransitionError,
 )
+from engine.outbox.store import AttemptResult, OutboxRow, Store, TransitionError
 from engine.render.compiler import FireContext
 from engine.rules.project import Project
 from engine.rules.schedule import TriggerError, parse_duration, parse_timezone

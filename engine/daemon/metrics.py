@@ -9,18 +9,15 @@ pauses) are set by the daemon before rendering, since reading them costs a query
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import generate_latest
 
-#: Seconds; the same bounds as :data:`engine.send.dispatch.LATENCY_BUCKETS`, so both views agree.
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+from engine.send.metrics import DispatchMetrics
+
 #: The classic text format: every scraper reads it, and our names need nothing newer.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-NO_CODE = "none"
-#: How the dispatcher words an attempt that sent nothing because a credential was unreadable.
-_NOTHING_SENT = "credentials unavailable"
 
 
 class _Outcome(Protocol):
@@ -32,20 +29,6 @@ class _Outcome(Protocol):
     def status(self) -> str: ...
 
 
-class _Attempt(Protocol):
-    @property
-    def duration_s(self) -> float: ...
-
-    @property
-    def http_status(self) -> int | None: ...
-
-    @property
-    def return_code(self) -> int | None: ...
-
-    @property
-    def error(self) -> str | None: ...
-
-
 class Metrics:
     """Every metric pushrules exports; one instance per daemon."""
 
@@ -55,21 +38,8 @@ class Metrics:
         self.fires = Counter(
             "pushrules_fires", "Rule fires by outcome", ["rule", "status"], registry=r
         )
-        self.sends = Counter(
-            "pushrules_sends",
-            "Requests sent to Accengage by returnCode ('none': no JSON answer or no answer)",
-            ["return_code"],
-            registry=r,
-        )
-        self.retries = Counter(
-            "pushrules_retries", "Attempts that ended in a retry later", registry=r
-        )
-        self.send_latency = Histogram(
-            "pushrules_send_latency_seconds",
-            "Time of one HTTP attempt to Accengage",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+        #: Sends, retries and latency: counted by the dispatcher itself, in this registry.
+        self.dispatch = DispatchMetrics(r)
         self.backlog = Gauge(
             "pushrules_outbox_backlog", "Outbox rows by state", ["state"], registry=r
         )
@@ -108,26 +78,6 @@ class Metrics:
     def fired(self, outcomes: Iterable[_Outcome]) -> None:
         for outcome in outcomes:
             self.fires.labels(rule=outcome.rule, status=outcome.status).inc()
-
-    def sent(self, return_code: int | None, seconds: float | None) -> None:
-        """One attempt that left: its returnCode (None: transport error or no JSON answer)."""
-        self.sends.labels(return_code=NO_CODE if return_code is None else str(return_code)).inc()
-        if seconds is not None:
-            self.send_latency.observe(seconds)
-
-    def retried(self) -> None:
-        self.retries.inc()
-
-    def observe_attempt(self, row: Any, attempt: _Attempt, state: str) -> None:
-        """Shaped as the dispatcher's ``on_attempt`` callback, so the daemon passes it as is.
-
-        An attempt refused before sending (unreadable credentials) counts as a retry only:
-        no request left, so it has no returnCode and no latency.
-        """
-        if not (attempt.http_status is None and (attempt.error or "").startswith(_NOTHING_SENT)):
-            self.sent(attempt.return_code, attempt.duration_s)
-        if state == "retrying":
-            self.retried()
 
     def reloaded(self, ok: bool, rules: int) -> None:
         self.reloads.labels(result="ok" if ok else "problems").inc()

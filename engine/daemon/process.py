@@ -37,8 +37,9 @@ from engine.daemon.scheduler import Changes, Scheduler
 from engine.daemon.watcher import Watcher
 from engine.errors import PushrulesError
 from engine.outbox.batching import Coalescer
+from engine.outbox.connections import busy_timeout
 from engine.outbox.firing import FireOutcome, FireRequest, fire_many
-from engine.outbox.store import Store, busy_timeout
+from engine.outbox.store import Store
 from engine.render.compiler import FireContext
 from engine.rules.checks import compile_templates
 from engine.rules.loader import Loader, RuleSet
@@ -360,7 +361,7 @@ class Daemon:
             dispatch_settings(project),
             credentials(project, sandbox=self.options.sandbox),
             clock=self.clock.now,
-            on_attempt=self.metrics.observe_attempt,
+            metrics=self.metrics.dispatch,
         )
         self.scheduler = Scheduler(
             self.clock,

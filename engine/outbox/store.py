@@ -27,39 +27,24 @@ body that carries the ``user`` object.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import hashlib
 import json
 import os
 import secrets
 import socket
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from datetime import datetime, timedelta
+from typing import Any, Final, cast
 
 from sqlalchemy import (
-    BigInteger,
-    Column,
-    DateTime,
-    Float,
-    ForeignKey,
-    Index,
     Integer,
-    MetaData,
     String,
-    Table,
     Text,
-    TypeDecorator,
-    UniqueConstraint,
     bindparam,
     case,
     create_engine,
     event,
     func,
-    literal_column,
     make_url,
     or_,
     select,
@@ -67,206 +52,53 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, RowMapping
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.elements import BindParameter
 
 from engine.errors import PushrulesError
+from engine.outbox.connections import _READ_ONLY, _sqlite_begin, _sqlite_on_connect
+from engine.outbox.instances import (
+    INSTANCE_LOCK_PREFIX,
+    InFlight,
+    InstanceInfo,
+    Leadership,
+    Liveness,
+    _expired,
+    _parked_message,
+    advisory_key,
+    claim_owner,
+    instance_gone,
+    plan_reclaim,
+)
+from engine.outbox.marks import Marks
+from engine.outbox.schema import (
+    DROPPABLE,
+    DROPPED,
+    DUE_STATES,
+    HELD,
+    IN_DOUBT,
+    PENDING,
+    RESENDABLE,
+    RESULT_STATES,
+    RESULT_TARGETS,
+    RETRYING,
+    SENDING,
+    SENT,
+    STATES,
+    UTCDateTime,
+    _aware,
+    _check_key,
+    _states,
+    attempts_table,
+    ensure_schema,
+    instances,
+    outbox,
+    pauses,
+    schema_version_table,
+    utcnow,
+)
 
 DEFAULT_URL: Final = "sqlite:///pushrules.db"
-SCHEMA_VERSION: Final = 2
 
-HELD, PENDING, SENDING, SENT = "held", "pending", "sending", "sent"
-RETRYING, FAILED, DEAD, IN_DOUBT, DROPPED = "retrying", "failed", "dead", "in_doubt", "dropped"
-STATES: Final = (HELD, PENDING, SENDING, SENT, RETRYING, FAILED, DEAD, IN_DOUBT, DROPPED)
-#: States the dispatcher may claim once ``next_attempt_at`` has come.
-DUE_STATES: Final = (PENDING, RETRYING)
-#: States a result may be written over: ``in_doubt`` too, when the lease ran out while the
-#: request was still in flight and its answer came after all (a known outcome beats a doubt).
-RESULT_STATES: Final = (SENDING, IN_DOUBT)
-RESENDABLE: Final = (IN_DOUBT, FAILED, DEAD, DROPPED)
-DROPPABLE: Final = (HELD, PENDING, RETRYING, IN_DOUBT, FAILED, DEAD)
-#: States a person looks at.
-ATTENTION_STATES: Final = (HELD, IN_DOUBT, FAILED, DEAD)
-#: States a result may set.
-RESULT_TARGETS: Final = (SENT, RETRYING, FAILED, DEAD, IN_DOUBT)
-
-MAX_KEY_LENGTH: Final = 1000
-#: Every PostgreSQL instance creating the schema at once takes this advisory lock first.
-_SCHEMA_LOCK: Final = 0x70757368  # "push"
-
-
-def _states(*states: str) -> ColumnElement[bool]:
-    """``state IN ('a', 'b')`` with literals, not parameters: the planners (SQLite's above all)
-    only use a partial index whose WHERE they can match, and it works within executemany."""
-    return outbox.c.state.in_([literal_column(f"'{s}'") for s in states])
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """Aware UTC in Python, naive UTC in the database: portable, sortable, comparable."""
-
-    impl = DateTime(timezone=False)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError(f"naive datetime {value!r} given to the store: pass an aware one")
-        return value.astimezone(UTC).replace(tzinfo=None)
-
-    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
-        return None if value is None else value.replace(tzinfo=UTC)
-
-
-_ID = BigInteger().with_variant(Integer, "sqlite")  # SQLite's rowid must be INTEGER
-metadata = MetaData()
-
-schema_version_table = Table(
-    "schema_version",
-    metadata,
-    Column("version", Integer, primary_key=True, autoincrement=False),
-    Column("applied_at", UTCDateTime, nullable=False),
-)
-
-outbox = Table(
-    "outbox",
-    metadata,
-    Column("id", _ID, primary_key=True, autoincrement=True),
-    Column("rule", String(255), nullable=False),
-    Column("idem_key", Text, nullable=False),
-    Column("chunk", Integer, nullable=False),
-    Column("url", Text, nullable=False),
-    Column("body", Text, nullable=False),
-    Column("state", String(16), nullable=False),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("created_at", UTCDateTime, nullable=False),
-    Column("updated_at", UTCDateTime, nullable=False),
-    Column("next_attempt_at", UTCDateTime, nullable=False),
-    Column("claimed_by", String(255)),
-    Column("claimed_until", UTCDateTime),
-    Column("last_http_status", Integer),
-    Column("return_code", Integer),
-    Column("return_label", Text),
-    Column("message_id", String(255)),
-    Column("last_error", Text),
-    Column("sent_at", UTCDateTime),
-    # When the claim's request was about to be handed to the network (committed before the
-    # bytes leave); NULL while claimed but not sent, so a dead sender's row can go back to
-    # pending instead of in_doubt. Reset by every claim.
-    Column("left_at", UTCDateTime),
-    UniqueConstraint("rule", "idem_key", "chunk", name="uq_outbox_fire"),
-    sqlite_autoincrement=True,  # ids are never reused, even after the newest row is pruned
-)
-# Claim reads due rows oldest first: a partial index keeps that cheap with a large history.
-Index(
-    "ix_outbox_due",
-    outbox.c.next_attempt_at,
-    outbox.c.id,
-    sqlite_where=_states(*DUE_STATES),
-    postgresql_where=_states(*DUE_STATES),
-)
-Index(
-    "ix_outbox_sending",
-    outbox.c.claimed_until,
-    sqlite_where=_states(SENDING),
-    postgresql_where=_states(SENDING),
-)
-# Rows that need a person, for the operator's lists. Partial on purpose: an index on every
-# state would tempt SQLite's planner (before ANALYZE) away from ix_outbox_due for claims.
-Index(
-    "ix_outbox_attention",
-    outbox.c.state,
-    outbox.c.id,
-    sqlite_where=_states(*ATTENTION_STATES),
-    postgresql_where=_states(*ATTENTION_STATES),
-)
-
-attempts_table = Table(
-    "attempts",
-    metadata,
-    Column("id", _ID, primary_key=True, autoincrement=True),
-    Column("outbox_id", _ID, ForeignKey("outbox.id", ondelete="CASCADE"), nullable=False),
-    Column("number", Integer, nullable=False),
-    Column("started_at", UTCDateTime, nullable=False),
-    Column("duration_ms", Float, nullable=False),
-    Column("http_status", Integer),
-    Column("return_code", Integer),
-    Column("return_label", Text),
-    Column("message_id", String(255)),
-    Column("error", Text),
-    Column("outcome", String(16), nullable=False),
-    Column("worker", String(255)),
-    Index("ix_attempts_outbox", "outbox_id", "id"),
-    sqlite_autoincrement=True,
-)
-
-seen_keys = Table(
-    "seen_keys",
-    metadata,
-    Column("scope", String(255), primary_key=True),
-    Column("key", String(MAX_KEY_LENGTH), primary_key=True),
-    Column("seen_at", UTCDateTime, nullable=False),
-)
-
-pauses = Table(
-    "pauses",
-    metadata,
-    Column("rule", String(255), primary_key=True),
-    Column("until", UTCDateTime),
-    Column("paused_at", UTCDateTime, nullable=False),
-)
-
-#: Instants the daemon remembers by name, e.g. ("schedule", rule): considered up to when.
-marks = Table(
-    "marks",
-    metadata,
-    Column("scope", String(255), primary_key=True),
-    Column("name", String(255), primary_key=True),
-    Column("at", UTCDateTime, nullable=False),
-)
-
-#: Events that no rule took (none listened, or the rule was disabled): kept with why, so an
-#: event answered 202 is always somewhere (the outbox, or here) and can be fired again.
-unmatched_events = Table(
-    "unmatched_events",
-    metadata,
-    Column("id", _ID, primary_key=True, autoincrement=True),
-    Column("event", String(255), nullable=False),
-    Column("key", String(MAX_KEY_LENGTH), nullable=False, unique=True),
-    Column("received_at", UTCDateTime, nullable=False),
-    Column("reason", Text, nullable=False),
-    Column("payload", Text, nullable=False),
-    Index("ix_unmatched_received", "received_at"),
-    sqlite_autoincrement=True,
-)
-
-
-@dataclass(frozen=True, slots=True)
-class UnmatchedEvent:
-    id: int
-    event: str
-    key: str
-    received_at: datetime
-    reason: str
-    payload: str  # the event's JSON, as received
-
-
-#: Processes that claim rows, and their sign of life: a row claimed by a dead one is taken back
-#: (or parked) at once rather than when its lease runs out. On SQLite ``host``/``pid`` and
-#: ``alive_until`` (a heartbeat) tell; on PostgreSQL an advisory lock held by the instance.
-instances = Table(
-    "instances",
-    metadata,
-    Column("id", String(255), primary_key=True),
-    Column("host", String(255), nullable=False),
-    Column("pid", Integer, nullable=False),
-    Column("started_at", UTCDateTime, nullable=False),
-    Column("alive_until", UTCDateTime, nullable=False),
-)
 
 # -- statements on the hot path, built once (building one costs more than running it) --------
 
@@ -336,13 +168,7 @@ _RECORD = (
 _RECORD_FENCED = _RECORD.where(outbox.c.claimed_by == bindparam("b_claim", type_=String))
 
 
-def _add_left_at(conn: Connection) -> None:
-    """1 -> 2: ``outbox.left_at`` (the ``instances`` table is new, made by create_all)."""
-    type_ = "TIMESTAMP WITHOUT TIME ZONE" if conn.dialect.name == "postgresql" else "DATETIME"
-    conn.exec_driver_sql(f"ALTER TABLE outbox ADD COLUMN left_at {type_}")
-
-
-_IDS = bindparam("ids", expanding=True)
+_IDS: BindParameter[Any] = bindparam("ids", expanding=True)
 _TOKEN = bindparam("token", type_=String)
 _NOW = bindparam("now", type_=UTCDateTime)
 _MARK_LEAVING = (
@@ -382,9 +208,6 @@ _PARK = (
     .returning(outbox.c.id, outbox.c.attempts)
 )
 _PARK_LEFT = _PARK.where(outbox.c.left_at.is_not(None))
-
-#: Migrations from version N to N + 1, run in order inside the schema transaction.
-MIGRATIONS: dict[int, Any] = {1: _add_left_at}
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,7 +264,8 @@ class OutboxRow:
 
     def request(self) -> dict[str, Any]:
         """The stored request body, without ``user``."""
-        return json.loads(self.body)
+        body: dict[str, Any] = json.loads(self.body)
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,155 +310,6 @@ class Reclaimed:
     requeued: list[int]
 
 
-@dataclass(frozen=True, slots=True)
-class InstanceInfo:
-    """A registered sender, as the ``instances`` table has it."""
-
-    id: str
-    host: str
-    pid: int
-    started_at: datetime
-    alive_until: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class InFlight:
-    """A ``sending`` row, as :meth:`Store.reclaim` sees it."""
-
-    id: int
-    claimed_by: str
-    left: bool
-    lease_over: bool
-
-
-@dataclass(frozen=True, slots=True)
-class ReclaimPlan:
-    """Claim token -> rows to make due again; (token, fenced on left_at) -> rows to park."""
-
-    requeue: dict[str, list[int]] = field(default_factory=dict)
-    park: dict[tuple[str, bool], list[int]] = field(default_factory=dict)
-
-    def __bool__(self) -> bool:
-        return bool(self.requeue or self.park)
-
-
-#: When this process started, at the latest (real time): an instance with our pid registered
-#: before it belongs to a previous process.
-_PROCESS_STARTED: Final = datetime.now(UTC)
-#: Prefix of the advisory lock key of an instance's liveness on PostgreSQL.
-INSTANCE_LOCK_PREFIX: Final = "pushrules-instance:"
-
-
-def claim_owner(claimed_by: str | None) -> str:
-    """The instance a claim token belongs to: the part before its last ``#``."""
-    if not claimed_by:
-        return ""
-    owner, sep, _ = claimed_by.rpartition("#")
-    return owner if sep else claimed_by
-
-
-def advisory_key(name: str) -> int:
-    """A signed 64-bit key for PostgreSQL's advisory locks, stable for a name."""
-    key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big")
-    return key - (1 << 63)
-
-
-def process_info(pid: int) -> tuple[bool, datetime | None]:
-    """Whether a process of this id runs on this host (a zombie does not), and when it started
-    if the system says (Linux's /proc), so a pid taken again by a later process is told apart."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False, None
-    except OSError:
-        return True, None  # someone else's process: it runs
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
-            fields = stat.read().rpartition(")")[2].split()
-        if fields[0] == "Z":
-            return False, None
-        ticks = int(fields[19])  # field 22, starttime: clock ticks after boot
-        return True, _boot_time() + timedelta(seconds=ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return True, None
-
-
-@functools.cache
-def _boot_time() -> datetime:
-    with open("/proc/stat", encoding="ascii") as stat:
-        for line in stat:
-            if line.startswith("btime "):
-                return datetime.fromtimestamp(int(line.split()[1]), UTC)
-    raise ValueError("no btime in /proc/stat")
-
-
-def instance_gone(
-    info: InstanceInfo,
-    *,
-    me: str | None,
-    host: str,
-    pid: int,
-    now: datetime,
-    process: Callable[[int], tuple[bool, datetime | None]] = process_info,
-    since: datetime = _PROCESS_STARTED,
-) -> bool:
-    """Whether a SQLite-registered instance is dead.
-
-    On this host its process tells: gone, a zombie, or its pid now another process's (one that
-    started after the instance registered; ours, if the instance registered before this process
-    started, as after a container restart that keeps pid 1). Elsewhere, or when the system
-    cannot tell, its heartbeat (``alive_until``, real time) ran out.
-    """
-    if info.id == me:
-        return False
-    if info.host == host:
-        if info.pid == pid:
-            return info.started_at < since
-        running, started = process(info.pid)
-        if not running:
-            return True
-        if started is not None:  # btime has whole seconds: a second of slack
-            return started > info.started_at + timedelta(seconds=1)
-    return info.alive_until < now
-
-
-def _expired(row: Any, now: datetime) -> bool:
-    return row.claimed_until is not None and row.claimed_until < now
-
-
-def plan_reclaim(flights: Iterable[InFlight], registered: set[str], gone: set[str]) -> ReclaimPlan:
-    """Which in-flight rows go back to pending and which are parked, by claim.
-
-    A registered claimer records departures, so its rows that never left are safe to send
-    again; an unregistered one (an older pushrules) did not, so its rows are all parked.
-    """
-    plan = ReclaimPlan()
-    for f in flights:
-        owner = claim_owner(f.claimed_by)
-        if not (owner in gone or f.lease_over):
-            continue
-        if owner not in registered and owner not in gone:
-            plan.park.setdefault((f.claimed_by, False), []).append(f.id)
-        elif f.left:
-            plan.park.setdefault((f.claimed_by, True), []).append(f.id)
-        else:
-            plan.requeue.setdefault(f.claimed_by, []).append(f.id)
-    return plan
-
-
-def _parked_message(owner: str, gone: bool) -> str:
-    if gone:
-        return (
-            f"the instance sending it ({owner}) stopped after handing the request to the "
-            "network: Accengage may or may not have it; check whether the push arrived, then "
-            "resend or drop"
-        )
-    return (
-        "the lease ran out while the request was in flight (the process that sent it died "
-        "or lost the database): Accengage may or may not have it; check, then resend or drop"
-    )
-
-
 class TransitionError(PushrulesError, ValueError):
     """An operator action that the row's state does not allow; the message says why."""
 
@@ -652,19 +327,6 @@ def encode_body(body: Mapping[str, Any]) -> str:
             "added at send time and must never be stored; remove `user` from the body"
         )
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
-
-
-def _check_key(what: str, value: str) -> None:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{what} must be a non-empty string")
-    if len(value) > MAX_KEY_LENGTH:
-        raise ValueError(f"{what} is {len(value)} characters long; at most {MAX_KEY_LENGTH}")
-
-
-def _aware(value: datetime, what: str) -> datetime:
-    if value.tzinfo is None:
-        raise ValueError(f"{what} must be timezone-aware (UTC)")
-    return value
 
 
 def _outbox_row(m: RowMapping, log: tuple[AttemptRow, ...] = ()) -> OutboxRow:
@@ -687,74 +349,7 @@ def _attempt_row(m: RowMapping) -> AttemptRow:
     )
 
 
-#: Milliseconds a SQLite writer waits for the write lock unless :func:`busy_timeout` says less.
-DEFAULT_BUSY_MS: Final = 15000
-_BUSY_MS: ContextVar[int | None] = ContextVar("pushrules_busy_ms", default=None)
-
-
-@contextlib.contextmanager
-def busy_timeout(seconds: float) -> Iterator[None]:
-    """Store calls made inside wait at most ``seconds`` for SQLite's write lock, then raise
-    "database is locked" (see :func:`is_busy`) instead of stalling for the default 15 s.
-
-    A context variable, so it holds for this thread or task only (``asyncio.to_thread``
-    carries it into the thread). No effect on PostgreSQL, whose writers lock rows, not files.
-    """
-    token = _BUSY_MS.set(max(1, int(seconds * 1000)))
-    try:
-        yield
-    finally:
-        _BUSY_MS.reset(token)
-
-
-def is_busy(exc: BaseException) -> bool:
-    """True if SQLite refused to start a write because another connection held the lock:
-    nothing was done, so the call can be made again as it was."""
-    return (
-        isinstance(exc, OperationalError)
-        and "database is locked" in str(exc.orig)
-        and str(exc.statement or "").startswith("BEGIN")
-    )
-
-
-def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
-    # Let SQLAlchemy's "begin" hook start transactions (BEGIN IMMEDIATE), not the driver.
-    dbapi_connection.isolation_level = None
-    cur = dbapi_connection.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute(f"PRAGMA busy_timeout={DEFAULT_BUSY_MS}")
-    # FULL: a claim is on disk before its request leaves, so a power cut cannot make a sent
-    # row pending again. Results are written in batches, which keeps the fsyncs few.
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
-
-
-def _sqlite_begin(conn: Connection) -> None:
-    # A writer takes the write lock at BEGIN: a claim's read and its update see the same
-    # snapshot, and concurrent writers wait (busy_timeout) instead of failing with
-    # SQLITE_BUSY_SNAPSHOT. A reader takes no lock, so an operator's ``history`` never holds up
-    # the dispatcher.
-    read_only = conn.get_execution_options().get(_READ_ONLY, False)
-    if not read_only:
-        _apply_busy_timeout(conn)
-    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
-
-
-def _apply_busy_timeout(conn: Connection) -> None:
-    """Set the connection's busy timeout to what :func:`busy_timeout` asks (or the default),
-    only when it differs from what this pooled connection has already."""
-    wanted = _BUSY_MS.get() or DEFAULT_BUSY_MS
-    info = conn.connection.info
-    if info.get("busy_ms", DEFAULT_BUSY_MS) != wanted:
-        conn.exec_driver_sql(f"PRAGMA busy_timeout={wanted}")
-        info["busy_ms"] = wanted
-
-
-_READ_ONLY: Final = "pushrules_read_only"
-
-
-class Store:
+class Store(Marks):
     """The outbox and its few companions (attempts, seen keys, pauses) in one database."""
 
     def __init__(self, url: str = DEFAULT_URL, *, echo: bool = False) -> None:
@@ -799,27 +394,7 @@ class Store:
 
     def _create_schema(self) -> None:
         with self.engine.begin() as conn:
-            if self.dialect == "postgresql":
-                conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
-            metadata.create_all(conn, checkfirst=True)
-            current = conn.execute(select(func.max(schema_version_table.c.version))).scalar()
-            if current is None:
-                conn.execute(
-                    schema_version_table.insert().values(
-                        version=SCHEMA_VERSION, applied_at=utcnow()
-                    )
-                )
-                return
-            if current > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"the store's schema is version {current}, newer than this pushrules "
-                    f"understands ({SCHEMA_VERSION}): upgrade pushrules"
-                )
-            for version in range(current, SCHEMA_VERSION):
-                MIGRATIONS[version](conn)
-                conn.execute(
-                    schema_version_table.insert().values(version=version + 1, applied_at=utcnow())
-                )
+            ensure_schema(conn)
 
     def schema_version(self) -> int:
         with self._read() as conn:
@@ -921,7 +496,9 @@ class Store:
             for fire, rows in unique:
                 key = (fire.rule, fire.idem_key)
                 if key in won:
-                    ids = [won[key]] + [tail_ids[(*key, row["chunk"])] for row in rows[1:]]
+                    ids = [won[key]] + [
+                        tail_ids[(*key, cast(int, row["chunk"]))] for row in rows[1:]
+                    ]
                     found[key] = EnqueueResult(ids, True)
                 else:
                     existing = conn.execute(
@@ -1352,31 +929,6 @@ class Store:
                 select(func.min(outbox.c.next_attempt_at)).where(_states(*DUE_STATES))
             ).scalar()
 
-    # -- seen keys ---------------------------------------------------------------------------
-
-    def mark_seen(self, scope: str, key: str, *, now: datetime | None = None) -> bool:
-        """Remember ``key`` in ``scope``; True the first time only (race-safe)."""
-        _check_key("scope", scope)
-        _check_key("key", key)
-        stmt = (
-            self._insert(seen_keys)
-            .on_conflict_do_nothing(index_elements=["scope", "key"])
-            .returning(seen_keys.c.key)
-        )
-        with self.engine.begin() as conn:
-            new = conn.execute(stmt, {"scope": scope, "key": key, "seen_at": now or utcnow()})
-            return new.first() is not None
-
-    def prune_seen(self, scope: str, before: datetime) -> int:
-        """Forget keys of ``scope`` seen before ``before`` (a feed's old items)."""
-        with self.engine.begin() as conn:
-            res = conn.execute(
-                seen_keys.delete().where(
-                    seen_keys.c.scope == scope, seen_keys.c.seen_at < _aware(before, "before")
-                )
-            )
-            return res.rowcount
-
     # -- fires and marks ---------------------------------------------------------------------
 
     def count_fires(self, rule: str, since: datetime) -> int:
@@ -1393,290 +945,21 @@ class Store:
         with self._read() as conn:
             return int(conn.execute(q).scalar() or 0)
 
-    def get_mark(self, scope: str, name: str) -> datetime | None:
-        with self._read() as conn:
-            return conn.execute(
-                select(marks.c.at).where(marks.c.scope == scope, marks.c.name == name)
-            ).scalar()
-
-    def set_mark(self, scope: str, name: str, at: datetime) -> None:
-        """Remember an instant (upsert)."""
-        _check_key("scope", scope)
-        _check_key("name", name)
-        values = {"scope": scope, "name": name, "at": _aware(at, "at")}
-        stmt = self._insert(marks).values(values)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["scope", "name"], set_={"at": values["at"]}
-        )
-        with self.engine.begin() as conn:
-            conn.execute(stmt)
-
-    def set_marks(self, scope: str, values: Mapping[str, datetime]) -> None:
-        """Several instants of one scope in one transaction."""
-        if not values:
-            return
-        rows = [{"scope": scope, "name": n, "at": _aware(at, "at")} for n, at in values.items()]
-        for row in rows:
-            _check_key("name", row["name"])
-        stmt = self._insert(marks)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["scope", "name"], set_={"at": stmt.excluded.at}
-        )
-        with self.engine.begin() as conn:
-            conn.execute(stmt, rows)
-
     def leadership(self, name: str = "scheduler") -> Leadership:
         """Who runs the schedules when several daemons share this store (see Leadership)."""
         return Leadership(self, name)
 
-    # -- pauses ------------------------------------------------------------------------------
-
-    def pause(
-        self, rule: str, until: datetime | None = None, *, now: datetime | None = None
-    ) -> None:
-        """Pause one rule, or every rule with ``"*"``, until a time or until resumed.
-
-        Claims skip paused rules' rows, so a pause stops sending at once; rows stay pending.
-        """
-        _check_key("rule", rule)
-        if until is not None:
-            _aware(until, "until")
-        values = {"rule": rule, "until": until, "paused_at": now or utcnow()}
-        stmt = self._insert(pauses).values(values)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["rule"], set_={"until": until, "paused_at": values["paused_at"]}
-        )
-        with self.engine.begin() as conn:
-            conn.execute(stmt)
-
-    def resume(self, rule: str) -> bool:
-        """Lift a pause; False if the rule was not paused."""
-        with self.engine.begin() as conn:
-            return conn.execute(pauses.delete().where(pauses.c.rule == rule)).rowcount > 0
-
-    def paused(self, now: datetime | None = None) -> dict[str, datetime | None]:
-        """Pauses in force: rule (or ``"*"``) -> until (None: until resumed)."""
-        now = now or utcnow()
-        q = select(pauses.c.rule, pauses.c.until).where(
-            or_(pauses.c.until.is_(None), pauses.c.until > now)
-        )
-        with self._read() as conn:
-            return {r.rule: r.until for r in conn.execute(q.order_by(pauses.c.rule))}
-
-    def paused_since(self, rule: str, now: datetime | None = None) -> datetime | None:
-        """When the pause in force on ``rule`` (or ``"*"``) began; None if it has none."""
-        now = now or utcnow()
-        q = select(pauses.c.paused_at).where(
-            pauses.c.rule == rule, or_(pauses.c.until.is_(None), pauses.c.until > now)
-        )
-        with self._read() as conn:
-            return conn.execute(q).scalar()
-
-    # -- events no rule took -----------------------------------------------------------------
-
-    def record_unmatched(
-        self, event: str, key: str, reason: str, payload: str, *, now: datetime | None = None
-    ) -> bool:
-        """Remember an event that no rule took; True when new (a retried key adds nothing)."""
-        _check_key("key", key)
-        stmt = (
-            self._insert(unmatched_events)
-            .on_conflict_do_nothing(index_elements=["key"])
-            .returning(unmatched_events.c.id)
-        )
-        values = {
-            "event": event[:255],
-            "key": key,
-            "received_at": now or utcnow(),
-            "reason": reason,
-            "payload": payload,
-        }
-        with self.engine.begin() as conn:
-            return conn.execute(stmt, values).first() is not None
-
-    def unmatched(self, since: datetime | None = None, limit: int = 100) -> list[UnmatchedEvent]:
-        """Events no rule took, newest first."""
-        q = select(unmatched_events)
-        if since is not None:
-            q = q.where(unmatched_events.c.received_at >= _aware(since, "since"))
-        q = q.order_by(unmatched_events.c.id.desc()).limit(limit)
-        with self._read() as conn:
-            return [UnmatchedEvent(**m) for m in conn.execute(q).mappings()]
-
-
-class Leadership:
-    """One leader among daemons sharing a store: it alone runs schedules and polls feeds.
-
-    On PostgreSQL a session advisory lock, held on a connection of its own for as long as the
-    leader lives: when its process dies the connection closes and another instance takes over
-    at its next try. SQLite serves one host, so every instance is the leader there (a second
-    one on the same file would still send each fire once, thanks to the idempotency keys).
-    """
-
-    def __init__(self, store: Store, name: str) -> None:
-        self._store = store
-        self._key = advisory_key(name)
-        self._conn: Connection | None = None
-        self.held = store.dialect != "postgresql"
-
-    def try_acquire(self) -> bool:
-        """Become the leader if nobody is; True while this instance leads."""
-        if self.held:
-            return self._alive()
-        conn = self._store.engine.connect()
-        try:
-            got = bool(conn.execute(select(func.pg_try_advisory_lock(self._key))).scalar())
-            conn.commit()
-        except SQLAlchemyError:
-            conn.close()
-            raise
-        if got:
-            self._conn = conn
-            self.held = True
-        else:
-            conn.close()
-        return got
-
-    def _alive(self) -> bool:
-        if self._conn is None:
-            return True
-        try:
-            self._conn.execute(select(1))
-            self._conn.commit()
-            return True
-        except SQLAlchemyError:
-            self._conn = None
-            self.held = False
-            return False
-
-    def release(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.execute(select(func.pg_advisory_unlock(self._key)))
-                self._conn.commit()
-            finally:
-                self._conn.close()
-                self._conn = None
-        self.held = self._store.dialect != "postgresql"
-
-
-class Liveness:
-    """One instance's sign of life, so the others act on its rows at once when it dies.
-
-    Registered in the ``instances`` table by :meth:`beat`, which the dispatcher calls every
-    few seconds. On PostgreSQL the instance also holds a session advisory lock of its own on a
-    connection kept open: when its process dies the connection closes, the lock is free, and
-    the next :meth:`Store.reclaim` of any instance sees it (TCP keepalives bound the wait when
-    a whole host vanishes). On SQLite, one host's file, the row's host and pid tell (a pid that
-    no longer runs is dead), with ``alive_until`` (``now + ttl`` at each beat) for the rest.
-    Mistaking a live instance for dead costs no duplicate: every move is fenced to the claim.
-    """
-
-    def __init__(self, store: Store, instance: str, ttl: timedelta) -> None:
-        self._store = store
-        self.instance = instance
-        self._ttl = ttl
-        self._key = advisory_key(INSTANCE_LOCK_PREFIX + instance)
-        self._conn: Connection | None = None
-        self._started: datetime | None = None
-
-    def beat(self) -> bool:
-        """Register, or say again that this instance lives; False if it cannot (yet).
-
-        Real time, not the daemon's clock: liveness is about processes, not fire times."""
-        if self._store.dialect == "postgresql" and not self._locked():
-            return False
-        now = utcnow()
-        self._started = self._started or now
-        values = {
-            "id": self.instance,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started_at": self._started,
-            "alive_until": now + self._ttl,
-        }
-        stmt = self._store._insert(instances).values(values)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["id"], set_={"alive_until": values["alive_until"]}
-        )
-        with self._store.engine.begin() as conn:
-            conn.execute(stmt)
-        return True
-
-    def _locked(self) -> bool:
-        """Hold the instance's advisory lock, taking it again on a new connection if lost."""
-        if self._conn is not None:
-            try:
-                self._conn.execute(select(1))
-                self._conn.commit()
-                return True
-            except SQLAlchemyError:
-                self._drop_connection()
-        conn = self._store.engine.connect()
-        try:
-            for setting in ("tcp_keepalives_idle = 5", "tcp_keepalives_interval = 2"):
-                conn.exec_driver_sql(f"SET {setting}")
-            conn.exec_driver_sql("SET tcp_keepalives_count = 3")
-            got = bool(conn.execute(select(func.pg_try_advisory_lock(self._key))).scalar())
-            conn.commit()
-        except SQLAlchemyError:
-            conn.invalidate()
-            conn.close()
-            raise
-        if not got:  # an old session of ours still holds it: try again at the next beat
-            conn.close()
-            return False
-        self._conn = conn
-        return True
-
-    def _drop_connection(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(SQLAlchemyError):
-                self._conn.invalidate()  # closes the session, which frees the lock
-                self._conn.close()
-            self._conn = None
-
-    def end(self) -> None:
-        """Unregister (a clean stop): rows are all given back or written by now."""
-        try:
-            with self._store.engine.begin() as conn:
-                conn.execute(instances.delete().where(instances.c.id == self.instance))
-        finally:
-            self._drop_connection()
-
 
 __all__ = [
-    "DEAD",
     "DEFAULT_URL",
-    "DROPPED",
-    "FAILED",
-    "HELD",
-    "IN_DOUBT",
-    "PENDING",
-    "RETRYING",
-    "SENDING",
-    "SENT",
-    "STATES",
     "AttemptResult",
     "AttemptRow",
     "EnqueueResult",
     "Fire",
-    "InFlight",
-    "InstanceInfo",
-    "Leadership",
-    "Liveness",
     "OutboxRow",
-    "ReclaimPlan",
     "Reclaimed",
     "ResultUpdate",
     "Store",
     "TransitionError",
-    "busy_timeout",
-    "claim_owner",
     "encode_body",
-    "instance_gone",
-    "is_busy",
-    "plan_reclaim",
-    "process_info",
-    "utcnow",
 ]

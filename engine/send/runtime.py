@@ -16,7 +16,8 @@ import httpx
 from engine.outbox.store import AttemptResult, OutboxRow, Store
 from engine.rules.project import Project
 from engine.rules.secrets import MissingSecret, SecretRef
-from engine.send.dispatch import Credentials, Dispatcher, DispatchSettings
+from engine.send.dispatch import Credentials, Dispatcher
+from engine.send.policy import DispatchSettings
 
 #: What ``--sandbox`` sends as credentials when the real ones are not set: the sandbox only
 #: checks that they are there, and a trial should not need secrets.

@@ -1,0 +1,181 @@
+"""What the daemon remembers beside the outbox: seen keys, marks, pauses, unmatched events."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    or_,
+    select,
+)
+from sqlalchemy.engine import Connection, Engine
+
+from engine.outbox.schema import (
+    _aware,
+    _check_key,
+    marks,
+    pauses,
+    seen_keys,
+    unmatched_events,
+    utcnow,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UnmatchedEvent:
+    id: int
+    event: str
+    key: str
+    received_at: datetime
+    reason: str
+    payload: str  # the event's JSON, as received
+
+
+class Marks:
+    """Seen keys, marks, pauses and unmatched events: what the daemon remembers beside the
+    outbox. A part of :class:`engine.outbox.store.Store`, which provides the engine."""
+
+    engine: Engine
+    _insert: Any
+
+    def _read(self) -> Connection:
+        raise NotImplementedError  # Store's
+
+    # -- seen keys ---------------------------------------------------------------------------
+
+    def mark_seen(self, scope: str, key: str, *, now: datetime | None = None) -> bool:
+        """Remember ``key`` in ``scope``; True the first time only (race-safe)."""
+        _check_key("scope", scope)
+        _check_key("key", key)
+        stmt = (
+            self._insert(seen_keys)
+            .on_conflict_do_nothing(index_elements=["scope", "key"])
+            .returning(seen_keys.c.key)
+        )
+        with self.engine.begin() as conn:
+            new = conn.execute(stmt, {"scope": scope, "key": key, "seen_at": now or utcnow()})
+            return new.first() is not None
+
+    def prune_seen(self, scope: str, before: datetime) -> int:
+        """Forget keys of ``scope`` seen before ``before`` (a feed's old items)."""
+        with self.engine.begin() as conn:
+            res = conn.execute(
+                seen_keys.delete().where(
+                    seen_keys.c.scope == scope, seen_keys.c.seen_at < _aware(before, "before")
+                )
+            )
+            return res.rowcount
+
+    # -- marks ------------------------------------------------------------------------------
+
+    def get_mark(self, scope: str, name: str) -> datetime | None:
+        with self._read() as conn:
+            return conn.execute(
+                select(marks.c.at).where(marks.c.scope == scope, marks.c.name == name)
+            ).scalar()
+
+    def set_mark(self, scope: str, name: str, at: datetime) -> None:
+        """Remember an instant (upsert)."""
+        _check_key("scope", scope)
+        _check_key("name", name)
+        values = {"scope": scope, "name": name, "at": _aware(at, "at")}
+        stmt = self._insert(marks).values(values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["scope", "name"], set_={"at": values["at"]}
+        )
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    def set_marks(self, scope: str, values: Mapping[str, datetime]) -> None:
+        """Several instants of one scope in one transaction."""
+        if not values:
+            return
+        for name in values:
+            _check_key("name", name)
+        rows = [{"scope": scope, "name": n, "at": _aware(at, "at")} for n, at in values.items()]
+        stmt = self._insert(marks)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["scope", "name"], set_={"at": stmt.excluded.at}
+        )
+        with self.engine.begin() as conn:
+            conn.execute(stmt, rows)
+
+    # -- pauses ------------------------------------------------------------------------------
+
+    def pause(
+        self, rule: str, until: datetime | None = None, *, now: datetime | None = None
+    ) -> None:
+        """Pause one rule, or every rule with ``"*"``, until a time or until resumed.
+
+        Claims skip paused rules' rows, so a pause stops sending at once; rows stay pending.
+        """
+        _check_key("rule", rule)
+        if until is not None:
+            _aware(until, "until")
+        values = {"rule": rule, "until": until, "paused_at": now or utcnow()}
+        stmt = self._insert(pauses).values(values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["rule"], set_={"until": until, "paused_at": values["paused_at"]}
+        )
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    def resume(self, rule: str) -> bool:
+        """Lift a pause; False if the rule was not paused."""
+        with self.engine.begin() as conn:
+            return conn.execute(pauses.delete().where(pauses.c.rule == rule)).rowcount > 0
+
+    def paused(self, now: datetime | None = None) -> dict[str, datetime | None]:
+        """Pauses in force: rule (or ``"*"``) -> until (None: until resumed)."""
+        now = now or utcnow()
+        q = select(pauses.c.rule, pauses.c.until).where(
+            or_(pauses.c.until.is_(None), pauses.c.until > now)
+        )
+        with self._read() as conn:
+            return {r.rule: r.until for r in conn.execute(q.order_by(pauses.c.rule))}
+
+    def paused_since(self, rule: str, now: datetime | None = None) -> datetime | None:
+        """When the pause in force on ``rule`` (or ``"*"``) began; None if it has none."""
+        now = now or utcnow()
+        q = select(pauses.c.paused_at).where(
+            pauses.c.rule == rule, or_(pauses.c.until.is_(None), pauses.c.until > now)
+        )
+        with self._read() as conn:
+            return conn.execute(q).scalar()
+
+    # -- events no rule took -----------------------------------------------------------------
+
+    def record_unmatched(
+        self, event: str, key: str, reason: str, payload: str, *, now: datetime | None = None
+    ) -> bool:
+        """Remember an event that no rule took; True when new (a retried key adds nothing)."""
+        _check_key("key", key)
+        stmt = (
+            self._insert(unmatched_events)
+            .on_conflict_do_nothing(index_elements=["key"])
+            .returning(unmatched_events.c.id)
+        )
+        values = {
+            "event": event[:255],
+            "key": key,
+            "received_at": now or utcnow(),
+            "reason": reason,
+            "payload": payload,
+        }
+        with self.engine.begin() as conn:
+            return conn.execute(stmt, values).first() is not None
+
+    def unmatched(self, since: datetime | None = None, limit: int = 100) -> list[UnmatchedEvent]:
+        """Events no rule took, newest first."""
+        q = select(unmatched_events)
+        if since is not None:
+            q = q.where(unmatched_events.c.received_at >= _aware(since, "since"))
+        q = q.order_by(unmatched_events.c.id.desc()).limit(limit)
+        with self._read() as conn:
+            return [UnmatchedEvent(**m) for m in conn.execute(q).mappings()]
+
+
+__all__ = ["Marks", "UnmatchedEvent"]
