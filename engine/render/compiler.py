@@ -21,6 +21,7 @@ from engine.rules.problems import field_path
 from engine.rules.project import Project
 from engine.rules.rule import AppPlan, Rule
 from engine.rules.secrets import MASK
+from engine.rules.template_bounds import BoundExceeded
 from engine.rules.yaml_source import Scalar, native
 
 log = logging.getLogger("pushrules.compile")
@@ -385,7 +386,10 @@ def _expand_targets(rule: Rule, scope: Mapping[str, Any]) -> Iterator[dict[str, 
                     f"expands to more than {MAX_EXPANDED_TARGETS:,} targets",
                     14,
                 )
-            templating.check_time()
+            try:
+                templating.check_time()
+            except BoundExceeded as exc:  # between two targets: the list as a whole is at fault
+                raise CompileError(rule.id, field_path((*path, "for_each")), str(exc)) from None
             inner = _Renderer(rule, {**scope, name: item}, ())
             try:
                 made = _target(inner, target["target"], (*path, "target"))
