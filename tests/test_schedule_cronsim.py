@@ -102,12 +102,25 @@ def theirs(expr: str, tz: ZoneInfo, start: datetime, count: int = FIRES) -> list
     return [next(fires).astimezone(UTC) for _ in range(count)]
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same 400 examples on every run, so a difference found in cronsim (a library
+# we do not control) shows here when it is looked for, not as a random red CI run.
+@settings(
+    max_examples=400,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(EXPRESSIONS, zone_and_start())
 def test_cron_fires_as_cronsim_says(expr: str, zone_start: tuple[str, datetime]) -> None:
     zone, start = zone_start
     tz = ZoneInfo(zone)
-    assert ours(expr, tz, start) == theirs(expr, tz, start), (expr, zone, start.isoformat())
+    mine, cronsim = ours(expr, tz, start), theirs(expr, tz, start)
+    if cronsim[0] <= start:
+        # cronsim's known defect inside a repeated hour: an answer before the start (see
+        # KNOWN: chatham, paris). Ours must still move forward.
+        assert start < mine[0] and mine == sorted(set(mine)), (expr, zone, start.isoformat())
+        return
+    assert mine == cronsim, (expr, zone, start.isoformat())
 
 
 # --------------------------------------------------------------------------- known differences
@@ -129,6 +142,14 @@ KNOWN = [
         "2020-04-06T03:00:00+12:45",  # 03:00 came once already, before the start (Vixie)
         "2020-04-05T03:00:00+13:45",  # cronsim answers an instant before the start
         id="chatham-45-minute-offset",
+    ),
+    pytest.param(
+        "1 2 * * *",
+        "Europe/Paris",  # 2020-10-25: 02:00-02:59 comes twice, first CEST then CET
+        "2020-10-25T02:00:00+01:00",  # the second 02:00, after 02:01 CEST has fired
+        "2020-10-26T02:01:00+01:00",  # a repeated time fires on its first occurrence (Vixie)
+        "2020-10-25T02:01:00+02:00",  # cronsim answers an instant before the start
+        id="paris-repeated-hour",
     ),
     pytest.param(
         "* * * * 0-0/1",
