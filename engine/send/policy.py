@@ -155,17 +155,25 @@ def snippet(
     return text[:limit]
 
 
+#: A stored return code is a 32-bit integer column; Accengage's codes are small.
+_CODE_LIMIT = 2**31
+#: The ``message_id`` column's width: a longer id is cut, not a failed write of its batch.
+MESSAGE_ID_MAX = 255
+
+
 def parse_return_code(value: Any) -> int | None:
-    """``"0"``, ``0`` and ``" 5 "`` are codes; booleans, floats and words are not."""
+    """``"0"``, ``0`` and ``" 5 "`` are codes; booleans, floats, words and numbers no 32-bit
+    column holds are not (one odd answer must not fail the batch of results it is written in)."""
     if isinstance(value, bool):
         return None
+    code: int | None = None
     if isinstance(value, int):
-        return value
-    if isinstance(value, str):
+        code = value
+    elif isinstance(value, str):
         stripped = value.strip()
-        if stripped.isascii() and stripped.lstrip("-").isdigit():
-            return int(stripped)
-    return None
+        if stripped.isascii() and stripped.lstrip("-").isdigit() and len(stripped) < 12:
+            code = int(stripped)
+    return code if code is not None and -_CODE_LIMIT <= code < _CODE_LIMIT else None
 
 
 def parse_answer(content: bytes) -> tuple[int, str | None, str | None] | None:
@@ -188,7 +196,7 @@ def parse_answer(content: bytes) -> tuple[int, str | None, str | None] | None:
     return (
         code,
         None if label is None else str(label),
-        None if message_id is None else str(message_id),
+        None if message_id is None else str(message_id)[:MESSAGE_ID_MAX],
     )
 
 

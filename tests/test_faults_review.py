@@ -1,0 +1,79 @@
+"""Faults found by reading the fault-isolation work once more: each stays with its own push.
+
+An odd answer from upstream, a store error at a bad moment, or a store URL with a password in it
+must cost only the push (or the message) it concerns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from engine.outbox.schema import SENT, utcnow
+from engine.outbox.store import Fire, Store
+from engine.rules.secrets import SecretRef
+from engine.send.dispatch import Credentials, Dispatcher
+from engine.send.policy import MESSAGE_ID_MAX, DispatchSettings, parse_answer, parse_return_code
+
+
+def body(marker: str) -> dict[str, Any]:
+    return {
+        "sendInstantMessage": {
+            "partner": {"id": "p"},
+            "parentMessageId": "1",
+            "message": {"text": marker},
+            "targets": [{"memberId": "765c8"}],
+        }
+    }
+
+
+def test_codes_no_column_holds_are_not_codes() -> None:
+    assert parse_return_code("99999999999999999999") is None
+    assert parse_return_code(2**40) is None
+    assert parse_return_code(-(2**31)) == -(2**31)
+    assert parse_return_code("2147483647") == 2**31 - 1
+    answer = parse_answer(b'{"returnCode": 0, "messageId": "' + b"m" * 1000 + b'"}')
+    assert answer is not None and len(answer[2] or "") == MESSAGE_ID_MAX
+
+
+def test_one_odd_answer_does_not_hold_back_the_results_written_with_it(tmp_path: Path) -> None:
+    """A 200 whose returnCode or messageId no column holds used to fail the whole batch of
+    results written with it: pushes really sent stayed `sending`, then went in_doubt."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        marker = request.url.path.strip("/")
+        if marker == "huge-code":
+            return httpx.Response(200, json={"returnCode": "99999999999999999999"})
+        if marker == "long-id":
+            return httpx.Response(200, json={"returnCode": 0, "messageId": "m" * 5000})
+        return httpx.Response(200, json={"returnCode": 0, "messageId": marker})
+
+    settings = DispatchSettings(
+        max_attempts=2, backoff_base=0.01, backoff_max=0.02, lease=timedelta(minutes=5)
+    )
+    creds = Credentials(SecretRef("env", "HOME"), SecretRef("env", "HOME"))
+    base = "http://upstream.invalid"
+    markers = ["huge-code", "long-id", *(f"ok{i}" for i in range(8))]
+    with Store(f"sqlite:///{tmp_path / 'o.db'}") as store:
+        store.enqueue_many(
+            [Fire("r", m, [(f"{base}/{m}", body(m))]) for m in markers], now=utcnow()
+        )
+
+        async def go() -> None:
+            transport = httpx.MockTransport(answer)
+            async with Dispatcher(store, settings, creds, transport=transport) as d:
+                await d.run(asyncio.Event(), drain=True)
+
+        asyncio.run(go())
+        rows = {r.idem_key: r for r in store.history()}
+    assert all(rows[m].state == SENT for m in markers if m.startswith("ok")), {
+        k: r.state for k, r in rows.items()
+    }
+    assert rows["long-id"].state == SENT
+    assert rows["long-id"].message_id == "m" * MESSAGE_ID_MAX
+    # An answer with no usable code is this row's problem alone, and not "sending" forever.
+    assert rows["huge-code"].state != "sending"
