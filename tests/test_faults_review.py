@@ -7,17 +7,23 @@ must cost only the push (or the message) it concerns.
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+from sqlalchemy.exc import OperationalError
 
+from engine.daemon import scheduler as scheduler_module
+from engine.daemon.clock import Clock
+from engine.daemon.scheduler import MARK_SCOPE, CatchUp, Scheduler
 from engine.outbox.schema import SENT, utcnow
 from engine.outbox.store import Fire, Store
 from engine.rules.secrets import SecretRef
 from engine.send.dispatch import Credentials, Dispatcher
 from engine.send.policy import MESSAGE_ID_MAX, DispatchSettings, parse_answer, parse_return_code
+from tests.test_scheduler import MemoryMarks, Recorder, make_rule
 
 
 def body(marker: str) -> dict[str, Any]:
@@ -77,3 +83,52 @@ def test_one_odd_answer_does_not_hold_back_the_results_written_with_it(tmp_path:
     assert rows["long-id"].message_id == "m" * MESSAGE_ID_MAX
     # An answer with no usable code is this row's problem alone, and not "sending" forever.
     assert rows["huge-code"].state != "sending"
+
+
+# --- the scheduler's marks cannot be read when it takes the lead ------------------------------
+
+
+class FlakyMarks(MemoryMarks):
+    """Marks whose reads fail a number of times first, as a store that is briefly down."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.writes = 0
+
+    def get_mark(self, scope: str, name: str) -> datetime | None:
+        if self.failures:
+            self.failures -= 1
+            raise OperationalError("SELECT", {}, Exception("database is locked"))
+        return super().get_mark(scope, name)
+
+    def set_mark(self, scope: str, name: str, at: datetime) -> None:
+        self.writes += 1
+        super().set_mark(scope, name, at)
+
+
+def test_marks_that_cannot_be_read_at_first_still_catch_up_the_missed_fire(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reading no marks used to move every mark to now: the fire missed while stopped was gone
+    for good. Now catch-up waits for the marks, and no mark moves meanwhile."""
+    monkeypatch.setattr(scheduler_module, "MARKS_RETRY_FIRST", 0.05)
+    now = datetime.now(UTC)
+    marks = FlakyMarks(failures=3)
+    marks.values[(MARK_SCOPE, "minutely")] = now - timedelta(minutes=3)
+
+    async def scenario() -> list[CatchUp]:
+        rec = Recorder()
+        sched = Scheduler(Clock(), marks, rec.on_fire, rec.on_poll)
+        rule = make_rule("minutely", {"cron": "* * * * *"})
+        await sched.start()
+        try:
+            sched.apply({"minutely": rule})
+            return await sched.catch_up({"minutely": rule})
+        finally:
+            await sched.shutdown()
+
+    results = asyncio.run(scenario())
+    assert marks.failures == 0
+    fired = [r for r in results if r.action == "fired"]
+    assert len(fired) == 1, results  # the newest missed fire, young enough to send

@@ -95,6 +95,9 @@ PollCallback = Callable[[Rule, datetime], Awaitable[object]]
 """A poll rule's turn to fetch its feed (the poller's result, if any, is ignored)."""
 
 MARK_SCOPE = "schedule"
+#: Waits between attempts to read the marks at catch-up (seconds), doubling up to the max.
+MARKS_RETRY_FIRST = 1.0
+MARKS_RETRY_MAX = 30.0
 FIRE_KINDS = ("cron", "every", "at")
 MARK_EVERY = timedelta(seconds=30)
 #: Seconds before a failed fire write is tried again, doubling up to RETRY_MAX.
@@ -727,16 +730,9 @@ class Scheduler:
         Sending uses the key the fire would have had on time, so a fire that did go out
         before a crash is ignored by the store. A rule without a mark is new: nothing to do.
         """
-        now = self._clock.now()
         scheduled = [r for r in rules.values() if job_kind(r) == "fire"]
-        try:
-            marks = await asyncio.to_thread(self._read_marks, [r.id for r in scheduled])
-        except Exception:
-            log.exception(
-                "could not read the scheduler's marks: fires missed while stopped are not "
-                "caught up this time"
-            )
-            marks = {}
+        marks = await self._read_marks_until_read([r.id for r in scheduled])
+        now = self._clock.now()
         results: list[CatchUp] = []
         for rule in scheduled:
             mark = marks.get(rule.id)
@@ -788,6 +784,25 @@ class Scheduler:
                 context += "; older ones not even listed"
             log_skipped(rule.id, skipped, context)
         return done
+
+    async def _read_marks_until_read(self, rule_ids: Sequence[str]) -> dict[str, datetime]:
+        """The marks, however long the store takes to give them. Reading none instead would
+        move every mark to now and lose the fires missed while stopped; until they are read,
+        no mark moves (``_caught_up`` stays false), so a stop meanwhile loses nothing either."""
+        delay = MARKS_RETRY_FIRST
+        while True:
+            try:
+                return await asyncio.to_thread(self._read_marks, rule_ids)
+            except Exception as exc:
+                log.error(
+                    "could not read the scheduler's marks (%s: %s): fires missed while stopped "
+                    "are caught up once they can be read; trying again in %g s",
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MARKS_RETRY_MAX)
 
     def _read_marks(self, rule_ids: Iterable[str]) -> dict[str, datetime]:
         found = {rule_id: self._marks.get_mark(MARK_SCOPE, rule_id) for rule_id in rule_ids}
