@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from engine.accengage.sandbox import RunningSandbox, SandboxConfig, start_in_thread
+from engine.accengage.sandbox import RunningSandbox
 from engine.cli.main import main
 from tests.helpers import make_project, write_rule
 
@@ -22,12 +21,6 @@ message:
 targets:
   - memberId: "{{ event.member }}"
 """
-
-
-@pytest.fixture
-def sandbox() -> Iterator[RunningSandbox]:
-    with start_in_thread(SandboxConfig(seed=1)) as running:
-        yield running
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ from engine.send.policy import (
     redact,
     with_user,
 )
-from tests.test_store import store_url_context
+from tests.conftest import store_url_context
 
 REPO = Path(__file__).resolve().parent.parent
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -22,7 +22,7 @@ from tests.daemon_process import START_TIMEOUT, Daemon, free_port, wait_for
 from tests.daemon_process import Project as DaemonProject
 from tests.helpers import REPO, make_project, write_rule
 from tests.test_cli import broken  # noqa: F401 (fixture)
-from tests.test_cli_send import event_file, project, sandbox  # noqa: F401 (fixtures)
+from tests.test_cli_send import event_file, project  # noqa: F401 (fixtures)
 
 # --- 4. a trial send without credentials never queues -----------------------------------------
 
@@ -31,7 +31,7 @@ from tests.test_cli_send import event_file, project, sandbox  # noqa: F401 (fixt
 def test_send_without_credentials_refuses_before_queueing(
     command: str,
     project: Path,  # noqa: F811
-    sandbox: RunningSandbox,  # noqa: F811
+    sandbox: RunningSandbox,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -60,7 +60,7 @@ def test_send_without_credentials_refuses_before_queueing(
 
 def test_outbox_resend_without_credentials_refuses(
     project: Path,  # noqa: F811
-    sandbox: RunningSandbox,  # noqa: F811
+    sandbox: RunningSandbox,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -202,7 +202,7 @@ def test_pause_for_prints_its_end_in_the_projects_timezone(
 @pytest.mark.e2e
 def test_a_post_to_a_paused_rule_answers_paused_and_history_says_why_it_waits(
     tmp_path: Path,
-    sandbox: RunningSandbox,  # noqa: F811
+    sandbox: RunningSandbox,
 ) -> None:
     live = DaemonProject(tmp_path / "live", sandbox.url)
     live.rule("held-back", "event: paused.test", "Held {{ event.n }}")
@@ -332,7 +332,7 @@ def test_history_does_not_create_an_outbox(
 
 def test_an_empty_for_each_says_so_in_compile_and_send(
     project: Path,  # noqa: F811
-    sandbox: RunningSandbox,  # noqa: F811
+    sandbox: RunningSandbox,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:

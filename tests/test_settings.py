@@ -14,7 +14,7 @@ from engine.cli.main import main
 from engine.rules.project import DispatchConfig, load_project
 from engine.rules.schemas import DISPATCH
 from tests.helpers import REPO, make_project
-from tests.test_cli_send import event_file, project, sandbox  # noqa: F401 (fixtures)
+from tests.test_cli_send import event_file, project  # noqa: F401 (fixtures)
 
 
 def line_of(path: Path, text: str) -> int:
@@ -57,7 +57,7 @@ def test_an_unset_credential_names_its_setting_and_line(
     variable: str,
     setting: str,
     project: Path,  # noqa: F811
-    sandbox: RunningSandbox,  # noqa: F811
+    sandbox: RunningSandbox,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],

@@ -3,6 +3,7 @@
 PostgreSQL isolation: each test gets its own schema, ``pushrules_test_<random>``, reached through
 ``options=-csearch_path=<schema>`` in the store URL and dropped afterwards, so parallel runs of
 the suite (or of several engineers' suites) on one database never see each other's tables.
+The ``store_url`` and ``store`` fixtures and the schema helpers live in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -11,14 +12,13 @@ import secrets
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import text
 
 from engine.outbox.schema import (
     DEAD,
@@ -35,7 +35,7 @@ from engine.outbox.schema import (
     utcnow,
 )
 from engine.outbox.store import AttemptResult, Fire, Store, TransitionError
-from tests.conftest import postgres_url
+from tests.conftest import store_url_context
 
 URL = "https://api.example.invalid/sendInstantMessage.php"
 LEASE = timedelta(minutes=5)
@@ -61,64 +61,6 @@ def ok(at: datetime = T0, **fields: Any) -> AttemptResult:
     values: dict[str, Any] = {"http_status": 200, "return_code": 0, "return_label": "sent"}
     values.update(fields)
     return AttemptResult(at, 0.05, **values)
-
-
-# --- the two databases -----------------------------------------------------------------------
-
-
-def postgres_store_url(schema: str) -> str:
-    """The test PostgreSQL with ``schema`` first on the search path."""
-    url = make_url(postgres_url())
-    return url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
-        hide_password=False
-    )
-
-
-class PostgresSchema:
-    """A throwaway schema: created on enter, dropped with everything in it on exit."""
-
-    def __init__(self) -> None:
-        self.name = f"pushrules_test_{secrets.token_hex(6)}"
-        self.url = postgres_store_url(self.name)
-
-    def _admin(self, sql: str) -> None:
-        engine = create_engine(postgres_url(), isolation_level="AUTOCOMMIT")
-        try:
-            with engine.connect() as conn:
-                conn.execute(text(sql))
-        finally:
-            engine.dispose()
-
-    def __enter__(self) -> PostgresSchema:
-        self._admin(f'CREATE SCHEMA "{self.name}"')
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._admin(f'DROP SCHEMA IF EXISTS "{self.name}" CASCADE')
-
-
-def store_url_context(kind: str, tmp_path: Path) -> Iterator[str]:
-    """Yields a fresh store URL of ``kind`` ("sqlite" or "postgres")."""
-    if kind == "sqlite":
-        yield f"sqlite:///{tmp_path / 'outbox.db'}"
-        return
-    postgres_url()  # skips (or fails in CI) before any work
-    with PostgresSchema() as schema:
-        yield schema.url
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    yield from store_url_context(request.param, tmp_path)
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[Store]:
-    s = Store(store_url)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 # --- enqueue ---------------------------------------------------------------------------------

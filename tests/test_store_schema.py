@@ -38,8 +38,8 @@ from engine.cli.main import main
 from engine.outbox import schema
 from engine.outbox.schema import SCHEMA_VERSION, SchemaError
 from engine.outbox.store import Store
+from tests.conftest import store_url_context
 from tests.helpers import make_project
-from tests.test_store import store_url_context
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
