@@ -23,6 +23,7 @@ from engine.outbox.store import Fire, Store
 from engine.rules.secrets import SecretRef
 from engine.send.dispatch import Credentials, Dispatcher
 from engine.send.policy import MESSAGE_ID_MAX, DispatchSettings, parse_answer, parse_return_code
+from tests.helpers import make_project, problems
 from tests.test_scheduler import MemoryMarks, Recorder, make_rule
 
 
@@ -132,3 +133,25 @@ def test_marks_that_cannot_be_read_at_first_still_catch_up_the_missed_fire(
     assert marks.failures == 0
     fired = [r for r in results if r.action == "fired"]
     assert len(fired) == 1, results  # the newest missed fire, young enough to send
+
+
+# --- a store URL's password in messages -------------------------------------------------------
+
+
+def test_a_store_url_typo_does_not_print_its_password(tmp_path: Path) -> None:
+    """`postgres://` (not `postgresql+psycopg://`) is a common typo; its message quotes the URL,
+    and that message reaches validate, the logs and the unauthenticated /healthz."""
+    root = make_project(tmp_path / "p")
+    config = root / "pushrules.yaml"
+    text = config.read_text().replace(
+        "store: sqlite:///pushrules.db", "store: postgres://pushrules:s3cr3t-pw@db/pushrules"
+    )
+    assert "s3cr3t-pw" in text
+    config.write_text(text)
+    found = [p for p in problems(root) if p.field == "store"]
+    assert found and "is not a store URL" in found[0].message, found
+    assert all("s3cr3t-pw" not in p.message for p in found)
+    assert "pushrules:********@db" in found[0].message
+    with pytest.raises(ValueError) as info:
+        Store("mysql://pushrules:s3cr3t-pw@db/pushrules")
+    assert "s3cr3t-pw" not in str(info.value) and "only sqlite" in str(info.value)

@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -461,7 +460,9 @@ def store_problem(exc: BaseException) -> str | None:
     if sa is not None and isinstance(exc, sa.OperationalError | sa.ArgumentError):
         # The driver's first line says why (refused, no such file); the URL may hold a password.
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        reason = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1********@", reason)
+        from engine.rules.secrets import hide_url_password
+
+        reason = hide_url_password(reason)
         return (
             f"the store (store: in pushrules.yaml) cannot be used: {reason}; check that it is "
             "reachable and the URL right"

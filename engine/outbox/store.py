@@ -96,6 +96,7 @@ from engine.outbox.schema import (
     schema_version_table,
     utcnow,
 )
+from engine.rules.secrets import hide_url_password
 
 DEFAULT_URL: Final = "sqlite:///pushrules.db"
 
@@ -356,7 +357,8 @@ class Store(Marks):
         self.url = url
         if make_url(url).get_backend_name() not in {"sqlite", "postgresql"}:
             raise ValueError(
-                f"store {url!r}: only sqlite:///FILE and postgresql+psycopg://... are supported"
+                f"store {hide_url_password(url)!r}: only sqlite:///FILE and "
+                "postgresql+psycopg://... are supported"
             )
         self.engine: Engine = self._make_engine(url, echo)
         self.dialect = self.engine.dialect.name

@@ -11,7 +11,7 @@ from typing import Any
 from engine.accengage import api as accengage
 from engine.rules.problems import Problem, Severity, field_path
 from engine.rules.schemas import DISPATCH, PROJECT_CHECKER, Bounds, is_yaml_int
-from engine.rules.secrets import SecretRef
+from engine.rules.secrets import SecretRef, hide_url_password
 from engine.rules.yaml_source import MarkedMap, load, native, position
 
 CONFIG_NAME = "pushrules.yaml"
@@ -207,7 +207,7 @@ def _check_settings(doc: Mapping[str, Any], report: Any) -> None:
         report(
             ("store",),
             None,
-            f"'{store}' is not a store URL; write sqlite:///pushrules.db "
+            f"'{hide_url_password(store)}' is not a store URL; write sqlite:///pushrules.db "
             "or postgresql+psycopg://user@host/database",
         )
     listen = doc.get("listen")

@@ -127,3 +127,13 @@ def _prefix_spans(text: str, form: str) -> Iterable[tuple[int, int]]:
             end += 1
         yield start, end
         start = text.find(head, start + 1)
+
+
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+
+
+def hide_url_password(text: str) -> str:
+    """``postgres://user:pw@host/db`` -> ``postgres://user:********@host/db``, wherever a URL
+    stands in ``text``: a store URL is quoted in messages (a typo in its scheme, a refused
+    connection) that reach logs, ``validate`` and the unauthenticated /healthz."""
+    return _URL_PASSWORD.sub(rf"\g<1>{MASK}@", text)
