@@ -20,10 +20,12 @@ from engine.daemon.clock import Clock
 from engine.daemon.scheduler import MARK_SCOPE, CatchUp, Scheduler
 from engine.outbox.schema import SENT, utcnow
 from engine.outbox.store import Fire, Store
+from engine.rules.loader import Loader
 from engine.rules.secrets import SecretRef
 from engine.send.dispatch import Credentials, Dispatcher
 from engine.send.policy import MESSAGE_ID_MAX, DispatchSettings, parse_answer, parse_return_code
-from tests.helpers import make_project, problems
+from tests.helpers import REPO, make_project, problems
+from tests.test_intake import FakeState, post
 from tests.test_scheduler import MemoryMarks, Recorder, make_rule
 
 
@@ -155,3 +157,22 @@ def test_a_store_url_typo_does_not_print_its_password(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as info:
         Store("mysql://pushrules:s3cr3t-pw@db/pushrules")
     assert "s3cr3t-pw" not in str(info.value) and "only sqlite" in str(info.value)
+
+
+# --- the answer to an event whose fires are stored --------------------------------------------
+
+
+def test_an_event_whose_fires_are_stored_is_answered_202_when_the_pauses_cannot_be_read() -> None:
+    """The pauses are read only to word the answer, after the fires are committed; failing to
+    read them used to answer 500 with no event id, so a client that sent no Idempotency-Key
+    would send the event again, and everyone in it would get the push twice."""
+
+    class PausesAway(FakeState):
+        def paused(self) -> dict[str, Any]:
+            raise OperationalError("SELECT", {}, Exception("database is locked"))
+
+    state = PausesAway(Loader(REPO, workers=1).load())
+    response = post(state)
+    assert response.status_code == 202, response.text
+    assert response.json()["event_id"]
+    assert [r["status"] for r in response.json()["rules"]] == ["queued"]

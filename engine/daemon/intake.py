@@ -243,7 +243,16 @@ def create_app(state: IntakeState, *, max_body: int = MAX_BODY) -> Starlette:
         paused_rules = getattr(state, "paused", None)  # optional in IntakeState
         paused = None
         if paused_rules is not None and any(o.status == "queued" for o in outcomes):
-            paused = await run_in_threadpool(paused_rules)
+            try:
+                paused = await run_in_threadpool(paused_rules)
+            except Exception as exc:  # the fires are stored: answer for them all the same
+                log.warning(
+                    "event %r %s: could not read the pauses for the answer (%s: %s)",
+                    name,
+                    event_id,
+                    type(exc).__name__,
+                    exc,
+                )
         answer: dict[str, Any] = {"event_id": event_id, "rules": describe(outcomes, paused)}
         if not outcomes:
             answer["note"] = no_rule_note(state.ruleset(), name)
