@@ -18,6 +18,7 @@ from sqlalchemy.exc import OperationalError
 from engine.daemon import scheduler as scheduler_module
 from engine.daemon.clock import Clock
 from engine.daemon.scheduler import MARK_SCOPE, CatchUp, Scheduler
+from engine.outbox.instances import Leadership
 from engine.outbox.schema import SENT, utcnow
 from engine.outbox.store import Fire, Store
 from engine.rules.loader import Loader
@@ -176,3 +177,23 @@ def test_an_event_whose_fires_are_stored_is_answered_202_when_the_pauses_cannot_
     assert response.status_code == 202, response.text
     assert response.json()["event_id"]
     assert [r["status"] for r in response.json()["rules"]] == ["queued"]
+
+
+# --- the leader's database is briefly away ----------------------------------------------------
+
+
+def test_a_store_that_cannot_be_reached_means_not_leading_not_a_crash() -> None:
+    """try_acquire used to raise the driver's error, which ended the daemon's leadership task
+    and so the whole daemon (exit 1): a short PostgreSQL outage stopped every instance."""
+
+    class Away:
+        dialect = "postgresql"
+
+        class engine:
+            @staticmethod
+            def connect() -> Any:
+                raise OperationalError("connect", {}, Exception("connection refused"))
+
+    leadership = Leadership(Away(), "pushrules-leader")  # type: ignore[arg-type]
+    assert leadership.try_acquire() is False
+    assert leadership.try_acquire() is False  # and again at the next round, no state left

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import os
 import socket
 from collections.abc import Callable, Iterable
@@ -20,9 +21,12 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from engine.outbox.schema import instances, utcnow
+from engine.rules.secrets import hide_url_password
 
 if TYPE_CHECKING:
     from engine.outbox.store import Store
+
+log = logging.getLogger("pushrules.store")
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +178,11 @@ def _parked_message(owner: str, gone: bool) -> str:
     )
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return hide_url_password(text.splitlines()[0] if text else type(exc).__name__)
+
+
 class Leadership:
     """One leader among daemons sharing a store: it alone runs schedules and polls feeds.
 
@@ -193,13 +202,18 @@ class Leadership:
         """Become the leader if nobody is; True while this instance leads."""
         if self.held:
             return self._alive()
-        conn = self._store.engine.connect()
+        try:
+            conn = self._store.engine.connect()
+        except SQLAlchemyError as exc:  # a store that cannot be reached cannot be led from
+            log.warning("cannot try for the scheduler leadership now: %s", _first_line(exc))
+            return False
         try:
             got = bool(conn.execute(select(func.pg_try_advisory_lock(self._key))).scalar())
             conn.commit()
-        except SQLAlchemyError:
+        except SQLAlchemyError as exc:
             conn.close()
-            raise
+            log.warning("cannot try for the scheduler leadership now: %s", _first_line(exc))
+            return False
         if got:
             self._conn = conn
             self.held = True
