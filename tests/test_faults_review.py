@@ -197,3 +197,19 @@ def test_a_store_that_cannot_be_reached_means_not_leading_not_a_crash() -> None:
     leadership = Leadership(Away(), "pushrules-leader")  # type: ignore[arg-type]
     assert leadership.try_acquire() is False
     assert leadership.try_acquire() is False  # and again at the next round, no state left
+
+
+# --- a graceful stop gives back only rows that never left -------------------------------------
+
+
+def test_unclaim_never_gives_back_a_row_whose_request_left(tmp_path: Path) -> None:
+    with Store(f"sqlite:///{tmp_path / 'o.db'}") as store:
+        fires = [Fire("r", k, [("http://upstream.invalid/x", body(k))]) for k in ("a", "b")]
+        store.enqueue_many(fires, now=utcnow())
+        claimed = store.claim("w", 10, utcnow(), timedelta(minutes=5))
+        token = claimed[0].claimed_by or ""
+        left, stayed = claimed[0].id, claimed[1].id
+        assert store.mark_leaving({token: [left]}, utcnow()) == {left}
+        assert store.unclaim([left, stayed], token) == 1
+        states = {r.id: r.state for r in store.history()}
+    assert states == {left: "sending", stayed: "pending"}
