@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from engine.rules.loader import Loader, RuleSet
 from engine.rules.problems import Problem
@@ -37,3 +38,15 @@ def load(root: Path) -> RuleSet:
 def problems(root: Path, *, severity: str | None = None) -> list[Problem]:
     found = list(load(root).problems)
     return [p for p in found if severity is None or p.severity == severity]
+
+
+def body(marker: str) -> dict[str, Any]:
+    """A request the sandbox accepts; ``marker`` tells its copies apart on the wire."""
+    return {
+        "sendInstantMessage": {
+            "partner": {"id": "p"},
+            "parentMessageId": "1",
+            "message": {"text": marker},
+            "targets": [{"memberId": "765c8"}],
+        }
+    }

@@ -44,6 +44,7 @@ from engine.send.policy import (
     with_user,
 )
 from tests.conftest import store_url_context
+from tests.helpers import body
 
 REPO = Path(__file__).resolve().parent.parent
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -61,18 +62,6 @@ FAST = DispatchSettings(
     lease=timedelta(seconds=30),
     idle_sleep=0.05,
 )
-
-
-def body(marker: str) -> dict[str, Any]:
-    """A request the sandbox accepts; ``marker`` tells its copies apart on the wire."""
-    return {
-        "sendInstantMessage": {
-            "partner": {"id": "p"},
-            "parentMessageId": "1",
-            "message": {"text": marker},
-            "targets": [{"memberId": "765c8"}],
-        }
-    }
 
 
 def marker_of(entry: dict[str, Any]) -> str:

@@ -44,6 +44,7 @@ from engine.send.dispatch import Credentials, Dispatcher
 from engine.send.policy import DispatchSettings
 from tests.conftest import PostgresSchema, StartDaemon, postgres_url
 from tests.daemon_process import Daemon, Project, wait_for
+from tests.helpers import body
 
 URL = "https://api.example.invalid/sendInstantMessage.php"
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -51,17 +52,6 @@ LEASE = timedelta(minutes=10)
 #: What the docs promise: a dead instance's rows are settled within this many seconds of its
 #: death (reclaim runs every 2 s; a killed process's lock or pid is gone at once).
 TAKE_OVER_BOUND = 5.0
-
-
-def body(marker: str) -> dict[str, Any]:
-    return {
-        "sendInstantMessage": {
-            "partner": {"id": "p"},
-            "parentMessageId": "1",
-            "message": {"text": marker},
-            "targets": [{"memberId": "765c8"}],
-        }
-    }
 
 
 def enqueue(store: Store, n: int, prefix: str = "m") -> list[int]:

@@ -25,20 +25,9 @@ from engine.rules.loader import Loader
 from engine.rules.secrets import SecretRef
 from engine.send.dispatch import Credentials, Dispatcher
 from engine.send.policy import MESSAGE_ID_MAX, DispatchSettings, parse_answer, parse_return_code
-from tests.helpers import REPO, make_project, problems
+from tests.helpers import REPO, body, make_project, problems
 from tests.test_intake import FakeState, post
 from tests.test_scheduler import MemoryMarks, Recorder, make_rule
-
-
-def body(marker: str) -> dict[str, Any]:
-    return {
-        "sendInstantMessage": {
-            "partner": {"id": "p"},
-            "parentMessageId": "1",
-            "message": {"text": marker},
-            "targets": [{"memberId": "765c8"}],
-        }
-    }
 
 
 def test_codes_no_column_holds_are_not_codes() -> None:

@@ -34,7 +34,7 @@ from engine.rules.secrets import MASK, MASK_PREFIX, SecretRef, encodings, mask
 from engine.send.dispatch import Credentials, Dispatcher
 from engine.send.policy import SNIPPET, DispatchSettings, final_error
 from tests.daemon_process import Project
-from tests.helpers import REPO
+from tests.helpers import REPO, body
 
 LOGIN = "acc-login-7Kq"
 #: Non-ASCII (escaped by PHP's json_encode), characters URL-encoding changes, quotes and a
@@ -97,17 +97,6 @@ def echo() -> Iterator[EchoServer]:
     server = EchoServer()
     yield server
     server.close()
-
-
-def body(marker: str) -> dict[str, Any]:
-    return {
-        "sendInstantMessage": {
-            "partner": {"id": "p"},
-            "parentMessageId": "1",
-            "message": {"text": marker},
-            "targets": [{"memberId": "765c8"}],
-        }
-    }
 
 
 def leaks(text: str, password: str) -> list[str]:
