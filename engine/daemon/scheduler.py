@@ -64,6 +64,7 @@ from engine.daemon.clock import Clock
 from engine.outbox.batching import Coalescer, never
 from engine.rules.rule import Rule
 from engine.rules.schedule import (
+    MISSED_LIMIT,
     Schedule,
     TriggerError,
     missed_fires,
@@ -780,7 +781,7 @@ class Scheduler:
         skipped = [(c.scheduled_at, c.reason) for c in done if c.action == "skipped"]
         if skipped:
             context = "missed while the scheduler was stopped"
-            if len(plan) >= 1000:
+            if len(plan) >= MISSED_LIMIT:
                 context += "; older ones not even listed"
             log_skipped(rule.id, skipped, context)
         return done

@@ -623,7 +623,7 @@ class Store(Marks):
                     "message_id": a.message_id,
                     "error": a.error,
                     "outcome": u.new_state,
-                    "worker": u.worker or (u.claimed_by or "").split("#")[0] or None,
+                    "worker": u.worker or claim_owner(u.claimed_by) or None,
                 }
             )
             params = {

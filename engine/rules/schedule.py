@@ -37,6 +37,7 @@ from typing import Protocol, runtime_checkable
 from engine.errors import PushrulesError
 
 __all__ = [
+    "MISSED_LIMIT",
     "AtSchedule",
     "CronSchedule",
     "EverySchedule",
@@ -806,8 +807,12 @@ def fire_times(schedule: Schedule, start: datetime, count: int) -> list[datetime
     return fires
 
 
+#: Missed fires listed at most per rule: catch-up sends only the newest, the rest are logged.
+MISSED_LIMIT = 1000
+
+
 def missed_fires(
-    schedule: Schedule, since: datetime, until: datetime, limit: int = 1000
+    schedule: Schedule, since: datetime, until: datetime, limit: int = MISSED_LIMIT
 ) -> list[datetime]:
     """Fires in (since, until], oldest first; past ``limit``, the most recent ``limit``.
 
