@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from engine.daemon import scheduler as scheduler_module
@@ -202,3 +203,39 @@ def test_unclaim_never_gives_back_a_row_whose_request_left(tmp_path: Path) -> No
         assert store.unclaim([left, stayed], token) == 1
         states = {r.id: r.state for r in store.history()}
     assert states == {left: "sending", stayed: "pending"}
+
+
+# --- the CLI waiting on a row it may not take -------------------------------------------------
+
+
+def test_waiting_on_a_due_row_that_cannot_be_claimed_does_not_spin(tmp_path: Path) -> None:
+    """A retrying row of a paused rule is due but not claimable: ``deliver`` used to ask the
+    store again at once, thousands of times a second, until ``--wait`` ran out."""
+    with Store(f"sqlite:///{tmp_path / 'o.db'}") as store:
+        [result] = store.enqueue_many(
+            [Fire("r", "k", [("http://upstream.invalid/x", body("k"))])], now=utcnow()
+        )
+        with store.engine.begin() as conn:
+            conn.execute(text("UPDATE outbox SET state = 'retrying', attempts = 1"))
+        store.pause("r")
+        calls = 0
+        claim_ids = store.claim_ids
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return claim_ids(*args, **kwargs)
+
+        store.claim_ids = counting  # type: ignore[method-assign]
+        creds = Credentials(SecretRef("env", "HOME"), SecretRef("env", "HOME"))
+        settings = DispatchSettings(idle_sleep=0.2)
+
+        async def go() -> None:
+            transport = httpx.MockTransport(lambda r: httpx.Response(200, json={"returnCode": 0}))
+            async with Dispatcher(store, settings, creds, transport=transport) as d:
+                await d.deliver(result.ids, wait=1.0)
+
+        asyncio.run(go())
+        row = store.get(result.ids[0])
+    assert row is not None and row.state == "retrying"  # paused: left for later
+    assert calls <= 8, f"{calls} claims in one second"

@@ -678,6 +678,8 @@ class Dispatcher:
                 break
             due = min(r.next_attempt_at for r in waiting)
             delay = max(0.0, (due - self._clock()).total_seconds())
+            if not rows:  # due but not ours to take (paused, or another process has it)
+                delay = max(delay, self.settings.idle_sleep)
             if time.monotonic() + delay > deadline:
                 break
             await asyncio.sleep(delay)
