@@ -42,6 +42,13 @@ LINES: list[tuple[tuple[str, ...], str]] = [
     (("dispatch", "max_attempts"), "  max_attempts: 3"),
     (("dispatch", "timeout"), "  timeout: 10s"),
     (("dispatch", "on_unknown_outcome"), "  on_unknown_outcome: park"),
+    (("dispatch", "poll_every"), "  poll_every: 500ms"),
+    (("daemon",), "daemon:"),
+    (("daemon", "watch_every"), "  watch_every: 500ms"),
+    (("daemon", "watch_quiet"), "  watch_quiet: 300ms"),
+    (("daemon", "watch_max_delay"), "  watch_max_delay: 5s"),
+    (("daemon", "leadership_every"), "  leadership_every: 10s"),
+    (("daemon", "fire_retry"), "  fire_retry: 1s"),
 ]
 #: Where the schema says "any name" (an app alias, a button category), the name used above.
 NAMES = {"apps": "flights-ios", "button_templates": "category_name"}
@@ -70,6 +77,13 @@ BAD: dict[tuple[str, ...], str] = {
     ("dispatch", "max_attempts"): "0",
     ("dispatch", "timeout"): "1000d",
     ("dispatch", "on_unknown_outcome"): "guess",
+    ("dispatch", "poll_every"): "0s",
+    ("daemon",): "slow",
+    ("daemon", "watch_every"): "5ms",
+    ("daemon", "watch_quiet"): "forever",
+    ("daemon", "watch_max_delay"): "1h",
+    ("daemon", "leadership_every"): "10",
+    ("daemon", "fire_retry"): "1m",
 }
 
 RULE = """

@@ -53,8 +53,6 @@ from engine.send.runtime import credentials, dispatch_settings, open_store, sand
 
 log = logging.getLogger("pushrules.daemon")
 
-#: How often a follower asks whether it may lead, and the leader checks it still does.
-LEADERSHIP_EVERY = 10.0
 #: Seconds a fire write waits for SQLite's write lock before it fails: an event is then
 #: answered 503 "retry" quickly, and a scheduled fire is tried again (engine/daemon/scheduler.py).
 FIRE_WRITE_WAIT = 2.0
@@ -271,8 +269,12 @@ class Daemon:
         assert project is not None
         if self._sandbox is not None:
             project = sandboxed(project, self._sandbox.url)  # its own outbox, never the real one
-        if self._project is not None and project.store != self._project.store:
-            log.warning("store changed in pushrules.yaml: restart the daemon to use it")
+        if self._project is not None:
+            for setting in ("store", "dispatch", "daemon"):
+                if getattr(project, setting) != getattr(self._project, setting):
+                    log.warning(
+                        "%s changed in pushrules.yaml: restart the daemon to use it", setting
+                    )
         self._ruleset = replace(ruleset, project=project)
         self._project = project
         self._compile_new(ruleset)
@@ -363,12 +365,14 @@ class Daemon:
             clock=self.clock.now,
             metrics=self.metrics.dispatch,
         )
+        timing = project.daemon  # read at start, like the store and the dispatch settings
         self.scheduler = Scheduler(
             self.clock,
             self.store,
             self._on_schedule,
             self._on_poll,
             on_retry=self.metrics.fire_write_retried,
+            retry_base=timing.fire_retry.total_seconds(),  # the schema caps it at RETRY_MAX
         )
         self.poller = Poller(self.store, self._on_item, self.clock)
         self.leadership = self.store.leadership()
@@ -378,12 +382,20 @@ class Daemon:
             loop.add_signal_handler(sig, self._request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
 
-        watcher = self._watcher = Watcher(self.options.root, self._files_changed)
+        watcher = self._watcher = Watcher(
+            self.options.root,
+            self._files_changed,
+            poll_every=timing.watch_every.total_seconds(),
+            debounce=timing.watch_quiet.total_seconds(),
+            max_delay=timing.watch_max_delay.total_seconds(),
+        )
         watcher.prime()
         server = self._server()
         tasks = [
             asyncio.create_task(self.dispatcher.run(self.stop), name="dispatcher"),
-            asyncio.create_task(self._lead(), name="leadership"),
+            asyncio.create_task(
+                self._lead(timing.leadership_every.total_seconds()), name="leadership"
+            ),
             asyncio.create_task(watcher.run(self.stop), name="watcher"),
             asyncio.create_task(server.serve(sockets=[listening]), name="intake"),
         ]
@@ -428,8 +440,9 @@ class Daemon:
             self._server_ref.force_exit = True
         self.stop.set()
 
-    async def _lead(self) -> None:
-        """Run the schedules while this instance is the leader."""
+    async def _lead(self, every: float) -> None:
+        """Run the schedules while this instance is the leader: every ``every`` seconds a
+        follower asks whether it may lead, and the leader checks that it still does."""
         assert self.store is not None
         while not self.stop.is_set():
             leading = await asyncio.to_thread(self.leadership.try_acquire)
@@ -453,7 +466,7 @@ class Daemon:
                 log.warning("lost the scheduler leadership: another instance runs schedules")
                 await self.scheduler.shutdown()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), LEADERSHIP_EVERY)
+                await asyncio.wait_for(self.stop.wait(), every)
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
         if self._leading:

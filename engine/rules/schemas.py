@@ -169,11 +169,12 @@ class Bounds:
 
     The schema carries it (``"bounds": Bounds(...)``), so ``validate`` reports a value outside
     it with its line, and the settings built from the file never hold one the daemon refuses.
-    ``unit="s"`` bounds a duration (``30s``, ``2m``) in seconds.
+    ``unit="s"`` bounds a duration (``30s``, ``2m``) in seconds; ``unit="ms"`` one that may
+    also be written in milliseconds (``500ms``), still bounded in seconds.
     """
 
-    low: int
-    high: int
+    low: float
+    high: float
     unit: str = ""
 
     def problem(self, value: float, written: object) -> str | None:
@@ -190,6 +191,8 @@ class Bounds:
         """A bound as it is written in the file (``300`` seconds is ``5m``)."""
         if not self.unit:
             return f"{value:g}"
+        if value < 1:
+            return f"{round(value * 1000)}ms"
         for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
             if value >= size and value % size == 0:
                 return f"{value // size:g}{unit}"
@@ -204,6 +207,25 @@ DISPATCH: dict[str, Any] = {
     "max_attempts": {**INT, "bounds": Bounds(1, 100)},
     "timeout": {**TEXT, "bounds": Bounds(1, 300, "s")},
     "on_unknown_outcome": {"type": "string", "allowed": ["park", "retry"]},
+    # How often an idle dispatcher looks for rows it was not told about: queued by another
+    # process (a CLI send, a second daemon) or freed by a resume.
+    "poll_every": {**TEXT, "bounds": Bounds(0.01, 60, "ms")},
+}
+
+#: ``daemon:`` of pushrules.yaml: the run's own timing, read at start. The defaults suit
+#: production; shorter ones answer sooner for a little more work while idle (tests use them).
+DAEMON: dict[str, Any] = {
+    # How often the watcher looks for changed files, how long they must then stay still before
+    # the reload, and the longest a reload waits for files that keep changing.
+    "watch_every": {**TEXT, "bounds": Bounds(0.01, 60, "ms")},
+    "watch_quiet": {**TEXT, "bounds": Bounds(0.01, 60, "ms")},
+    "watch_max_delay": {**TEXT, "bounds": Bounds(0.01, 600, "ms")},
+    # How often a standby instance asks to lead, and the leader checks that it still does:
+    # the longest the schedules wait after their leader died.
+    "leadership_every": {**TEXT, "bounds": Bounds(0.1, 600, "ms")},
+    # The first wait before a scheduled fire whose write failed is written again (doubling,
+    # up to 30 s).
+    "fire_retry": {**TEXT, "bounds": Bounds(0.01, 30, "ms")},
 }
 
 PROJECT: dict[str, Any] = {
@@ -241,6 +263,7 @@ PROJECT: dict[str, Any] = {
     "listen": TEXT,
     "intake_token": SECRET,
     "dispatch": {"type": "dict", "schema": DISPATCH},
+    "daemon": {"type": "dict", "schema": DAEMON},
 }
 
 
@@ -301,13 +324,13 @@ class _Validator(cerberus.Validator):  # type: ignore[misc]  # Cerberus has no t
 def bounded_value(value: object, bounds: Bounds) -> float | str | None:
     """The number a bounded setting holds (seconds for a duration), a message when a duration
     cannot be read, or None when the type is wrong (the type rule says so)."""
-    if bounds.unit == "s":
+    if bounds.unit in ("s", "ms"):
         if not isinstance(value, str):
             return None
         from engine.rules.schedule import TriggerError, parse_duration
 
         try:
-            return parse_duration(str(value)).total_seconds()
+            return parse_duration(str(value), milliseconds=bounds.unit == "ms").total_seconds()
         except TriggerError as exc:
             return str(exc)
     if not is_yaml_int(value):

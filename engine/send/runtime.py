@@ -70,6 +70,8 @@ def dispatch_settings(project: Project) -> DispatchSettings:
         changes["rate_per_second"] = float(given.rate_per_second)
     if given.on_unknown_outcome is not None:
         changes["on_unknown_outcome"] = given.on_unknown_outcome
+    if given.poll_every is not None:
+        changes["idle_sleep"] = given.poll_every.total_seconds()
     if given.timeout is not None:
         seconds = given.timeout.total_seconds()
         changes["timeout"] = httpx.Timeout(
