@@ -44,7 +44,7 @@ from engine.render.compiler import FireContext
 from engine.rules.checks import compile_templates
 from engine.rules.loader import Loader, RuleSet
 from engine.rules.problems import format_text
-from engine.rules.project import Project
+from engine.rules.project import DaemonConfig, Project
 from engine.rules.rule import Rule
 from engine.rules.schedule import parse_timezone
 from engine.rules.secrets import MissingSecret, SecretRef
@@ -52,10 +52,6 @@ from engine.send.dispatch import Dispatcher, log_reclaimed
 from engine.send.runtime import credentials, dispatch_settings, open_store, sandboxed
 
 log = logging.getLogger("pushrules.daemon")
-
-#: Seconds a fire write waits for SQLite's write lock before it fails: an event is then
-#: answered 503 "retry" quickly, and a scheduled fire is tried again (engine/daemon/scheduler.py).
-FIRE_WRITE_WAIT = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +87,7 @@ class Daemon:
             self._write_fires, split=lambda exc: not isinstance(exc, OperationalError)
         )
         self._leading = False
+        self._timing = DaemonConfig()
         self._reloads: set[asyncio.Task[None]] = set()
         self._sandbox: Any = None
         self._watcher: Watcher | None = None
@@ -233,9 +230,11 @@ class Daemon:
         return result
 
     def _fire_many(self, requests: list[FireRequest], now: datetime) -> list[FireOutcome]:
-        """In a worker thread, waiting at most FIRE_WRITE_WAIT for the store's write lock."""
+        """In a worker thread, waiting at most ``daemon.lock_wait`` for the store's write lock:
+        an event is then answered 503 "retry" quickly, and a scheduled fire is tried again
+        (engine/daemon/scheduler.py)."""
         assert self.store is not None
-        with busy_timeout(FIRE_WRITE_WAIT):
+        with busy_timeout(self._timing.lock_wait.total_seconds()):
             return fire_many(self.store, self.project, requests, now=now)
 
     async def _on_schedule(self, rule: Rule, scheduled_at: datetime, key: str) -> None:
@@ -365,7 +364,8 @@ class Daemon:
             clock=self.clock.now,
             metrics=self.metrics.dispatch,
         )
-        timing = project.daemon  # read at start, like the store and the dispatch settings
+        # daemon: is read at start, like the store and the dispatch settings.
+        timing = self._timing = project.daemon
         self.scheduler = Scheduler(
             self.clock,
             self.store,

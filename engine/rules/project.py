@@ -51,6 +51,7 @@ class DaemonConfig:
     watch_quiet: timedelta = timedelta(milliseconds=300)
     watch_max_delay: timedelta = timedelta(seconds=5)
     leadership_every: timedelta = timedelta(seconds=10)
+    lock_wait: timedelta = timedelta(seconds=2)
     fire_retry: timedelta = timedelta(seconds=1)
 
 

@@ -223,8 +223,10 @@ DAEMON: dict[str, Any] = {
     # How often a standby instance asks to lead, and the leader checks that it still does:
     # the longest the schedules wait after their leader died.
     "leadership_every": {**TEXT, "bounds": Bounds(0.1, 600, "ms")},
-    # The first wait before a scheduled fire whose write failed is written again (doubling,
-    # up to 30 s).
+    # How long a fire's write waits for the store's write lock (SQLite's, held by another
+    # program) before it fails: an event is then answered 503 "retry", a scheduled fire is
+    # written again, first after ``fire_retry`` (doubling, up to 30 s).
+    "lock_wait": {**TEXT, "bounds": Bounds(0.01, 30, "ms")},
     "fire_retry": {**TEXT, "bounds": Bounds(0.01, 30, "ms")},
 }
 
