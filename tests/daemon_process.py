@@ -39,6 +39,18 @@ START_TIMEOUT = 10.0
 LOG_TAIL = 80
 #: Set by conftest for each test: whether it is marked ``e2e`` (None outside pytest).
 E2E_ALLOWED: bool | None = None
+#: The timing settings of every test daemon (pushrules.yaml's ``dispatch.poll_every`` and
+#: ``daemon:``): what the daemon waits on happens in a tenth of the production time, so no test
+#: sits out a default interval. A test may pass its own to :class:`Project`. ``lock_wait`` keeps
+#: its 2 s: the daemon's own writes may wait on each other that long on a busy machine.
+FAST_TIMING: dict[str, str] = {
+    "dispatch.poll_every": "100ms",
+    "daemon.watch_every": "100ms",
+    "daemon.watch_quiet": "100ms",
+    "daemon.watch_max_delay": "2s",
+    "daemon.leadership_every": "500ms",
+    "daemon.fire_retry": "200ms",
+}
 
 
 def require_e2e() -> None:
@@ -80,11 +92,19 @@ def wait_for(
 class Project:
     """A project folder: pushrules.yaml (sending to a sandbox), templates, rules, a SQLite store."""
 
-    def __init__(self, root: Path, sandbox_url: str, *, intake_token_var: str | None = None):
+    def __init__(
+        self,
+        root: Path,
+        sandbox_url: str,
+        *,
+        intake_token_var: str | None = None,
+        timing: dict[str, str] | None = None,
+    ):
         self.root = root
         self.sandbox_url = sandbox_url
         self.port = free_port()
         self.intake_token_var = intake_token_var
+        self.timing = {**FAST_TIMING, **(timing or {})}
         root.mkdir(parents=True, exist_ok=True)
         shutil.copytree(REPO / "templates", root / "templates", dirs_exist_ok=True)
         (root / "rules").mkdir(exist_ok=True)
@@ -112,7 +132,12 @@ class Project:
             store: {self.store_url}
             listen: 127.0.0.1:{self.port}
             """
-        (self.root / "pushrules.yaml").write_text(textwrap.dedent(text) + token)
+        sections: dict[str, list[str]] = {}
+        for setting, value in self.timing.items():
+            section, key = setting.split(".")
+            sections.setdefault(section, []).append(f"  {key}: {value}\n")
+        timing = "".join(f"{s}:\n" + "".join(lines) for s, lines in sections.items())
+        (self.root / "pushrules.yaml").write_text(textwrap.dedent(text) + token + timing)
 
     def rule(self, name: str, trigger: str, text: str, *, extra: str = "") -> Path:
         """A rule sending ``text`` (Jinja) to one member of the iOS app.
@@ -257,6 +282,17 @@ class Daemon:
         except FileNotFoundError:
             return "(no log)"
         return "\n".join(lines[-tail:] if tail else lines)
+
+    def timed_messages(self) -> list[tuple[datetime, str]]:
+        """The time and ``message`` of every JSON log line."""
+        out = []
+        for line in self.log(tail=None).splitlines():
+            try:
+                entry = json.loads(line)
+                out.append((datetime.fromisoformat(entry["time"]), str(entry["message"])))
+            except (ValueError, KeyError, TypeError):
+                continue
+        return out
 
     def messages(self) -> list[str]:
         """The ``message`` of every JSON log line (other lines as they are)."""

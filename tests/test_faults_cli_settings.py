@@ -48,6 +48,7 @@ LINES: list[tuple[tuple[str, ...], str]] = [
     (("daemon", "watch_quiet"), "  watch_quiet: 300ms"),
     (("daemon", "watch_max_delay"), "  watch_max_delay: 5s"),
     (("daemon", "leadership_every"), "  leadership_every: 10s"),
+    (("daemon", "lock_wait"), "  lock_wait: 2s"),
     (("daemon", "fire_retry"), "  fire_retry: 1s"),
 ]
 #: Where the schema says "any name" (an app alias, a button category), the name used above.
@@ -83,6 +84,7 @@ BAD: dict[tuple[str, ...], str] = {
     ("daemon", "watch_quiet"): "forever",
     ("daemon", "watch_max_delay"): "1h",
     ("daemon", "leadership_every"): "10",
+    ("daemon", "lock_wait"): "-2s",
     ("daemon", "fire_retry"): "1m",
 }
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -116,10 +117,18 @@ def test_a_failed_reload_shows_in_healthz_and_metrics_until_a_good_one(
 def test_delete_and_recreate_churn_loses_no_event(
     tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
 ) -> None:
-    """A deploy loop deleting and re-creating a rule file (100 ms gap) for 10 s while events
+    """A deploy loop deleting and re-creating a rule file (100 ms gap) for 4 s while events
     arrive: every event answered 202 is in the outbox or recorded as taken by no rule, with
-    why, and the churned rule takes every one of its events."""
-    project = Project(tmp_path / "project", sandbox.url)
+    why, and the churned rule takes every one of its events.
+
+    The files never stay still for ``watch_quiet`` (300 ms, the default) during the churn, so
+    every reload then is one forced by ``watch_max_delay`` (1 s here, 5 s by default): the
+    kind that must keep a rule whose file is missing for the moment."""
+    project = Project(
+        tmp_path / "project",
+        sandbox.url,
+        timing={"daemon.watch_quiet": "300ms", "daemon.watch_max_delay": "1s"},
+    )
     churned = project.rule("churned", "event: churned", "churned {{ event.marker }}")
     daemon = daemons(project)
     text = churned.read_text()
@@ -136,7 +145,7 @@ def test_delete_and_recreate_churn_loses_no_event(
     thread.start()
     answers: dict[str, list[str]] = {}
     try:
-        deadline = time.monotonic() + 10.0
+        deadline = time.monotonic() + 4.0
         n = 0
         while time.monotonic() < deadline:
             key = f"k{n}"
@@ -148,9 +157,15 @@ def test_delete_and_recreate_churn_loses_no_event(
     finally:
         stop.set()
         thread.join()
-    # Enough events to span many delete/re-create cycles (about 40 in 10 s), even on a busy
-    # machine where each POST takes 0.2 s.
-    assert len(answers) >= 20, len(answers)
+        churn_ended = datetime.now(UTC)
+    # Enough events to span many delete/re-create cycles (about 16 in 4 s), even on a busy
+    # machine where each POST takes 0.2 s; and reloads forced mid-churn, or the churn tested
+    # nothing.
+    assert len(answers) >= 15, len(answers)
+    forced = [
+        at for at, message in daemon.timed_messages() if at < churn_ended and "reloaded" in message
+    ]
+    assert len(forced) >= 2, daemon.log()
     # An event no rule listens to is recorded too, with why.
     for _ in range(2):  # a client's retry: one event
         assert daemon.post("nobody", {"marker": "n"}, key="nobody-1").status_code == 202

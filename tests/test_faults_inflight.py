@@ -442,7 +442,7 @@ def test_sigkill_mid_flight_then_restart_settles_every_event_at_once(
 ) -> None:
     project = Project(tmp_path / "project", sandbox.url)
     project.rule("go", "event: go", "{{ event.n }}")
-    sandbox.set_faults(latency_ms=2000)  # requests pile up in flight and claimed behind them
+    sandbox.set_faults(latency_ms=700)  # requests pile up in flight and claimed behind them
     first = daemons(project, name="run1")
     poster = Poster([first], total=2000)
     db = tmp_path / "project" / "store.db"
@@ -509,7 +509,7 @@ def test_three_instances_on_postgres_survive_the_leader_sigkilled(
         projects = [PostgresProject(tmp_path / f"p{i}", sandbox.url, schema.url) for i in range(3)]
         for project in projects:
             project.rule("go", "event: go", "{{ event.n }}")
-        sandbox.set_faults(latency_ms=4000)  # requests pile up in flight and claimed behind
+        sandbox.set_faults(latency_ms=1500)  # requests pile up in flight and claimed behind
         instances_ = [daemons(p, name=f"i{i}") for i, p in enumerate(projects)]
 
         def leader() -> Daemon | None:

@@ -258,13 +258,18 @@ def raw_mark(conn: sqlite3.Connection, rule: str) -> datetime | None:
     return None if row is None else datetime.fromisoformat(row[0]).replace(tzinfo=UTC)
 
 
+#: Daemons facing a lock held by another process: a fire write gives up after 500 ms (2 s by
+#: default), so the retries these tests wait for come sooner.
+LOCKED = {"daemon.lock_wait": "500ms"}
+
+
 @pytest.mark.e2e
 def test_a_cron_fire_written_while_the_store_is_locked_lands_once(
     tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
 ) -> None:
     """The write fails while another process holds the lock; the fire stays pending (health,
     metrics), its mark stays before it, and it lands once the lock is released."""
-    project = Project(tmp_path / "p", sandbox.url)
+    project = Project(tmp_path / "p", sandbox.url, timing=LOCKED)
     project.rule("tick", 'cron: "* * * * *"\ntimezone: UTC', "tick at {{ now }}")
     due = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
     daemon = daemons(project, clock=(due - timedelta(seconds=4)).isoformat())
@@ -318,7 +323,7 @@ def test_a_cron_fire_written_while_the_store_is_locked_lands_once(
 def test_a_fire_left_unwritten_at_stop_is_caught_up_at_the_next_start(
     tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
 ) -> None:
-    project = Project(tmp_path / "p", sandbox.url)
+    project = Project(tmp_path / "p", sandbox.url, timing=LOCKED)
     project.rule("tick", 'cron: "* * * * *"\ntimezone: UTC', "tick at {{ now }}")
     due = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
     first = daemons(project, clock=(due - timedelta(seconds=4)).isoformat())
@@ -327,7 +332,12 @@ def test_a_fire_left_unwritten_at_stop_is_caught_up_at_the_next_start(
             lambda h: h["fire_writes_waiting"], "the fire write to fail and wait", timeout=20
         )
         first.signal(signal.SIGTERM)
-        time.sleep(1.0)  # stopping, its mark write waiting on the lock
+        wait_for(  # stopping, its mark write waiting on the lock
+            lambda: any("SIGTERM received" in m for m in first.messages()),
+            "the daemon to begin stopping",
+            log=first.log,
+        )
+        time.sleep(0.2)
     assert first.stop(timeout=30) == 0
     assert project.rows("tick") == []
     mark = project.mark("tick")
@@ -361,7 +371,9 @@ def test_the_loop_stays_responsive_while_another_process_holds_the_lock(
         with write_lock(project.root / "store.db"):
             lock_taken = time.monotonic()
             health_times = []
-            while time.monotonic() - lock_taken < 5.0:
+            # Past the first answer (1.5 s), whose result write meets the lock, and past a
+            # fire write's wait for it (lock_wait, 2 s: a loop blocked that long would show).
+            while time.monotonic() - lock_taken < 3.0:
                 seconds, response = timed_get(project.url + "/healthz")
                 health_times.append(seconds)
                 assert response.status_code == 200, response.text

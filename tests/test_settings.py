@@ -108,7 +108,7 @@ def test_timing_settings_take_milliseconds_and_default_to_the_daemon_s_own(
         config.read_text()
         + "dispatch:\n  poll_every: 50ms\n"
         + "daemon:\n  watch_every: 100ms\n  watch_quiet: 1s500ms\n  watch_max_delay: 2s\n"
-        + "  leadership_every: 1s\n  fire_retry: 200ms\n"
+        + "  leadership_every: 1s\n  lock_wait: 500ms\n  fire_retry: 200ms\n"
     )
     loaded, problems = load_project(root)
     assert loaded is not None, problems
@@ -117,6 +117,7 @@ def test_timing_settings_take_milliseconds_and_default_to_the_daemon_s_own(
         watch_quiet=timedelta(milliseconds=1500),
         watch_max_delay=timedelta(seconds=2),
         leadership_every=timedelta(seconds=1),
+        lock_wait=timedelta(milliseconds=500),
         fire_retry=timedelta(milliseconds=200),
     )
     assert dispatch_settings(loaded).idle_sleep == 0.05
