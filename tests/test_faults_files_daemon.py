@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -19,6 +17,7 @@ import httpx
 import pytest
 
 from engine.accengage.sandbox import RunningSandbox
+from engine.cli.main import main
 from engine.outbox.store import Store
 from tests.conftest import StartDaemon
 from tests.daemon_process import Daemon, Project, wait_for
@@ -115,7 +114,10 @@ def test_a_failed_reload_shows_in_healthz_and_metrics_until_a_good_one(
 
 
 def test_delete_and_recreate_churn_loses_no_event(
-    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
+    tmp_path: Path,
+    sandbox: RunningSandbox,
+    daemons: StartDaemon,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A deploy loop deleting and re-creating a rule file (100 ms gap) for 4 s while events
     arrive: every event answered 202 is in the outbox or recorded as taken by no rule, with
@@ -181,22 +183,11 @@ def test_delete_and_recreate_churn_loses_no_event(
     assert json.loads(unmatched[0].payload) == {"marker": "n"}
     assert metric(daemon, "pushrules_events_unmatched_total") == 1
 
-    history = subprocess.run(
-        [sys.executable, "-m", "engine", "history", "--unmatched", "--project", str(project.root)],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=daemon.env(),
-    )
-    assert "nobody event:nobody-1: no enabled rule listens" in history.stdout
-    plain = subprocess.run(
-        [sys.executable, "-m", "engine", "history", "--project", str(project.root)],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=daemon.env(),
-    )
-    assert "1 event(s) taken by no rule are not in this list" in plain.stderr
+    capsys.readouterr()
+    assert main(["history", "--unmatched", "--project", str(project.root)]) == 0
+    assert "nobody event:nobody-1: no enabled rule listens" in capsys.readouterr().out
+    assert main(["history", "--project", str(project.root)]) == 0
+    assert "1 event(s) taken by no rule are not in this list" in capsys.readouterr().err
 
     # Once the churn stops with the file gone, the rule goes (the folder settled).
     churned.unlink()
