@@ -19,7 +19,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
@@ -304,6 +304,26 @@ class Daemon:
             except (ValueError, KeyError, TypeError):
                 out.append(line)
         return out
+
+
+def started_before(
+    start: Callable[[str, int], Daemon],
+    due: datetime,
+    *,
+    margin: float = 1.0,
+    leads: tuple[float, ...] = (4.0, 15.0, 40.0),
+) -> Daemon:
+    """A daemon that was answering at least ``margin`` seconds before its clock reached
+    ``due``: ``start(clock, attempt)`` starts one (on a fresh project for each attempt) with
+    its clock ``lead`` seconds before ``due``. The short lead keeps the test short; a longer
+    one is tried when the machine was too busy for the daemon to be ready in time, instead of
+    the test failing for a slow start."""
+    for attempt, lead in enumerate(leads):
+        daemon = start((due - timedelta(seconds=lead)).isoformat(), attempt)
+        if daemon.ready_at - daemon.started_at <= lead - margin:
+            return daemon
+        daemon.kill()
+    raise AssertionError(f"no daemon was ready {margin:g}s before {due} with leads {leads}")
 
 
 class FeedServer:

@@ -20,7 +20,7 @@ import signal
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,7 +40,7 @@ from engine.outbox.schema import IN_DOUBT, SENDING, SENT
 from engine.outbox.store import Store
 from engine.render.compiler import FireContext
 from tests.conftest import StartDaemon
-from tests.daemon_process import Project, wait_for
+from tests.daemon_process import Daemon, Project, started_before, wait_for
 from tests.helpers import load, make_project, write_rule
 from tests.test_scheduler import MemoryMarks, make_rule
 
@@ -263,16 +263,29 @@ def raw_mark(conn: sqlite3.Connection, rule: str) -> datetime | None:
 LOCKED = {"daemon.lock_wait": "500ms"}
 
 
+def ticking(
+    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
+) -> Callable[[str, int], Daemon]:
+    """Starts a daemon on a fresh project with an every-minute cron rule (see started_before:
+    each attempt has its own project, so a slow start leaves nothing behind)."""
+
+    def start(clock: str, attempt: int) -> Daemon:
+        project = Project(tmp_path / f"p{attempt}", sandbox.url, timing=LOCKED)
+        project.rule("tick", 'cron: "* * * * *"\ntimezone: UTC', "tick at {{ now }}")
+        return daemons(project, clock=clock, name=f"run{attempt}")
+
+    return start
+
+
 @pytest.mark.e2e
 def test_a_cron_fire_written_while_the_store_is_locked_lands_once(
     tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
 ) -> None:
     """The write fails while another process holds the lock; the fire stays pending (health,
     metrics), its mark stays before it, and it lands once the lock is released."""
-    project = Project(tmp_path / "p", sandbox.url, timing=LOCKED)
-    project.rule("tick", 'cron: "* * * * *"\ntimezone: UTC', "tick at {{ now }}")
     due = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
-    daemon = daemons(project, clock=(due - timedelta(seconds=4)).isoformat())
+    daemon = started_before(ticking(tmp_path, sandbox, daemons), due)
+    project = daemon.project
     key = f"schedule:{due.isoformat()}"
     db = project.root / "store.db"
 
@@ -323,10 +336,9 @@ def test_a_cron_fire_written_while_the_store_is_locked_lands_once(
 def test_a_fire_left_unwritten_at_stop_is_caught_up_at_the_next_start(
     tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
 ) -> None:
-    project = Project(tmp_path / "p", sandbox.url, timing=LOCKED)
-    project.rule("tick", 'cron: "* * * * *"\ntimezone: UTC', "tick at {{ now }}")
     due = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
-    first = daemons(project, clock=(due - timedelta(seconds=4)).isoformat())
+    first = started_before(ticking(tmp_path, sandbox, daemons), due)
+    project = first.project
     with write_lock(project.root / "store.db"):
         first.wait_health(
             lambda h: h["fire_writes_waiting"], "the fire write to fail and wait", timeout=20
