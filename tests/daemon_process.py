@@ -310,8 +310,8 @@ def started_before(
     start: Callable[[str, int], Daemon],
     due: datetime,
     *,
-    margin: float = 1.0,
-    leads: tuple[float, ...] = (4.0, 15.0, 40.0),
+    margin: float = 0.5,
+    leads: tuple[float, ...] = (4.0, 10.0, 30.0),
 ) -> Daemon:
     """A daemon that was answering at least ``margin`` seconds before its clock reached
     ``due``: ``start(clock, attempt)`` starts one (on a fresh project for each attempt) with
