@@ -442,7 +442,10 @@ def test_sigkill_mid_flight_then_restart_settles_every_event_at_once(
 ) -> None:
     project = Project(tmp_path / "project", sandbox.url)
     project.rule("go", "event: go", "{{ event.n }}")
-    sandbox.set_faults(latency_ms=700)  # requests pile up in flight and claimed behind them
+    # Requests pile up in flight and claimed behind them: 16 at a time, 2 s each, is fewer than
+    # the poster's events even on a busy machine (a shorter latency, tried, let a slow poster
+    # fall behind the sending, and nothing piled up).
+    sandbox.set_faults(latency_ms=2000)
     first = daemons(project, name="run1")
     poster = Poster([first], total=2000)
     db = tmp_path / "project" / "store.db"
@@ -511,7 +514,7 @@ def test_three_instances_on_postgres_survive_the_leader_sigkilled(
         projects = [PostgresProject(tmp_path / f"p{i}", sandbox.url, schema.url) for i in range(3)]
         for project in projects:
             project.rule("go", "event: go", "{{ event.n }}")
-        sandbox.set_faults(latency_ms=1500)  # requests pile up in flight and claimed behind
+        sandbox.set_faults(latency_ms=4000)  # requests pile up in flight and claimed behind
         instances_ = [daemons(p, name=f"i{i}") for i, p in enumerate(projects)]
 
         def leader() -> Daemon | None:
