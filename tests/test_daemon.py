@@ -321,13 +321,16 @@ def test_intake_answers_and_sends_each_event_once(
     assert set(got) == wanted and set(got.values()) == {1}, daemon.log()
 
     # The token's variable is unset (pushrules.yaml now names another): 503, health still 200.
+    # A daemon: setting changed in the same edit is read at start only, and the log says so.
     reloaded = daemon.health()[1]["last_reload"]["at"]
+    project.timing["daemon.leadership_every"] = "600ms"
     project.write_config(intake_token_var="PR_TEST_UNSET_TOKEN")
     daemon.wait_health(lambda h: h["last_reload"]["at"] != reloaded, "pushrules.yaml's reload")
     refused = daemon.post("bulk", {"marker": "late"}, token=TOKEN)
     assert refused.status_code == 503, refused.text
     assert refused.json() == {"error": "intake token not configured"}
     assert daemon.health()[0] == 200
+    assert "daemon changed in pushrules.yaml: restart the daemon to use it" in daemon.messages()
     assert daemon.stop() == 0, daemon.log()
     assert "bulk late" not in texts(sandbox)
     assert all(r.state == SENT for r in project.rows()), daemon.log()
