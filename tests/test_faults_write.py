@@ -344,12 +344,15 @@ def test_a_fire_left_unwritten_at_stop_is_caught_up_at_the_next_start(
             lambda h: h["fire_writes_waiting"], "the fire write to fail and wait", timeout=20
         )
         first.signal(signal.SIGTERM)
-        wait_for(  # stopping, its mark write waiting on the lock
+        wait_for(
             lambda: any("SIGTERM received" in m for m in first.messages()),
             "the daemon to begin stopping",
             log=first.log,
         )
-        time.sleep(0.2)
+        # Stopping, its mark write waiting on the lock. No write attempt starts once it stops,
+        # and one already waiting for the lock gives up within lock_wait (0.5 s): held three
+        # times that, the fire cannot land before the daemon has left it unwritten.
+        time.sleep(1.5)
     assert first.stop(timeout=30) == 0
     assert project.rows("tick") == []
     mark = project.mark("tick")
