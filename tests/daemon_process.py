@@ -319,7 +319,7 @@ def started_before(
     due: datetime,
     *,
     margin: float = 0.5,
-    leads: tuple[float, ...] = (4.0, 10.0, 30.0),
+    leads: tuple[float, ...] = (5.0, 12.0, 30.0),
 ) -> Daemon:
     """A daemon that was answering at least ``margin`` seconds before its clock reached
     ``due``: ``start(clock, attempt)`` starts one (on a fresh project for each attempt) with
