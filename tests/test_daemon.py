@@ -26,7 +26,7 @@ import pytest
 
 from engine.accengage.sandbox import RunningSandbox
 from engine.daemon.watcher import fingerprint
-from engine.outbox.schema import PENDING, SENDING, SENT
+from engine.outbox.states import PENDING, SENDING, SENT
 from tests.conftest import StartDaemon
 from tests.daemon_process import Daemon, FeedServer, Project, wait_for
 

@@ -34,7 +34,8 @@ from starlette.routing import Route
 
 from engine.accengage.api import ROUTE
 from engine.accengage.sandbox import RunningSandbox, SandboxConfig, start_in_thread
-from engine.outbox.schema import DEAD, FAILED, IN_DOUBT, PENDING, RETRYING, SENT, utcnow
+from engine.outbox.schema import utcnow
+from engine.outbox.states import DEAD, FAILED, IN_DOUBT, PENDING, RETRYING, SENT
 from engine.outbox.store import Fire, OutboxRow, Store
 from engine.rules.secrets import SecretRef
 from engine.send.dispatch import Credentials, Dispatcher

@@ -27,17 +27,8 @@ from sqlalchemy import text
 
 from engine.accengage.sandbox import RunningSandbox
 from engine.outbox.instances import InFlight, InstanceInfo, instance_gone, plan_reclaim
-from engine.outbox.schema import (
-    DEAD,
-    IN_DOUBT,
-    PENDING,
-    RETRYING,
-    SCHEMA_VERSION,
-    SENDING,
-    SENT,
-    instances,
-    utcnow,
-)
+from engine.outbox.schema import SCHEMA_VERSION, instances, utcnow
+from engine.outbox.states import DEAD, IN_DOUBT, PENDING, RETRYING, SENDING, SENT
 from engine.outbox.store import Fire, Store
 from engine.rules.secrets import SecretRef
 from engine.send.dispatch import Credentials, Dispatcher

@@ -20,7 +20,8 @@ from engine.daemon import scheduler as scheduler_module
 from engine.daemon.clock import Clock
 from engine.daemon.scheduler import MARK_SCOPE, CatchUp, Scheduler
 from engine.outbox.instances import Leadership
-from engine.outbox.schema import SENT, utcnow
+from engine.outbox.schema import utcnow
+from engine.outbox.states import SENT
 from engine.outbox.store import Fire, Store
 from engine.rules.loader import Loader
 from engine.rules.secrets import SecretRef

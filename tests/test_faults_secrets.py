@@ -28,7 +28,8 @@ from urllib.parse import parse_qs, quote_plus, urlsplit
 import httpx
 import pytest
 
-from engine.outbox.schema import DEAD, utcnow
+from engine.outbox.schema import utcnow
+from engine.outbox.states import DEAD
 from engine.outbox.store import Fire, Store
 from engine.rules.secrets import MASK, MASK_PREFIX, SecretRef, encodings, mask
 from engine.send.dispatch import Credentials, Dispatcher

@@ -36,7 +36,7 @@ from engine.outbox import firing
 from engine.outbox.batching import Coalescer
 from engine.outbox.connections import busy_timeout, is_busy
 from engine.outbox.firing import FireRequest, fire_many
-from engine.outbox.schema import IN_DOUBT, SENDING, SENT
+from engine.outbox.states import IN_DOUBT, SENDING, SENT
 from engine.outbox.store import Store
 from engine.render.compiler import FireContext
 from tests.conftest import StartDaemon

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from engine.outbox.schema import DEAD, FAILED, IN_DOUBT, RETRYING, SENT
+from engine.outbox.states import DEAD, FAILED, IN_DOUBT, RETRYING, SENT
 from engine.send.policy import (
     DispatchSettings,
     Outcome,

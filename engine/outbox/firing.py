@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from typing import Literal
 
-from engine.outbox.schema import HELD, PENDING
+from engine.outbox.states import HELD, PENDING
 from engine.outbox.store import Fire, Store
 from engine.render.compiler import CompileError, FireContext, compile_fire, passes_when
 from engine.rules.project import Project

@@ -71,6 +71,19 @@ from engine.outbox.instances import (
 )
 from engine.outbox.marks import Marks
 from engine.outbox.schema import (
+    UTCDateTime,
+    _aware,
+    _check_key,
+    _states,
+    attempts_table,
+    ensure_schema,
+    instances,
+    outbox,
+    pauses,
+    schema_version_table,
+    utcnow,
+)
+from engine.outbox.states import (
     DROPPABLE,
     DROPPED,
     DUE_STATES,
@@ -84,17 +97,6 @@ from engine.outbox.schema import (
     SENDING,
     SENT,
     STATES,
-    UTCDateTime,
-    _aware,
-    _check_key,
-    _states,
-    attempts_table,
-    ensure_schema,
-    instances,
-    outbox,
-    pauses,
-    schema_version_table,
-    utcnow,
 )
 from engine.rules.secrets import hide_url_password
 

@@ -44,7 +44,8 @@ from sqlalchemy.exc import OperationalError
 
 from engine import __version__
 from engine.outbox.connections import busy_timeout, is_busy
-from engine.outbox.schema import DEAD, FAILED, IN_DOUBT, RETRYING, SENT, utcnow
+from engine.outbox.schema import utcnow
+from engine.outbox.states import DEAD, FAILED, IN_DOUBT, RETRYING, SENT
 from engine.outbox.store import AttemptResult, OutboxRow, Reclaimed, ResultUpdate, Store
 from engine.rules.secrets import MissingSecret, SecretRef, mask
 from engine.send.metrics import DispatchMetrics

@@ -16,7 +16,7 @@ import httpx
 
 from engine.accengage import api as accengage
 from engine.accengage.api import RETRYABLE_CODES, describe
-from engine.outbox.schema import DEAD, FAILED, IN_DOUBT, RETRYING, SENT
+from engine.outbox.states import DEAD, FAILED, IN_DOUBT, RETRYING, SENT
 from engine.rules.schemas import DISPATCH
 from engine.rules.secrets import mask
 
