@@ -12,6 +12,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 ROUTE = "/sendInstantMessage.php"
+#: Where this project's fake of the API (``sandbox``) listens unless told otherwise; named here,
+#: with the API, so that commands can show it without loading the server.
+SANDBOX_PORT = 8751
 MAX_TARGETS = 100
 
 RETURN_CODES: dict[int, str] = {
