@@ -13,6 +13,8 @@ from engine.accengage.sandbox import RunningSandbox
 from engine.cli.main import main
 from engine.rules.project import DispatchConfig, load_project
 from engine.rules.schemas import DISPATCH
+from engine.send.policy import DispatchSettings
+from engine.send.runtime import dispatch_settings
 from tests.helpers import REPO, make_project
 from tests.test_cli_send import event_file, project  # noqa: F401 (fixtures)
 
@@ -86,3 +88,16 @@ def test_dispatch_values_are_typed_as_the_schema_says(tmp_path: Path) -> None:
     assert type(loaded.dispatch.concurrency) is int
     assert type(loaded.dispatch.on_unknown_outcome) is str  # not the YAML reader's marked text
     assert loaded.where("dispatch.timeout") == f"pushrules.yaml:{line_of(config, 'timeout:')}"
+    settings = dispatch_settings(loaded)
+    assert (settings.concurrency, settings.rate_per_second, settings.max_attempts) == (4, 20, 3)
+    assert settings.on_unknown_outcome == "retry"
+    assert settings.timeout.read == 45.0
+    assert settings.deadline == 90.0  # twice the timeout, above the default 60 s
+    assert settings.lease >= timedelta(seconds=2 * settings.deadline)
+
+
+def test_each_dispatch_setting_of_the_file_is_a_setting_of_the_dispatcher() -> None:
+    """The runtime passes every key of ``dispatch:`` on by name: a key added to the schema
+    without a dispatcher setting of that name fails here, not in production."""
+    known = {f.name for f in dataclasses.fields(DispatchSettings)}
+    assert set(DISPATCH) <= known, set(DISPATCH) - known
