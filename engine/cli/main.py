@@ -17,7 +17,13 @@ from engine.cli.common import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, CommandParser,
 from engine.errors import PushrulesError
 
 #: The modules that register commands, in the order ``--help`` lists them.
-COMMAND_GROUPS = ("engine.cli.check", "engine.cli.sandbox", "engine.cli.send", "engine.cli.daemon")
+COMMAND_GROUPS = (
+    "engine.cli.check",
+    "engine.cli.author",
+    "engine.cli.sandbox",
+    "engine.cli.send",
+    "engine.cli.daemon",
+)
 
 EPILOG = """\
 Typical use:
