@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from engine.cli.common import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, lazy, project_argument
+from engine.cli.common import (
+    EXIT_OK,
+    EXIT_PROBLEMS,
+    EXIT_USAGE,
+    UsageError,
+    lazy,
+    project_argument,
+)
+
+#: The folders of a project whose files ``fmt`` lays out (with pushrules.yaml).
+PROJECT_FOLDERS = ("rules", "templates", "rule-tests")
 
 #: The kinds of file ``schema`` describes (engine.rules.json_schema.KINDS, named here so that
 #: --help does not load the schemas).
@@ -119,4 +130,83 @@ def schema_text(schema: dict[str, Any]) -> str:
 
 
 def cmd_fmt(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from engine.rules.formatting import FormatError, format_text
+
+    try:
+        files = files_to_format(args.paths or [args.project])
+    except UsageError as exc:
+        print(f"pushrules fmt: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    changed: list[str] = []
+    failed = 0
+    for path, kind in files:
+        shown = os.path.relpath(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+            result = format_text(text, kind)
+            if result != text and not args.check:
+                path.write_text(result, encoding="utf-8")
+        except FormatError as exc:
+            where = ":" if str(exc)[:1].isdigit() else ": "
+            print(f"{shown}{where}{exc} (left as it is)", file=sys.stderr)
+            failed += 1
+            continue
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            print(f"{shown}: cannot be read or written: {reason}", file=sys.stderr)
+            failed += 1
+            continue
+        if result != text:
+            changed.append(shown)
+            print(shown if args.check else f"formatted {shown}")
+    summary = f"{len(files)} file{'s' if len(files) != 1 else ''} checked: " + (
+        f"{len(changed)} to format" if args.check else f"{len(changed)} formatted"
+    )
+    if failed:
+        summary += f", {failed} left as {'it is' if failed == 1 else 'they are'} (see above)"
+    print(summary, file=sys.stderr)
+    if failed or (args.check and changed):
+        return EXIT_PROBLEMS
+    return EXIT_OK
+
+
+def files_to_format(paths: list[Path]) -> list[tuple[Path, str]]:
+    """The files pushrules reads among ``paths`` (files, or folders searched whole), each with
+    its kind; a file it does not read is named and skipped. UsageError: a path that does not
+    exist, or is in no project."""
+    from engine.rules.formatting import kind_of
+    from engine.rules.project import find_root
+    from engine.rules.yaml_source import yaml_files
+
+    found: dict[Path, str] = {}
+    for path in paths:
+        if not path.exists():
+            raise UsageError(f"{path}: no such file or folder")
+        root = find_root(path)
+        if root is None:
+            raise UsageError(
+                f"{path}: no pushrules.yaml in this folder or any above it: not in a project"
+            )
+        if path.absolute() == root:  # the project: its own folders, not all of the repository
+            candidates = [root / "pushrules.yaml"] + [
+                p
+                for folder in PROJECT_FOLDERS
+                if (root / folder).is_dir()
+                for p in yaml_files(root / folder, root)
+            ]
+            candidates = [Path(os.path.relpath(p)) for p in candidates]
+        elif path.is_dir():
+            candidates = yaml_files(path, root)
+        else:
+            candidates = [path]
+        for candidate in candidates:
+            kind = kind_of(candidate.absolute().relative_to(root))
+            if kind is not None and candidate.is_file():
+                found[candidate] = kind
+            elif not path.is_dir():
+                print(
+                    f"pushrules fmt: {candidate}: not a file pushrules reads (pushrules.yaml, "
+                    "rules/, templates/messages/, templates/buttons/, rule-tests/); skipped",
+                    file=sys.stderr,
+                )
+    return sorted(found.items())

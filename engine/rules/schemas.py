@@ -28,6 +28,8 @@ def doc(
     title: str,
     description: str = "",
     json: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
+    *,
+    as_written: bool = False,
 ) -> dict[str, Any]:
     """A field's documentation, as Cerberus ``meta`` (which it does not check): the hover text
     of the editor schema that ``pushrules schema`` derives from these definitions.
@@ -36,12 +38,16 @@ def doc(
     duration's pattern, exactly one trigger kind), replacing the derived ones of the same
     name; tests/test_json_schema.py keeps both in step. A function is called only when the
     JSON Schema is made (the timezone names: too slow to list at every start).
+    ``as_written``: the value is sent with the type YAML gives it (``1`` a number, ``"1"``
+    text), so ``pushrules fmt`` must not quote it.
     """
     meta: dict[str, Any] = {"title": title}
     if description:
         meta["description"] = description
     if json:
         meta["json"] = json if callable(json) else dict(json)
+    if as_written:
+        meta["as_written"] = True
     return {"meta": meta}
 
 
@@ -202,6 +208,7 @@ _KINDS: dict[str, dict[str, Any]] = {
         **doc(
             *API_DOCS["id"],
             json={"type": ["integer", "string"], "minimum": 1, "pattern": "^[0-9]*[1-9][0-9]*$"},
+            as_written=True,
         ),
     },
 }
@@ -215,7 +222,7 @@ APS: dict[str, Any] = {
     "type": "dict",
     "allow_unknown": False,
     "schema": _fields(accengage.APS_FIELD_TYPES),
-    **doc(*API_DOCS["aps"]),
+    **doc(*API_DOCS["aps"], as_written=True),  # Apple's dictionary keeps YAML's types
 }
 
 BUTTON: dict[str, Any] = {
@@ -393,7 +400,6 @@ TRIGGER: dict[str, Any] = {
             json={"pattern": r"^[^/ ?#]+$"},
         ),
     },
-    "timezone": TIMEZONE,
     "poll": {
         "type": "dict",
         "schema": {
@@ -432,6 +438,7 @@ TRIGGER: dict[str, Any] = {
         },
         **doc("Poll a feed", "GET a JSON feed on a schedule; each new item fires once."),
     },
+    "timezone": TIMEZONE,
 }
 
 #: Exactly one kind of trigger: in checks.py (``a trigger needs exactly one of ...``).
