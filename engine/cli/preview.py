@@ -22,20 +22,20 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "preview",
         help="write an HTML page showing a rule's push as people will see it",
-        description="Compile one firing of a rule, as `pushrules compile` does, and write one "
-        "self-contained HTML page (it loads nothing from the network) showing, per app, the "
-        "push on an iOS or Android lock screen: title, text with ${macros} filled from the "
-        "target's and message's data (the ones only the device database fills stay as "
-        "${name} chips), badge, sound, pictures, buttons and what each does; then the "
-        "compiled JSON. Where `when` is false or the targets expand to nobody, the page says "
-        "so. Nothing is sent. Exit codes as compile: 0 page written, 1 the rule is unknown or "
-        "invalid or a template failed, 2 usage.",
+        description="Compile one firing of a rule, as `pushrules compile` does, and write one\n"
+        "self-contained HTML page (it loads nothing from the network) showing, per app, the\n"
+        "push on an iOS or Android lock screen: title, text with ${macros} filled from the\n"
+        "target's and message's data (those only the device database fills stay ${name}\n"
+        "chips), badge, sound, pictures, the buttons and what each does; then the compiled\n"
+        "JSON. Where `when` is false or the targets expand to nobody, the page says so.\n"
+        "Nothing is sent. Exit codes as compile: 0 page written, 1 the rule is unknown or\n"
+        "invalid or a template failed (no page), 2 usage (bad input, --out not writable).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Examples:\n"
         "  pushrules preview flight-canceled --event event.json\n"
         "      writes preview-flight-canceled.html here and prints its path\n"
         '  echo \'{"member_id": "42", "first_name": "Ana", "flightref": "AF12"}\' \\\n'
-        "    | pushrules preview flight-canceled --event - --out /tmp/push.html\n"
+        "    | pushrules preview flight-canceled --event - --out push.html\n"
         "  pushrules preview monday-digest --at 2026-12-21T09:00:00+01:00 --out - > digest.html",
     )
     p.add_argument("rule", help="rule id: the rule file's name without .yaml")
