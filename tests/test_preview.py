@@ -312,3 +312,22 @@ def test_every_example_rule_has_its_preview_picture_in_the_guide() -> None:
     for rule in sorted(p.stem for p in (REPO / "rules").glob("*.yaml")):
         assert (REPO / "docs" / "previews" / f"{rule}.png").is_file(), rule
         assert f"](previews/{rule}.png)" in guide, rule
+
+
+def test_a_large_fire_shows_its_first_requests_and_counts_the_rest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    followers = [{"id": f"m{i}", "first_name": f"F{i}"} for i in range(1150)]
+    item = {"id": "o1", "price": 50, "destination": "Rome", "followers": followers}
+    source = tmp_path / "item.json"
+    source.write_text(json.dumps(item))
+    args = ["preview", "price-drop", "--project", str(REPO), "--item", str(source), "--out", "-"]
+    assert main(args) == 0
+    page = capsys.readouterr().out
+    shown = compiled_json(page)
+    assert isinstance(shown, list) and len(shown) == 10
+    assert shown[-1]["body"]["sendInstantMessage"]["targets"][-1]["memberId"] == "m999"
+    text = words(page)
+    assert "12 requests, 1150 targets" in text
+    assert "2 more, with the other targets, are left out of this page" in text
+    assert "and 1147 more targets" in text

@@ -31,6 +31,9 @@ from engine.rules.yaml_source import native
 
 #: Targets drawn per app; the others see the same push with their own data.
 MAX_SHOWN_TARGETS = 3
+#: Requests whose JSON the page holds: a for_each over a large list makes thousands, which
+#: ``compile`` prints in full but a browser would choke on.
+MAX_SHOWN_REQUESTS = 10
 TEMPLATE = "preview.html.j2"
 
 PLATFORM_NAMES = {"ios": "iOS", "android": "Android"}
@@ -150,6 +153,8 @@ class PageView:
     requests: int
     targets: int
     compiled: str
+    #: Requests left out of ``compiled`` (past :data:`MAX_SHOWN_REQUESTS`).
+    more_requests: int
 
 
 def render_page(
@@ -200,7 +205,9 @@ def page_view(
         for name, value in (("event", context.event), ("item", context.item))
         if value is not None
     )
-    shown = [{"url": r.url, "body": for_display(r.body, login)} for r in requests]
+    shown = [
+        {"url": r.url, "body": for_display(r.body, login)} for r in requests[:MAX_SHOWN_REQUESTS]
+    ]
     return PageView(
         rule=rule.id,
         file=rule.file,
@@ -217,6 +224,7 @@ def page_view(
         requests=len(requests),
         targets=len(targets),
         compiled=json.dumps(shown, indent=2, ensure_ascii=False),
+        more_requests=len(requests) - len(shown),
     )
 
 
