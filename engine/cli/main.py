@@ -20,6 +20,7 @@ from engine.errors import PushrulesError
 COMMAND_GROUPS = (
     "engine.cli.check",
     "engine.cli.author",
+    "engine.cli.preview",
     "engine.cli.sandbox",
     "engine.cli.send",
     "engine.cli.daemon",
@@ -31,6 +32,8 @@ Typical use:
   pushrules validate --format github  annotate a pull request from CI
   pushrules compile flight-canceled --event event.json
                                       show the exact JSON a rule would send
+  pushrules preview flight-canceled --event event.json
+                                      see the push as people will, in a browser
   pushrules send flight-canceled --event event.json --sandbox
                                       try it for real against a fake Accengage
   pushrules run --sandbox             the whole daemon, on a fake Accengage
