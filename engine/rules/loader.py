@@ -104,12 +104,19 @@ class Loader:
     """Loads a project folder, remembering each file's result for the next load."""
 
     def __init__(
-        self, root: Path, *, workers: int | None = None, problems_only: bool = False
+        self,
+        root: Path,
+        *,
+        workers: int | None = None,
+        problems_only: bool = False,
+        only: frozenset[str] | None = None,
     ) -> None:
         """``problems_only``: a check that needs no rules back (``validate``) skips sending
-        them from the worker processes."""
+        them from the worker processes. ``only``: check these rule files alone (paths from the
+        root, like ``rules/x.yaml``), the others being only listed (for repeated ids)."""
         self.root = root
         self.problems_only = problems_only
+        self.only = only
         self.workers = workers if workers is not None else (os.cpu_count() or 1)
         self._entries: dict[str, _Entry] = {}
         self._last_good: dict[str, Rule] = {}
@@ -155,6 +162,8 @@ class Loader:
                         "name is the rule's id)",
                     )
                 )
+                continue
+            if self.only is not None and Path(rel).as_posix() not in self.only:
                 continue
             try:
                 text = read_source(path, root, root / RULES_DIR)
