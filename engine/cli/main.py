@@ -30,6 +30,7 @@ EPILOG = """\
 Typical use:
   pushrules validate                  check every rule, template and pushrules.yaml here
   pushrules validate --format github  annotate a pull request from CI
+  pushrules fmt --check               list files not in pushrules' one layout
   pushrules compile flight-canceled --event event.json
                                       show the exact JSON a rule would send
   pushrules preview flight-canceled --event event.json
