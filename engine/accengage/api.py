@@ -171,6 +171,7 @@ def payload_bytes(message: Mapping[str, Any]) -> int:
     """A message's size as measured against :data:`MAX_PAYLOAD_BYTES`: its JSON in UTF-8."""
     return len(json.dumps(message, ensure_ascii=False, default=str).encode())
 
+
 PLATFORMS = ("ios", "android")
 
 

@@ -91,7 +91,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not root.is_dir():
         print(f"pushrules: {root} is not a folder", file=sys.stderr)
         return EXIT_USAGE
-    ruleset = Loader(root, problems_only=True).load()
+    ruleset = Loader(root, problems_only=True, tests=True).load()
     problems = list(ruleset.problems)
     if args.format == "github":
         # Annotations attach to the repository's paths: name the files from here, not DIR.

@@ -244,6 +244,38 @@ PROJECT: dict[str, Any] = {
 }
 
 
+#: Why a rule test may expect nothing to be sent (``expect.because``).
+NOT_SENT_BECAUSE = ("when", "quiet_hours", "no_targets")
+
+#: One case of a ``rule-tests/`` file; what Cerberus cannot say is checked in cases.py.
+CASE: dict[str, Any] = {
+    "type": "dict",
+    "schema": {
+        "name": {"type": "string", "required": True, "empty": False},
+        "event": {"type": "dict"},
+        "item": {"type": "dict"},
+        "at": TEXT,
+        "expect": {
+            "type": "dict",
+            "required": True,
+            "schema": {
+                "requests": {**INT, "bounds": Bounds(0, 1_000_000)},
+                "body": {"type": ["dict", "list"]},
+                "sent": BOOL,
+                "because": {"type": "string", "allowed": list(NOT_SENT_BECAUSE)},
+                "error": {"type": "string", "empty": False},
+            },
+        },
+    },
+}
+
+#: A ``rule-tests/*.yaml`` file.
+RULE_TEST: dict[str, Any] = {
+    "rule": TEXT,
+    "cases": {"type": "list", "required": True, "empty": False, "schema": CASE},
+}
+
+
 def is_yaml_bool(value: object) -> bool:
     if isinstance(value, bool):
         return True
@@ -424,6 +456,7 @@ def _known_fields(schema_path: tuple[Any, ...], root: Mapping[str, Any]) -> list
 
 
 RULE_CHECKER = SchemaChecker(RULE)
+RULE_TEST_CHECKER = SchemaChecker(RULE_TEST)
 PROJECT_CHECKER = SchemaChecker(PROJECT)
 MESSAGE_TEMPLATE_CHECKER = SchemaChecker(MESSAGE)
 BUTTON_TEMPLATE_CHECKER = SchemaChecker(BUTTONS["schema"])
