@@ -17,7 +17,13 @@ from engine.cli.common import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, CommandParser,
 from engine.errors import PushrulesError
 
 #: The modules that register commands, in the order ``--help`` lists them.
-COMMAND_GROUPS = ("engine.cli.check", "engine.cli.sandbox", "engine.cli.send", "engine.cli.daemon")
+COMMAND_GROUPS = (
+    "engine.cli.check",
+    "engine.cli.review",
+    "engine.cli.sandbox",
+    "engine.cli.send",
+    "engine.cli.daemon",
+)
 
 EPILOG = """\
 Typical use:
@@ -25,6 +31,9 @@ Typical use:
   pushrules validate --format github  annotate a pull request from CI
   pushrules compile flight-canceled --event event.json
                                       show the exact JSON a rule would send
+  pushrules test                      run the rule tests of rule-tests/
+  pushrules explain flight-canceled --event event.json --at "2026-12-01 23:30"
+                                      why the rule would, or would not, send then
   pushrules send flight-canceled --event event.json --sandbox
                                       try it for real against a fake Accengage
   pushrules run --sandbox             the whole daemon, on a fake Accengage

@@ -45,6 +45,7 @@ __all__ = [
     "Expect",
     "case_files",
     "check_against_rules",
+    "json_value",
     "load_case_files",
     "parse_case_file",
 ]
@@ -236,8 +237,8 @@ def _case(
         index=index,
         name=str(doc["name"]),
         rule=rule,
-        event=_data(doc["event"]) if usable("event") else None,
-        item=_data(doc["item"]) if usable("item") else None,
+        event=json_value(doc["event"]) if usable("event") else None,
+        item=json_value(doc["item"]) if usable("item") else None,
         at=str(at) if at is not None else None,
         expect=expect,
         doc=doc,
@@ -341,7 +342,7 @@ _INT = re.compile(r"-?(0|[1-9][0-9]*)")
 _FLOAT = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 
 
-def _data(value: Any) -> Any:
+def json_value(value: Any) -> Any:
     """An event or item as written, read the way JSON reads its values: ``42`` and ``4.5``
     numbers, ``true``/``false``, ``null``; everything else text. (YAML alone would turn
     ``0012`` into 10, ``no`` into false and ``12:30`` into 750.)"""
@@ -356,9 +357,9 @@ def _data(value: Any) -> Any:
                 return float(text)
         return text
     if isinstance(value, dict):
-        return {str(k): _data(v) for k, v in value.items()}
+        return {str(k): json_value(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_data(v) for v in value]
+        return [json_value(v) for v in value]
     return value
 
 
