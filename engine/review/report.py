@@ -16,6 +16,7 @@ from dataclasses import asdict
 from typing import Any
 
 from engine.review.runner import CaseResult, Failure
+from engine.review.subset import show
 from engine.rules.cases import CaseFile
 from engine.rules.problems import Problem, format_text
 
@@ -56,13 +57,18 @@ def summary(run: Run, problems: Sequence[Problem]) -> str:
 def diff_lines(expected: Any, actual: Any) -> list[str]:
     """The two values as indented JSON, line by line: ``-`` only in what the case names, ``+``
     only in what the fire did, two spaces where they agree."""
-    before = _json(expected).splitlines()
-    after = _json(actual).splitlines()
+    before = _shown(expected).splitlines()
+    after = _shown(actual).splitlines()
     return [line for line in difflib.ndiff(before, after) if not line.startswith("? ")]
 
 
 def _json(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def _shown(value: Any) -> str:
+    """JSON for a diff: what prints as nothing is escaped (see :func:`show`)."""
+    return show(value, indent=2)
 
 
 def format_case(result: CaseResult) -> list[str]:

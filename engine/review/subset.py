@@ -9,6 +9,8 @@ two views for a readable diff: what the test names, and the request cut down to 
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,9 +36,37 @@ class Comparison:
         return not self.differences
 
 
-def show(value: Any) -> str:
-    """A value as JSON, the way the request spells it."""
-    return json.dumps(value, ensure_ascii=False)
+def show(value: Any, indent: int | None = None) -> str:
+    """A value as JSON, the way the request spells it; characters that print as nothing (the
+    zero-width space that keeps data from forming a ``${macro}``) are written as escapes, so
+    two texts that differ never look alike."""
+    return visible(json.dumps(value, ensure_ascii=False, indent=indent))
+
+
+def visible(text: str) -> str:
+    return "".join(
+        f"\\u{ord(c):04x}" if c not in " \n" and unicodedata.category(c) in _INVISIBLE else c
+        for c in text
+    )
+
+
+#: Unicode categories that print as nothing or as a blank: format, separators, controls.
+_INVISIBLE = frozenset({"Cf", "Zs", "Zl", "Zp", "Cc"})
+
+
+def _first_difference(expected: str, actual: str) -> str:
+    """Where two long texts part: `` (from character 58: "8 December" against "7 December")``,
+    so a one-letter slip in a long text is found at once."""
+    if len(expected) < 30 and len(actual) < 30:
+        return ""
+    at = next(
+        (i for i, (a, b) in enumerate(zip(expected, actual, strict=False)) if a != b),
+        min(len(expected), len(actual)),
+    )
+    return (
+        f" (from character {at + 1}: {show(expected[at : at + 16])} against "
+        f"{show(actual[at : at + 16])})"
+    )
 
 
 def text_of(value: Any) -> str:
@@ -45,15 +75,23 @@ def text_of(value: Any) -> str:
 
 
 def scalar_matches(expected: Any, actual: Any) -> bool:
-    """``expected`` (a scalar as the author wrote it) against a request's scalar value."""
+    """``expected`` (a scalar as the author wrote it) against a request's scalar value: the
+    same text, or the same number or truth value however it is written (``1.50``, ``True``)."""
     if expected is None or actual is None:
         return expected is None and actual is None
     if isinstance(actual, dict | list):
         return False
-    if str(expected) == text_of(actual):
+    text = str(expected)
+    if text == text_of(actual):
         return True
-    wanted = json_value(expected)
-    return not isinstance(wanted, str) and type(wanted) is type(actual) and wanted == actual
+    if isinstance(actual, bool):
+        return text.lower() == ("true" if actual else "false")
+    if isinstance(actual, int | float) and _NUMBER.fullmatch(text):
+        return float(text) == actual
+    return False
+
+
+_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 
 
 def compare(expected: Any, actual: Any, path: tuple[Any, ...] = ()) -> Comparison:
@@ -69,6 +107,8 @@ def compare(expected: Any, actual: Any, path: tuple[Any, ...] = ()) -> Compariso
         message = f"expected {show(wanted)}, got {_kind(actual)}"
     else:
         message = f"expected {show(wanted)}, got {show(actual)}"
+        if isinstance(wanted, str) and isinstance(actual, str):
+            message += _first_difference(wanted, actual)
     return Comparison(wanted, actual, (Difference(path, message),))
 
 

@@ -249,6 +249,7 @@ def _expect(
     doc: MarkedMap, path: tuple[Any, ...], refused: set[tuple[Any, ...]], out: _Report
 ) -> Expect:
     """What the case expects; a key the schema refused is left out of the checks."""
+    named = [k for k in ("requests", "body", "sent", "because", "error") if k in doc]
     if refused:
         kept = MarkedMap(doc.line, doc.column)
         kept.key_marks.update(doc.key_marks)
@@ -267,7 +268,6 @@ def _expect(
         because=str(doc["because"]) if "because" in doc else None,
         error=str(doc["error"]) if "error" in doc else None,
     )
-    named = [k for k in ("requests", "body", "sent", "because", "error") if k in doc]
     if not named:
         out.add(
             path,
@@ -275,8 +275,9 @@ def _expect(
             f"because: ({', '.join(NOT_SENT_BECAUSE)}), or error: 'part of the message'",
         )
         return expect
-    if expect.error is not None and len(named) > 1:
-        others = ", ".join(k for k in named if k != "error")
+    given = [k for k in named if k in doc]
+    if expect.error is not None and len(given) > 1:
+        others = ", ".join(k for k in given if k != "error")
         out.add(
             (*path, "error"),
             f"error: expects the fire to fail, so nothing is sent: remove {others}, or the "
