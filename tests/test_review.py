@@ -122,6 +122,13 @@ def test_each_expectation_fails_when_the_fire_differs(tmp_path: Path) -> None:
         - name: fails unexpectedly
           event: {{passengers: []}}
           expect: {{requests: 1}}
+        - name: expects a push at night
+          event: {EVENT}
+          at: "2026-12-01 23:30"
+          expect: {{requests: 1}}
+        - name: expects a push for a short delay
+          event: {{flightref: EY1, delay: 30, passengers: []}}
+          expect: {{requests: 1}}
         """,
     )
     found = results(ruleset)
@@ -145,6 +152,15 @@ def test_each_expectation_fails_when_the_fire_differs(tmp_path: Path) -> None:
     assert messages["another error"].message.startswith("the error does not contain 'is null'")
     assert messages["fails unexpectedly"].message.startswith(
         "the fire fails: rule canceled, message.text: event.flightref is undefined"
+    )
+    # Why nothing is sent names what decided it.
+    assert messages["expects a push at night"].message == (
+        "expected a push at 2026-12-01T23:30+01:00, but nothing is sent: 23:30 is in the quiet "
+        "hours (21:00 to 07:00): it waits until 2026-12-02T07:00+01:00"
+    )
+    assert messages["expects a push for a short delay"].message.endswith(
+        "nothing is sent: `when` is false: {{ event.delay is not defined or event.delay > 60 }} "
+        "with event.delay = 30"
     )
     diff = found["wrong subject"].failures[0]
     assert diff.expected == {"message": {"subject": "Flight cancelled"}}

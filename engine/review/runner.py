@@ -21,13 +21,14 @@ from typing import Any, Literal
 
 from engine.outbox.firing import Decision, decide
 from engine.render.compiler import FireContext
-from engine.review.subset import Comparison, compare
+from engine.review.subset import Comparison, compare, show
 from engine.rules.cases import Case, CaseFile
 from engine.rules.loader import Loader, RuleSet
 from engine.rules.problems import Problem, field_path
 from engine.rules.project import Project
 from engine.rules.rule import Rule
 from engine.rules.schedule import parse_timezone
+from engine.rules.templating import MISSING, read_values
 
 Because = Literal["when", "quiet_hours", "no_targets"]
 Status = Literal["passed", "failed", "not_run"]
@@ -51,6 +52,9 @@ class Fired:
     at: datetime  # the case's moment, in the rule's timezone
     decision: Decision
     notes: tuple[str, ...] = ()  # what the compiler only logs: for_each items skipped
+    #: Why nothing is sent, in words that name what decided it (the values ``when`` read,
+    #: the quiet hours); empty when it is sent or fails.
+    reason: str = ""
 
     @property
     def sent(self) -> bool:
@@ -84,7 +88,7 @@ class Fired:
         if self.sent:
             n = len(self.decision.requests)
             return f"it sends {n} request{'s' if n != 1 else ''}"
-        return f"nothing is sent: {self.decision.detail}"
+        return f"nothing is sent: {self.reason or self.decision.detail}"
 
 
 def fire_case(project: Project, rule: Rule, case: Case) -> Fired:
@@ -94,7 +98,26 @@ def fire_case(project: Project, rule: Rule, case: Case) -> Fired:
     context = FireContext(now=at, event=case.event, item=case.item)
     notes: list[str] = []
     decision = decide(project, rule, context, at, notes=notes)
-    return Fired(rule.id, at, decision, tuple(notes))
+    return Fired(rule.id, at, decision, tuple(notes), _reason(rule, context, decision))
+
+
+def _reason(rule: Rule, context: FireContext, decision: Decision) -> str:
+    """Why nothing is sent, naming what decided it."""
+    if decision.verdict == "filtered" and rule.when:
+        scope = {"event": context.event or {}, "item": context.item or {}, "now": context.now}
+        read = ", ".join(
+            f"{name} = {'missing' if value is MISSING else show(value)}"
+            for name, value in read_values(rule.when, scope)
+        )
+        return f"`when` is false: {rule.when}" + (f" with {read}" if read else "")
+    quiet = rule.quiet_hours
+    if quiet is not None and (decision.verdict == "skipped" or decision.not_before is not None):
+        window = f"{context.now.strftime('%H:%M')} is in the quiet hours ({quiet.start} to "
+        window += f"{quiet.end})"
+        if decision.not_before is None:
+            return f"{window}, which skip it"
+        return f"{window}: it waits until {decision.not_before.isoformat(timespec='minutes')}"
+    return ""
 
 
 @dataclass(frozen=True, slots=True)
