@@ -36,7 +36,7 @@ def register(sub: Any) -> None:
         epilog="Examples:\n  pushrules test\n  pushrules test --rule flight-canceled\n"
         "  pushrules test path/to/project --format junit > pushrules-tests.xml\n\n"
         "A case without at: fires on Monday 2026-01-05 at 12:00 in the rule's timezone.\n"
-        "Writing tests: docs/rules.md, section 9.",
+        "Writing tests: docs/rules.md, section 8.",
     )
     p.add_argument("dir", nargs="?", type=Path, help="project folder (default: .)")
     p.add_argument(

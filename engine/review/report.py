@@ -133,7 +133,7 @@ def case_data(result: CaseResult) -> dict[str, Any]:
             "sent": fired.sent,
             "because": fired.because,
             "error": fired.error,
-            "detail": fired.decision.detail,
+            "detail": fired.reason or fired.decision.detail,
             "notes": list(fired.notes),
             "requests": fired.bodies,
         }

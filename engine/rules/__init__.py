@@ -3,7 +3,8 @@
 Owns the marked YAML reader (``yaml_source``), the problems it reports (``problems``), the
 Cerberus schemas (``schemas``), the rule model (``rule``: dataclasses, no Cerberus or Jinja)
 and the checks that build it from a file (``checks``), templates pulled with ``use:``
-(``fragments``), ``pushrules.yaml`` settings and secrets by reference (``project``,
+(``fragments``), the ``rule-tests/`` files and their checks (``cases``; running them is
+:mod:`engine.review`'s), ``pushrules.yaml`` settings and secrets by reference (``project``,
 ``secrets``), trigger math (``schedule``: pure, no APScheduler), the Jinja dialect authors write
 (``templating``, ``template_bounds``) and the project loader (``loader``).
 
