@@ -259,3 +259,13 @@ def test_help_has_examples(command: str) -> None:
     )
     assert done.returncode == 0
     assert "Examples:" in done.stdout and f"pushrules {command}" in done.stdout
+
+
+def test_a_project_without_tests_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = make_project(tmp_path / "p")
+    assert main(["test", str(root)]) == 0
+    assert capsys.readouterr().err.strip() == (
+        "no rule tests in rule-tests/ (writing them: docs/rules.md, section 8)"
+    )

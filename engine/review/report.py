@@ -40,6 +40,8 @@ def ok(run: Run, problems: Sequence[Problem]) -> bool:
 
 def summary(run: Run, problems: Sequence[Problem]) -> str:
     n = counts(run)
+    if not n["files"] and not problems:
+        return "no rule tests in rule-tests/ (writing them: docs/rules.md, section 8)"
     words = [f"{n['passed']} passed"]
     if n["failed"]:
         words.append(f"{n['failed']} failed")
