@@ -471,3 +471,47 @@ def test_run_case_is_usable_alone(tmp_path: Path) -> None:
     assert result.fired.sent and result.fired.error is None
     assert result.fired.at == datetime(2026, 1, 5, 11, 0, tzinfo=UTC)
     assert result.fired.bodies[0]["partner"] == {"id": "my_partner_id_android"}
+
+
+def test_requests_that_differ_in_many_ways_are_shown_three_at_a_time(tmp_path: Path) -> None:
+    passengers = ", ".join(f"{{id: m{i}, name: P{i}}}" for i in range(550))
+    nobody = ", ".join(["{memberId: nobody}"] * 100)
+    ruleset = project(
+        tmp_path,
+        f"""
+        - name: every target differs
+          event: {{flightref: EY1, passengers: [{passengers}]}}
+          expect:
+            body: {{targets: [{nobody}]}}
+        """,
+    )
+    [result] = results(ruleset).values()
+    assert [f.label for f in result.failures] == [
+        "request 1 of 6",
+        "request 2 of 6",
+        "request 3 of 6",
+    ]
+    first = [m.message for m in result.failures[0].mismatches]
+    assert len(first) == 11
+    assert first[0] == 'expected "nobody", got "m0" (request 1 of 6)'
+    assert first[-1] == "and 90 more differences (request 1 of 6): see the diff"
+    last = result.failures[-1].mismatches[-1]
+    assert (last.field, last.message) == (
+        "expect.body",
+        "and 3 more requests differ in other ways",
+    )
+
+
+def test_a_body_list_points_at_its_own_element(tmp_path: Path) -> None:
+    ruleset = project(
+        tmp_path,
+        """
+        - name: a list of expectations, request by request
+          event: {flightref: EY1, passengers: [{id: a, name: A}]}
+          expect:
+            body: [{targets: [{memberId: b}]}]
+        """,
+    )
+    [result] = results(ruleset).values()
+    mismatch = result.failures[0].mismatches[0]
+    assert (mismatch.field, mismatch.line) == ("expect.body[0].targets[0].memberId", 5)

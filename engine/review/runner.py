@@ -236,21 +236,39 @@ def _body_failures(case: Case, fired: Fired, mismatch: Any) -> Iterator[Failure]
         result = compare(expected, bodies[index])
         if result.matches:
             continue
-        key = tuple(f"{field_path(d.path)}: {d.message}" for d in result.differences)
+        key = (*inner, *(f"{field_path(d.path)}: {d.message}" for d in result.differences))
         seen.setdefault(key, []).append(index)
         shown.setdefault(key, (result, inner))
-    for key, indexes in seen.items():
+    groups = list(seen.items())
+    for number, (key, indexes) in enumerate(groups[:SHOWN_FAILURES], 1):
         result, inner = shown[key]
         which = _which(indexes, len(bodies))
         found = tuple(
             mismatch(("expect", "body", *inner, *d.path), f"{d.message} ({which})")
-            for d in result.differences
+            for d in result.differences[:SHOWN_MISMATCHES]
         )
+        hidden = len(result.differences) - SHOWN_MISMATCHES
+        if hidden > 0:
+            note = (
+                f"and {hidden} more difference{'s' if hidden != 1 else ''} ({which}): see the diff"
+            )
+            found = (*found, mismatch(("expect", "body", *inner), note))
+        more = len(groups) - SHOWN_FAILURES
+        if number == SHOWN_FAILURES and more > 0:
+            rest = sum(len(i) for _, i in groups[SHOWN_FAILURES:])
+            note = f"and {rest} more request{'s' if rest != 1 else ''} differ in other ways"
+            found = (*found, mismatch(("expect", "body"), note))
         yield Failure(found, result.expected, result.actual, which)
 
 
+#: Requests that differ in different ways shown at most, one diff each; and lines saying what
+#: differs in one of them (the diff shows all).
+SHOWN_FAILURES = 3
+SHOWN_MISMATCHES = 10
+
+
 def _which(indexes: list[int], total: int) -> str:
-    """``request 1 of 2``, ``requests 1, 2 and 3 of 3``, ``every request (3)``."""
+    """``request 1 of 2``, ``requests 1 and 3 of 3``, ``each of the 3 requests``."""
     if len(indexes) == 1:
         return f"request {indexes[0] + 1} of {total}"
     if len(indexes) == total:
