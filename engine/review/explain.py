@@ -21,7 +21,13 @@ from engine.render.compiler import CompileError, FireContext, missing_input, pas
 from engine.rules import templating
 from engine.rules.project import Project
 from engine.rules.rule import Rule
-from engine.rules.schedule import TriggerError, fire_times, parse_timezone, schedule_for
+from engine.rules.schedule import (
+    TriggerError,
+    fire_times,
+    format_duration,
+    parse_timezone,
+    schedule_for,
+)
 from engine.rules.secrets import hide_url_password
 
 #: ok: this step lets the push through; stop: it stops the push here; note: the push goes, but
@@ -128,8 +134,8 @@ def explain(
         store = read_store(project, rule, at)
     steps = [
         _trigger(rule, at),
-        _when(rule, context, decision),
-        _quiet_hours(rule, at, decision),
+        _when(rule, context),
+        _quiet_hours(rule, at),
         _limit(rule, store, at),
         _pause(store, at),
         _targets(decision, notes),
@@ -208,7 +214,7 @@ def _text(value: Any) -> str:
     return value.isoformat() if isinstance(value, datetime) else str(value)
 
 
-def _when(rule: Rule, context: FireContext, decision: Decision) -> Step:
+def _when(rule: Rule, context: FireContext) -> Step:
     if not rule.when:
         return Step("when", "ok", "none: every fire goes on")
     scope = {"event": context.event or {}, "item": context.item or {}, "now": context.now}
@@ -232,7 +238,7 @@ def _when(rule: Rule, context: FireContext, decision: Decision) -> Step:
     return Step("when", "stop", summary, lines, data)
 
 
-def _quiet_hours(rule: Rule, at: datetime, decision: Decision) -> Step:
+def _quiet_hours(rule: Rule, at: datetime) -> Step:
     quiet = rule.quiet_hours
     if quiet is None:
         return Step("quiet_hours", "ok", "none")
@@ -256,7 +262,7 @@ def _limit(rule: Rule, store: StoreView, at: datetime) -> Step:
     limit = rule.limit
     if limit is None:
         return Step("limit", "ok", "none")
-    per = _duration(limit.per)
+    per = format_duration(limit.per)
     data: dict[str, Any] = {"count": limit.count, "per": per, "store": store.where}
     if store.problem is not None or store.fires is None:
         data["problem"] = store.problem
@@ -276,14 +282,6 @@ def _limit(rule: Rule, store: StoreView, at: datetime) -> Step:
         return Step("limit", "stop", summary, [f"store: {store.where}"], data)
     summary += f", at most {limit.count}: this fire is within it"
     return Step("limit", "ok", summary, [f"store: {store.where}"], data)
-
-
-def _duration(value: timedelta) -> str:
-    seconds = int(value.total_seconds())
-    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
-        if seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
 
 
 def _pause(store: StoreView, at: datetime) -> Step:
