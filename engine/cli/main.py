@@ -19,6 +19,7 @@ from engine.errors import PushrulesError
 #: The modules that register commands, in the order ``--help`` lists them.
 COMMAND_GROUPS = (
     "engine.cli.check",
+    "engine.cli.preview",
     "engine.cli.review",
     "engine.cli.sandbox",
     "engine.cli.send",
@@ -31,6 +32,8 @@ Typical use:
   pushrules validate --format github  annotate a pull request from CI
   pushrules compile flight-canceled --event event.json
                                       show the exact JSON a rule would send
+  pushrules preview flight-canceled --event event.json
+                                      see the push as people will, in a browser
   pushrules test                      run the rule tests of rule-tests/
   pushrules explain flight-canceled --event event.json --at "2026-12-01 23:30"
                                       why the rule would, or would not, send then
