@@ -1,6 +1,7 @@
 """The commands that only read rules never load APScheduler (only the daemon runs jobs), and
-``validate`` (what a pre-commit hook runs) loads neither the store, the HTTP client nor the
-server: each group of commands registers its parsers without importing what its commands use."""
+``validate`` and ``test`` (what a pre-commit hook runs) load neither the store, the HTTP client
+nor the server: each group of commands registers its parsers without importing what its
+commands use."""
 
 from __future__ import annotations
 
@@ -61,8 +62,13 @@ def test_the_probe_sees_apscheduler_when_the_scheduler_is_imported() -> None:
     assert json.loads(done.stdout.strip().splitlines()[-1])["apscheduler"], done.stderr
 
 
-@pytest.mark.parametrize("argv", [["validate"], ["--help"]], ids=["validate", "help"])
+@pytest.mark.parametrize(
+    "argv",
+    [["validate"], ["--help"], ["test"], ["explain", "--help"]],
+    ids=["validate", "help", "test", "explain-help"],
+)
 def test_validate_and_help_load_no_store_client_or_server(argv: list[str]) -> None:
+    """``test`` too: rule tests need no store (a pre-commit hook may run them)."""
     done = subprocess.run(
         [sys.executable, "-c", PROBE.replace("main(sys.argv[1:])", "_run(sys.argv[1:])"), *argv],
         cwd=ROOT,
