@@ -356,7 +356,8 @@ class FaultyServer:
 
     ``refuse``: no one listens. ``reset_unread``: accepts, waits for the request's first bytes,
     then resets without reading one (the client cannot have written it all: see
-    LARGER_THAN_SOCKET_BUFFERS).
+    LARGER_THAN_SOCKET_BUFFERS). ``never_read``: accepts and reads nothing, so the client's
+    write times out.
     ``reset_after_request``: reads the whole request, then resets without a word.
     ``silent``: reads the whole request and never answers. ``half_answer`` and
     ``half_status``: read it, send part of an answer, close.
@@ -403,6 +404,9 @@ class FaultyServer:
         if self.fault == "reset_unread":
             await readable(loop, conn)  # the client is writing: the request is on its way
             reset(conn)
+            return
+        if self.fault == "never_read":
+            self._open.append(conn)
             return
         self.requests.append(await read_request(loop, conn))
         if self.fault == "reset_after_request":
@@ -460,6 +464,7 @@ MAYBE_SENT = "the request may have reached Accengage"
     [
         ("refuse", RETRYING, NOT_SENT),
         ("reset_unread", RETRYING, NOT_SENT),
+        ("never_read", RETRYING, NOT_SENT),
         ("reset_after_request", IN_DOUBT, MAYBE_SENT),
         ("silent", IN_DOUBT, MAYBE_SENT),
         ("half_answer", IN_DOUBT, MAYBE_SENT),
@@ -472,10 +477,15 @@ def test_a_request_is_retried_only_when_it_provably_did_not_arrive(
     """Each way a connection can fail, on each transport: retried when the request never left
     whole, parked in_doubt when it may have arrived."""
     settings = dataclasses.replace(QUICK, transport=transport)
+    unread = fault in ("reset_unread", "never_read")
+    if fault == "never_read":
+        settings = dataclasses.replace(
+            settings, timeout=httpx.Timeout(connect=1.0, read=1.0, write=0.3, pool=1.0)
+        )
 
     async def scenario() -> FaultyServer:
         async with FaultyServer(fault) as server:
-            marker = "x" * LARGER_THAN_SOCKET_BUFFERS if fault == "reset_unread" else "m"
+            marker = "x" * LARGER_THAN_SOCKET_BUFFERS if unread else "m"
             store.enqueue("rule", "k", [(server.url, body(marker))], now=utcnow())
             async with Dispatcher(store, settings, CREDENTIALS) as d:
                 assert await d.run_once() == 1
@@ -485,7 +495,7 @@ def test_a_request_is_retried_only_when_it_provably_did_not_arrive(
     [row] = store.history()
     assert (row.state, row.attempts) == (state, 1), row.last_error
     assert says in (row.last_error or "")
-    if fault == "reset_unread":
+    if unread:
         assert server.accepted >= 1 and not server.requests
     elif fault != "refuse":
         assert len(server.requests) == 1  # it did arrive whole

@@ -50,9 +50,9 @@ SNIPPET = 200
 class DispatchSettings:
     """How hard to push. The defaults suit one Accengage account from one host."""
 
-    #: Requests in flight at once, over httpx clients of POOL_SIZE connections each (one
-    #: client loses throughput past a few concurrent requests: encode/httpx#3215). 32 gains
-    #: little over 16 at 50 ms answers, and 16 keeps a crash's in_doubt batch small.
+    #: Requests in flight at once (on httpcore, over httpx clients of POOL_SIZE connections
+    #: each: one client loses throughput past a few concurrent requests, encode/httpx#3215).
+    #: 32 gains little over 16 at 50 ms answers, and 16 keeps a crash's in_doubt batch small.
     concurrency: int = 16
     #: Rows claimed at a time, in flight or queued (0: 32, or twice ``concurrency`` if more).
     #: A claim costs about a millisecond on SQLite whatever its size, hence batches. A crash
@@ -94,9 +94,10 @@ class DispatchSettings:
     #: in benchmarks/dispatch.py. "thread" suits PostgreSQL, whose round trips would otherwise
     #: stall the loop. "auto" picks by the store's dialect.
     store_calls: Literal["auto", "inline", "thread"] = "auto"
-    #: What carries httpx's requests: httpcore's pools (split in clients of POOL_SIZE), or
-    #: aiohttp's (engine/send/transport.py), which costs less CPU a request.
-    transport: Transport = "httpcore"
+    #: What carries httpx's requests: aiohttp's pool (engine/send/transport.py), or httpcore's
+    #: (split in clients of POOL_SIZE connections). aiohttp costs about half the CPU a request
+    #: (benchmarks/dispatch.py); both tell alike whether a failed request may have arrived.
+    transport: Transport = "aiohttp"
 
     def __post_init__(self) -> None:
         problems = []

@@ -26,11 +26,14 @@ both transports then say "may have arrived". The answer is read whole before it 
 from __future__ import annotations
 
 import asyncio
+import functools
+import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
 import httpx
+import yarl
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
 from aiohttp.payload import BytesPayload
@@ -125,6 +128,11 @@ class _Body(BytesPayload):
         flight.flushed = True
 
 
+@functools.lru_cache(maxsize=256)
+def _yarl_url(url: str) -> yarl.URL:
+    return yarl.URL(url, encoded=True)  # httpx encoded it already
+
+
 def _retrieve(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()
@@ -156,6 +164,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 connector=connector,
                 cookie_jar=aiohttp.DummyCookieJar(),  # httpx keeps the cookies, if any
                 auto_decompress=False,  # httpx decodes, as with httpcore
+                # HTTP(S)_PROXY as httpx honours them; looked up for each request, so only
+                # when some are set.
+                trust_env=bool(urllib.request.getproxies()),
             )
             self._loop = loop
         return self._session
@@ -182,11 +193,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         content = await request.aread()
         if not content:
             flight.left = True  # aiohttp writes a bodiless request without us seeing it
-        headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() != "expect"]
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in request.headers.raw
+            if k.lower() != b"expect"
+        ]
         try:
             async with session.request(
                 request.method,
-                str(request.url),
+                _yarl_url(str(request.url)),
                 headers=headers,
                 data=_Body(content, flight, trace, timeout.get("write")) if content else None,
                 allow_redirects=False,
