@@ -200,7 +200,7 @@ def files_to_format(paths: list[Path]) -> list[tuple[Path, str]]:
         else:
             candidates = [path]
         for candidate in candidates:
-            kind = kind_of(candidate.absolute().relative_to(root))
+            kind = kind_of(Path(os.path.relpath(candidate, root)))  # both normalised
             if kind is not None and candidate.is_file():
                 found[candidate] = kind
             elif not path.is_dir():
