@@ -7,5 +7,8 @@ explain; ``plan``; ``author`` schema and fmt; ``preview``; ``sandbox`` the fake 
 registers its parsers at every start, so it loads what its commands use only when one runs
 (``--help`` and ``validate`` stay fast).
 
+``author`` also holds ``init``, which writes the files of ``scaffold/``: package data, not
+code (a rules repository's settings, rule, templates, test, hooks, workflow and README).
+
 May import: every other package; nothing imports it.
 """

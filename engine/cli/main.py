@@ -29,6 +29,7 @@ COMMAND_GROUPS = (
 
 EPILOG = """\
 Typical use:
+  pushrules init my-rules             start a rules repository (README.md inside says how)
   pushrules validate                  check every rule, template and pushrules.yaml here
   pushrules validate --format github  annotate a pull request from CI
   pushrules fmt --check               list files not in pushrules' one layout
