@@ -7,7 +7,6 @@ import json
 import os
 import sys
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.cli.common import (
@@ -17,9 +16,11 @@ from engine.cli.common import (
     UsageError,
     fire_context,
     fire_input_arguments,
+    folder_arguments,
     lazy,
     print_problems,
     project_argument,
+    project_folder,
     rule_to_fire,
 )
 from engine.rules.problems import Problem, format_json
@@ -40,13 +41,7 @@ def register(sub: Any) -> None:
         epilog="Examples:\n  pushrules validate\n  pushrules validate path/to/project "
         "--format json\n  pushrules validate --project path/to/project",
     )
-    p.add_argument("dir", nargs="?", type=Path, help="project folder (default: .)")
-    p.add_argument(
-        "--project",
-        metavar="DIR",
-        type=Path,
-        help="project folder, as every other command takes it (same as DIR)",
-    )
+    folder_arguments(p)
     p.add_argument(
         "--format",
         choices=("text", "json", "github"),
@@ -81,16 +76,7 @@ def register(sub: Any) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from engine.rules.loader import Loader
 
-    if args.dir is not None and args.project is not None and args.dir != args.project:
-        print(
-            f"pushrules: name the project once: {args.dir} or --project {args.project}",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    root: Path = args.project or args.dir or Path(".")
-    if not root.is_dir():
-        print(f"pushrules: {root} is not a folder", file=sys.stderr)
-        return EXIT_USAGE
+    root = project_folder(args)
     ruleset = Loader(root, problems_only=True).load()
     problems = list(ruleset.problems)
     if args.format == "github":

@@ -62,6 +62,28 @@ def project_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
+def folder_arguments(p: argparse.ArgumentParser) -> None:
+    """A project folder named as ``DIR`` or ``--project DIR`` (commands a CI job runs on a
+    folder: validate, plan); read it with :func:`project_folder`."""
+    p.add_argument("dir", nargs="?", type=Path, help="project folder (default: .)")
+    p.add_argument(
+        "--project",
+        metavar="DIR",
+        type=Path,
+        help="project folder, as every other command takes it (same as DIR)",
+    )
+
+
+def project_folder(args: argparse.Namespace) -> Path:
+    """The folder of :func:`folder_arguments`; UsageError when named twice or not a folder."""
+    if args.dir is not None and args.project is not None and args.dir != args.project:
+        raise UsageError(f"name the project once: {args.dir} or --project {args.project}")
+    root: Path = args.project or args.dir or Path(".")
+    if not root.is_dir():
+        raise UsageError(f"{root} is not a folder")
+    return root
+
+
 def sandbox_store_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sandbox",

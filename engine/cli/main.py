@@ -17,12 +17,19 @@ from engine.cli.common import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, CommandParser,
 from engine.errors import PushrulesError
 
 #: The modules that register commands, in the order ``--help`` lists them.
-COMMAND_GROUPS = ("engine.cli.check", "engine.cli.sandbox", "engine.cli.send", "engine.cli.daemon")
+COMMAND_GROUPS = (
+    "engine.cli.check",
+    "engine.cli.plan",
+    "engine.cli.sandbox",
+    "engine.cli.send",
+    "engine.cli.daemon",
+)
 
 EPILOG = """\
 Typical use:
   pushrules validate                  check every rule, template and pushrules.yaml here
   pushrules validate --format github  annotate a pull request from CI
+  pushrules plan --format markdown    what a pull request changes, rule by rule
   pushrules compile flight-canceled --event event.json
                                       show the exact JSON a rule would send
   pushrules send flight-canceled --event event.json --sandbox
