@@ -297,9 +297,12 @@ def _changed(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
 
 
 def _model_parts(rule: Rule) -> dict[str, Any]:
-    """What a checked rule means, by part: templates merged, timezone resolved."""
+    """What a checked rule means, by part: templates merged; the timezone resolved, and part
+    of the trigger when it places the fires (a rule firing on events only reads it in
+    ``now``, which its test cases show)."""
+    timezone = rule.timezone if rule.trigger_kind in SCHEDULED else None
     return {
-        "trigger": (rule.trigger_kind, _plain(rule.trigger), rule.timezone),
+        "trigger": (rule.trigger_kind, _plain(rule.trigger), timezone),
         "when": rule.when,
         "apps": [
             (p.alias, p.app.partner, p.app.platform, p.parent_key, p.parent_value)
@@ -347,11 +350,10 @@ def _source_parts(doc: Any) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    """Comparable data: a scalar is its text as written, and the YAML type it would have had
-    (so ``1`` and ``"1"`` differ, as they do in the request); mappings, lists and the rest as
-    they are."""
+    """Comparable data: a scalar is its text as written (what the request carries: quoting
+    it, or not, is no change), mappings and lists their items, the rest as it is."""
     if isinstance(value, Scalar):
-        return str(value) if value.typed is None else [str(value), type(value.typed).__name__]
+        return str(value)
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
