@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.rules.fragments import Fragments
-from engine.rules.loader import RULES_DIR, Loader, RuleSet, rule_files
+from engine.rules.loader import RULES_DIR, Loader, RuleSet, context_key, rule_files
 from engine.rules.problems import Problem
 from engine.rules.problems import format_text as problems_text
 from engine.rules.rule import Rule
@@ -164,15 +164,17 @@ class Side:
     """One version of the project: its rule set, and its rule files by rule id."""
 
     ruleset: RuleSet
-    files: Mapping[str, str]  # rule id -> file, relative to the project
+    files: Mapping[str, str]  # rule id -> its file, relative to the project (the first)
+    all_files: tuple[str, ...] = ()  # every rule file, a rule id's second file included
     _docs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, ruleset: RuleSet) -> Side:
+        rels = [path.relative_to(ruleset.root).as_posix() for path in rule_files(ruleset.root)]
         files: dict[str, str] = {}
-        for path in rule_files(ruleset.root):
-            files.setdefault(path.stem, path.relative_to(ruleset.root).as_posix())
-        return cls(ruleset, files)
+        for rel in rels:
+            files.setdefault(Path(rel).stem, rel)
+        return cls(ruleset, files, tuple(rels))
 
     def source(self, rule_id: str) -> Any:
         """The rule file as written (its YAML, before any check): a mapping, or the text
@@ -192,7 +194,7 @@ class Side:
 
 def empty_side(root: Path) -> Side:
     """A project that did not exist yet."""
-    return Side(RuleSet(root, None, Fragments(), {}, (), 0), {})
+    return Side(RuleSet(root, None, Fragments(), {}, (), 0), {}, ())
 
 
 # --- comparing -------------------------------------------------------------------------------
@@ -206,8 +208,10 @@ def compare(
     base_label: str,
     start: datetime,
     cases: CaseOutcomes = no_cases,
+    unchanged: frozenset[str] = frozenset(),
 ) -> Plan:
-    """The plan of going from ``before`` to ``after``; ``start``: fire times are listed after it."""
+    """The plan of going from ``before`` to ``after``; ``start``: fire times are listed after
+    it. ``unchanged``: rule ids known to be the same on both sides (not compared)."""
     old_ids, new_ids = set(before.files), set(after.files)
     renamed = _renames(before, after, sorted(old_ids - new_ids), sorted(new_ids - old_ids))
     gone = {old for old, _ in renamed}
@@ -215,6 +219,8 @@ def compare(
     pairs = [(i, i) for i in sorted(old_ids & new_ids)] + list(renamed)
     changed = []
     for old_id, new_id in sorted(pairs, key=lambda pair: pair[1]):
+        if old_id == new_id and old_id in unchanged:
+            continue
         change = _rule_change(before, after, old_id, new_id, start, cases)
         if change is not None:
             changed.append(change)
@@ -266,8 +272,6 @@ def _rule_change(
     old = before.ruleset.rules.get(old_id)
     new = after.ruleset.rules.get(new_id)
     if old is not None and new is not None:
-        if old is new:  # the same file checked once for both (Loader.sibling)
-            return None
         parts = _changed(_model_parts(old), _model_parts(new))
     else:
         parts = _changed(_source_parts(before.source(old_id)), _source_parts(after.source(new_id)))
@@ -464,14 +468,17 @@ def plan_project(
     """The plan of the working tree at ``root`` against the version ``export`` writes into the
     folder it is given (False: the project did not exist then).
 
-    ``reuse``: check the old version's files that are the same as the working tree's (same
-    text, configuration and templates) once, not twice; the plan is the same either way.
+    ``reuse``: a rule file whose bytes, and the configuration and templates, are the same on
+    both sides is checked once (its problems count on both sides) and not compared, since it
+    cannot have changed. The plan is that of two full loads compared in full (``reuse=False``).
     """
-    loader = Loader(root)
-    after = Side.of(loader.load())
     with tempfile.TemporaryDirectory(prefix="pushrules-plan-") as folder:
         base_root = Path(folder) / "project"
-        if export(base_root):
+        existed = export(base_root)
+        same = same_rule_files(root, base_root) if existed and reuse else frozenset()
+        loader = Loader(root, skip_rules=same)
+        after = Side.of(loader.load())
+        if existed:
             old = (loader.sibling(base_root) if reuse else Loader(base_root)).load()
             # A message naming the project's folder names the one under review, not a copy.
             problems = tuple(
@@ -481,7 +488,36 @@ def plan_project(
             before = Side.of(replace(old, problems=problems))
         else:
             before = empty_side(base_root)
-        return compare(before, after, base=base, base_label=base_label, start=start, cases=cases)
+        # A rule id with a file that differs (or a second file) anywhere is compared.
+        differ = {Path(rel).stem for side in (before, after) for rel in side.all_files} - {
+            Path(rel).stem for rel in same
+        }
+        unchanged = frozenset(Path(rel).stem for rel in same) - differ
+        return compare(
+            before,
+            after,
+            base=base,
+            base_label=base_label,
+            start=start,
+            cases=cases,
+            unchanged=unchanged,
+        )
+
+
+def same_rule_files(root: Path, other: Path) -> frozenset[str]:
+    """The rule files (relative paths) whose bytes are the same in ``root`` and ``other``,
+    when the configuration and templates are too (else none: every rule may read them)."""
+    if context_key(root) != context_key(other):
+        return frozenset()
+    same = set()
+    for path in rule_files(root):
+        rel = path.relative_to(root)
+        try:
+            if path.read_bytes() == (other / rel).read_bytes():
+                same.add(rel.as_posix())
+        except OSError:
+            continue  # gone, or unreadable: the loader says why
+    return frozenset(same)
 
 
 # --- output ----------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import hashlib
 import multiprocessing
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +83,7 @@ def _relative(path: Path, root: Path) -> str:
     return text[len(prefix) :] if text.startswith(prefix) else str(path.relative_to(root))
 
 
-def _context_key(root: Path) -> str:
+def context_key(root: Path) -> str:
     """A fingerprint of what every rule depends on: the config and the templates."""
     digest = hashlib.blake2b(digest_size=16)
     paths = [root / CONFIG_NAME]
@@ -104,12 +104,19 @@ class Loader:
     """Loads a project folder, remembering each file's result for the next load."""
 
     def __init__(
-        self, root: Path, *, workers: int | None = None, problems_only: bool = False
+        self,
+        root: Path,
+        *,
+        workers: int | None = None,
+        problems_only: bool = False,
+        skip_rules: Collection[str] = frozenset(),
     ) -> None:
         """``problems_only``: a check that needs no rules back (``validate``) skips sending
-        them from the worker processes."""
+        them from the worker processes (it costs more than the checks); ``skip_rules``: the
+        same for these files only (paths relative to ``root``)."""
         self.root = root
         self.problems_only = problems_only
+        self.skip_rules = frozenset(skip_rules)
         self.workers = workers if workers is not None else (os.cpu_count() or 1)
         self._entries: dict[str, _Entry] = {}
         self._last_good: dict[str, Rule] = {}
@@ -118,8 +125,14 @@ class Loader:
         """A new loader of ``root``, another copy of the same project (an older revision of
         it), that takes over what this one has checked: a file with the same path, text,
         configuration and templates is not checked again. It keeps no last good version, so
-        its loads are exactly those of a new :class:`Loader` of ``root``, only faster."""
-        other = Loader(root, workers=self.workers, problems_only=self.problems_only)
+        its loads are exactly those of a new :class:`Loader` of ``root`` with the same
+        settings, only faster."""
+        other = Loader(
+            root,
+            workers=self.workers,
+            problems_only=self.problems_only,
+            skip_rules=self.skip_rules,
+        )
         other._entries = dict(self._entries)
         return other
 
@@ -132,7 +145,7 @@ class Loader:
         good version instead, and a later settled load drops it.
         """
         root = self.root
-        context = _context_key(root)
+        context = context_key(root)
         project, problems = load_project(root)
         fragments, fragment_problems, fragment_files = load_fragments(root)
         problems = [*problems, *fragment_problems]
@@ -242,10 +255,11 @@ class Loader:
         jobs = [(texts[rel][0], rel, texts[rel][1], f"{texts[rel][2]}-{context}") for rel in todo]
         if len(jobs) < PARALLEL_THRESHOLD or self.workers < 2:
             return {job[1]: parse_rule(*job[:3], project, fragments, job[3]) for job in jobs}
-        return _check_parallel(jobs, project, fragments, self.workers, self.problems_only)
+        drop = frozenset(todo) if self.problems_only else self.skip_rules.intersection(todo)
+        return _check_parallel(jobs, project, fragments, self.workers, drop)
 
 
-_shared: tuple[Project, Fragments, bool] | None = None
+_shared: tuple[Project, Fragments, frozenset[str]] | None = None
 
 
 Job = tuple[str, str, str, str]  # rule id, relative path, text, digest
@@ -253,20 +267,21 @@ Job = tuple[str, str, str, str]  # rule id, relative path, text, digest
 
 def _check_chunk(jobs: list[Job]) -> list[tuple[str, Rule | None, list[Problem]]]:
     assert _shared is not None
-    project, fragments, problems_only = _shared
+    project, fragments, drop = _shared
     out = []
     for rule_id, rel, text, digest in jobs:
         rule, problems = parse_rule(rule_id, rel, text, project, fragments, digest)
-        out.append((rel, None if problems_only else rule, problems))
+        out.append((rel, None if rel in drop else rule, problems))
     return out
 
 
 def _check_parallel(
-    jobs: list[Job], project: Project, fragments: Fragments, workers: int, problems_only: bool
+    jobs: list[Job], project: Project, fragments: Fragments, workers: int, drop: frozenset[str]
 ) -> dict[str, tuple[Rule | None, list[Problem]]]:
-    """Check on several cores; forked workers inherit the project and templates."""
+    """Check on several cores; forked workers inherit the project and templates. The rules of
+    the files in ``drop`` are not sent back."""
     global _shared
-    _shared = (project, fragments, problems_only)
+    _shared = (project, fragments, drop)
     chunks = [jobs[i::workers] for i in range(workers)]
     try:
         context = multiprocessing.get_context("fork")
