@@ -407,6 +407,20 @@ def test_origin_head_comes_before_a_local_main(
     assert "merge base of HEAD and origin/HEAD" in capsys.readouterr().out
 
 
+def test_a_shallow_clone_without_the_base_branch_is_a_usage_error(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CI checkout of the pull request's commit alone: comparing with HEAD would show no
+    change at all, so plan says to fetch the history instead."""
+    clone = git_repo(tmp_path / "clone")  # as actions/checkout does it by default:
+    git(clone, "fetch", "-q", "--depth", "1", f"file://{repo}", "feature")
+    git(clone, "checkout", "-q", "FETCH_HEAD")
+    assert git(clone, "rev-parse", "--is-shallow-repository").strip() == "true"
+    code, _, err = run_plan(capsys, clone / "notifications")
+    assert code == 2
+    assert "shallow" in err and "fetch-depth: 0" in err and "--base REV" in err
+
+
 def test_on_main_the_base_is_head(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     git(repo, "checkout", "-q", "main")
     edit(repo / "notifications/rules/digest.yaml", "Daily digest", "Digest")

@@ -96,21 +96,22 @@ def default_base(repo: Repository) -> Base:
             "this repository has no commit yet: commit the project first, then plan shows "
             "what later changes do"
         )
+    shallow = _git(repo.top, "rev-parse", "--is-shallow-repository").stdout.strip() == b"true"
+    fetch = "this clone is shallow: fetch the whole history (in CI, fetch-depth: 0), or "
     for branch in DEFAULT_BRANCHES:
         if _git(repo.top, "rev-parse", "--verify", "--quiet", f"{branch}^{{commit}}").returncode:
             continue
         done = _git(repo.top, "merge-base", "HEAD", branch)
         if done.returncode == 0:
             return Base(done.stdout.decode().strip(), f"merge base of HEAD and {branch}")
-        shallow = _git(repo.top, "rev-parse", "--is-shallow-repository").stdout.strip()
-        more = (
-            "this clone is shallow: fetch the whole history (in CI, fetch-depth: 0), or "
-            if shallow == b"true"
-            else ""
-        )
         raise RevisionError(
-            f"HEAD and {branch} have no commit in common; {more}name the revision to compare "
-            "with: --base REV"
+            f"HEAD and {branch} have no commit in common; {fetch if shallow else ''}name the "
+            "revision to compare with: --base REV"
+        )
+    if shallow:  # a CI checkout of one commit: comparing with HEAD would show no change
+        raise RevisionError(
+            f"no {', '.join(DEFAULT_BRANCHES[:-1])} or {DEFAULT_BRANCHES[-1]} here to compare "
+            f"with; {fetch}name the revision to compare with: --base REV"
         )
     return Base(resolve(repo, "HEAD"), "HEAD")
 
