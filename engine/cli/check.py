@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from engine.cli.common import (
@@ -26,7 +26,8 @@ from engine.cli.common import (
 from engine.rules.problems import Problem, format_json
 
 if TYPE_CHECKING:
-    from engine.render.compiler import FireContext
+    from engine.render.compiler import CompiledRequest, FireContext
+    from engine.rules.project import Project
     from engine.rules.rule import Rule
 
 
@@ -87,18 +88,45 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from engine.render.compiler import (
-        CompileError,
-        compile_fire,
-        for_display,
-        missing_input,
-        passes_when,
-    )
+    fire = compile_for_command(args, args.format)
+    if isinstance(fire, int):
+        return fire
+    for note in fire.notes:
+        print(f"pushrules: {note}", file=sys.stderr)
+    print(json.dumps(fire.shown(), indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
+@dataclass(frozen=True)
+class OneFire:
+    """One firing of a rule, compiled as ``compile`` prints it and ``preview`` draws it."""
+
+    rule: Rule
+    project: Project
+    context: FireContext
+    #: False when ``when`` is false: nothing would be sent (``requests`` is empty).
+    fires: bool
+    requests: list[CompiledRequest]
+    #: What the requests alone do not say: `when` false, targets to nobody, quiet hours.
+    notes: list[str]
+    #: The login as shown: its value, or which reference is not set.
+    login: str
+
+    def shown(self) -> list[dict[str, Any]]:
+        """The requests as ``compile`` prints them: url and body, the password masked."""
+        from engine.render.compiler import for_display
+
+        return [{"url": r.url, "body": for_display(r.body, self.login)} for r in self.requests]
+
+
+def compile_for_command(args: argparse.Namespace, fmt: str = "text") -> OneFire | int:
+    """The rule ``args.rule`` of ``args.project`` compiled for ``--event``/``--item``/``--at``;
+    or, after printing why (the rule's problems, a failed template), the exit code."""
+    from engine.render.compiler import CompileError, compile_fire, missing_input, passes_when
     from engine.rules.loader import Loader
-    from engine.rules.secrets import MissingSecret
 
     ruleset = Loader(args.project).load()
-    rule = rule_to_fire(ruleset, args.rule, args.format)
+    rule = rule_to_fire(ruleset, args.rule, fmt)
     if rule is None:
         return EXIT_PROBLEMS
     try:
@@ -108,35 +136,39 @@ def cmd_compile(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     project = ruleset.project
     assert project is not None
+    login = shown_login(project)
     try:
         if not passes_when(rule, context):
-            print(
-                f"pushrules: `when` is false for this {'item' if context.item else 'event'}: "
-                "the rule would not fire, nothing would be sent",
-                file=sys.stderr,
+            note = (
+                f"`when` is false for this {'item' if context.item else 'event'}: "
+                "the rule would not fire, nothing would be sent"
             )
-            print("[]")
-            return EXIT_OK
+            return OneFire(rule, project, context, False, [], [note], login)
         requests = compile_fire(rule, project, context)
-        for note in fire_notes(rule, context, len(requests)):
-            print(f"pushrules: {note}", file=sys.stderr)
+        notes = fire_notes(rule, context, len(requests))
     except CompileError as exc:
         hint = missing_input(exc, event=args.event is not None, item=args.item is not None)
         if hint:
             exc = CompileError(exc.rule, exc.field, hint, exc.code, exc.reference)
-        if args.format == "json":
+        if fmt == "json":
             problem = Problem(rule.file, None, None, exc.field, exc.code, "error", exc.message)
             print(format_json([problem]))
         else:
             print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS
+    return OneFire(rule, project, context, True, requests, notes, login)
+
+
+def shown_login(project: Project) -> str:
+    """The login as the compiled requests show it; an unset variable does not stop them."""
+    from engine.rules.secrets import MissingSecret
+
+    if project.login is None:
+        return ""
     try:
-        login = project.login.resolve() if project.login else ""
+        return project.login.resolve()
     except MissingSecret:
-        login = f"<{project.login.describe()} is not set>" if project.login else ""
-    output = [{"url": r.url, "body": for_display(r.body, login)} for r in requests]
-    print(json.dumps(output, indent=2, ensure_ascii=False))
-    return EXIT_OK
+        return f"<{project.login.describe()} is not set>"
 
 
 def fire_notes(rule: Rule, context: FireContext, requests: int) -> list[str]:

@@ -19,6 +19,7 @@ from engine.errors import PushrulesError
 #: The modules that register commands, in the order ``--help`` lists them.
 COMMAND_GROUPS = (
     "engine.cli.check",
+    "engine.cli.preview",
     "engine.cli.plan",
     "engine.cli.sandbox",
     "engine.cli.send",
@@ -32,6 +33,8 @@ Typical use:
   pushrules plan --format markdown    what a pull request changes, rule by rule
   pushrules compile flight-canceled --event event.json
                                       show the exact JSON a rule would send
+  pushrules preview flight-canceled --event event.json
+                                      see the push as people will, in a browser
   pushrules send flight-canceled --event event.json --sandbox
                                       try it for real against a fake Accengage
   pushrules run --sandbox             the whole daemon, on a fake Accengage
