@@ -327,6 +327,19 @@ def test_a_file_that_is_not_yaml_any_more(repo: Path, capsys: pytest.CaptureFixt
     assert set(change["parts"]) >= {"trigger", "apps", "message", "targets"}
 
 
+def test_a_broken_pushrules_yaml(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No rule can be checked without the settings: the plan still tells what the files
+    change, and the settings' error is the new problem."""
+    project = repo / "notifications"
+    edit(project / "pushrules.yaml", "apps:", "apps:\n  broken: [")
+    edit(project / "rules/digest.yaml", "Daily digest", "Morning digest")
+    code, plan, _ = run_plan(capsys, project)
+    assert code == 1
+    assert [(c["rule"], c["parts"]) for c in plan["changed"]] == [("digest", ["description"])]
+    assert [p["file"] for p in plan["problems"]["new"]] == ["pushrules.yaml"]
+    assert plan["problems"]["fixed"] == []
+
+
 def test_fixed_problems(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     project = repo / "notifications"
     write_rule(project, "canceled", BROKEN)

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from engine.rules.fragments import Fragments
@@ -226,6 +226,9 @@ def compare(
             changed.append(change)
     moved = {before.files[o]: after.files[n] for o, n in pairs if before.files[o] != after.files[n]}
     new, fixed = _problem_changes(before.ruleset.problems, after.ruleset.problems, moved)
+    if after.ruleset.project is None:
+        # Without valid settings no rule is checked: its old problems are hidden, not fixed.
+        fixed = tuple(p for p in fixed if PurePosixPath(p.file).parts[:1] != (str(RULES_DIR),))
     return Plan(
         base=base,
         base_label=base_label,
