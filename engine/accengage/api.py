@@ -90,14 +90,15 @@ TARGET_FIELDS: dict[str, str] = {
 TARGET_KEYS = tuple(TARGET_FIELDS)
 SINGLE_APP_ONLY_TARGET_KEYS = frozenset({"segmentId", "staticListId", "staticListExternalId"})
 
-#: Button fields and their types; ``id`` is the button's number in its template
-#: (see :func:`button_index`).
+#: Button fields and their types, in the order of the API documentation's example (the order
+#: ``pushrules fmt`` writes them in); ``id`` is the button's number in its template (see
+#: :func:`button_index`).
 BUTTON_FIELD_TYPES: dict[str, str] = {
     "id": "id",
-    "action": "string",
-    "url": "string",
     "title": "string",
+    "url": "string",
     "icon": "string",
+    "action": "string",
     "destructive": "boolean",
     "customParams": "customParams",
 }

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.cli.common import (
@@ -16,11 +17,9 @@ from engine.cli.common import (
     UsageError,
     fire_context,
     fire_input_arguments,
-    folder_arguments,
     lazy,
     print_problems,
     project_argument,
-    project_folder,
     rule_to_fire,
 )
 from engine.rules.problems import Problem, format_json
@@ -37,18 +36,36 @@ def register(sub: Any) -> None:
         help="check rules, templates and pushrules.yaml; exit 1 on any error",
         description="Check every file of a pushrules project against the Accengage API and the "
         "rule format. Each problem shows file:line:column, its severity, the Accengage return "
-        "code the same mistake would earn in production, and what to do. Warnings do not fail.",
+        "code the same mistake would earn in production, and what to do. Warnings do not fail "
+        "(unless --strict). Given files instead of a folder (what a pre-commit hook passes), "
+        "each is checked in its project (the nearest folder above holding pushrules.yaml) and "
+        "only their problems are shown, with those of pushrules.yaml that stop every rule.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Examples:\n  pushrules validate\n  pushrules validate path/to/project "
-        "--format json\n  pushrules validate --project path/to/project",
+        "--format json\n  pushrules validate --project path/to/project\n"
+        "  pushrules validate rules/flight-canceled.yaml rules/price-drop.yaml\n"
+        "  pushrules validate --strict          warnings fail too (exit 1)",
     )
-    folder_arguments(p)
+    p.add_argument(
+        "paths",
+        nargs="*",
+        type=Path,
+        metavar="PATH",
+        help="the project folder (default: .), or files of a project",
+    )
+    p.add_argument(
+        "--project",
+        metavar="DIR",
+        type=Path,
+        help="project folder, as every other command takes it (same as a folder PATH)",
+    )
     p.add_argument(
         "--format",
         choices=("text", "json", "github"),
         default="text",
         help="text for people, json for tools, github for workflow annotations",
     )
+    p.add_argument("--strict", action="store_true", help="warnings are errors: any of them exits 1")
     p.set_defaults(func=lazy("engine.cli.check", "cmd_validate"))
 
     p = sub.add_parser(
@@ -75,16 +92,77 @@ def register(sub: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    paths: list[Path] = args.paths
+    folders = [p for p in paths if p.is_dir()]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        print(f"pushrules: {missing[0]} is not a file or folder", file=sys.stderr)
+        return EXIT_USAGE
+    if folders and (len(paths) > 1 or (args.project and folders[0] != args.project)):
+        named = " and ".join(str(p) for p in [*paths, *([args.project] if args.project else [])])
+        print(
+            f"pushrules: name the project once (a folder, or --project), or files: {named}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if paths and not folders:
+        try:
+            problems, files = _validate_files(paths, args.project)
+        except UsageError as exc:
+            print(f"pushrules: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    else:
+        root: Path = args.project or (folders[0] if folders else Path("."))
+        if not root.is_dir():
+            print(f"pushrules: {root} is not a folder", file=sys.stderr)
+            return EXIT_USAGE
+        problems, files = _validate_project(root, args.format == "github")
+    if args.strict:
+        problems = [replace(p, severity="error") for p in problems]
+    print_problems(problems, args.format, files)
+    return EXIT_PROBLEMS if any(p.is_error for p in problems) else EXIT_OK
+
+
+def _validate_project(root: Path, from_here: bool) -> tuple[list[Problem], int]:
+    """Every problem of the project; ``from_here``: files named from the working folder."""
     from engine.rules.loader import Loader
 
-    root = project_folder(args)
     ruleset = Loader(root, problems_only=True).load()
     problems = list(ruleset.problems)
-    if args.format == "github":
+    if from_here:
         # Annotations attach to the repository's paths: name the files from here, not DIR.
         problems = [replace(p, file=os.path.relpath(root / p.file)) for p in problems]
-    print_problems(problems, args.format, ruleset.files)
-    return EXIT_OK if ruleset.ok else EXIT_PROBLEMS
+    return problems, ruleset.files
+
+
+def _validate_files(paths: list[Path], project: Path | None) -> tuple[list[Problem], int]:
+    """The problems of these files, each checked in its project, named from the working folder;
+    with the errors of pushrules.yaml, which stop every rule. UsageError: a file in no project."""
+    from engine.rules.loader import Loader
+    from engine.rules.project import CONFIG_NAME, find_root
+
+    by_root: dict[Path, set[str]] = {}
+    for path in paths:
+        root = project.absolute() if project is not None else find_root(path)
+        if root is None:
+            raise UsageError(
+                f"{path}: no {CONFIG_NAME} in its folder or any above it; name the project "
+                "with --project DIR"
+            )
+        try:
+            rel = path.absolute().relative_to(root)
+        except ValueError:
+            raise UsageError(f"{path} is not in the project {project}") from None
+        by_root.setdefault(root, set()).add(rel.as_posix())
+    problems: list[Problem] = []
+    for root, rels in by_root.items():
+        ruleset = Loader(root, problems_only=True, only=frozenset(rels)).load()
+        problems += [
+            replace(p, file=os.path.relpath(root / p.file))
+            for p in ruleset.problems
+            if p.file in rels or (p.file == CONFIG_NAME and p.is_error)
+        ]
+    return problems, len(paths)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:

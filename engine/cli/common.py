@@ -63,8 +63,8 @@ def project_argument(p: argparse.ArgumentParser) -> None:
 
 
 def folder_arguments(p: argparse.ArgumentParser) -> None:
-    """A project folder named as ``DIR`` or ``--project DIR`` (commands a CI job runs on a
-    folder: validate, plan); read it with :func:`project_folder`."""
+    """A project folder named as ``DIR`` or ``--project DIR`` (a command a CI job runs on a
+    folder, like plan); read it with :func:`project_folder`."""
     p.add_argument("dir", nargs="?", type=Path, help="project folder (default: .)")
     p.add_argument(
         "--project",

@@ -19,6 +19,7 @@ from engine.errors import PushrulesError
 #: The modules that register commands, in the order ``--help`` lists them.
 COMMAND_GROUPS = (
     "engine.cli.check",
+    "engine.cli.author",
     "engine.cli.preview",
     "engine.cli.plan",
     "engine.cli.sandbox",
@@ -30,6 +31,7 @@ EPILOG = """\
 Typical use:
   pushrules validate                  check every rule, template and pushrules.yaml here
   pushrules validate --format github  annotate a pull request from CI
+  pushrules fmt --check               list files not in pushrules' one layout
   pushrules plan --format markdown    what a pull request changes, rule by rule
   pushrules compile flight-canceled --event event.json
                                       show the exact JSON a rule would send

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.accengage.api import SANDBOX_PORT
-from engine.cli.common import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, lazy
+from engine.cli.common import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, lazy, load_settings
 
 
 def register(sub: Any) -> None:
@@ -47,6 +47,13 @@ def register(sub: Any) -> None:
         "--record", type=Path, metavar="FILE", help="append each request to FILE as JSON lines"
     )
     p.add_argument("--seed", type=int, help="makes --fail-rate repeatable")
+    p.add_argument(
+        "--project",
+        metavar="DIR",
+        type=Path,
+        help="answer as this project's account would: code 17 for a language not in its "
+        "languages (pushrules.yaml); default: en, fr, de, es, it, nl, pt",
+    )
     p.set_defaults(func=lazy("engine.cli.sandbox", "cmd_sandbox"))
 
 
@@ -54,6 +61,11 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     """Serve the sandbox in the foreground; 2 on a bad option, 1 when the port is taken."""
     from engine.accengage.sandbox import SandboxConfig, serve
 
+    languages: dict[str, Any] = {}
+    if args.project is not None:
+        project = load_settings(args.project)
+        if project.languages is not None:
+            languages["languages"] = tuple(sorted(project.languages))
     try:
         config = SandboxConfig(
             fail_rate=args.fail_rate,
@@ -61,6 +73,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
             code=args.code,
             record_path=args.record,
             seed=args.seed,
+            **languages,
         )
     except ValueError as problem:
         print(f"pushrules sandbox: {problem}", file=sys.stderr)

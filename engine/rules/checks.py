@@ -346,7 +346,7 @@ def _check_quiet_hours(value: Any, out: _Collector) -> QuietHours | None:
         parts = text.split(":")
         valid = (
             len(parts) == 2
-            and all(p.isdigit() for p in parts)
+            and all(p.isascii() and p.isdigit() for p in parts)
             and int(parts[0]) < 24
             and int(parts[1]) < 60
         )

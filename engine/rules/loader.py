@@ -110,13 +110,17 @@ class Loader:
         workers: int | None = None,
         problems_only: bool = False,
         skip_rules: Collection[str] = frozenset(),
+        only: frozenset[str] | None = None,
     ) -> None:
         """``problems_only``: a check that needs no rules back (``validate``) skips sending
         them from the worker processes (it costs more than the checks); ``skip_rules``: the
-        same for these files only (paths relative to ``root``)."""
+        same for these files only (paths relative to ``root``). ``only``: check these rule
+        files alone (paths from the root, like ``rules/x.yaml``), the others being only listed
+        (for repeated ids)."""
         self.root = root
         self.problems_only = problems_only
         self.skip_rules = frozenset(skip_rules)
+        self.only = only
         self.workers = workers if workers is not None else (os.cpu_count() or 1)
         self._entries: dict[str, _Entry] = {}
         self._last_good: dict[str, Rule] = {}
@@ -132,6 +136,7 @@ class Loader:
             workers=self.workers,
             problems_only=self.problems_only,
             skip_rules=self.skip_rules,
+            only=self.only,
         )
         other._entries = dict(self._entries)
         return other
@@ -177,6 +182,8 @@ class Loader:
                         "name is the rule's id)",
                     )
                 )
+                continue
+            if self.only is not None and Path(rel).as_posix() not in self.only:
                 continue
             try:
                 text = read_source(path, root, root / RULES_DIR)

@@ -83,6 +83,18 @@ class Project:
         return self.store
 
 
+def find_root(start: Path) -> Path | None:
+    """The project a file or folder belongs to: the nearest folder from ``start`` up that
+    holds pushrules.yaml (what pre-commit hands over are file paths)."""
+    here = start.absolute()
+    if not here.is_dir():
+        here = here.parent
+    for folder in (here, *here.parents):
+        if (folder / CONFIG_NAME).is_file():
+            return folder
+    return None
+
+
 def load_project(root: Path) -> tuple[Project | None, list[Problem]]:
     """Read and check ``pushrules.yaml``; the project is None when it has errors."""
     path = root / CONFIG_NAME

@@ -83,6 +83,11 @@ def _zone_keys() -> frozenset[str]:
     return frozenset(zoneinfo.available_timezones()) - _NOT_PLACES
 
 
+def zone_names() -> frozenset[str]:
+    """The IANA names :func:`parse_timezone` takes (the editor schema lists them)."""
+    return _zone_keys()
+
+
 def parse_timezone(name: str) -> zoneinfo.ZoneInfo:
     """An IANA zone; offsets and abbreviations are refused because they ignore DST."""
     if not isinstance(name, str) or not name.strip():
