@@ -139,10 +139,10 @@ def test_a_fire_raising_anything_while_rendering_fails_alone(
     store, project, rule = one_rule
     real = firing.compile_fire
 
-    def compile_fire(rule: Any, project: Any, ctx: FireContext) -> Any:
+    def compile_fire(rule: Any, project: Any, ctx: FireContext, **kw: Any) -> Any:
         if ctx.event.get("member") == "poison":
             raise RecursionError("maximum recursion depth exceeded")
-        return real(rule, project, ctx)
+        return real(rule, project, ctx, **kw)
 
     monkeypatch.setattr(firing, "compile_fire", compile_fire)
     members = ["a", "poison", "b"]

@@ -81,6 +81,7 @@ def assert_kept(text: str, kind: str = "rule") -> str:
 def repo_files() -> list[Any]:
     files = [REPO / "pushrules.yaml", *sorted((REPO / "rules").glob("*.yaml"))]
     files += sorted((REPO / "templates").glob("*/*.yaml"))
+    files += sorted((REPO / "rule-tests").glob("*.yaml"))
     return [pytest.param(p, id=str(p.relative_to(REPO))) for p in files]
 
 
@@ -170,6 +171,16 @@ def test_layout_keys_quotes_and_comments() -> None:
         """
     )
     assert_kept(messy)
+
+
+def test_a_flow_list_of_one_key_mappings_keeps_its_braces() -> None:
+    """``[{memberId: m1}]`` stays so: ``[memberId: m1]`` means the same to YAML, not to a
+    reader. A leading blank line goes, so a second run changes nothing."""
+    text = "\n\ncases:\n  - name: n\n    expect:\n      body:\n        targets: [{memberId: m1}]\n"
+    once = format_text(text, "tests")
+    assert "targets: [{memberId: m1}]" in once
+    assert once.startswith("cases:")
+    assert format_text(once, "tests") == once
 
 
 def test_a_text_cut_by_a_comment_keeps_its_warning() -> None:

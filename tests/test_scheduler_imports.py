@@ -1,6 +1,7 @@
 """The commands that only read rules never load APScheduler (only the daemon runs jobs), and
-``validate`` (what a pre-commit hook runs) loads neither the store, the HTTP client nor the
-server: each group of commands registers its parsers without importing what its commands use."""
+``validate`` and ``test`` (what a pre-commit hook runs) load neither the store, the HTTP client
+nor the server: each group of commands registers its parsers without importing what its
+commands use."""
 
 from __future__ import annotations
 
@@ -63,10 +64,11 @@ def test_the_probe_sees_apscheduler_when_the_scheduler_is_imported() -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["validate"], ["--help"], ["plan", "--base", "HEAD"]],
-    ids=["validate", "help", "plan"],
+    [["validate"], ["--help"], ["test"], ["explain", "--help"], ["plan", "--base", "HEAD"]],
+    ids=["validate", "help", "test", "explain-help", "plan"],
 )
 def test_validate_and_help_load_no_store_client_or_server(argv: list[str]) -> None:
+    """``test`` too: rule tests need no store (a pre-commit hook may run them)."""
     done = subprocess.run(
         [sys.executable, "-c", PROBE.replace("main(sys.argv[1:])", "_run(sys.argv[1:])"), *argv],
         cwd=ROOT,

@@ -89,8 +89,31 @@ def test_the_published_hooks_run_these_commands() -> None:
     assert hooks["pushrules-fmt"]["entry"] == "pushrules fmt"
     validate_files = re.compile(hooks["pushrules-validate"]["files"])
     fmt_files = re.compile(hooks["pushrules-fmt"]["files"])
-    for path in ("pushrules.yaml", "rules/a.yaml", "notifications/rules/x/b.yml"):
+    for path in (
+        "pushrules.yaml",
+        "rules/a.yaml",
+        "notifications/rules/x/b.yml",
+        "rule-tests/a.yaml",
+        "templates/messages/m.yaml",
+    ):
         assert validate_files.search(path) and fmt_files.search(path), path
-    assert fmt_files.search("rule-tests/a.yaml") and not validate_files.search("rule-tests/a.yaml")
     for path in (".pre-commit-config.yaml", "docs/rules.yaml", "myrules/a.yaml"):
         assert not validate_files.search(path) and not fmt_files.search(path), path
+
+
+def test_a_named_rule_test_file_is_checked_against_the_project_s_rules(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tests = project / "rule-tests"
+    tests.mkdir()
+    (tests / "warned.yaml").write_text(
+        "cases:\n  - name: ok\n    event: {}\n    expect: {requests: 1}\n"
+    )
+    (tests / "gone.yaml").write_text(
+        "rule: wraned\ncases:\n  - name: n\n    expect: {sent: false}\n"
+    )
+    assert main(["validate", "notifications/rule-tests/warned.yaml"]) == 0
+    assert main(["validate", "notifications/rule-tests/gone.yaml"]) == 1
+    out = capsys.readouterr().out
+    assert "notifications/rule-tests/gone.yaml:1:1: error" in out, out
+    assert "no rule 'wraned'" in out and "warned" in out

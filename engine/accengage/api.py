@@ -7,6 +7,7 @@ sandbox endpoint) reads these tables, so the API is written down once.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -165,6 +166,12 @@ PREDEFINED_BUTTON_TEMPLATES: dict[str, int] = {
 MAX_BUTTONS = {"android": 3, "ios": 4}
 #: Bytes a compiled message may take before the platform refuses it.
 MAX_PAYLOAD_BYTES = {"ios": 4096, "android": 4000}
+
+
+def payload_bytes(message: Mapping[str, Any]) -> int:
+    """A message's size as measured against :data:`MAX_PAYLOAD_BYTES`: its JSON in UTF-8."""
+    return len(json.dumps(message, ensure_ascii=False, default=str).encode())
+
 
 PLATFORMS = ("ios", "android")
 

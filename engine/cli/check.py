@@ -127,7 +127,7 @@ def _validate_project(root: Path, from_here: bool) -> tuple[list[Problem], int]:
     """Every problem of the project; ``from_here``: files named from the working folder."""
     from engine.rules.loader import Loader
 
-    ruleset = Loader(root, problems_only=True).load()
+    ruleset = Loader(root, problems_only=True, tests=True).load()
     problems = list(ruleset.problems)
     if from_here:
         # Annotations attach to the repository's paths: name the files from here, not DIR.
@@ -156,7 +156,7 @@ def _validate_files(paths: list[Path], project: Path | None) -> tuple[list[Probl
         by_root.setdefault(root, set()).add(rel.as_posix())
     problems: list[Problem] = []
     for root, rels in by_root.items():
-        ruleset = Loader(root, problems_only=True, only=frozenset(rels)).load()
+        ruleset = Loader(root, problems_only=True, only=frozenset(rels), tests=True).load()
         problems += [
             replace(p, file=os.path.relpath(root / p.file))
             for p in ruleset.problems

@@ -21,6 +21,7 @@ COMMAND_GROUPS = (
     "engine.cli.check",
     "engine.cli.author",
     "engine.cli.preview",
+    "engine.cli.review",
     "engine.cli.plan",
     "engine.cli.sandbox",
     "engine.cli.send",
@@ -37,6 +38,9 @@ Typical use:
                                       show the exact JSON a rule would send
   pushrules preview flight-canceled --event event.json
                                       see the push as people will, in a browser
+  pushrules test                      run the rule tests of rule-tests/
+  pushrules explain flight-canceled --event event.json --at "2026-12-01 23:30"
+                                      why the rule would, or would not, send then
   pushrules send flight-canceled --event event.json --sandbox
                                       try it for real against a fake Accengage
   pushrules run --sandbox             the whole daemon, on a fake Accengage

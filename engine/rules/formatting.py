@@ -83,6 +83,8 @@ def _yaml() -> YAML:
     handler.preserve_quotes = True
     handler.indent(mapping=2, sequence=4, offset=2)
     handler.width = 1_000_000  # never fold a long value over lines
+    # [{memberId: m1}] as written, not ruamel's [memberId: m1]: the same to YAML, not to a reader.
+    handler.brace_single_entry_mapping_in_flow_sequence = True
     return handler
 
 
@@ -108,7 +110,9 @@ def format_text(text: str, kind: str) -> str:
     _lay_out(data, {"type": "dict", "schema": FIELDS[kind]}, (), _Quoting(quoted, cut))
     out = io.StringIO()
     handler.dump(data, out)
-    result = _indent_comments(out.getvalue())
+    # No blank line before the first line or after the last: a comment moved to the first key
+    # would otherwise bring the blank line it stood after, and the next run take it away.
+    result = _indent_comments(out.getvalue()).strip("\n") + "\n"
     _same_meaning(before.data, result, quoted)
     return result
 

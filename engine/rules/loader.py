@@ -16,6 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.rules.cases import CaseFile, load_case_files
 from engine.rules.checks import parse_rule
 from engine.rules.fragments import BUTTONS_DIR, MESSAGES_DIR, Fragments, load_fragments
 from engine.rules.problems import Problem
@@ -43,6 +44,8 @@ class RuleSet:
     #: Of ``stale``, rules whose file is missing in a load made while files were changing:
     #: kept until a settled load confirms the file is gone.
     vanishing: frozenset[str] = field(default_factory=frozenset)
+    #: The ``rule-tests/`` files whose cases can run (read only when asked: see Loader).
+    cases: tuple[CaseFile, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -111,16 +114,20 @@ class Loader:
         problems_only: bool = False,
         skip_rules: Collection[str] = frozenset(),
         only: frozenset[str] | None = None,
+        tests: bool = False,
     ) -> None:
         """``problems_only``: a check that needs no rules back (``validate``) skips sending
         them from the worker processes (it costs more than the checks); ``skip_rules``: the
         same for these files only (paths relative to ``root``). ``only``: check these rule
         files alone (paths from the root, like ``rules/x.yaml``), the others being only listed
-        (for repeated ids)."""
+        (for repeated ids). ``tests``: read ``rule-tests/`` too (``validate``, ``test``); the
+        daemon and the commands that fire leave them alone, so a broken test never shows in
+        the daemon's health."""
         self.root = root
         self.problems_only = problems_only
         self.skip_rules = frozenset(skip_rules)
         self.only = only
+        self.tests = tests
         self.workers = workers if workers is not None else (os.cpu_count() or 1)
         self._entries: dict[str, _Entry] = {}
         self._last_good: dict[str, Rule] = {}
@@ -137,6 +144,7 @@ class Loader:
             problems_only=self.problems_only,
             skip_rules=self.skip_rules,
             only=self.only,
+            tests=self.tests,
         )
         other._entries = dict(self._entries)
         return other
@@ -196,14 +204,16 @@ class Loader:
         if project is None:
             # Without a valid pushrules.yaml no rule can be checked against apps and platforms.
             self._entries.clear()
+            cases, test_files = self._cases(None, {}, problems)
             return RuleSet(
                 root,
                 None,
                 fragments,
                 dict(self._last_good),
                 tuple(problems),
-                1 + fragment_files + len(paths),
+                1 + fragment_files + len(paths) + test_files,
                 frozenset(self._last_good),
+                cases=cases,
             )
 
         todo = [
@@ -240,16 +250,28 @@ class Loader:
                     vanishing.add(rule_id)
         for gone in set(self._last_good) - set(rules):
             del self._last_good[gone]
+        cases, test_files = self._cases(set(by_id), rules, problems)
         return RuleSet(
             root,
             project,
             fragments,
             rules,
             tuple(problems),
-            1 + fragment_files + len(paths),
+            1 + fragment_files + len(paths) + test_files,
             frozenset(stale),
             frozenset(vanishing),
+            cases,
         )
+
+    def _cases(
+        self, rule_ids: set[str] | None, rules: Mapping[str, Rule], problems: list[Problem]
+    ) -> tuple[tuple[CaseFile, ...], int]:
+        """The rule tests when asked for, their problems added to ``problems``."""
+        if not self.tests:
+            return (), 0
+        cases, found, count = load_case_files(self.root, rule_ids, rules)
+        problems.extend(found)
+        return cases, count
 
     def _check(
         self,

@@ -726,7 +726,7 @@ class EverySchedule:
 
     def __str__(self) -> str:
         start = "" if _utc(self.anchor) == EPOCH else f" from {self.anchor.isoformat()}"
-        return f"every {_format_duration(self.interval)}{start}"
+        return f"every {format_duration(self.interval)}{start}"
 
 
 @dataclass(frozen=True)
@@ -741,7 +741,8 @@ class AtSchedule:
         return f"at {self.when.astimezone(self.tz).isoformat()}"
 
 
-def _format_duration(interval: timedelta) -> str:
+def format_duration(interval: timedelta) -> str:
+    """A duration as a rule writes it: ``1h30m``."""
     seconds = int(interval.total_seconds())
     parts = []
     for unit in _UNIT_ORDER:

@@ -780,16 +780,24 @@ PROJECT: dict[str, Any] = {
     },
 }
 
-#: ``rule-tests/*.yaml``: the tests of a rule (``pushrules test``). Each case fires the rule
-#: with an event or a feed item at a time, and says what is expected.
+#: Why a rule test may expect nothing to be sent (``expect.because``).
+NOT_SENT_BECAUSE = ("when", "quiet_hours", "no_targets")
+
+#: What a case of a ``rule-tests/`` file expects; what Cerberus cannot say (contradictions,
+#: an input the rule never reads) is checked in cases.py.
 RULE_TEST_EXPECT: dict[str, Any] = {
     "requests": {
         **INT,
-        **doc("Requests", "How many HTTP requests the fire sends.", json={"minimum": 0}),
+        "bounds": Bounds(0, 1_000_000),
+        **doc("Requests", "How many HTTP requests the fire sends."),
     },
     "body": {
-        "type": "dict",
-        **doc("Body", "A subset of each request body: these keys must be there, as written."),
+        "type": ["dict", "list"],
+        **doc(
+            "Body",
+            "A subset of each request's sendInstantMessage: these keys must be there, as "
+            "written; or a list, one such subset per request.",
+        ),
     },
     "sent": {
         **BOOL,
@@ -799,53 +807,63 @@ RULE_TEST_EXPECT: dict[str, Any] = {
     },
     "because": {
         "type": "string",
-        "allowed": ["when", "quiet_hours", "no_targets"],
+        "allowed": list(NOT_SENT_BECAUSE),
         **doc(
             "Because",
             "Why nothing is sent: when (the condition is false), quiet_hours, no_targets "
             "(for_each gave nobody).",
         ),
     },
-    "error": {**TEXT, **doc("Error", "The fire fails: a part of the error's message.")},
+    "error": {
+        "type": "string",
+        "empty": False,
+        **doc("Error", "The fire fails: a part of the error's message."),
+    },
 }
 
+#: One case of a ``rule-tests/`` file: an event or an item, a time, and what is expected.
+CASE: dict[str, Any] = {
+    "type": "dict",
+    "schema": {
+        "name": {
+            "type": "string",
+            "required": True,
+            "empty": False,
+            **doc("Name", "What this case shows."),
+        },
+        "event": {"type": "dict", **doc("Event", "The event the rule fires on.")},
+        "item": {"type": "dict", **doc("Feed item", "The feed item of a poll rule.")},
+        "at": {
+            **TEXT,
+            **doc(
+                "At",
+                "The fire time in the rule's timezone, like 2026-12-01 10:00 (default: "
+                "Monday 2026-01-05 12:00).",
+                json={"type": "string"},
+            ),
+        },
+        "expect": {
+            "type": "dict",
+            "required": True,
+            "schema": RULE_TEST_EXPECT,
+            **doc("Expect", "What the fire does: requests and body, sent: false, or error."),
+        },
+    },
+    **doc(
+        "Case",
+        "One fire: an event or an item, a time, and what is expected.",
+        json={"type": "object", "not": {"required": ["event", "item"]}},
+    ),
+}
+
+#: A ``rule-tests/*.yaml`` file (``pushrules test``).
 RULE_TEST: dict[str, Any] = {
     "rule": {**TEXT, **doc("Rule", "The rule id (default: this file's name).")},
     "cases": {
         "type": "list",
         "required": True,
         "empty": False,
-        "schema": {
-            "type": "dict",
-            "schema": {
-                "name": {
-                    "type": "string",
-                    "required": True,
-                    **doc("Name", "What this case shows."),
-                },
-                "event": {"type": "dict", **doc("Event", "The event the rule fires on.")},
-                "item": {"type": "dict", **doc("Feed item", "The feed item of a poll rule.")},
-                "at": {
-                    **TEXT,
-                    **doc(
-                        "At",
-                        "The fire time, ISO 8601 like 2026-12-24T09:00:00+01:00.",
-                        json={"type": "string"},
-                    ),
-                },
-                "expect": {
-                    "type": "dict",
-                    "required": True,
-                    "schema": RULE_TEST_EXPECT,
-                    **doc("Expect", "What the fire does: requests and body, or sent: false."),
-                },
-            },
-            **doc(
-                "Case",
-                "One fire: an event or an item, a time, and what is expected.",
-                json={"type": "object", "not": {"required": ["event", "item"]}},
-            ),
-        },
+        "schema": CASE,
         **doc("Cases", "The cases of this test."),
     },
 }
@@ -1031,6 +1049,7 @@ def _known_fields(schema_path: tuple[Any, ...], root: Mapping[str, Any]) -> list
 
 
 RULE_CHECKER = SchemaChecker(RULE)
+RULE_TEST_CHECKER = SchemaChecker(RULE_TEST)
 PROJECT_CHECKER = SchemaChecker(PROJECT)
 MESSAGE_TEMPLATE_CHECKER = SchemaChecker(MESSAGE)
 BUTTON_TEMPLATE_CHECKER = SchemaChecker(BUTTONS["schema"])
