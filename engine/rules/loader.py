@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.rules.cases import CaseFile, load_case_files
+from engine.rules.cases import CaseFile, ReadCaseFile, check_case_files, read_case_files
 from engine.rules.checks import parse_rule
 from engine.rules.fragments import BUTTONS_DIR, MESSAGES_DIR, Fragments, load_fragments
 from engine.rules.problems import Problem
@@ -65,6 +65,8 @@ class _Entry:
     context: str
     rule: Rule | None
     problems: list[Problem]
+    #: The rule was good but not sent back from a worker (problems_only, skip_rules).
+    dropped: bool = False
 
 
 def _file_error(rel: str, message: str) -> Problem:
@@ -160,6 +162,9 @@ class Loader:
         root = self.root
         context = context_key(root)
         project, problems = load_project(root)
+        # Read first: the rules the tests name are needed back from the workers.
+        tests = read_case_files(root) if self.tests else None
+        tested = {found.rule for found, _ in tests or () if found is not None}
         fragments, fragment_problems, fragment_files = load_fragments(root)
         problems = [*problems, *fragment_problems]
         paths = rule_files(root)
@@ -204,7 +209,7 @@ class Loader:
         if project is None:
             # Without a valid pushrules.yaml no rule can be checked against apps and platforms.
             self._entries.clear()
-            cases, test_files = self._cases(None, {}, problems)
+            cases, test_files = self._cases(tests, None, {}, problems)
             return RuleSet(
                 root,
                 None,
@@ -218,14 +223,17 @@ class Loader:
 
         todo = [
             rel
-            for rel, (_, _, h) in texts.items()
+            for rel, (rule_id, _, h) in texts.items()
             if (entry := self._entries.get(rel)) is None
             or entry.text_hash != h
             or entry.context != context
+            or (entry.dropped and self._wants(rel, rule_id, tested))
         ]
-        checked = self._check(todo, texts, project, fragments, context)
+        drop = frozenset(rel for rel in todo if not self._wants(rel, texts[rel][0], tested))
+        checked = self._check(todo, texts, project, fragments, context, drop)
         for rel, (new_rule, new_problems) in checked.items():
-            self._entries[rel] = _Entry(texts[rel][2], context, new_rule, new_problems)
+            dropped = new_rule is None and rel in drop and not any(p.is_error for p in new_problems)
+            self._entries[rel] = _Entry(texts[rel][2], context, new_rule, new_problems, dropped)
         for gone in set(self._entries) - set(texts):
             del self._entries[gone]
 
@@ -250,7 +258,7 @@ class Loader:
                     vanishing.add(rule_id)
         for gone in set(self._last_good) - set(rules):
             del self._last_good[gone]
-        cases, test_files = self._cases(set(by_id), rules, problems)
+        cases, test_files = self._cases(tests, set(by_id), rules, problems)
         return RuleSet(
             root,
             project,
@@ -263,15 +271,24 @@ class Loader:
             cases,
         )
 
+    def _wants(self, rel: str, rule_id: str, tested: set[str]) -> bool:
+        """Whether the rule of file ``rel`` is wanted back from the workers: unless the
+        settings say no, and always when a test names it (the tests are checked against it)."""
+        return rule_id in tested or not (self.problems_only or rel in self.skip_rules)
+
+    @staticmethod
     def _cases(
-        self, rule_ids: set[str] | None, rules: Mapping[str, Rule], problems: list[Problem]
+        tests: list[ReadCaseFile] | None,
+        rule_ids: set[str] | None,
+        rules: Mapping[str, Rule],
+        problems: list[Problem],
     ) -> tuple[tuple[CaseFile, ...], int]:
         """The rule tests when asked for, their problems added to ``problems``."""
-        if not self.tests:
+        if tests is None:
             return (), 0
-        cases, found, count = load_case_files(self.root, rule_ids, rules)
+        cases, found = check_case_files(tests, rule_ids, rules)
         problems.extend(found)
-        return cases, count
+        return cases, len(tests)
 
     def _check(
         self,
@@ -280,11 +297,13 @@ class Loader:
         project: Project,
         fragments: Fragments,
         context: str,
+        drop: frozenset[str],
     ) -> dict[str, tuple[Rule | None, list[Problem]]]:
+        """Check the files of ``todo``; the rules of those in ``drop`` need not come back
+        (checked here, in this process, they cost nothing to keep)."""
         jobs = [(texts[rel][0], rel, texts[rel][1], f"{texts[rel][2]}-{context}") for rel in todo]
         if len(jobs) < PARALLEL_THRESHOLD or self.workers < 2:
             return {job[1]: parse_rule(*job[:3], project, fragments, job[3]) for job in jobs}
-        drop = frozenset(todo) if self.problems_only else self.skip_rules.intersection(todo)
         return _check_parallel(jobs, project, fragments, self.workers, drop)
 
 
