@@ -177,6 +177,61 @@ def test_template_change_shows_on_every_rule_using_it(
     assert plan["added"] == plan["removed"] == plan["renamed"] == []
 
 
+CANCELED_TESTS = """
+cases:
+  - name: a passenger hears of it
+    event: {flightref: EY5138, member_id: "765c8", first_name: Ann}
+    expect: {requests: 1}
+  - name: no flight number is an error
+    event: {member_id: "765c8"}
+    expect: {error: "event.flightref is undefined"}
+  - name: quiet all the same
+    event: {flightref: EY5138, member_id: "765c8", first_name: Bo}
+    at: "2026-01-05 23:00"
+    expect: {requests: 1}
+"""
+
+
+def test_test_cases_before_and_after(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The working tree's tests of a changed rule, run on both versions: what each sends."""
+    project = repo / "notifications"
+    (project / "rule-tests").mkdir()
+    (project / "rule-tests/canceled.yaml").write_text(CANCELED_TESTS)
+    commit_all(repo, "tests")
+    edit(project / "templates/messages/flight-canceled.yaml", "Flight canceled", "Canceled")
+    edit(
+        project / "rules/canceled.yaml",
+        "targets:",
+        'quiet_hours: {from: "22:00", to: "07:00"}\ntargets:',
+    )
+    code, plan, _ = run_plan(capsys, project)
+    assert code == 0
+    [change] = plan["changed"]
+    assert change["parts"] == ["message", "limits"]
+    sent, error, quiet = change["cases"]
+    assert sent == {
+        "name": "a passenger hears of it",
+        "diff": [
+            {
+                "path": "requests[0].message.subject",
+                "before": "Flight canceled",
+                "after": "Canceled",
+            }
+        ],
+    }
+    assert error == {"name": "no flight number is an error", "diff": []}
+    [(was, now)] = [
+        (d.get("before"), d.get("after")) for d in quiet["diff"] if "not_sent" in d["path"]
+    ]
+    assert was is None and "quiet hours (22:00 to 07:00)" in now
+    markdown = main(["plan", str(project), "--format", "markdown", "--from", FROM])
+    text = capsys.readouterr().out
+    assert markdown == 0
+    assert '- requests[0].message.subject: "Flight canceled"' in text
+    assert '+ requests[0].message.subject: "Canceled"' in text
+    assert "1 other test case: no change." in text
+
+
 def test_rename_is_neither_added_nor_removed(
     repo: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -636,7 +691,7 @@ def test_markdown_is_a_summary_table_then_folded_details_cut_when_long() -> None
     assert "| 2026-03-27T09:00:00+01:00 | 2026-03-27T02:30:00+01:00 |" in text
     assert text.count("+ requests[0].targets[") == 20
     assert "… 10 more lines cut" in text
-    assert "Test case `same`: sends the same." in text
+    assert "1 other test case: no change." in text
     assert "Problems: 0 new, 0 fixed." in text
 
 
@@ -705,3 +760,32 @@ def test_a_sibling_loader_checks_only_what_differs_and_keeps_no_last_good(
     assert then.rules["hello"] is now.rules["hello"]
     assert "canceled" not in then.rules  # broken there, and not kept at this side's version
     assert then.problems == Loader(old, workers=1).load().problems
+
+
+def test_a_rule_not_sent_back_is_checked_again_when_a_test_of_the_other_side_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The working tree's check did not need the digest's rule back (no test names it
+    there); the old version has a test of it, so it is checked again for that test."""
+    import shutil
+
+    from engine.rules import loader as loader_module
+
+    monkeypatch.setattr(loader_module, "PARALLEL_THRESHOLD", 2)
+    root = make_project(tmp_path / "now")
+    for name, text in (("hello", HELLO), ("digest", DIGEST), ("canceled", CANCELED)):
+        write_rule(root, name, text)
+    old = tmp_path / "old"
+    shutil.copytree(root, old)
+    (old / "rule-tests").mkdir()
+    (old / "rule-tests/digest.yaml").write_text(
+        "cases:\n  - name: an event\n    event: {x: '1'}\n    expect: {requests: 1}\n"
+    )
+    same = frozenset({"rules/digest.yaml", "rules/hello.yaml", "rules/canceled.yaml"})
+    first = Loader(root, workers=2, tests=True, skip_rules=same)
+    assert first.load().rules == {}
+    then = first.sibling(old).load()
+    fresh = Loader(old, workers=2, tests=True, skip_rules=same).load()
+    assert then.problems == fresh.problems
+    assert any("reads no event" in p.message for p in then.problems)
+    assert set(then.rules) == {"digest"}

@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from engine.rules.cases import Case, CaseFile
 from engine.rules.fragments import Fragments
 from engine.rules.loader import RULES_DIR, Loader, RuleSet, context_key, rule_files
 from engine.rules.problems import Problem
@@ -63,15 +64,56 @@ _KEY_PARTS = {
 }
 
 #: The outcome of each test case of rule ``rule_id`` (the cases are the working tree's) when
-#: run on ``ruleset``: ``(case name, outcome)`` pairs, the outcome JSON data, such as
-#: ``{"requests": [...]}`` (the compiled request bodies), ``{"not_sent": "why"}`` or
-#: ``{"error": "message"}``. Given by the rule tests' runner; see :func:`no_cases`.
+#: run on ``ruleset``, in the same order whatever the rule set: ``(case name, outcome)`` pairs,
+#: the outcome JSON data (see :func:`case_outcome`).
 CaseOutcomes = Callable[[RuleSet, str], Sequence[tuple[str, Any]]]
 
 
 def no_cases(ruleset: RuleSet, rule_id: str) -> list[tuple[str, Any]]:
-    """The case runner's stand-in: no test cases."""
+    """No test cases."""
     return []
+
+
+def rule_test_outcomes(files: Iterable[CaseFile]) -> CaseOutcomes:
+    """The outcomes of the cases of ``files`` (the working tree's ``rule-tests/``), on either
+    version of the project."""
+    by_rule: dict[str, list[Case]] = {}
+    for found in files:
+        by_rule.setdefault(found.rule, []).extend(found.cases)
+
+    def outcomes(ruleset: RuleSet, rule_id: str) -> list[tuple[str, Any]]:
+        return [(c.name, case_outcome(ruleset, rule_id, c)) for c in by_rule.get(rule_id, ())]
+
+    return outcomes
+
+
+def case_outcome(ruleset: RuleSet, rule_id: str, case: Case) -> dict[str, Any]:
+    """What the fire of ``case`` comes to with the rule of ``ruleset``, decided as the rule
+    tests decide it (as a real fire, with no store): ``{"requests": [...]}`` (the request
+    bodies) when it sends; ``{"not_sent": why}``, with the requests quiet hours hold back;
+    ``{"error": message}``; with ``"notes"`` when ``for_each`` items were skipped. Never
+    raises: one case fails alone."""
+    from engine.review.runner import fire_case
+
+    rule = ruleset.rules.get(rule_id)
+    if ruleset.project is None or rule is None:
+        return {"error": "the rule cannot fire: it, or pushrules.yaml, has errors"}
+    try:
+        fired = fire_case(ruleset.project, rule, case)
+    except Exception as exc:  # a fault of ours: this case says so, the others run
+        return {"error": f"the case could not run: {type(exc).__name__}: {exc}"}
+    outcome: dict[str, Any]
+    if fired.error is not None:
+        outcome = {"error": fired.error}
+    elif fired.sent:
+        outcome = {"requests": fired.bodies}
+    else:
+        outcome = {"not_sent": fired.reason or fired.decision.detail}
+        if fired.bodies:
+            outcome["requests"] = fired.bodies
+    if fired.notes:
+        outcome["notes"] = list(fired.notes)
+    return outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,10 +327,11 @@ def _rule_change(
     if "trigger" in parts:
         next_before, next_after = _upcoming(old, start), _upcoming(new, start)
     diffs: list[CaseDiff] = []
-    if old_id == new_id:
-        was = dict(cases(before.ruleset, old_id))
-        for name, outcome in cases(after.ruleset, new_id):
-            diffs.append(CaseDiff(name, tuple(json_diff(was.get(name), outcome))))
+    if old_id == new_id:  # the same cases, run on each version, in the same order
+        was = cases(before.ruleset, old_id)
+        now = cases(after.ruleset, new_id)
+        for (name, old_outcome), (_, new_outcome) in zip(was, now, strict=True):
+            diffs.append(CaseDiff(name, tuple(json_diff(old_outcome, new_outcome))))
     return RuleChange(
         new_id,
         tuple(parts),
@@ -465,11 +508,12 @@ def plan_project(
     base_label: str,
     export: Callable[[Path], bool],
     start: datetime,
-    cases: CaseOutcomes = no_cases,
+    cases: CaseOutcomes | None = None,
     reuse: bool = True,
 ) -> Plan:
     """The plan of the working tree at ``root`` against the version ``export`` writes into the
-    folder it is given (False: the project did not exist then).
+    folder it is given (False: the project did not exist then). ``cases``: by default, the
+    working tree's rule tests (:func:`rule_test_outcomes`).
 
     ``reuse``: a rule file whose bytes, and the configuration and templates, are the same on
     both sides is checked once (its problems count on both sides) and not compared, since it
@@ -479,10 +523,11 @@ def plan_project(
         base_root = Path(folder) / "project"
         existed = export(base_root)
         same = same_rule_files(root, base_root) if existed and reuse else frozenset()
-        loader = Loader(root, skip_rules=same)
+        # Rule tests are read (their problems count, as validate's do) on both sides.
+        loader = Loader(root, skip_rules=same, tests=True)
         after = Side.of(loader.load())
         if existed:
-            old = (loader.sibling(base_root) if reuse else Loader(base_root)).load()
+            old = (loader.sibling(base_root) if reuse else Loader(base_root, tests=True)).load()
             # A message naming the project's folder names the one under review, not a copy.
             problems = tuple(
                 replace(p, message=p.message.replace(str(base_root), str(root)))
@@ -502,7 +547,7 @@ def plan_project(
             base=base,
             base_label=base_label,
             start=start,
-            cases=cases,
+            cases=rule_test_outcomes(after.ruleset.cases) if cases is None else cases,
             unchanged=unchanged,
         )
 
@@ -568,11 +613,11 @@ def format_text(plan: Plan) -> str:
         out.append(f"{change.kind:<10} {change.rule}{what}")
         out.extend(_next_lines(change, "  "))
         for case in change.cases:
-            if not case.diff:
-                out.append(f"  test case {case.name}: sends the same")
-                continue
-            out.append(f"  test case {case.name}:")
-            out.extend(f"    {line}" for line in diff_lines(case.diff))
+            if case.diff:
+                out.append(f"  test case {case.name}:")
+                out.extend(f"    {line}" for line in diff_lines(case.diff))
+        if _unchanged_cases(change):
+            out.append(f"  {_unchanged_cases(change)}")
     for title, problems in (("new", plan.new_problems), ("fixed", plan.fixed_problems)):
         if problems:
             out.append(f"{len(problems)} {title} problem{'s' if len(problems) != 1 else ''}:")
@@ -660,7 +705,6 @@ def _markdown_details(change: RuleChange) -> str:
         parts.append("")
     for case in change.cases:
         if not case.diff:
-            parts.append(f"Test case `{case.name}`: sends the same.\n")
             continue
         lines = diff_lines(case.diff)
         shown = lines[:MAX_DIFF_LINES]
@@ -668,4 +712,17 @@ def _markdown_details(change: RuleChange) -> str:
             shown.append(f"… {len(lines) - MAX_DIFF_LINES} more lines cut")
         body = "\n".join(shown)
         parts.append(f"Test case `{case.name}`:\n\n```diff\n{body}\n```\n")
+    if _unchanged_cases(change):
+        parts.append(_unchanged_cases(change)[0].upper() + _unchanged_cases(change)[1:] + ".\n")
     return "\n".join(parts)
+
+
+def _unchanged_cases(change: RuleChange) -> str:
+    """``its 3 test cases: no change``, ``2 other test cases: no change``, or ''."""
+    same = sum(not case.diff for case in change.cases)
+    if not same:
+        return ""
+    noun = "test case" if same == 1 else "test cases"
+    if same == len(change.cases):
+        return f"its {'one' if same == 1 else same} {noun}: no change"
+    return f"{same} other {noun}: no change"

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from engine.errors import PushrulesError
+from engine.rules.cases import TESTS_DIR
 from engine.rules.fragments import BUTTONS_DIR, MESSAGES_DIR
 from engine.rules.loader import RULES_DIR
 from engine.rules.project import CONFIG_NAME
 
 #: What a project is made of, relative to its folder: all that is read of an old revision.
-TESTS_DIR = "rule-tests"
-PROJECT_PATHS = (CONFIG_NAME, str(RULES_DIR), str(MESSAGES_DIR), str(BUTTONS_DIR), TESTS_DIR)
+PROJECT_PATHS = (CONFIG_NAME, *(str(d) for d in (RULES_DIR, MESSAGES_DIR, BUTTONS_DIR, TESTS_DIR)))
 #: Branches a pull request is usually merged into, in the order the default base tries them.
 DEFAULT_BRANCHES = ("origin/HEAD", "origin/main", "origin/master", "main", "master")
 
