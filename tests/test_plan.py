@@ -565,6 +565,30 @@ def test_the_working_tree_and_index_are_left_alone(
     assert {p: p.read_bytes() for p in project.rglob("*") if p.is_file()} == texts
     assert git(repo, "rev-parse", "HEAD") == head
     assert git(repo, "stash", "list") == ""
+    assert all(p.stat().st_nlink == 1 for p in texts)  # no link to a copy is left behind
+
+
+def test_export_links_the_files_the_working_tree_holds_unchanged(
+    repo: Path, tmp_path: Path
+) -> None:
+    project = repo / "notifications"
+    edit(project / "rules/hello.yaml", "Hello", "Hi")
+    (project / "rules/digest.yaml").unlink()
+    (project / "rules/digest.yaml").symlink_to(project / "rules/canceled.yaml")
+    repository = revisions.repository_of(project)
+    old = tmp_path / "old"
+    assert revisions.export(repository, "HEAD", old, same_as=project)
+    assert (old / "rules/canceled.yaml").stat().st_ino == (
+        project / "rules/canceled.yaml"
+    ).stat().st_ino
+    for name in ("hello", "digest"):  # changed, or a link now: the commit's text, written
+        kept = old / f"rules/{name}.yaml"
+        assert kept.read_text() == git(repo, "show", f"HEAD:notifications/rules/{name}.yaml")
+        assert not kept.is_symlink()
+        assert kept.stat().st_ino != (project / f"rules/{name}.yaml").stat().st_ino
+    assert sorted(p.name for p in (old / "rules").iterdir()) == sorted(
+        ["canceled.yaml", "digest.yaml", "hello.yaml", "promo.yaml", "rebook.yaml"]
+    )
 
 
 def test_project_at_the_top_of_the_repository(

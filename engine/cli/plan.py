@@ -94,7 +94,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             root,
             base=base.commit,
             base_label=base.label,
-            export=lambda folder: revisions.export(repo, base.commit, folder),
+            export=lambda folder: revisions.export(repo, base.commit, folder, same_as=root),
             start=start,
         )
     except revisions.RevisionError as exc:

@@ -7,6 +7,7 @@ sit in any folder of the repository.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from dataclasses import dataclass
@@ -116,9 +117,14 @@ def default_base(repo: Repository) -> Base:
     return Base(resolve(repo, "HEAD"), "HEAD")
 
 
-def export(repo: Repository, commit: str, dest: Path) -> bool:
+def export(repo: Repository, commit: str, dest: Path, *, same_as: Path | None = None) -> bool:
     """Write the project's files as they are at ``commit`` into ``dest``; False when the
-    project's folder did not exist at that commit (nothing written)."""
+    project's folder did not exist at that commit (nothing written).
+
+    ``same_as``: the project's folder in the working tree. A file there whose content is the
+    commit's is hard-linked into ``dest`` instead of written (where the file system allows),
+    which costs a fraction of creating it: ``dest`` is only ever read.
+    """
     prefix = repo.prefix
     paths = [f"{prefix}{p}" for p in PROJECT_PATHS]
     listing = _git(repo.top, "ls-tree", "-r", "-z", "--full-tree", commit, "--", *paths)
@@ -139,16 +145,40 @@ def export(repo: Repository, commit: str, dest: Path) -> bool:
         exists = _git(repo.top, "cat-file", "-e", probe).returncode == 0
         if not exists:
             return False
-    contents = _blobs(repo, sorted({object_id for _, object_id, _ in entries}))
+    same: dict[str, tuple[Path, bytes]] = {}  # path below the project -> working file, bytes
+    if same_as is not None:
+        for mode, object_id, rel in entries:
+            source = same_as / PurePosixPath(rel)
+            if mode in _BLOB_MODES and not source.is_symlink() and source.is_file():
+                try:
+                    data = source.read_bytes()
+                except OSError:
+                    continue
+                if _object_id(data, len(object_id)) == object_id:
+                    same[rel] = (source, data)
+    contents = _blobs(repo, sorted({o for _, o, rel in entries if rel not in same}))
     dest.mkdir(parents=True, exist_ok=True)
     for mode, object_id, rel in entries:
         target = dest / PurePosixPath(rel)
         target.parent.mkdir(parents=True, exist_ok=True)
         if mode == _LINK_MODE:
             os.symlink(os.fsdecode(contents[object_id]), target)
+        elif rel in same:
+            source, data = same[rel]
+            try:
+                os.link(source, target)
+            except OSError:  # another file system, or links not allowed: a copy then
+                target.write_bytes(data)
         else:
             target.write_bytes(contents[object_id])
     return True
+
+
+def _object_id(data: bytes, length: int) -> str:
+    """git's id of a file holding ``data``, in the repository's hash (SHA-1's 40 hex digits,
+    or SHA-256's 64)."""
+    digest = hashlib.sha1 if length == 40 else hashlib.sha256
+    return digest(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def _blobs(repo: Repository, object_ids: list[str]) -> dict[str, bytes]:
