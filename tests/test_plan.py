@@ -603,18 +603,33 @@ def test_project_at_the_top_of_the_repository(
     assert plan["added"] == ["digest"]
 
 
-def test_reusing_the_working_trees_checks_gives_the_same_plan(repo: Path) -> None:
+def test_reusing_the_working_trees_checks_gives_the_same_plan(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Checking once what is the same on both sides is only faster: the plan is that of two
-    full loads, whether the templates changed (nothing reused) or not."""
+    full loads, whether the templates changed (nothing reused) or not, rule tests included
+    (their rules are checked on several cores here, as in a large project)."""
+    from engine.rules import loader as loader_module
+
+    monkeypatch.setattr(loader_module, "PARALLEL_THRESHOLD", 2)
     project = repo / "notifications"
     write_rule(project, "canceled", BROKEN)
     write_rule(project, "dup", HELLO + "description: twice\n")
-    commit_all(repo, "a broken rule, another")
+    (project / "rule-tests").mkdir()
+    (project / "rule-tests/rebook.yaml").write_text(
+        "cases:\n  - name: rebooked\n    event: {member_id: '1', first_name: A}\n"
+        "    expect: {requests: 1}\n"
+    )
+    (project / "rule-tests/canceled.yaml").write_text(CANCELED_TESTS)
+    commit_all(repo, "a broken rule, another, tests")
     git(repo, "mv", "notifications/rules/hello.yaml", "notifications/rules/hello-news.yaml")
     edit(project / "rules/digest.yaml", '"0 9 * * *"', '"30 2 * * *"')
     write_rule(project, "canceled", CANCELED)
     (project / "rules/dup.yaml").write_text("\n" + (project / "rules/dup.yaml").read_text())
     edit(project / "rules/promo.yaml", "A promotion", "A sale")
+    # A new case of an unchanged rule that its trigger cannot give: a new problem.
+    with (project / "rule-tests/rebook.yaml").open("a") as tests:
+        tests.write("  - name: an item\n    item: {id: 1}\n    expect: {requests: 1}\n")
     repository = revisions.repository_of(project)
     for step in ("rules only", "and a template"):
         plans = [
@@ -622,7 +637,7 @@ def test_reusing_the_working_trees_checks_gives_the_same_plan(repo: Path) -> Non
                 project,
                 base="HEAD",
                 base_label="HEAD",
-                export=lambda folder: revisions.export(repository, "HEAD", folder),
+                export=lambda folder: revisions.export(repository, "HEAD", folder, same_as=project),
                 start=datetime.fromisoformat(FROM),
                 reuse=reuse,
             ).to_json()
@@ -631,6 +646,9 @@ def test_reusing_the_working_trees_checks_gives_the_same_plan(repo: Path) -> Non
         assert plans[0] == plans[1], step
         assert plans[0]["changed"] and plans[0]["renamed"], step
         assert plans[0]["problems"]["fixed"], step
+        assert any(p["file"] == "rule-tests/rebook.yaml" for p in plans[0]["problems"]["new"])
+        [canceled] = [c for c in plans[0]["changed"] if c["rule"] == "canceled"]
+        assert len(canceled["cases"]) == 3, step
         template = project / "templates/messages/flight-canceled.yaml"
         template.write_text(template.read_text().replace("Flight canceled", "Canceled"))
 
