@@ -172,9 +172,9 @@ def test_a_file_it_cannot_write_fails_alone(
 def test_usage_mistakes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "file").write_text("x")
     assert main(["init", str(tmp_path / "file")]) == 2
-    assert "is a file" in capsys.readouterr().err
+    assert "is not a folder" in capsys.readouterr().err
     assert main(["init", str(tmp_path / "a"), "--project", str(tmp_path / "b")]) == 2
-    assert "name the folder once" in capsys.readouterr().err
+    assert "name the project once" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

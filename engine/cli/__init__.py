@@ -2,7 +2,7 @@
 
 ``main`` holds the root parser and turns user-facing errors into messages; ``common`` the exit
 codes, shared options and input readers; ``check`` validate and compile; ``review`` test and
-explain; ``plan``; ``author`` schema and fmt; ``preview``; ``sandbox`` the fake Accengage;
+explain; ``plan`` plan; ``author`` schema and fmt; ``preview``; ``sandbox`` the fake Accengage;
 ``send`` send, fire, history, outbox; ``daemon`` run, next, pause, resume. A group's module
 registers its parsers at every start, so it loads what its commands use only when one runs
 (``--help`` and ``validate`` stay fast).

@@ -20,8 +20,10 @@ from engine.cli.common import (
     EXIT_PROBLEMS,
     EXIT_USAGE,
     UsageError,
+    folder_arguments,
     lazy,
     project_argument,
+    project_folder,
 )
 
 if TYPE_CHECKING:
@@ -79,7 +81,7 @@ schemas`); .pre-commit-config.yaml with pushrules' hooks; .github/workflows/push
 (validate, test and plan on each pull request); .gitignore (the outbox databases, preview
 pages); and README.md, which walks a rule author through a first change.
 Exit codes: 0 written, 1 a file could not be written, 2 usage (a folder not empty).
-More: docs/rules.md, section 11.
+More: docs/rules.md, section 12.
 """
 
 
@@ -93,13 +95,7 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=INIT_EPILOG,
     )
-    p.add_argument("dir", nargs="?", type=Path, help="the folder to write (default: .)")
-    p.add_argument(
-        "--project",
-        metavar="DIR",
-        type=Path,
-        help="the folder to write, as every other command takes it (same as DIR)",
-    )
+    folder_arguments(p)
     p.add_argument(
         "--force",
         action="store_true",
@@ -259,11 +255,7 @@ def write_new_files(root: Path, files: dict[str, str]) -> tuple[list[str], list[
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    if args.dir is not None and args.project is not None and args.dir != args.project:
-        raise UsageError(f"name the folder once: {args.dir} or --project {args.project}")
-    root: Path = args.project or args.dir or Path(".")
-    if root.exists() and not root.is_dir():
-        raise UsageError(f"{root} is a file; name a folder to write the project into")
+    root = project_folder(args, exists=False)
     try:
         present = [p.name for p in root.iterdir() if p.name != ".git"] if root.exists() else []
     except OSError as exc:
