@@ -387,6 +387,10 @@ def test_a_rule_authors_round_trip(tmp_path: Path) -> None:
     assert re.search(r"pushrules validate\.+Passed", out), out
     assert commits() == before + 1
     assert git(repo, "status", "--porcelain").stdout == ""
+    # 7. The plan CI posts: what the commit changed.
+    out = run(*pushrules, "plan", "--base", "HEAD~1", "--format", "markdown")
+    assert "| `order-shipped` | changed | message |" in out, out
+    assert '+ requests[0].messages[0].message.subject: "Order A1042 is on its way"' in out, out
 
     # A broken rule: the commit is refused by validate, with the problem's place and fix.
     quoted = '  subject: "Order {{ event.order_id }} is on its way"\n'
