@@ -247,6 +247,25 @@ def test_check_lists_the_files_to_format_and_changes_nothing(
     assert main(["fmt", "--check", "--project", str(root)]) == 0
 
 
+def test_a_project_named_from_another_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--project DIR from outside it (files are then named with ..) formats its files."""
+    root = make_project(tmp_path / "p")
+    write_rule(
+        root,
+        "messy",
+        "trigger: {event: demo}\nmessage: {text: Hello}\n"
+        "apps:\n    flights-ios: {parentMessageId: '1'}\ntargets: [{memberId: '1'}]\n",
+    )
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["fmt", "--check", "--project", str(root)]) == 1
+    assert capsys.readouterr().out.splitlines() == ["../p/rules/messy.yaml"]
+    assert main(["fmt", "--project", "../p"]) == 0
+    assert main(["fmt", "--check", "--project", str(root)]) == 0
+
+
 def test_a_yaml_error_leaves_the_file_as_it_is(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -62,6 +62,29 @@ def project_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
+def folder_arguments(p: argparse.ArgumentParser) -> None:
+    """A project folder named as ``DIR`` or ``--project DIR`` (a command a CI job runs on a
+    folder, like plan); read it with :func:`project_folder`."""
+    p.add_argument("dir", nargs="?", type=Path, help="project folder (default: .)")
+    p.add_argument(
+        "--project",
+        metavar="DIR",
+        type=Path,
+        help="project folder, as every other command takes it (same as DIR)",
+    )
+
+
+def project_folder(args: argparse.Namespace, *, exists: bool = True) -> Path:
+    """The folder of :func:`folder_arguments`; UsageError when named twice or not a folder
+    (``exists=False``: or not there yet, for a command that makes it)."""
+    if args.dir is not None and args.project is not None and args.dir != args.project:
+        raise UsageError(f"name the project once: {args.dir} or --project {args.project}")
+    root: Path = args.project or args.dir or Path(".")
+    if not root.is_dir() and (exists or root.exists()):
+        raise UsageError(f"{root} is not a folder")
+    return root
+
+
 def sandbox_store_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sandbox",

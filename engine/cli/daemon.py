@@ -22,19 +22,17 @@ from engine.cli.common import (
     sandbox_store_argument,
 )
 from engine.rules.schedule import (
+    SCHEDULED,
     TriggerError,
-    fire_times,
+    next_fires,
     parse_duration,
     parse_timezone,
-    schedule_for,
 )
 
 if TYPE_CHECKING:
     from engine.outbox.store import Store
     from engine.rules.loader import RuleSet
     from engine.rules.project import Project
-
-SCHEDULED = ("cron", "every", "at")
 
 
 def register(sub: Any) -> None:
@@ -186,10 +184,8 @@ def cmd_next(args: argparse.Namespace) -> int:
         invalid = []
     result: dict[str, list[str]] = {}
     for rule in sorted(rules, key=lambda r: r.id):
-        tz = parse_timezone(rule.timezone)
-        schedule = schedule_for(rule.trigger, tz)
-        times = fire_times(schedule, start.astimezone(tz), args.count)
-        result[rule.id] = [t.astimezone(tz).isoformat() for t in times]
+        times = next_fires(rule.trigger, rule.timezone, start, args.count)
+        result[rule.id] = [t.isoformat() for t in times]
     if args.format == "json":
         print(json.dumps(result, indent=2))
         if invalid:

@@ -22,6 +22,7 @@ COMMAND_GROUPS = (
     "engine.cli.author",
     "engine.cli.preview",
     "engine.cli.review",
+    "engine.cli.plan",
     "engine.cli.sandbox",
     "engine.cli.send",
     "engine.cli.daemon",
@@ -29,9 +30,11 @@ COMMAND_GROUPS = (
 
 EPILOG = """\
 Typical use:
+  pushrules init my-rules             start a rules repository (README.md inside says how)
   pushrules validate                  check every rule, template and pushrules.yaml here
   pushrules validate --format github  annotate a pull request from CI
   pushrules fmt --check               list files not in pushrules' one layout
+  pushrules plan --format markdown    what a pull request changes, rule by rule
   pushrules compile flight-canceled --event event.json
                                       show the exact JSON a rule would send
   pushrules preview flight-canceled --event event.json

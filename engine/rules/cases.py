@@ -45,9 +45,11 @@ __all__ = [
     "Expect",
     "case_files",
     "check_against_rules",
+    "check_case_files",
     "json_value",
     "load_case_files",
     "parse_case_file",
+    "read_case_files",
 ]
 
 
@@ -437,23 +439,35 @@ def case_files(root: Path) -> list[Path]:
     return yaml_files(directory, root)
 
 
-def load_case_files(
-    root: Path, rule_ids: Collection[str] | None, rules: Mapping[str, Rule]
-) -> tuple[tuple[CaseFile, ...], list[Problem], int]:
-    """Every test file of the project, each failing alone: the files that can run, the
-    problems, and how many files were read. ``rule_ids`` None: the rules could not be read
-    (pushrules.yaml has errors), so the files are checked on their own only."""
-    found: list[CaseFile] = []
-    problems: list[Problem] = []
-    paths = case_files(root)
-    for path in paths:
+#: A test file read and checked on its own: the file (None when it cannot be used at all) and
+#: its problems.
+ReadCaseFile = tuple[CaseFile | None, list[Problem]]
+
+
+def read_case_files(root: Path) -> list[ReadCaseFile]:
+    """Every test file of the project, each checked on its own and failing alone. Read before
+    the rules are checked, so the loader knows which rules the tests name."""
+    read: list[ReadCaseFile] = []
+    for path in case_files(root):
         rel = path.relative_to(root).as_posix()
         try:
             text = read_source(path, root, root / TESTS_DIR)
         except Unreadable as exc:
-            problems.append(Problem(rel, exc.line, None, "", None, "error", exc.message))
+            read.append((None, [Problem(rel, exc.line, None, "", None, "error", exc.message)]))
             continue
-        parsed, own = parse_case_file(rel, text)
+        read.append(parse_case_file(rel, text))
+    return read
+
+
+def check_case_files(
+    read: list[ReadCaseFile], rule_ids: Collection[str] | None, rules: Mapping[str, Rule]
+) -> tuple[tuple[CaseFile, ...], list[Problem]]:
+    """The files of :func:`read_case_files` against the rules: the files that can run, and
+    every problem. ``rule_ids`` None: the rules could not be read (pushrules.yaml has errors),
+    so the files are checked on their own only."""
+    found: list[CaseFile] = []
+    problems: list[Problem] = []
+    for parsed, own in read:
         problems.extend(own)
         if parsed is None:
             continue
@@ -462,4 +476,15 @@ def load_case_files(
             problems.extend(cross)
         if parsed is not None:
             found.append(parsed)
-    return tuple(found), problems, len(paths)
+    return tuple(found), problems
+
+
+def load_case_files(
+    root: Path, rule_ids: Collection[str] | None, rules: Mapping[str, Rule]
+) -> tuple[tuple[CaseFile, ...], list[Problem], int]:
+    """Every test file of the project, each failing alone: the files that can run, the
+    problems, and how many files were read. ``rule_ids`` None: the rules could not be read
+    (pushrules.yaml has errors), so the files are checked on their own only."""
+    read = read_case_files(root)
+    found, problems = check_case_files(read, rule_ids, rules)
+    return found, problems, len(read)

@@ -753,8 +753,9 @@ def format_duration(interval: timedelta) -> str:
     return "".join(parts) or "0s"
 
 
-_SCHEDULED = ("cron", "every", "at")
-_KINDS = (*_SCHEDULED, "event", "poll")
+#: Trigger kinds that fire on a schedule (a feed is polled on one, but fires on what it finds).
+SCHEDULED = ("cron", "every", "at")
+_KINDS = (*SCHEDULED, "event", "poll")
 
 
 def schedule_for(
@@ -811,6 +812,16 @@ def fire_times(schedule: Schedule, start: datetime, count: int) -> list[datetime
         if moment is not None:
             fires.append(moment)
     return fires
+
+
+def next_fires(
+    trigger: Mapping[str, object], timezone: str, start: datetime, count: int
+) -> list[datetime]:
+    """The next ``count`` fires of a scheduled rule after ``start``, in its ``timezone``: what
+    ``pushrules next`` lists (``every`` counted from the epoch)."""
+    tz = parse_timezone(timezone)
+    schedule = schedule_for(trigger, tz)
+    return [t.astimezone(tz) for t in fire_times(schedule, start.astimezone(tz), count)]
 
 
 #: Missed fires listed at most per rule: catch-up sends only the newest, the rest are logged.
