@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -50,3 +51,30 @@ def body(marker: str) -> dict[str, Any]:
             "targets": [{"memberId": "765c8"}],
         }
     }
+
+
+def git(repo: Path, *args: str) -> str:
+    """Run git in ``repo``; its output. Fails the test when git fails."""
+    done = subprocess.run(
+        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, f"git {' '.join(args)}: {done.stderr}"
+    return done.stdout
+
+
+def git_repo(path: Path, branch: str = "main") -> Path:
+    """A new git repository with its own author, so commits never depend on the machine's
+    configuration."""
+    path.mkdir(parents=True, exist_ok=True)
+    git(path, "init", "-q", "-b", branch)
+    git(path, "config", "user.name", "Rule Author")
+    git(path, "config", "user.email", "author@example.com")
+    git(path, "config", "commit.gpgsign", "false")
+    return path
+
+
+def commit_all(repo: Path, message: str) -> str:
+    """Commit everything in ``repo``; the new commit's id."""
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "--allow-empty", "-m", message)
+    return git(repo, "rev-parse", "HEAD").strip()

@@ -164,3 +164,15 @@ def test_compile_with_a_broken_config_shows_the_config_problem(
     assert main(["compile", "x", "--project", str(root)]) == 1
     out = capsys.readouterr().out
     assert "pushrules.yaml" in out and "[3]" in out and "hunter2" not in out
+
+
+def test_every_command_takes_project() -> None:
+    """--project DIR is the one way to name the project, for every command."""
+    from engine.cli.main import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert commands
+    for name, command in commands.items():
+        options = {o for action in command._actions for o in action.option_strings}
+        assert "--project" in options, f"pushrules {name} has no --project"

@@ -27,7 +27,7 @@ import pytest
 from engine.accengage.sandbox import RunningSandbox
 from engine.cli.main import main
 from engine.daemon.watcher import fingerprint
-from engine.outbox.schema import PENDING, SENDING, SENT
+from engine.outbox.states import PENDING, SENDING, SENT
 from tests.conftest import StartDaemon
 from tests.daemon_process import Daemon, FeedServer, Project, started_before, wait_for
 

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 import engine
+from engine.cli import check as cli_check
 from engine.cli import main as cli_main
+from engine.cli.common import EXIT_PROBLEMS, EXIT_USAGE
 from engine.errors import PushrulesError
 
 #: Exceptions of the engine that never reach a user: each is caught where it is raised and
@@ -74,11 +76,11 @@ def test_main_turns_each_user_error_into_a_message_and_exit_code(
     def command(_args: object) -> int:
         raise error
 
-    monkeypatch.setattr(cli_main, "cmd_validate", command)  # the parser binds it on each call
+    monkeypatch.setattr(cli_check, "cmd_validate", command)  # looked up when the command runs
     code = cli_main.main(["validate", str(tmp_path)])
     err = capsys.readouterr().err
-    usage = name == "engine.cli.main.UsageError"
-    assert code == (cli_main.EXIT_USAGE if usage else cli_main.EXIT_PROBLEMS)
+    usage = name == "engine.cli.common.UsageError"
+    assert code == (EXIT_USAGE if usage else EXIT_PROBLEMS)
     assert err == f"pushrules: {error}\n"
     assert "Traceback" not in err
 
@@ -87,6 +89,6 @@ def test_a_bug_still_shows_its_traceback(tmp_path: Path, monkeypatch: pytest.Mon
     def command(_args: object) -> int:
         raise KeyError("a bug")
 
-    monkeypatch.setattr(cli_main, "cmd_validate", command)
+    monkeypatch.setattr(cli_check, "cmd_validate", command)
     with pytest.raises(KeyError):
         cli_main.main(["validate", str(tmp_path)])

@@ -20,7 +20,8 @@ from engine.daemon import scheduler as scheduler_module
 from engine.daemon.clock import Clock
 from engine.daemon.scheduler import MARK_SCOPE, CatchUp, Scheduler
 from engine.outbox.instances import Leadership
-from engine.outbox.schema import SENT, utcnow
+from engine.outbox.schema import utcnow
+from engine.outbox.states import SENT
 from engine.outbox.store import Fire, Store
 from engine.rules.loader import Loader
 from engine.rules.secrets import SecretRef
@@ -228,7 +229,7 @@ def test_waiting_on_a_due_row_that_cannot_be_claimed_does_not_spin(tmp_path: Pat
 
         store.claim_ids = counting  # type: ignore[method-assign]
         creds = Credentials(SecretRef("env", "HOME"), SecretRef("env", "HOME"))
-        settings = DispatchSettings(idle_sleep=0.2)
+        settings = DispatchSettings(poll_every=0.2)
 
         async def go() -> None:
             transport = httpx.MockTransport(lambda r: httpx.Response(200, json={"returnCode": 0}))

@@ -27,7 +27,8 @@ import httpx
 import pytest
 
 from engine.cli.main import main
-from engine.outbox.schema import DEAD, utcnow
+from engine.outbox.schema import utcnow
+from engine.outbox.states import DEAD
 from engine.outbox.store import Fire, Store
 from engine.rules.secrets import MASK, MASK_PREFIX, SecretRef, encodings, mask
 from engine.send.dispatch import Credentials, Dispatcher

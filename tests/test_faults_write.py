@@ -36,7 +36,7 @@ from engine.outbox import firing
 from engine.outbox.batching import Coalescer
 from engine.outbox.connections import busy_timeout, is_busy
 from engine.outbox.firing import FireRequest, fire_many
-from engine.outbox.schema import IN_DOUBT, SENDING, SENT
+from engine.outbox.states import IN_DOUBT, SENDING, SENT
 from engine.outbox.store import Store
 from engine.render.compiler import FireContext
 from tests.conftest import StartDaemon
@@ -139,10 +139,10 @@ def test_a_fire_raising_anything_while_rendering_fails_alone(
     store, project, rule = one_rule
     real = firing.compile_fire
 
-    def compile_fire(rule: Any, project: Any, ctx: FireContext) -> Any:
+    def compile_fire(rule: Any, project: Any, ctx: FireContext, **kw: Any) -> Any:
         if ctx.event.get("member") == "poison":
             raise RecursionError("maximum recursion depth exceeded")
-        return real(rule, project, ctx)
+        return real(rule, project, ctx, **kw)
 
     monkeypatch.setattr(firing, "compile_fire", compile_fire)
     members = ["a", "poison", "b"]

@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from engine.outbox.firing import FireRequest, fire, fire_many, quiet_until
-from engine.outbox.schema import HELD, PENDING
+from engine.outbox.states import HELD, PENDING
 from engine.outbox.store import Store
 from engine.render.compiler import FireContext
 from engine.rules.rule import QuietHours

@@ -1,4 +1,7 @@
-"""The commands that only read rules never load APScheduler: only the daemon runs jobs."""
+"""The commands that only read rules never load APScheduler (only the daemon runs jobs), and
+``validate`` and ``test`` (what a pre-commit hook runs) load neither the store, the HTTP client
+nor the server: each group of commands registers its parsers without importing what its
+commands use."""
 
 from __future__ import annotations
 
@@ -14,9 +17,15 @@ ROOT = Path(__file__).resolve().parent.parent
 PROBE = """
 import json, sys
 from engine.cli.main import main
+def _run(argv):
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
 code = main(sys.argv[1:])
-loaded = sorted(m for m in sys.modules if m.split(".")[0] == "apscheduler")
-print(json.dumps({"code": code, "apscheduler": loaded}))
+heavy = ("apscheduler", "sqlalchemy", "httpx", "uvicorn", "starlette")
+loaded = {h: sorted(m for m in sys.modules if m.split(".")[0] == h) for h in heavy}
+print(json.dumps({"code": code, **loaded}))
 """
 
 
@@ -51,3 +60,25 @@ def test_the_probe_sees_apscheduler_when_the_scheduler_is_imported() -> None:
         check=False,
     )
     assert json.loads(done.stdout.strip().splitlines()[-1])["apscheduler"], done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["validate"], ["--help"], ["test"], ["explain", "--help"], ["plan", "--base", "HEAD"]],
+    ids=["validate", "help", "test", "explain-help", "plan"],
+)
+def test_validate_and_help_load_no_store_client_or_server(argv: list[str]) -> None:
+    """``test`` too: rule tests need no store (a pre-commit hook may run them)."""
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE.replace("main(sys.argv[1:])", "_run(sys.argv[1:])"), *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    # --help exits 0 through SystemExit; plan 2 where the checkout is not a git repository.
+    assert result["code"] in (0, 2), done.stderr
+    for package in ("sqlalchemy", "httpx", "uvicorn", "starlette", "apscheduler"):
+        assert result[package] == [], f"pushrules {' '.join(argv)} loaded {result[package]}"

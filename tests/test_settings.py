@@ -13,6 +13,7 @@ from engine.accengage.sandbox import RunningSandbox
 from engine.cli.main import main
 from engine.rules.project import DaemonConfig, DispatchConfig, load_project
 from engine.rules.schemas import DAEMON, DISPATCH
+from engine.send.policy import DispatchSettings
 from engine.send.runtime import dispatch_settings
 from tests.helpers import REPO, make_project
 from tests.test_cli_send import event_file, project  # noqa: F401 (fixtures)
@@ -80,14 +81,28 @@ def test_dispatch_values_are_typed_as_the_schema_says(tmp_path: Path) -> None:
     config.write_text(
         config.read_text()
         + "dispatch:\n  concurrency: 4\n  rate_per_second: 20\n  max_attempts: 3\n"
-        + "  timeout: 45s\n  on_unknown_outcome: retry\n"
+        + "  timeout: 45s\n  on_unknown_outcome: retry\n  transport: httpcore\n"
     )
     loaded, problems = load_project(root)
     assert loaded is not None, problems
-    assert loaded.dispatch == DispatchConfig(4, 20, 3, timedelta(seconds=45), "retry")
+    assert loaded.dispatch == DispatchConfig(4, 20, 3, timedelta(seconds=45), "retry", "httpcore")
     assert type(loaded.dispatch.concurrency) is int
     assert type(loaded.dispatch.on_unknown_outcome) is str  # not the YAML reader's marked text
     assert loaded.where("dispatch.timeout") == f"pushrules.yaml:{line_of(config, 'timeout:')}"
+    settings = dispatch_settings(loaded)
+    assert (settings.concurrency, settings.rate_per_second, settings.max_attempts) == (4, 20, 3)
+    assert settings.on_unknown_outcome == "retry"
+    assert settings.transport == "httpcore"
+    assert settings.timeout.read == 45.0
+    assert settings.deadline == 90.0  # twice the timeout, above the default 60 s
+    assert settings.lease >= timedelta(seconds=2 * settings.deadline)
+
+
+def test_each_dispatch_setting_of_the_file_is_a_setting_of_the_dispatcher() -> None:
+    """The runtime passes every key of ``dispatch:`` on by name: a key added to the schema
+    without a dispatcher setting of that name fails here, not in production."""
+    known = {f.name for f in dataclasses.fields(DispatchSettings)}
+    assert set(DISPATCH) <= known, set(DISPATCH) - known
 
 
 def test_timing_settings_take_milliseconds_and_default_to_the_daemon_s_own(
@@ -102,7 +117,7 @@ def test_timing_settings_take_milliseconds_and_default_to_the_daemon_s_own(
     assert default.daemon == DaemonConfig()
     assert default.daemon.leadership_every == timedelta(seconds=10)
     assert default.daemon.watch_every == timedelta(milliseconds=500)
-    assert dispatch_settings(default).idle_sleep == 0.5
+    assert dispatch_settings(default).poll_every == 0.5
 
     config.write_text(
         config.read_text()
@@ -120,7 +135,7 @@ def test_timing_settings_take_milliseconds_and_default_to_the_daemon_s_own(
         lock_wait=timedelta(milliseconds=500),
         fire_retry=timedelta(milliseconds=200),
     )
-    assert dispatch_settings(loaded).idle_sleep == 0.05
+    assert dispatch_settings(loaded).poll_every == 0.05
     assert loaded.where("daemon.fire_retry") == f"pushrules.yaml:{line_of(config, 'fire_retry:')}"
 
 

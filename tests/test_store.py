@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from engine.outbox.schema import (
+from engine.outbox.schema import SCHEMA_VERSION, utcnow
+from engine.outbox.states import (
     DEAD,
     DROPPED,
     FAILED,
@@ -28,11 +29,9 @@ from engine.outbox.schema import (
     IN_DOUBT,
     PENDING,
     RETRYING,
-    SCHEMA_VERSION,
     SENDING,
     SENT,
     STATES,
-    utcnow,
 )
 from engine.outbox.store import AttemptResult, Fire, Store, TransitionError
 from tests.conftest import store_url_context

@@ -362,3 +362,28 @@ def test_poll_key_template_is_checked(root: Path) -> None:
     p = only(problems(root))
     assert p.field == "trigger.poll.key"
     assert "itm" in p.message
+
+
+def test_tests_are_checked_against_their_rules_when_checked_on_several_cores(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many files are checked in worker processes that send no rule back to validate; the
+    rules the tests name come back all the same, so a test is checked against its rule
+    however many files the project has."""
+    from engine.rules import loader as loader_module
+    from engine.rules.loader import Loader
+
+    write_rule(root, "digest", GOOD.replace("{event: flight.canceled}", '{cron: "0 9 * * *"}'))
+    for i in range(4):
+        write_rule(root, f"other-{i}", GOOD)
+    (root / "rule-tests").mkdir()
+    (root / "rule-tests/digest.yaml").write_text(
+        "cases:\n  - name: an event\n    event: {member_id: '1'}\n    expect: {requests: 1}\n"
+    )
+    monkeypatch.setattr(loader_module, "PARALLEL_THRESHOLD", 2)
+    alone = Loader(root, workers=1, problems_only=True, tests=True).load()
+    several = Loader(root, workers=2, problems_only=True, tests=True).load()
+    assert several.problems == alone.problems
+    [problem] = several.problems
+    assert problem.file == "rule-tests/digest.yaml" and "reads no event" in problem.message
+    assert set(several.rules) == {"digest"}  # the others' rules were not sent back

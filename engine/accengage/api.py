@@ -7,11 +7,15 @@ sandbox endpoint) reads these tables, so the API is written down once.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 ROUTE = "/sendInstantMessage.php"
+#: Where this project's fake of the API (``sandbox``) listens unless told otherwise; named here,
+#: with the API, so that commands can show it without loading the server.
+SANDBOX_PORT = 8751
 MAX_TARGETS = 100
 
 RETURN_CODES: dict[int, str] = {
@@ -87,14 +91,15 @@ TARGET_FIELDS: dict[str, str] = {
 TARGET_KEYS = tuple(TARGET_FIELDS)
 SINGLE_APP_ONLY_TARGET_KEYS = frozenset({"segmentId", "staticListId", "staticListExternalId"})
 
-#: Button fields and their types; ``id`` is the button's number in its template
-#: (see :func:`button_index`).
+#: Button fields and their types, in the order of the API documentation's example (the order
+#: ``pushrules fmt`` writes them in); ``id`` is the button's number in its template (see
+#: :func:`button_index`).
 BUTTON_FIELD_TYPES: dict[str, str] = {
     "id": "id",
-    "action": "string",
-    "url": "string",
     "title": "string",
+    "url": "string",
     "icon": "string",
+    "action": "string",
     "destructive": "boolean",
     "customParams": "customParams",
 }
@@ -161,6 +166,12 @@ PREDEFINED_BUTTON_TEMPLATES: dict[str, int] = {
 MAX_BUTTONS = {"android": 3, "ios": 4}
 #: Bytes a compiled message may take before the platform refuses it.
 MAX_PAYLOAD_BYTES = {"ios": 4096, "android": 4000}
+
+
+def payload_bytes(message: Mapping[str, Any]) -> int:
+    """A message's size as measured against :data:`MAX_PAYLOAD_BYTES`: its JSON in UTF-8."""
+    return len(json.dumps(message, ensure_ascii=False, default=str).encode())
+
 
 PLATFORMS = ("ios", "android")
 

@@ -44,7 +44,7 @@ from engine.accengage import api
 from engine.accengage.request_check import DEFAULT_LANGUAGES, check_request, message_count
 
 DEFAULT_HOST: Final = "127.0.0.1"
-DEFAULT_PORT: Final = 8751
+DEFAULT_PORT: Final = api.SANDBOX_PORT
 DEFAULT_MAX_RECORDS: Final = 100_000
 
 #: Message ids are unique and increasing across every sandbox of the process, so a client that

@@ -6,23 +6,27 @@ import argparse
 import json
 import sys
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from engine.cli.main import (
+from engine.accengage.api import SANDBOX_PORT
+from engine.cli.common import (
     EXIT_OK,
     EXIT_PROBLEMS,
     EXIT_USAGE,
     UsageError,
+    lazy,
     load_project_dir,
     load_settings,
     parse_time,
+    project_argument,
+    sandbox_store_argument,
 )
 from engine.rules.schedule import (
+    SCHEDULED,
     TriggerError,
-    fire_times,
+    next_fires,
     parse_duration,
     parse_timezone,
-    schedule_for,
 )
 
 if TYPE_CHECKING:
@@ -30,7 +34,112 @@ if TYPE_CHECKING:
     from engine.rules.loader import RuleSet
     from engine.rules.project import Project
 
-SCHEDULED = ("cron", "every", "at")
+
+def register(sub: Any) -> None:
+    """run, next, pause, resume."""
+    p = sub.add_parser(
+        "run",
+        help="run the daemon: schedules, events, feeds, sending",
+        description="Run the long-lived process: schedules (cron, every, at), polled feeds, "
+        "the event intake (POST /events/NAME), /healthz and /metrics, and the dispatcher "
+        "sending the outbox. Reloads on file changes and on SIGHUP; SIGTERM finishes in-flight "
+        "sends, then exits 0.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  pushrules run --sandbox          # try it: a fake Accengage on "
+        "loopback\n  pushrules run --log-format json  # in production, for a log collector\n\n"
+        "Then: curl -X POST localhost:8750/events/flight.canceled -d @event.json",
+    )
+    project_argument(p)
+    p.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="also start a sandbox Accengage endpoint and send to it",
+    )
+    p.add_argument(
+        "--sandbox-port",
+        type=int,
+        default=SANDBOX_PORT,
+        metavar="PORT",
+        help=f"the sandbox's port (default {SANDBOX_PORT})",
+    )
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="where the intake listens (default: listen in pushrules.yaml)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text for a terminal, json lines for a log collector",
+    )
+    p.set_defaults(func=lazy("engine.cli.daemon", "cmd_run"))
+
+    p = sub.add_parser(
+        "next",
+        help="when scheduled rules fire next",
+        description="The coming fire times of cron, every and at rules, in each rule's "
+        "timezone, with its UTC offset.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  pushrules next\n  pushrules next monday-digest --count 5 "
+        "--from 2026-03-28T00:00:00+01:00 --format json",
+    )
+    p.add_argument("rule", nargs="?", help="one rule (default: every scheduled rule)")
+    project_argument(p)
+    p.add_argument("--from", dest="from_", metavar="ISO8601", help="start (default: now)")
+    p.add_argument("--count", type=int, default=3, help="fire times per rule (default 3)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=lazy("engine.cli.daemon", "cmd_next"))
+
+    for name, text, description, examples in (
+        (
+            "pause",
+            "stop sending a rule's pushes (or all) at once",
+            "An emergency stop that needs no commit: held in the store, so every running "
+            "daemon honours it within a second, and a restart too. Fires that come while "
+            "paused are kept in the outbox, not sent, until resumed or dropped.",
+            "  pushrules pause flight-canceled\n"
+            "  pushrules pause --all --for 2h      # every rule, lifted by itself after 2 hours\n"
+            "  pushrules pause monday-digest --sandbox",
+        ),
+        (
+            "resume",
+            "lift a pause and release the fires it held",
+            "Lift a pause made by `pushrules pause`: the fires kept in the outbox while paused, "
+            "and those held past the rule's limit, are sent by the daemon at once (or dropped "
+            "with --drop-unsent). A rule cannot be resumed alone while `pause --all` is in "
+            "force: `resume --all` lifts that.",
+            "  pushrules resume flight-canceled\n"
+            "  pushrules resume --all\n"
+            "  pushrules resume flight-canceled --drop-unsent   # lift it, send nothing it kept",
+        ),
+    ):
+        p = sub.add_parser(
+            name,
+            help=text,
+            description=description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=f"Examples:\n{examples}",
+        )
+        p.add_argument("rule", nargs="?", help="rule id")
+        p.add_argument("--all", action="store_true", help="every rule")
+        project_argument(p)
+        if name == "pause":
+            p.add_argument(
+                "--for",
+                dest="for_",
+                metavar="DURATION",
+                help="resume by itself after this long (15m, 2h, 1d)",
+            )
+        else:
+            p.add_argument(
+                "--drop-unsent",
+                action="store_true",
+                help="drop what the rule has not sent yet (held past its limit, or kept while "
+                "paused) instead of sending it",
+            )
+        sandbox_store_argument(p)
+        p.set_defaults(func=lazy("engine.cli.daemon", f"cmd_{name}"))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -75,10 +184,8 @@ def cmd_next(args: argparse.Namespace) -> int:
         invalid = []
     result: dict[str, list[str]] = {}
     for rule in sorted(rules, key=lambda r: r.id):
-        tz = parse_timezone(rule.timezone)
-        schedule = schedule_for(rule.trigger, tz)
-        times = fire_times(schedule, start.astimezone(tz), args.count)
-        result[rule.id] = [t.astimezone(tz).isoformat() for t in times]
+        times = next_fires(rule.trigger, rule.timezone, start, args.count)
+        result[rule.id] = [t.isoformat() for t in times]
     if args.format == "json":
         print(json.dumps(result, indent=2))
         if invalid:

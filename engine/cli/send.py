@@ -18,22 +18,25 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.cli.main import (
+from engine.cli.common import (
     EXIT_OK,
     EXIT_PROBLEMS,
     EXIT_USAGE,
     UsageError,
     fire_context,
+    fire_input_arguments,
+    lazy,
     load_project_dir,
     load_settings,
     parse_time,
+    project_argument,
     read_event,
     rule_to_fire,
+    sandbox_store_argument,
 )
-from engine.outbox.firing import FireOutcome, FireRequest, fire_many
-from engine.outbox.schema import (
+from engine.outbox.states import (
     DEAD,
     FAILED,
     HELD,
@@ -44,10 +47,12 @@ from engine.outbox.schema import (
     SENT,
     STATES,
 )
-from engine.outbox.store import AttemptResult, OutboxRow, Store, TransitionError
-from engine.render.compiler import FireContext
-from engine.rules.project import Project
 from engine.rules.schedule import TriggerError, parse_duration, parse_timezone
+
+if TYPE_CHECKING:  # the store and the compiler load when a command runs, not for --help
+    from engine.outbox.firing import FireOutcome, FireRequest
+    from engine.outbox.store import AttemptResult, OutboxRow, Store
+    from engine.rules.project import Project
 
 EXIT_LEFT_TO_DAEMON = 75  # EX_TEMPFAIL: try again later (the daemon will)
 FINAL_STATES = (SENT, FAILED, DEAD, IN_DOUBT)
@@ -57,6 +62,125 @@ UNSETTLED = (PENDING, SENDING)
 SETTLE_POLL = 0.05
 #: Below this many requests a progress bar is noise.
 PROGRESS_THRESHOLD = 20
+
+
+def register(sub: Any) -> None:
+    """send, fire, history, outbox; each loads the store and the compiler when it runs."""
+
+    def command(name: str) -> Any:
+        return lazy("engine.cli.send", name)
+
+    def sending(p: argparse.ArgumentParser) -> None:
+        project_argument(p)
+        p.add_argument(
+            "--key",
+            metavar="K",
+            help="idempotency key: the same key sends once (default: a new one each time)",
+        )
+        p.add_argument(
+            "--wait",
+            type=float,
+            default=30.0,
+            metavar="SECONDS",
+            help="how long to keep retrying before leaving it to the daemon (default 30)",
+        )
+        p.add_argument(
+            "--dry-run", action="store_true", help="show the requests; record and send nothing"
+        )
+        p.add_argument(
+            "--sandbox",
+            action="store_true",
+            help="send to a sandbox endpoint started on loopback, not to Accengage",
+        )
+
+    p = sub.add_parser(
+        "send",
+        help="fire one rule now and wait for Accengage's answer",
+        description="Compile one firing of a rule, record it in the outbox, send it, and wait "
+        "for the outcome (retrying within --wait). What still retries after that stays in the "
+        "outbox for the daemon. Exit 0 all sent, 1 failed or needs a person, 75 left to the "
+        "daemon.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  pushrules send flight-canceled --event event.json --sandbox\n"
+        "  pushrules send monday-digest --key digest-2026-w48   # at most once for that key",
+    )
+    p.add_argument("rule", help="rule id: the rule file's name without .yaml")
+    fire_input_arguments(p)
+    sending(p)
+    p.set_defaults(func=command("cmd_send"))
+
+    p = sub.add_parser(
+        "fire",
+        help="fire an event: every rule listening to it sends",
+        description="Do what POST /events/EVENT does on the daemon, from the command line: "
+        "every enabled rule listening to EVENT fires with the payload, then the requests are "
+        "sent and their outcome printed.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Example:\n  pushrules fire flight.canceled --data event.json --key AF1234-11-26",
+    )
+    p.add_argument("event", help="event name, like flight.canceled")
+    p.add_argument("--data", metavar="FILE", help="event payload, a JSON object (- for stdin)")
+    sending(p)
+    p.set_defaults(func=command("cmd_fire"))
+
+    p = sub.add_parser(
+        "history",
+        help="what was sent, when, and what Accengage answered",
+        description="List outbox rows, newest first: one per HTTP request, with its state, "
+        "attempts, return code and message id.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  pushrules history --rule flight-canceled --since 2h\n"
+        "  pushrules history --status in_doubt,failed,dead --format json",
+    )
+    project_argument(p)
+    p.add_argument("--rule", metavar="R", help="only this rule")
+    p.add_argument(
+        "--status",
+        metavar="S",
+        help="only these states, comma-separated: pending, "
+        "sending, sent, retrying, failed, dead, in_doubt, held, dropped",
+    )
+    p.add_argument(
+        "--since", metavar="T", help="a duration back from now (2h, 1d) or an ISO 8601 time"
+    )
+    p.add_argument("--limit", type=int, default=100, help="rows at most (default 100)")
+    p.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="text: a table for people; json: every row with its attempts, for tools",
+    )
+    p.add_argument(
+        "--unmatched",
+        action="store_true",
+        help="events the daemon answered but no rule took, with why (instead of the outbox)",
+    )
+    sandbox_store_argument(p)
+    p.set_defaults(func=command("cmd_history"))
+
+    p = sub.add_parser(
+        "outbox",
+        help="resend or drop requests that need a person (in_doubt, failed, dead)",
+        description="resend: queue the rows again and send them now (their history is kept). "
+        "drop: give up on them for good. Check `pushrules history --status in_doubt` first: "
+        "an in_doubt request may already have reached users.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  pushrules history --status in_doubt,failed,dead   # find the ids\n"
+        "  pushrules outbox resend 42 43\n  pushrules outbox drop 44\n"
+        "  pushrules outbox resend 7 --sandbox   # a row of the --sandbox trials",
+    )
+    p.add_argument("action", choices=("resend", "drop"))
+    p.add_argument("ids", type=int, nargs="+", metavar="ID", help="outbox row ids (history)")
+    project_argument(p)
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="resend: how long to keep retrying (default 30)",
+    )
+    sandbox_store_argument(p)
+    p.set_defaults(func=command("cmd_outbox"))
 
 
 @contextlib.contextmanager
@@ -85,6 +209,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    from engine.outbox.firing import FireRequest
+
     key = args.key or f"manual:{uuid.uuid4()}"
     return _fire_and_deliver(args, project, [FireRequest(rule, context, key)], context.now)
 
@@ -105,6 +231,9 @@ def cmd_fire(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_PROBLEMS
+    from engine.outbox.firing import FireRequest
+    from engine.render.compiler import FireContext
+
     now = datetime.now(UTC)
     event_id = args.key or str(uuid.uuid4())
     requests = [
@@ -121,6 +250,7 @@ def cmd_fire(args: argparse.Namespace) -> int:
 def _fire_and_deliver(
     args: argparse.Namespace, project: Project, requests: list[FireRequest], now: datetime
 ) -> int:
+    from engine.outbox.firing import fire_many
     from engine.send.runtime import open_store
 
     if args.dry_run:
@@ -493,6 +623,7 @@ def _print_table(rows: Sequence[OutboxRow], waits: Mapping[int, str | None]) -> 
 def cmd_outbox(args: argparse.Namespace) -> int:
     """``resend`` queues rows again and sends them now (waiting as ``send`` does); ``drop``
     gives up on them for good. Both keep the row's history."""
+    from engine.outbox.store import TransitionError
     from engine.send.runtime import open_store
 
     try:

@@ -29,6 +29,7 @@ from typing import Any
 import uvicorn
 from sqlalchemy.exc import OperationalError
 
+from engine.accengage.api import SANDBOX_PORT
 from engine.daemon.clock import Clock
 from engine.daemon.intake import create_app, no_rule_note
 from engine.daemon.metrics import Metrics
@@ -58,7 +59,7 @@ log = logging.getLogger("pushrules.daemon")
 class Options:
     root: Path
     sandbox: bool = False
-    sandbox_port: int = 8751
+    sandbox_port: int = SANDBOX_PORT
     listen: str | None = None  # overrides pushrules.yaml's listen
     clock: Clock = field(default_factory=Clock)
 

@@ -12,14 +12,22 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from engine.outbox.schema import HELD, PENDING
-from engine.outbox.store import Fire, Store
-from engine.render.compiler import CompileError, FireContext, compile_fire, passes_when
+from engine.outbox.states import HELD, PENDING
+from engine.render.compiler import (
+    CompiledRequest,
+    CompileError,
+    FireContext,
+    compile_fire,
+    passes_when,
+)
 from engine.rules.project import Project
 from engine.rules.rule import QuietHours, Rule
 from engine.rules.schedule import parse_timezone
+
+if TYPE_CHECKING:  # the store loads with the first fire, not for a rule test or explain
+    from engine.outbox.store import Fire, Store
 
 log = logging.getLogger("pushrules.fire")
 
@@ -69,38 +77,85 @@ def quiet_until(quiet: QuietHours, at: datetime) -> datetime | None:
     return local.replace(tzinfo=at.tzinfo).astimezone(at.tzinfo)
 
 
-def _prepare(
-    store: Store, project: Project, req: FireRequest, now: datetime, counts: dict[str, int]
-) -> tuple[FireOutcome | None, Fire | None, str, datetime | None]:
-    """Decide a fire without writing: an outcome when it stops here, else what to enqueue."""
-    rule, ctx, key = req.rule, req.context, req.key
+Verdict = Literal["send", "filtered", "failed", "empty", "skipped"]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What a fire comes to before the store is asked anything (its limit): pure, so a rule
+    test or ``explain`` decides exactly as a real fire does, with no store.
+
+    ``requests`` are the compiled requests, kept even when quiet hours defer or skip them, so
+    a reviewer can see what they hold. ``error`` is what failed the fire (``failed``): a
+    :class:`CompileError` the author can act on, or any other exception (a bug, logged with its
+    traceback).
+    """
+
+    verdict: Verdict
+    requests: tuple[CompiledRequest, ...] = ()
+    detail: str = ""
+    not_before: datetime | None = None
+    error: Exception | None = None
+
+    @property
+    def sends_now(self) -> bool:
+        """Whether its requests would go out at once (a limit or a pause aside)."""
+        return self.verdict == "send" and self.not_before is None
+
+
+def decide(
+    project: Project,
+    rule: Rule,
+    ctx: FireContext,
+    now: datetime,
+    *,
+    notes: list[str] | None = None,
+) -> Decision:
+    """The rule's ``when``, its compiled requests, whether they expand to nobody, and its quiet
+    hours at ``now``: every decision of a fire but its limit. Never raises for one bad fire.
+
+    ``notes``: where to add what the compiler only logs (``for_each`` items skipped).
+    """
     try:
         if not passes_when(rule, ctx):
-            return FireOutcome(rule.id, key, "filtered", detail="`when` is false"), None, "", None
-        requests = compile_fire(rule, project, ctx)
+            return Decision("filtered", detail="`when` is false")
+        requests = tuple(compile_fire(rule, project, ctx, notes=notes))
     except CompileError as exc:
-        log.error("rule %s did not fire (key %s): %s", rule.id, key, exc)
-        return FireOutcome(rule.id, key, "failed", detail=str(exc)), None, "", None
+        return Decision("failed", detail=str(exc), error=exc)
     except Exception as exc:  # a bug or an unbounded template: this fire fails, not its batch
         detail = f"rendering failed: {type(exc).__name__}: {exc}"
-        log.exception("rule %s did not fire (key %s): %s", rule.id, key, detail)
-        return FireOutcome(rule.id, key, "failed", detail=detail), None, "", None
+        return Decision("failed", detail=detail, error=exc)
     if not requests:
-        return (
-            FireOutcome(rule.id, key, "empty", detail="the targets expanded to nobody"),
-            None,
-            "",
-            None,
-        )
-    not_before = None
+        return Decision("empty", detail="the targets expanded to nobody")
     if rule.quiet_hours is not None:
         local = now.astimezone(parse_timezone(rule.timezone))
         until = quiet_until(rule.quiet_hours, local)
         if until is not None:
             if rule.quiet_hours.then == "skip":
                 detail = f"quiet hours until {until.isoformat()}: skipped"
-                return FireOutcome(rule.id, key, "skipped", detail=detail), None, "", None
-            not_before = until
+                return Decision("skipped", requests, detail)
+            return Decision(
+                "send", requests, f"deferred by quiet hours to {until.isoformat()}", until
+            )
+    return Decision("send", requests)
+
+
+def _prepare(
+    store: Store, project: Project, req: FireRequest, now: datetime, counts: dict[str, int]
+) -> tuple[FireOutcome | None, Fire | None, str, datetime | None]:
+    """Decide a fire, then count it against its limit: an outcome when it stops here, else
+    what to enqueue."""
+    from engine.outbox.store import Fire
+
+    rule, key = req.rule, req.key
+    decision = decide(project, rule, req.context, now)
+    if decision.verdict != "send":
+        if decision.verdict == "failed":
+            trace = None if isinstance(decision.error, CompileError) else decision.error
+            log.error(
+                "rule %s did not fire (key %s): %s", rule.id, key, decision.detail, exc_info=trace
+            )
+        return FireOutcome(rule.id, key, decision.verdict, detail=decision.detail), None, "", None
     state = PENDING
     if rule.limit is not None:
         # Counted once per batch, then carried along it: a feed answering 10,000 items at
@@ -110,8 +165,8 @@ def _prepare(
         if counts[rule.id] >= rule.limit.count:
             state = HELD
         counts[rule.id] += 1
-    fire = Fire(rule.id, key, [(r.url, r.body) for r in requests])
-    return None, fire, state, not_before
+    fire = Fire(rule.id, key, [(r.url, r.body) for r in decision.requests])
+    return None, fire, state, decision.not_before
 
 
 def fire_many(

@@ -43,23 +43,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from engine.errors import PushrulesError
+from engine.outbox.states import ATTENTION_STATES, DUE_STATES, SENDING
 
 SCHEMA_VERSION: Final = 3
-
-HELD, PENDING, SENDING, SENT = "held", "pending", "sending", "sent"
-RETRYING, FAILED, DEAD, IN_DOUBT, DROPPED = "retrying", "failed", "dead", "in_doubt", "dropped"
-STATES: Final = (HELD, PENDING, SENDING, SENT, RETRYING, FAILED, DEAD, IN_DOUBT, DROPPED)
-#: States the dispatcher may claim once ``next_attempt_at`` has come.
-DUE_STATES: Final = (PENDING, RETRYING)
-#: States a result may be written over: ``in_doubt`` too, when the lease ran out while the
-#: request was still in flight and its answer came after all (a known outcome beats a doubt).
-RESULT_STATES: Final = (SENDING, IN_DOUBT)
-RESENDABLE: Final = (IN_DOUBT, FAILED, DEAD, DROPPED)
-DROPPABLE: Final = (HELD, PENDING, RETRYING, IN_DOUBT, FAILED, DEAD)
-#: States a person looks at.
-ATTENTION_STATES: Final = (HELD, IN_DOUBT, FAILED, DEAD)
-#: States a result may set.
-RESULT_TARGETS: Final = (SENT, RETRYING, FAILED, DEAD, IN_DOUBT)
 
 MAX_KEY_LENGTH: Final = 1000
 #: Every PostgreSQL instance creating the schema at once takes this advisory lock first.

@@ -45,6 +45,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     make_url,
     or_,
     select,
@@ -71,6 +72,20 @@ from engine.outbox.instances import (
 )
 from engine.outbox.marks import Marks
 from engine.outbox.schema import (
+    SCHEMA_VERSION,
+    UTCDateTime,
+    _aware,
+    _check_key,
+    _states,
+    attempts_table,
+    ensure_schema,
+    instances,
+    outbox,
+    pauses,
+    schema_version_table,
+    utcnow,
+)
+from engine.outbox.states import (
     DROPPABLE,
     DROPPED,
     DUE_STATES,
@@ -84,17 +99,6 @@ from engine.outbox.schema import (
     SENDING,
     SENT,
     STATES,
-    UTCDateTime,
-    _aware,
-    _check_key,
-    _states,
-    attempts_table,
-    ensure_schema,
-    instances,
-    outbox,
-    pauses,
-    schema_version_table,
-    utcnow,
 )
 from engine.rules.secrets import hide_url_password
 
@@ -315,6 +319,15 @@ class TransitionError(PushrulesError, ValueError):
     """An operator action that the row's state does not allow; the message says why."""
 
 
+def _require_file(url: str) -> None:
+    """A SQLite store's file exists (connecting would create it); StoreUnavailable if not."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        path = parsed.database
+        if not os.path.exists(path):
+            raise StoreUnavailable(f"no outbox at {path} yet: nothing is recorded there")
+
+
 def encode_body(body: Mapping[str, Any]) -> str:
     """The stored JSON text of a request body; refuses one that carries credentials."""
     if not isinstance(body, Mapping) or set(body) != {"sendInstantMessage"}:
@@ -350,23 +363,40 @@ def _attempt_row(m: RowMapping) -> AttemptRow:
     )
 
 
+class StoreUnavailable(PushrulesError):
+    """A store a command only reads is not there to read: no outbox yet, or a schema of another
+    version (which only a command that writes may migrate)."""
+
+
 class Store(Marks):
     """The outbox and its few companions (attempts, seen keys, pauses) in one database."""
 
-    def __init__(self, url: str = DEFAULT_URL, *, echo: bool = False) -> None:
+    def __init__(self, url: str = DEFAULT_URL, *, echo: bool = False, create: bool = True) -> None:
+        """``create=False``: the store as it is, for a command that only reads it (``explain``):
+        never created, nor migrated, a missing SQLite file never made, a PostgreSQL server that
+        does not answer given up after a few seconds; :class:`StoreUnavailable` otherwise."""
         self.url = url
         if make_url(url).get_backend_name() not in {"sqlite", "postgresql"}:
             raise ValueError(
                 f"store {hide_url_password(url)!r}: only sqlite:///FILE and "
                 "postgresql+psycopg://... are supported"
             )
-        self.engine: Engine = self._make_engine(url, echo)
+        if not create:
+            _require_file(url)
+        self.engine: Engine = self._make_engine(url, echo, quick=not create)
         self.dialect = self.engine.dialect.name
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
-        self._create_schema()
+        try:
+            if create:
+                self._create_schema()
+            else:
+                self._check_schema()
+        except BaseException:
+            self.engine.dispose()
+            raise
 
     @staticmethod
-    def _make_engine(url: str, echo: bool) -> Engine:
+    def _make_engine(url: str, echo: bool, *, quick: bool = False) -> Engine:
         if url.startswith("sqlite"):
             if url in {"sqlite://", "sqlite:///:memory:"}:
                 raise ValueError("the outbox needs a file: use sqlite:///path/to/pushrules.db")
@@ -374,6 +404,8 @@ class Store(Marks):
             event.listen(engine, "connect", _sqlite_on_connect)
             event.listen(engine, "begin", _sqlite_begin)
             return engine
+        if quick:
+            return create_engine(url, echo=echo, connect_args={"connect_timeout": 5})
         return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=8, max_overflow=8)
 
     def close(self) -> None:
@@ -397,6 +429,19 @@ class Store(Marks):
     def _create_schema(self) -> None:
         with self.engine.begin() as conn:
             ensure_schema(conn)
+
+    def _check_schema(self) -> None:
+        """The schema is this version's, read without writing; StoreUnavailable otherwise."""
+        where = hide_url_password(self.url)
+        with self._read() as conn:
+            if schema_version_table.name not in inspect(conn).get_table_names():
+                raise StoreUnavailable(f"{where} holds no outbox yet: nothing is recorded there")
+            version = conn.execute(select(func.max(schema_version_table.c.version))).scalar()
+        if version != SCHEMA_VERSION:
+            raise StoreUnavailable(
+                f"{where} has schema version {version}, and this pushrules reads version "
+                f"{SCHEMA_VERSION}; a command that writes (the daemon, send) brings it up to date"
+            )
 
     def schema_version(self) -> int:
         with self._read() as conn:
@@ -950,6 +995,7 @@ __all__ = [
     "Reclaimed",
     "ResultUpdate",
     "Store",
+    "StoreUnavailable",
     "TransitionError",
     "encode_body",
 ]

@@ -122,23 +122,28 @@ def passes_when(rule: Rule, ctx: FireContext) -> bool:
         raise CompileError(rule.id, "when", str(exc), reference=exc.reference) from None
 
 
-def compile_fire(rule: Rule, project: Project, ctx: FireContext) -> list[CompiledRequest]:
+def compile_fire(
+    rule: Rule, project: Project, ctx: FireContext, *, notes: list[str] | None = None
+) -> list[CompiledRequest]:
     """All requests of one fire; an empty list when for_each targets expand to nothing.
 
     Each request passes the same check the sandbox answers with before it is returned, so what
     rendering produced (an event's values) cannot send Accengage a request it would refuse.
     All rendering of one fire shares one budget of processor time (``FIRE_SECONDS``).
+    ``notes`` receives, in words, what is otherwise only logged (``for_each`` items skipped).
     """
     with templating.fire_budget():
-        return _compile_fire(rule, project, ctx)
+        return _compile_fire(rule, project, ctx, notes)
 
 
-def _compile_fire(rule: Rule, project: Project, ctx: FireContext) -> list[CompiledRequest]:
+def _compile_fire(
+    rule: Rule, project: Project, ctx: FireContext, notes: list[str] | None
+) -> list[CompiledRequest]:
     scope = template_context(rule, ctx)
     messages = [
         (plan, _parent(rule, plan, scope), _api_message(rule, plan, scope)) for plan in rule.apps
     ]
-    targets = list(_expand_targets(rule, scope))
+    targets = list(_expand_targets(rule, scope, notes))
     chunks = [
         targets[i : i + accengage.MAX_TARGETS]
         for i in range(0, len(targets), accengage.MAX_TARGETS)
@@ -354,7 +359,9 @@ def _target(r: _Renderer, target: Mapping[str, Any], path: tuple[Any, ...]) -> d
     return out
 
 
-def _expand_targets(rule: Rule, scope: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+def _expand_targets(
+    rule: Rule, scope: Mapping[str, Any], notes: list[str] | None = None
+) -> Iterator[dict[str, Any]]:
     r = _Renderer(rule, scope, ())
     produced = 0
     for index, target in enumerate(rule.targets):
@@ -399,11 +406,15 @@ def _expand_targets(rule: Rule, scope: Mapping[str, Any]) -> Iterator[dict[str, 
             produced += 1
             yield made
         if skipped:
-            _report_skipped(rule, path, seen, skipped)
+            _report_skipped(rule, path, seen, skipped, notes)
 
 
 def _report_skipped(
-    rule: Rule, path: tuple[Any, ...], seen: int, skipped: list[BlankTarget]
+    rule: Rule,
+    path: tuple[Any, ...],
+    seen: int,
+    skipped: list[BlankTarget],
+    notes: list[str] | None,
 ) -> None:
     """Items whose id came out empty are left out and counted; all of them is an error."""
     first = skipped[0]
@@ -414,6 +425,8 @@ def _report_skipped(
     if len(skipped) == seen:
         raise CompileError(rule.id, field_path((*path, "for_each")), f"all {words}", 9)
     log.warning("rule %s, %s: %s", rule.id, field_path((*path, "for_each")), words)
+    if notes is not None:
+        notes.append(f"{field_path((*path, 'for_each'))}: {words}")
 
 
 __all__ = [

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -346,7 +345,7 @@ def _check_quiet_hours(value: Any, out: _Collector) -> QuietHours | None:
         parts = text.split(":")
         valid = (
             len(parts) == 2
-            and all(p.isdigit() for p in parts)
+            and all(p.isascii() and p.isdigit() for p in parts)
             and int(parts[0]) < 24
             and int(parts[1]) < 60
         )
@@ -583,7 +582,7 @@ def _check_app_message(
 
     _check_macros(message, targets, project, add)
 
-    size = len(json.dumps(message, ensure_ascii=False, default=str).encode())
+    size = accengage.payload_bytes(message)
     limit = accengage.MAX_PAYLOAD_BYTES[platform]
     if size > limit:
         add(

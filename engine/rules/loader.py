@@ -11,11 +11,12 @@ import hashlib
 import multiprocessing
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.rules.cases import CaseFile, ReadCaseFile, check_case_files, read_case_files
 from engine.rules.checks import parse_rule
 from engine.rules.fragments import BUTTONS_DIR, MESSAGES_DIR, Fragments, load_fragments
 from engine.rules.problems import Problem
@@ -43,6 +44,8 @@ class RuleSet:
     #: Of ``stale``, rules whose file is missing in a load made while files were changing:
     #: kept until a settled load confirms the file is gone.
     vanishing: frozenset[str] = field(default_factory=frozenset)
+    #: The ``rule-tests/`` files whose cases can run (read only when asked: see Loader).
+    cases: tuple[CaseFile, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -62,6 +65,8 @@ class _Entry:
     context: str
     rule: Rule | None
     problems: list[Problem]
+    #: The rule was good but not sent back from a worker (problems_only, skip_rules).
+    dropped: bool = False
 
 
 def _file_error(rel: str, message: str) -> Problem:
@@ -83,7 +88,7 @@ def _relative(path: Path, root: Path) -> str:
     return text[len(prefix) :] if text.startswith(prefix) else str(path.relative_to(root))
 
 
-def _context_key(root: Path) -> str:
+def context_key(root: Path) -> str:
     """A fingerprint of what every rule depends on: the config and the templates."""
     digest = hashlib.blake2b(digest_size=16)
     paths = [root / CONFIG_NAME]
@@ -104,15 +109,47 @@ class Loader:
     """Loads a project folder, remembering each file's result for the next load."""
 
     def __init__(
-        self, root: Path, *, workers: int | None = None, problems_only: bool = False
+        self,
+        root: Path,
+        *,
+        workers: int | None = None,
+        problems_only: bool = False,
+        skip_rules: Collection[str] = frozenset(),
+        only: frozenset[str] | None = None,
+        tests: bool = False,
     ) -> None:
         """``problems_only``: a check that needs no rules back (``validate``) skips sending
-        them from the worker processes."""
+        them from the worker processes (it costs more than the checks); ``skip_rules``: the
+        same for these files only (paths relative to ``root``). ``only``: check these rule
+        files alone (paths from the root, like ``rules/x.yaml``), the others being only listed
+        (for repeated ids). ``tests``: read ``rule-tests/`` too (``validate``, ``test``); the
+        daemon and the commands that fire leave them alone, so a broken test never shows in
+        the daemon's health."""
         self.root = root
         self.problems_only = problems_only
+        self.skip_rules = frozenset(skip_rules)
+        self.only = only
+        self.tests = tests
         self.workers = workers if workers is not None else (os.cpu_count() or 1)
         self._entries: dict[str, _Entry] = {}
         self._last_good: dict[str, Rule] = {}
+
+    def sibling(self, root: Path) -> Loader:
+        """A new loader of ``root``, another copy of the same project (an older revision of
+        it), that takes over what this one has checked: a file with the same path, text,
+        configuration and templates is not checked again. It keeps no last good version, so
+        its loads are exactly those of a new :class:`Loader` of ``root`` with the same
+        settings, only faster."""
+        other = Loader(
+            root,
+            workers=self.workers,
+            problems_only=self.problems_only,
+            skip_rules=self.skip_rules,
+            only=self.only,
+            tests=self.tests,
+        )
+        other._entries = dict(self._entries)
+        return other
 
     def load(self, *, settled: bool = True) -> RuleSet:
         """The project as it is now.
@@ -123,8 +160,11 @@ class Loader:
         good version instead, and a later settled load drops it.
         """
         root = self.root
-        context = _context_key(root)
+        context = context_key(root)
         project, problems = load_project(root)
+        # Read first: the rules the tests name are needed back from the workers.
+        tests = read_case_files(root) if self.tests else None
+        tested = {found.rule for found, _ in tests or () if found is not None}
         fragments, fragment_problems, fragment_files = load_fragments(root)
         problems = [*problems, *fragment_problems]
         paths = rule_files(root)
@@ -156,6 +196,8 @@ class Loader:
                     )
                 )
                 continue
+            if self.only is not None and Path(rel).as_posix() not in self.only:
+                continue
             try:
                 text = read_source(path, root, root / RULES_DIR)
             except Unreadable as exc:
@@ -167,26 +209,31 @@ class Loader:
         if project is None:
             # Without a valid pushrules.yaml no rule can be checked against apps and platforms.
             self._entries.clear()
+            cases, test_files = self._cases(tests, None, {}, problems)
             return RuleSet(
                 root,
                 None,
                 fragments,
                 dict(self._last_good),
                 tuple(problems),
-                1 + fragment_files + len(paths),
+                1 + fragment_files + len(paths) + test_files,
                 frozenset(self._last_good),
+                cases=cases,
             )
 
         todo = [
             rel
-            for rel, (_, _, h) in texts.items()
+            for rel, (rule_id, _, h) in texts.items()
             if (entry := self._entries.get(rel)) is None
             or entry.text_hash != h
             or entry.context != context
+            or (entry.dropped and self._wants(rel, rule_id, tested))
         ]
-        checked = self._check(todo, texts, project, fragments, context)
+        drop = frozenset(rel for rel in todo if not self._wants(rel, texts[rel][0], tested))
+        checked = self._check(todo, texts, project, fragments, context, drop)
         for rel, (new_rule, new_problems) in checked.items():
-            self._entries[rel] = _Entry(texts[rel][2], context, new_rule, new_problems)
+            dropped = new_rule is None and rel in drop and not any(p.is_error for p in new_problems)
+            self._entries[rel] = _Entry(texts[rel][2], context, new_rule, new_problems, dropped)
         for gone in set(self._entries) - set(texts):
             del self._entries[gone]
 
@@ -211,16 +258,37 @@ class Loader:
                     vanishing.add(rule_id)
         for gone in set(self._last_good) - set(rules):
             del self._last_good[gone]
+        cases, test_files = self._cases(tests, set(by_id), rules, problems)
         return RuleSet(
             root,
             project,
             fragments,
             rules,
             tuple(problems),
-            1 + fragment_files + len(paths),
+            1 + fragment_files + len(paths) + test_files,
             frozenset(stale),
             frozenset(vanishing),
+            cases,
         )
+
+    def _wants(self, rel: str, rule_id: str, tested: set[str]) -> bool:
+        """Whether the rule of file ``rel`` is wanted back from the workers: unless the
+        settings say no, and always when a test names it (the tests are checked against it)."""
+        return rule_id in tested or not (self.problems_only or rel in self.skip_rules)
+
+    @staticmethod
+    def _cases(
+        tests: list[ReadCaseFile] | None,
+        rule_ids: set[str] | None,
+        rules: Mapping[str, Rule],
+        problems: list[Problem],
+    ) -> tuple[tuple[CaseFile, ...], int]:
+        """The rule tests when asked for, their problems added to ``problems``."""
+        if tests is None:
+            return (), 0
+        cases, found = check_case_files(tests, rule_ids, rules)
+        problems.extend(found)
+        return cases, len(tests)
 
     def _check(
         self,
@@ -229,14 +297,17 @@ class Loader:
         project: Project,
         fragments: Fragments,
         context: str,
+        drop: frozenset[str],
     ) -> dict[str, tuple[Rule | None, list[Problem]]]:
+        """Check the files of ``todo``; the rules of those in ``drop`` need not come back
+        (checked here, in this process, they cost nothing to keep)."""
         jobs = [(texts[rel][0], rel, texts[rel][1], f"{texts[rel][2]}-{context}") for rel in todo]
         if len(jobs) < PARALLEL_THRESHOLD or self.workers < 2:
             return {job[1]: parse_rule(*job[:3], project, fragments, job[3]) for job in jobs}
-        return _check_parallel(jobs, project, fragments, self.workers, self.problems_only)
+        return _check_parallel(jobs, project, fragments, self.workers, drop)
 
 
-_shared: tuple[Project, Fragments, bool] | None = None
+_shared: tuple[Project, Fragments, frozenset[str]] | None = None
 
 
 Job = tuple[str, str, str, str]  # rule id, relative path, text, digest
@@ -244,20 +315,21 @@ Job = tuple[str, str, str, str]  # rule id, relative path, text, digest
 
 def _check_chunk(jobs: list[Job]) -> list[tuple[str, Rule | None, list[Problem]]]:
     assert _shared is not None
-    project, fragments, problems_only = _shared
+    project, fragments, drop = _shared
     out = []
     for rule_id, rel, text, digest in jobs:
         rule, problems = parse_rule(rule_id, rel, text, project, fragments, digest)
-        out.append((rel, None if problems_only else rule, problems))
+        out.append((rel, None if rel in drop else rule, problems))
     return out
 
 
 def _check_parallel(
-    jobs: list[Job], project: Project, fragments: Fragments, workers: int, problems_only: bool
+    jobs: list[Job], project: Project, fragments: Fragments, workers: int, drop: frozenset[str]
 ) -> dict[str, tuple[Rule | None, list[Problem]]]:
-    """Check on several cores; forked workers inherit the project and templates."""
+    """Check on several cores; forked workers inherit the project and templates. The rules of
+    the files in ``drop`` are not sent back."""
     global _shared
-    _shared = (project, fragments, problems_only)
+    _shared = (project, fragments, drop)
     chunks = [jobs[i::workers] for i in range(workers)]
     try:
         context = multiprocessing.get_context("fork")

@@ -38,6 +38,7 @@ class DispatchConfig:
     max_attempts: int | None = None
     timeout: timedelta | None = None
     on_unknown_outcome: str | None = None
+    transport: str | None = None
     poll_every: timedelta | None = None
 
 
@@ -97,6 +98,18 @@ class Project:
             if rest and rest != ":memory:":
                 return prefix + str((self.root / rest).resolve())
         return self.store
+
+
+def find_root(start: Path) -> Path | None:
+    """The project a file or folder belongs to: the nearest folder from ``start`` up that
+    holds pushrules.yaml (what pre-commit hands over are file paths)."""
+    here = start.absolute()
+    if not here.is_dir():
+        here = here.parent
+    for folder in (here, *here.parents):
+        if (folder / CONFIG_NAME).is_file():
+            return folder
+    return None
 
 
 def load_project(root: Path) -> tuple[Project | None, list[Problem]]:

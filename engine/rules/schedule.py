@@ -83,6 +83,11 @@ def _zone_keys() -> frozenset[str]:
     return frozenset(zoneinfo.available_timezones()) - _NOT_PLACES
 
 
+def zone_names() -> frozenset[str]:
+    """The IANA names :func:`parse_timezone` takes (the editor schema lists them)."""
+    return _zone_keys()
+
+
 def parse_timezone(name: str) -> zoneinfo.ZoneInfo:
     """An IANA zone; offsets and abbreviations are refused because they ignore DST."""
     if not isinstance(name, str) or not name.strip():
@@ -728,7 +733,7 @@ class EverySchedule:
 
     def __str__(self) -> str:
         start = "" if _utc(self.anchor) == EPOCH else f" from {self.anchor.isoformat()}"
-        return f"every {_format_duration(self.interval)}{start}"
+        return f"every {format_duration(self.interval)}{start}"
 
 
 @dataclass(frozen=True)
@@ -743,7 +748,8 @@ class AtSchedule:
         return f"at {self.when.astimezone(self.tz).isoformat()}"
 
 
-def _format_duration(interval: timedelta) -> str:
+def format_duration(interval: timedelta) -> str:
+    """A duration as a rule writes it: ``1h30m``."""
     seconds = int(interval.total_seconds())
     parts = []
     for unit, step in _UNITS.items():  # largest first
@@ -754,8 +760,9 @@ def _format_duration(interval: timedelta) -> str:
     return "".join(parts) or "0s"
 
 
-_SCHEDULED = ("cron", "every", "at")
-_KINDS = (*_SCHEDULED, "event", "poll")
+#: Trigger kinds that fire on a schedule (a feed is polled on one, but fires on what it finds).
+SCHEDULED = ("cron", "every", "at")
+_KINDS = (*SCHEDULED, "event", "poll")
 
 
 def schedule_for(
@@ -812,6 +819,16 @@ def fire_times(schedule: Schedule, start: datetime, count: int) -> list[datetime
         if moment is not None:
             fires.append(moment)
     return fires
+
+
+def next_fires(
+    trigger: Mapping[str, object], timezone: str, start: datetime, count: int
+) -> list[datetime]:
+    """The next ``count`` fires of a scheduled rule after ``start``, in its ``timezone``: what
+    ``pushrules next`` lists (``every`` counted from the epoch)."""
+    tz = parse_timezone(timezone)
+    schedule = schedule_for(trigger, tz)
+    return [t.astimezone(tz) for t in fire_times(schedule, start.astimezone(tz), count)]
 
 
 #: Missed fires listed at most per rule: catch-up sends only the newest, the rest are logged.

@@ -586,3 +586,33 @@ def blank_references(text: str, context: Mapping[str, Any]) -> list[str]:
         if state:
             found.append(f"{reference} is {state}")
     return found
+
+
+class _Missing:
+    """What :func:`read_values` gives for an input the context does not have."""
+
+    def __repr__(self) -> str:
+        return "missing"
+
+
+MISSING = _Missing()
+
+
+def read_values(text: str, context: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The inputs a template reads and their values in ``context`` (:data:`MISSING` when
+    absent), for saying why a ``when`` came out as it did: ``[("item.price", 129)]``.
+    Only the deepest of nested references is given (``event.a.b``, not ``event.a`` too)."""
+    found = references(text)
+    deepest = [r for r in found if not any(o.startswith(f"{r}.") for o in found)]
+    out: list[tuple[str, Any]] = []
+    for reference in deepest:
+        value: Any = context
+        for part in reference.split("."):
+            if isinstance(value, Mapping):
+                value = value.get(part, MISSING)
+            elif value is not MISSING and not part.startswith("_"):
+                value = getattr(value, part, MISSING)
+            if value is MISSING:
+                break
+        out.append((reference, value))
+    return out

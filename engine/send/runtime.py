@@ -57,23 +57,22 @@ class _OrDefault:
 
 
 def dispatch_settings(project: Project) -> DispatchSettings:
-    """``dispatch:`` of pushrules.yaml over the defaults. Its values are typed and bounded by
-    the schema already; the lease grows with a long timeout so a request in flight is never
-    taken for a dead one."""
+    """``dispatch:`` of pushrules.yaml over the defaults. Each key set there is the setting of
+    the same name (typed and bounded by the schema already); ``timeout`` also sets the
+    whole-request deadline, and the lease grows with it so a request in flight is never taken
+    for a dead one."""
     given = project.dispatch
-    changes: dict[str, Any] = {}
-    if given.concurrency is not None:
-        changes["concurrency"] = given.concurrency
-    if given.max_attempts is not None:
-        changes["max_attempts"] = given.max_attempts
-    if given.rate_per_second is not None:
-        changes["rate_per_second"] = float(given.rate_per_second)
-    if given.on_unknown_outcome is not None:
-        changes["on_unknown_outcome"] = given.on_unknown_outcome
-    if given.poll_every is not None:
-        changes["idle_sleep"] = given.poll_every.total_seconds()
-    if given.timeout is not None:
-        seconds = given.timeout.total_seconds()
+    changes: dict[str, Any] = {
+        f.name: getattr(given, f.name)
+        for f in dataclasses.fields(given)
+        if getattr(given, f.name) is not None
+    }
+    poll_every: timedelta | None = changes.pop("poll_every", None)
+    if poll_every is not None:
+        changes["poll_every"] = poll_every.total_seconds()
+    timeout: timedelta | None = changes.pop("timeout", None)
+    if timeout is not None:
+        seconds = timeout.total_seconds()
         changes["timeout"] = httpx.Timeout(
             connect=min(seconds, 10.0), read=seconds, write=seconds, pool=seconds
         )
