@@ -455,7 +455,8 @@ def test_marks_never_pass_a_fire_that_is_not_handled_yet(marks: Marks) -> None:
             held_mark = marks.get_mark(MARK_SCOPE, "tick")
             assert held_mark is not None and held_mark < due
             yearly = marks.get_mark(MARK_SCOPE, "yearly")
-            assert yearly is not None and datetime.now(UTC) - yearly < timedelta(seconds=1)
+            # A rule with nothing due is marked up to now (within a loaded machine's stall).
+            assert yearly is not None and datetime.now(UTC) - yearly < timedelta(seconds=10)
             release.set()
             await asyncio.sleep(0.05)
             done_mark = marks.get_mark(MARK_SCOPE, "tick")
