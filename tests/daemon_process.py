@@ -202,6 +202,11 @@ class Daemon:
         return env
 
     def start(self, **env: str) -> Daemon:
+        """Start the process and wait until it answers /healthz."""
+        return self.launch(**env).wait_ready()
+
+    def launch(self, **env: str) -> Daemon:
+        """Start the process without waiting for it (several start faster together)."""
         command = [sys.executable, "-m", "engine", "run", "--project", str(self.project.root)]
         with self.log_path.open("ab") as log:
             self.started_at = time.time()
@@ -212,6 +217,10 @@ class Daemon:
                 stderr=subprocess.STDOUT,
                 cwd=self.project.root,
             )
+        return self
+
+    def wait_ready(self) -> Daemon:
+        """Until the started process answers /healthz (it fails the test past START_TIMEOUT)."""
         wait_for(  # every 50 ms: a refused connection costs next to nothing
             self._answers,
             "the daemon to answer /healthz",

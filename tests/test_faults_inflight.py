@@ -511,7 +511,10 @@ def test_three_instances_on_postgres_survive_the_leader_sigkilled(
         for project in projects:
             project.rule("go", "event: go", "{{ event.n }}")
         sandbox.set_faults(latency_ms=4000)  # requests pile up in flight and claimed behind
-        instances_ = [daemons(p, name=f"i{i}") for i, p in enumerate(projects)]
+        # Launched together, then waited for: three Python starts overlap.
+        instances_ = [daemons(p, name=f"i{i}", wait=False) for i, p in enumerate(projects)]
+        for instance in instances_:
+            instance.wait_ready()
 
         def leader() -> Daemon | None:
             leading = [d for d in instances_ if d.health()[1]["leader"]]
