@@ -29,11 +29,12 @@ from starlette.routing import Route
 
 from engine.outbox.firing import FireOutcome
 from engine.rules.loader import RuleSet
+from engine.rules.schemas import MAX_BODY_DEFAULT
 from engine.rules.secrets import MissingSecret, SecretRef
 
 log = logging.getLogger("pushrules.intake")
 
-MAX_BODY = 1024 * 1024  # bytes; an event is a small JSON object, not an upload
+MAX_BODY = MAX_BODY_DEFAULT  # bytes, unless intake.max_body says otherwise
 MAX_IDEMPOTENCY_KEY = 200
 MAX_EVENT_NAME = 200
 
@@ -44,6 +45,11 @@ class IntakeState(Protocol):
 
     @property
     def token(self) -> SecretRef | None: ...
+
+    @property
+    def max_body(self) -> int:
+        """The largest body taken, in bytes (``intake.max_body``), read for every event."""
+        ...
 
     def ruleset(self) -> RuleSet: ...
 
@@ -108,7 +114,10 @@ def check_declared_length(content_length: str | None, limit: int) -> None:
 
 
 def _too_large(limit: int) -> str:
-    return f"the event is larger than {limit} bytes; send the data rules need, not a file"
+    return (
+        f"the event is larger than {limit} bytes (intake.max_body in pushrules.yaml); send "
+        "the data rules need, not a file, or raise intake.max_body"
+    )
 
 
 def _reject_constant(name: str) -> Any:
@@ -214,7 +223,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def create_app(state: IntakeState, *, max_body: int = MAX_BODY) -> Starlette:
+def create_app(state: IntakeState) -> Starlette:
     """The ASGI app; the daemon serves it with uvicorn on ``listen``."""
 
     async def post_event(request: Request) -> Response:
@@ -223,7 +232,7 @@ def create_app(state: IntakeState, *, max_body: int = MAX_BODY) -> Starlette:
         if len(name) > MAX_EVENT_NAME:
             raise _refuse(400, f"an event name is at most {MAX_EVENT_NAME} characters")
         event_id = event_id_from(request.headers.get("idempotency-key"))
-        payload = parse_event(await read_body(request, max_body))
+        payload = parse_event(await read_body(request, state.max_body))
         try:
             outcomes = await state.fire_event(name, payload, f"event:{event_id}")
         except Exception:

@@ -567,6 +567,10 @@ class _IntakeAdapter:
     def token(self) -> SecretRef | None:
         return self._daemon.token
 
+    @property
+    def max_body(self) -> int:
+        return self._daemon.project.intake.max_body
+
     def ruleset(self) -> RuleSet:
         return self._daemon.ruleset()
 
