@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict, defaultdict
+
 import pytest
 
 from engine.rules import templating
@@ -91,7 +93,15 @@ class _Thing:
         return "a thing"
 
 
-LONE = ["{{ p.id }}", "{{p.id}}", "{{ p . id }}", "{{ p }}", "{{ p.id.x }}", "{{ p.__class__ }}"]
+LONE = [
+    "{{ p.id }}",
+    "{{p.id}}",
+    "{{ p . id }}",
+    "{{ p }}",
+    "{{ p.id.x }}",
+    "{{ p.__class__ }}",
+    "{{ p.items }}",  # a dict's method, not its item
+]
 VALUES = [
     {"id": "m1"},
     {"id": 7},
@@ -106,6 +116,8 @@ VALUES = [
     {"id": "x" * 100_001},
     {"other": 1},
     {"items": 1},
+    OrderedDict(id="ordered"),
+    defaultdict(str),
     _Thing(),
     "text",
     3,

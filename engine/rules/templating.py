@@ -423,10 +423,21 @@ def _lone_reference(text: str) -> tuple[str, tuple[str, ...]] | None:
     return match.group(1), attributes
 
 
+#: What ``getattr`` finds on a plain dict: for any other name the sandbox's lookup fails over
+#: to the item, which is then all it does (a JSON event's dicts, their ``.id``).
+_DICT_NAMES = frozenset(dir(dict))
+
+
 def _follow(value: Any, attributes: tuple[str, ...]) -> Any:
     """The sandbox's lookups of ``name.a.b``; :data:`_FALL_BACK` when one finds nothing, so
     Jinja itself renders the text and raises its own error, word for word."""
     for attribute in attributes:
+        if type(value) is dict and attribute not in _DICT_NAMES:
+            bounds.step()  # as the sandbox's getattr counts it
+            value = value.get(attribute, _FALL_BACK)
+            if value is _FALL_BACK:
+                return _FALL_BACK
+            continue
         value = ENV.getattr(value, attribute)
         if isinstance(value, jinja2.Undefined):
             return _FALL_BACK
@@ -471,7 +482,10 @@ def _render(
             budget.start_text()
             value = _follow(context[reference[0]], reference[1])
             if value is not _FALL_BACK:
-                return Rendered(_collect((str(_finalize(value)),)), budget.nulls)
+                out = str(_finalize(value))  # one piece: of _collect, its size check applies
+                if len(out) > MAX_OUTPUT:
+                    raise RenderError(f"the template renders more than {MAX_OUTPUT:,} characters")
+                return Rendered(out, budget.nulls)
         template = compile_text(text)
         budget.start_text()
         return Rendered(_collect(template.generate(context)), budget.nulls)
