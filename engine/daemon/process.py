@@ -19,8 +19,9 @@ import json
 import logging
 import signal
 import socket
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -31,6 +32,7 @@ from sqlalchemy.exc import OperationalError
 
 from engine.accengage.api import SANDBOX_PORT
 from engine.daemon.clock import Clock
+from engine.daemon.collector import CollectorHold
 from engine.daemon.intake import create_app, no_rule_note
 from engine.daemon.metrics import Metrics
 from engine.daemon.poller import Poller
@@ -61,6 +63,8 @@ LEADERSHIP_EVERY = 10.0
 #: Seconds a fire write waits for SQLite's write lock before it fails: an event is then
 #: answered 503 "retry" quickly, and a scheduled fire is tried again (engine/daemon/scheduler.py).
 FIRE_WRITE_WAIT = 2.0
+#: Longest a step of a big fire waits for a /healthz check in progress (see in_steps).
+GIVE_WAY_MOST = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +106,8 @@ class Daemon:
         self._server_ref: uvicorn.Server | None = None
         self.store: Store | None = None
         self.started_at = self.clock.now()
+        self._checks = 0  # health checks running in worker threads
+        self._checks_lock = threading.Lock()
 
     # --- IntakeState ------------------------------------------------------------------------
 
@@ -143,6 +149,19 @@ class Daemon:
             log.warning("event %r (%s) taken by no rule: %s", name, key, reason)
 
     def health(self) -> dict[str, Any]:
+        with self._checks_lock:
+            self._checks += 1
+        try:
+            return self._health()
+        finally:
+            with self._checks_lock:
+                self._checks -= 1
+
+    def _checking(self) -> bool:
+        """Whether a health check is running (in a worker thread): a big fire gives way."""
+        return self._checks > 0
+
+    def _health(self) -> dict[str, Any]:
         ruleset = self.ruleset()
         problems: list[str] = []
         try:
@@ -204,18 +223,21 @@ class Daemon:
         return now.astimezone(parse_timezone(rule.timezone))
 
     async def _fire(self, requests: list[FireRequest], now: datetime) -> list[FireOutcome]:
-        """Each fire is decided here, on the event loop in the compiler's steps, so a
-        ``for_each`` over 100,000 items leaves the intake and /healthz answering between two
-        steps (in a worker thread, the compile would hold the GIL for seconds). Fires decided
-        at about the same moment (a minute's cron rules, a burst of events) then go to the
-        store together: one transaction for the lot, not one each."""
+        """Each fire is decided here, on the event loop in the compiler's steps (in a worker
+        thread, a ``for_each`` over 100,000 items held the interpreter lock for seconds), so
+        the intake and /healthz answer between two steps; one that takes more than a step
+        holds the garbage collector off until it is written. Fires decided at about the same
+        moment (a minute's cron rules, a burst of events) then go to the store together, in a
+        worker thread: one transaction for the lot, not one each."""
         if not requests:
             return []
-        decided = [
-            (req, await in_steps(decide_steps(self.project, req.rule, req.context, now)))
-            for req in requests
-        ]
-        outcomes = await self._fires.submit((decided, now))
+        with CollectorHold() as hold:
+            decided: list[Decided] = []
+            for req in requests:
+                steps = decide_steps(self.project, req.rule, req.context, now)
+                decided.append((req, await in_steps(steps, hold.start, self._checking)))
+            outcomes = await self._fires.submit((decided, now))
+            del decided  # freed while the collector is held: it never walks them
         self.metrics.fired(outcomes)
         if any(o.status == "queued" for o in outcomes):
             self.dispatcher.wake()
@@ -589,14 +611,33 @@ class _IntakeAdapter:
         return self._daemon.metrics_text()
 
 
-async def in_steps(steps: Steps[T]) -> T:
-    """Run work made of steps on the event loop, letting every other task run between two."""
+async def in_steps(
+    steps: Steps[T],
+    on_long: Callable[[], None] | None = None,
+    give_way: Callable[[], bool] | None = None,
+) -> T:
+    """Run work made of steps on the event loop, letting every other task run between two.
+
+    ``on_long`` is called once, when the work turns out to take more than one step. While
+    ``give_way()`` is true, the next step waits (at most GIVE_WAY_MOST): a /healthz check
+    reading the store in a worker thread needs the interpreter lock back after each read, and
+    on a busy machine waited tens of milliseconds for it at every step.
+    """
+    loop = asyncio.get_running_loop()
+    first = True
     while True:
         try:
             next(steps)
         except StopIteration as done:
             return cast(T, done.value)
+        if first and on_long is not None:
+            on_long()
+        first = False
         await asyncio.sleep(0)
+        if give_way is not None and give_way():
+            until = loop.time() + GIVE_WAY_MOST
+            while give_way() and loop.time() < until:
+                await asyncio.sleep(0.001)
 
 
 def _describe(changes: Changes | None, most: int = 10) -> str:

@@ -126,8 +126,8 @@ def passes_when(rule: Rule, ctx: FireContext) -> bool:
 
 #: Targets a compile in steps renders between two pauses (a few milliseconds of work), and
 #: requests it checks: see :func:`compile_steps`.
-STEP_TARGETS = 500
-STEP_REQUESTS = 20
+STEP_TARGETS = 100
+STEP_REQUESTS = 5
 
 T = TypeVar("T")
 
