@@ -214,7 +214,9 @@ def run(args: argparse.Namespace, root: Path) -> Results:
             # A small fire first: the first fire's imports are not the big fire's cost.
             warm = client.post(
                 f"{base}/events/{EVENT}",
-                content=json.dumps({"flight": "AF0", "at": "9:00", "members": [{"id": "w", "name": "W"}]}),
+                content=json.dumps(
+                    {"flight": "AF0", "at": "9:00", "members": [{"id": "w", "name": "W"}]}
+                ),
                 headers={"Idempotency-Key": "warm-up"},
             )
             if warm.status_code != 202:
