@@ -80,17 +80,18 @@ def test_dispatch_values_are_typed_as_the_schema_says(tmp_path: Path) -> None:
     config.write_text(
         config.read_text()
         + "dispatch:\n  concurrency: 4\n  rate_per_second: 20\n  max_attempts: 3\n"
-        + "  timeout: 45s\n  on_unknown_outcome: retry\n"
+        + "  timeout: 45s\n  on_unknown_outcome: retry\n  transport: httpcore\n"
     )
     loaded, problems = load_project(root)
     assert loaded is not None, problems
-    assert loaded.dispatch == DispatchConfig(4, 20, 3, timedelta(seconds=45), "retry")
+    assert loaded.dispatch == DispatchConfig(4, 20, 3, timedelta(seconds=45), "retry", "httpcore")
     assert type(loaded.dispatch.concurrency) is int
     assert type(loaded.dispatch.on_unknown_outcome) is str  # not the YAML reader's marked text
     assert loaded.where("dispatch.timeout") == f"pushrules.yaml:{line_of(config, 'timeout:')}"
     settings = dispatch_settings(loaded)
     assert (settings.concurrency, settings.rate_per_second, settings.max_attempts) == (4, 20, 3)
     assert settings.on_unknown_outcome == "retry"
+    assert settings.transport == "httpcore"
     assert settings.timeout.read == 45.0
     assert settings.deadline == 90.0  # twice the timeout, above the default 60 s
     assert settings.lease >= timedelta(seconds=2 * settings.deadline)

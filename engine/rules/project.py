@@ -44,6 +44,7 @@ class DispatchConfig:
     max_attempts: int | None = None
     timeout: timedelta | None = None
     on_unknown_outcome: str | None = None
+    transport: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

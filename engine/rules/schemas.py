@@ -669,6 +669,16 @@ DISPATCH: dict[str, Any] = {
             "park: a request whose result is unknown waits for a person; retry: send it again.",
         ),
     },
+    "transport": {
+        "type": "string",
+        "allowed": ["aiohttp", "httpcore"],
+        **doc(
+            "Transport",
+            "What carries the requests: aiohttp (the default: half the CPU a request) or "
+            "httpcore (httpx's own pools). Both tell a request that never left from one that "
+            "may have arrived.",
+        ),
+    },
 }
 
 #: ``intake:`` of pushrules.yaml. The body of one event is held whole, then parsed: 64 MiB
