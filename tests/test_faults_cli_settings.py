@@ -42,6 +42,7 @@ LINES: list[tuple[tuple[str, ...], str]] = [
     (("dispatch", "max_attempts"), "  max_attempts: 3"),
     (("dispatch", "timeout"), "  timeout: 10s"),
     (("dispatch", "on_unknown_outcome"), "  on_unknown_outcome: park"),
+    (("dispatch", "transport"), "  transport: aiohttp"),
     (("intake",), "intake:"),
     (("intake", "max_body"), "  max_body: 4194304"),
 ]
@@ -72,6 +73,7 @@ BAD: dict[tuple[str, ...], str] = {
     ("dispatch", "max_attempts"): "0",
     ("dispatch", "timeout"): "1000d",
     ("dispatch", "on_unknown_outcome"): "guess",
+    ("dispatch", "transport"): "curl",
     ("intake",): "4MiB",
     ("intake", "max_body"): "100",
 }
