@@ -63,7 +63,9 @@ LEADERSHIP_EVERY = 10.0
 #: Seconds a fire write waits for SQLite's write lock before it fails: an event is then
 #: answered 503 "retry" quickly, and a scheduled fire is tried again (engine/daemon/scheduler.py).
 FIRE_WRITE_WAIT = 2.0
-#: Longest a step of a big fire waits for a /healthz check in progress (see in_steps).
+#: A big fire's steps pause this long every so often, so worker threads run (see in_steps);
+#: and the longest they wait for a /healthz check in progress.
+STEPS_PAUSE, STEPS_PAUSE_EVERY = 0.001, 0.01
 GIVE_WAY_MOST = 0.05
 
 
@@ -236,7 +238,9 @@ class Daemon:
             for req in requests:
                 steps = decide_steps(self.project, req.rule, req.context, now)
                 decided.append((req, await in_steps(steps, hold.start, self._checking)))
+            log.info("XX decided")
             outcomes = await self._fires.submit((decided, now))
+            log.info("XX recorded")
             del decided  # freed while the collector is held: it never walks them
         self.metrics.fired(outcomes)
         if any(o.status == "queued" for o in outcomes):
@@ -618,13 +622,18 @@ async def in_steps(
 ) -> T:
     """Run work made of steps on the event loop, letting every other task run between two.
 
-    ``on_long`` is called once, when the work turns out to take more than one step. While
-    ``give_way()`` is true, the next step waits (at most GIVE_WAY_MOST): a /healthz check
-    reading the store in a worker thread needs the interpreter lock back after each read, and
-    on a busy machine waited tens of milliseconds for it at every step.
+    ``on_long`` is called once, when the work turns out to take more than one step.
+
+    Worker threads get their turn too. Between two steps the loop only polls its sockets,
+    letting go of the interpreter lock for an instant that a thread waiting for it rarely
+    catches, and a thread that sees the lock change hands keeps waiting: a /healthz check
+    waited 50-100 ms to start. So every STEPS_PAUSE_EVERY seconds of steps the loop sleeps
+    STEPS_PAUSE, and while ``give_way()`` is true (a check is reading the store) it sleeps
+    until the check is done, up to GIVE_WAY_MOST.
     """
     loop = asyncio.get_running_loop()
     first = True
+    paused = loop.time()
     while True:
         try:
             next(steps)
@@ -633,11 +642,16 @@ async def in_steps(
         if first and on_long is not None:
             on_long()
         first = False
-        await asyncio.sleep(0)
+        now = loop.time()
+        if now - paused >= STEPS_PAUSE_EVERY:
+            await asyncio.sleep(STEPS_PAUSE)
+            paused = loop.time()
+        else:
+            await asyncio.sleep(0)
         if give_way is not None and give_way():
             until = loop.time() + GIVE_WAY_MOST
             while give_way() and loop.time() < until:
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(STEPS_PAUSE)
 
 
 def _describe(changes: Changes | None, most: int = 10) -> str:
