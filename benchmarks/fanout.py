@@ -16,6 +16,9 @@ in a process of its own (``python -m engine sandbox``). For each fire:
 The outbox is read afterwards: each fire must hold exactly its requests, and one event sent
 again with the same ``Idempotency-Key`` must come back a duplicate.
 
+Before the daemon starts, the same fire in this process, without HTTP or event loop: the
+compile (median of 3, processor time, and per target) and the outbox's one transaction.
+
     python benchmarks/fanout.py [--targets 100000] [--fires 3] [--keep DIR]
 
 ``--keep DIR`` keeps the project, the daemon's log (``daemon.log``) and every ping
@@ -39,6 +42,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,7 +61,9 @@ from daemon import (  # noqa: E402
     wait_ready,
 )
 
-from engine.outbox.store import Store  # noqa: E402
+from engine.outbox.store import Fire, Store  # noqa: E402
+from engine.render.compiler import FireContext, compile_fire  # noqa: E402
+from engine.rules.loader import Loader  # noqa: E402
 
 LOGIN_VAR, PASSWORD_VAR = "BENCH_ACCENGAGE_LOGIN", "BENCH_ACCENGAGE_PASSWORD"
 EVENT, RULE = "bench.fanout", "fanout"
@@ -166,11 +172,36 @@ class FireResult:
 @dataclass
 class Results:
     targets: int
+    compile_cpu_s: float = math.nan
+    enqueue_s: float = math.nan
+    enqueue_cpu_s: float = math.nan
     body_mb: float = math.nan
     fires: list[FireResult] = field(default_factory=list)
     duplicate: str = ""
     idle_pings: list[float] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+
+
+def in_process(res: Results, root: Path) -> None:
+    """The fire compiled and enqueued here: what the daemon's steps and its thread add to."""
+    ruleset = Loader(root, workers=1).load()
+    assert ruleset.project is not None, ruleset.problems
+    rule = ruleset.rules[RULE]
+    event = json.loads(event_body(res.targets, 99))
+    ctx = FireContext(datetime.now(UTC), event=event)
+    compile_fire(rule, ruleset.project, FireContext(ctx.now, event={**event, "members": []}))
+    times = []
+    for _ in range(3):
+        start = time.process_time()
+        requests = compile_fire(rule, ruleset.project, ctx)
+        times.append(time.process_time() - start)
+    res.compile_cpu_s = statistics.median(times)
+    with Store(f"sqlite:///{root / 'in-process.db'}") as store:
+        fire = Fire(RULE, "in-process", [(r.url, r.body) for r in requests])
+        wall, cpu = time.perf_counter(), time.process_time()
+        store.enqueue_many([fire], now=ctx.now)
+        res.enqueue_s = time.perf_counter() - wall
+        res.enqueue_cpu_s = time.process_time() - cpu
 
 
 def run(args: argparse.Namespace, root: Path) -> Results:
@@ -184,6 +215,7 @@ def run(args: argparse.Namespace, root: Path) -> Results:
     try:
         listen = f"127.0.0.1:{free_port()}"
         store = generate(root, sandbox.url, listen)
+        in_process(res, root)
         env = {
             **os.environ,
             LOGIN_VAR: "bench@example.com",
@@ -317,6 +349,24 @@ def report(res: Results) -> None:
         return "n/a" if math.isnan(value) else ("yes" if value < target else "MISSED")
 
     rows: list[tuple[str, str, str, str]] = []
+    if not math.isnan(res.compile_cpu_s):
+        per = res.compile_cpu_s / res.targets * 1e6
+        rows.append(
+            (
+                "in process: compile, CPU (median of 3)",
+                f"{res.compile_cpu_s:.2f} s ({per:.1f} us a target)",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "in process: enqueue, one transaction (CPU)",
+                f"{res.enqueue_s:.2f} s ({res.enqueue_cpu_s:.2f} s)",
+                "",
+                "",
+            )
+        )
     if res.idle_pings:
         rows.append(
             (
