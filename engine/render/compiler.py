@@ -258,20 +258,9 @@ class _Renderer:
         where = field_path((*self.base, *path))
         return CompileError(self.rule.id, where, str(exc), reference=exc.reference)
 
-    def native(self, value: Any, path: tuple[Any, ...]) -> Any:
-        """Apple's dictionaries keep YAML's types; text is rendered."""
-        if isinstance(value, Scalar) and value.typed is not None:
-            return value.typed
-        if isinstance(value, dict):
-            return {str(k): self.native(v, (*path, k)) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self.native(v, (*path, i)) for i, v in enumerate(value)]
-        if isinstance(value, str):
-            return self.text(value, path)
-        return value
-
     def texts(self, mapping: Mapping[str, Any], path: tuple[Any, ...]) -> dict[str, str]:
-        return {str(k): self.text(v, (*path, k)) for k, v in mapping.items()}
+        made: dict[str, str] = _texts_maker(self.rule, mapping, (*self.base, *path))(self.scope)
+        return made
 
     def custom_params(self, value: Any, path: tuple[Any, ...]) -> list[dict[str, str]]:
         if isinstance(value, dict):
@@ -285,13 +274,8 @@ class _Renderer:
         ]
 
     def aps(self, value: Mapping[str, Any], path: tuple[Any, ...]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            if key == "badge":
-                out["badge"] = native(item)
-            else:
-                out[str(key)] = self.native(item, (*path, key))
-        return out
+        made: dict[str, Any] = _aps_maker(self.rule, value, (*self.base, *path))(self.scope)
+        return made
 
 
 def _boolean(value: Any) -> bool:
@@ -351,9 +335,9 @@ def _buttons(r: _Renderer, value: Mapping[str, Any], path: tuple[Any, ...]) -> d
     return out
 
 
-# --- targets: each target of a rule is read once per fire, then made once per item -----------
+# --- parts read once, made per scope: a for_each target is read once per fire, made per item --
 
-#: A part of a target, made from the scope of one item.
+#: A part of a request, made from a scope (a for_each target's: the fire's and its item).
 Maker = Callable[[Mapping[str, Any]], Any]
 
 
@@ -362,7 +346,7 @@ def _constant(value: Any) -> Maker:
 
 
 def _text_maker(rule: Rule, value: Any, path: tuple[Any, ...]) -> Maker:
-    """``_Renderer.text``: a template is rendered, plain text kept."""
+    """``_Renderer.text``, the text read once: a template is rendered, plain text kept."""
     text = str(value)
     if not templating.is_template(text):
         return _constant(text)
@@ -424,6 +408,24 @@ def _mapping_maker(fields: list[tuple[str, Maker]]) -> Maker:
     return lambda scope: {key: make(scope) for key, make in fields}
 
 
+def _texts_maker(rule: Rule, mapping: Mapping[str, Any], path: tuple[Any, ...]) -> Maker:
+    return _mapping_maker([(str(k), _text_maker(rule, v, (*path, k))) for k, v in mapping.items()])
+
+
+def _aps_maker(rule: Rule, value: Mapping[str, Any], path: tuple[Any, ...]) -> Maker:
+    """Apple's dictionary: ``badge`` as YAML typed it, the rest as :func:`_native_maker`."""
+    return _mapping_maker(
+        [
+            (str(k), _badge_maker(v) if k == "badge" else _native_maker(rule, v, (*path, k)))
+            for k, v in value.items()
+        ]
+    )
+
+
+def _badge_maker(value: Any) -> Maker:
+    return lambda _scope: native(value)
+
+
 def _target_maker(rule: Rule, target: Mapping[str, Any], path: tuple[Any, ...]) -> Maker:
     """What a target of the rule becomes in a request, read once: per item, only its templates
     are rendered (the field kinds, paths and template texts are the rule's, not the item's)."""
@@ -432,19 +434,9 @@ def _target_maker(rule: Rule, target: Mapping[str, Any], path: tuple[Any, ...]) 
         kpath = (*path, key)
         kind = accengage.TARGET_FIELDS.get(key)
         if kind == "content":
-            maker = _mapping_maker(
-                [(str(k), _text_maker(rule, v, (*kpath, k))) for k, v in value.items()]
-            )
+            maker = _texts_maker(rule, value, kpath)
         elif kind == "aps":
-            maker = _mapping_maker(
-                [
-                    (
-                        str(k),
-                        _badge_maker(v) if k == "badge" else _native_maker(rule, v, (*kpath, k)),
-                    )
-                    for k, v in value.items()
-                ]
-            )
+            maker = _aps_maker(rule, value, kpath)
         elif isinstance(value, dict):
             maker = _mapping_maker(
                 [
@@ -456,10 +448,6 @@ def _target_maker(rule: Rule, target: Mapping[str, Any], path: tuple[Any, ...]) 
             maker = _criterion_maker(rule, value, kpath)
         fields.append((str(key), maker))
     return _mapping_maker(fields)
-
-
-def _badge_maker(value: Any) -> Maker:
-    return lambda _scope: native(value)
 
 
 def _expand_targets(
