@@ -19,8 +19,9 @@ runs as a process of its own (``python -m engine sandbox``), so the two share no
     python benchmarks/daemon.py [--rules 1000] [--lead 20] [--deadline 60] [--reloads 3]
                                 [--keep DIR]
 
-Targets: p99 lag under 2 s; peak RSS under 200 MB; reload under 0.3 s. A missed target is
-reported, not an error: the exit code is non-zero only when the run itself failed.
+Targets: p99 lag under 1 s (issue 12; it was 2 s); peak RSS under 200 MB; reload under 0.3 s. A
+missed target is reported, not an error: the exit code is non-zero only when the run itself
+failed.
 
 Clocks. The daemon runs on a shifted clock (``PUSHRULES_CLOCK``: ``--lead`` seconds before
 the due minute), the sandbox stamps real time. The daemon's offset is fixed when it parses
@@ -69,7 +70,7 @@ LOGIN_VAR, PASSWORD_VAR = "BENCH_ACCENGAGE_LOGIN", "BENCH_ACCENGAGE_PASSWORD"
 PROBE_EVENT = "bench.clock_probe"
 PROBE_RULE = "zz-clock-probe"
 PROBE_MARK = "clock-probe"
-TARGET_P99_S, TARGET_RSS_MB, TARGET_RELOAD_S = 2.0, 200.0, 0.3
+TARGET_P99_S, TARGET_RSS_MB, TARGET_RELOAD_S = 1.0, 200.0, 0.3
 
 IOS_APPS = ["flights-ios", "news-ios"]
 ANDROID_APPS = ["flights-android", "news-android"]

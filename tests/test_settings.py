@@ -160,3 +160,27 @@ def test_a_timing_setting_out_of_its_bounds_is_a_problem_on_its_line(
     [problem] = problems
     assert message in problem.message, problem
     assert problem.line == len(config.read_text().splitlines())
+
+
+def test_intake_max_body_is_a_whole_number_of_bytes_within_bounds(tmp_path: Path) -> None:
+    root = make_project(tmp_path / "p")
+    base = (REPO / "pushrules.yaml").read_text()
+    loaded, _ = load_project(root)
+    assert loaded is not None and loaded.intake.max_body == 1024 * 1024  # the default
+    (root / "pushrules.yaml").write_text(base + "intake:\n  max_body: 16777216\n")
+    loaded, problems = load_project(root)
+    assert loaded is not None, problems
+    assert loaded.intake.max_body == 16 * 1024 * 1024
+    assert type(loaded.intake.max_body) is int
+    for bad, words in (
+        ("100", "100 is out of range; write a whole number from 1024 to 67108864"),
+        ("67108865", "67108865 is out of range; write a whole number from 1024 to 67108864"),
+        ("16MiB", "must be a whole number"),
+    ):
+        (root / "pushrules.yaml").write_text(base + f"intake:\n  max_body: {bad}\n")
+        loaded, problems = load_project(root)
+        assert loaded is None
+        (problem,) = problems
+        assert problem.field == "intake.max_body"
+        assert problem.line == len(base.splitlines()) + 2
+        assert problem.message == words

@@ -10,7 +10,14 @@ from typing import Any
 
 from engine.accengage import api as accengage
 from engine.rules.problems import Problem, Severity, field_path
-from engine.rules.schemas import DAEMON, DISPATCH, PROJECT_CHECKER, Bounds, is_yaml_int
+from engine.rules.schemas import (
+    DAEMON,
+    DISPATCH,
+    MAX_BODY_DEFAULT,
+    PROJECT_CHECKER,
+    Bounds,
+    is_yaml_int,
+)
 from engine.rules.secrets import SecretRef, hide_url_password
 from engine.rules.yaml_source import MarkedMap, load, native, position
 
@@ -56,6 +63,14 @@ class DaemonConfig:
     fire_retry: timedelta = timedelta(seconds=1)
 
 
+@dataclass(frozen=True, slots=True)
+class IntakeConfig:
+    """``intake:`` of pushrules.yaml, within the schema's bounds (:data:`~engine.rules.schemas.
+    INTAKE`)."""
+
+    max_body: int = MAX_BODY_DEFAULT  # bytes
+
+
 @dataclass(frozen=True)
 class Project:
     """The validated configuration; immutable, so a reload swaps it whole."""
@@ -74,6 +89,7 @@ class Project:
     intake_token: SecretRef | None = None
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    intake: IntakeConfig = field(default_factory=IntakeConfig)
     #: The line of each setting in the file (``accengage.password``: 7), so a problem met at
     #: run time points where the operator fixes it. Not part of what the settings mean.
     lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
@@ -207,6 +223,7 @@ def parse_project(root: Path, text: str) -> tuple[Project | None, list[Problem]]
         listen=str(doc.get("listen") or DEFAULT_LISTEN),
         intake_token=token,
         dispatch=DispatchConfig(**_settings(DISPATCH, doc.get("dispatch") or {})),
+        intake=_intake(doc.get("intake") or {}),
         daemon=DaemonConfig(**_settings(DAEMON, doc.get("daemon") or {})),
         lines=_lines(doc),
     )
@@ -278,6 +295,13 @@ def _settings(table: Mapping[str, Any], section: Mapping[str, Any]) -> dict[str,
         else:
             values[key] = str(section[key])
     return values
+
+
+def _intake(section: Mapping[str, Any]) -> IntakeConfig:
+    """The typed ``intake:`` of a section the schema passed (bounds included)."""
+    if "max_body" in section:
+        return IntakeConfig(max_body=int(native(section["max_body"])))
+    return IntakeConfig()
 
 
 def _names(value: Any) -> frozenset[str] | None:

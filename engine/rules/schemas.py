@@ -636,7 +636,7 @@ class Bounds:
     def words(self, value: float) -> str:
         """A bound as it is written in the file (``300`` seconds is ``5m``)."""
         if not self.unit:
-            return f"{value:g}"
+            return f"{value:d}" if isinstance(value, int) else f"{value:g}"  # not 6.71089e+07
         if value < 1:
             return f"{round(value * 1000)}ms"
         for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
@@ -770,6 +770,21 @@ DAEMON: dict[str, Any] = {
     },
 }
 
+#: ``intake:`` of pushrules.yaml. The body of one event is held whole, then parsed: 64 MiB
+#: of JSON is about 1.5 million for_each targets (the compiler stops at 1,000,000).
+MAX_BODY_DEFAULT = 1024 * 1024
+INTAKE: dict[str, Any] = {
+    "max_body": {
+        **INT,
+        "bounds": Bounds(1024, 64 * 1024 * 1024),
+        **doc(
+            "Largest event",
+            "The largest event body the daemon takes, in bytes, from 1024 to 67108864 (64 MiB); "
+            "default 1048576 (1 MiB). A larger one is answered 413.",
+        ),
+    },
+}
+
 PROJECT: dict[str, Any] = {
     "accengage": {
         "type": "dict",
@@ -876,6 +891,11 @@ PROJECT: dict[str, Any] = {
         "type": "dict",
         "schema": DISPATCH,
         **doc("Dispatch", "How the daemon sends: concurrency, rate, attempts, timeout."),
+    },
+    "intake": {
+        "type": "dict",
+        "schema": INTAKE,
+        **doc("Intake", "How the daemon takes events: the largest body (max_body, in bytes)."),
     },
     "daemon": {
         "type": "dict",
