@@ -42,6 +42,12 @@ LINES: list[tuple[tuple[str, ...], str]] = [
     (("dispatch", "max_attempts"), "  max_attempts: 3"),
     (("dispatch", "timeout"), "  timeout: 10s"),
     (("dispatch", "on_unknown_outcome"), "  on_unknown_outcome: park"),
+    (("retention",), "retention:"),
+    (("retention", "sent"), "  sent: 30d"),
+    (("retention", "dropped"), "  dropped: 90d"),
+    (("retention", "unmatched_events"), "  unmatched_events: 90d"),
+    (("retention", "feed_keys"), "  feed_keys: forever"),
+    (("retention", "marks"), "  marks: 365d"),
 ]
 #: Where the schema says "any name" (an app alias, a button category), the name used above.
 NAMES = {"apps": "flights-ios", "button_templates": "category_name"}
@@ -70,6 +76,12 @@ BAD: dict[tuple[str, ...], str] = {
     ("dispatch", "max_attempts"): "0",
     ("dispatch", "timeout"): "1000d",
     ("dispatch", "on_unknown_outcome"): "guess",
+    ("retention",): "90d",
+    ("retention", "sent"): "12h",
+    ("retention", "dropped"): "never",
+    ("retention", "unmatched_events"): "90",
+    ("retention", "feed_keys"): "1d",
+    ("retention", "marks"): "[90d]",
 }
 
 RULE = """

@@ -48,6 +48,7 @@ from sqlalchemy import (
     make_url,
     or_,
     select,
+    union_all,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -55,7 +56,12 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 from sqlalchemy.sql.elements import BindParameter
 
 from engine.errors import PushrulesError
-from engine.outbox.connections import _READ_ONLY, _sqlite_begin, _sqlite_on_connect
+from engine.outbox.connections import (
+    _READ_ONLY,
+    _sqlite_begin,
+    _sqlite_on_connect,
+    use_index_hints,
+)
 from engine.outbox.instances import (
     INSTANCE_LOCK_PREFIX,
     InFlight,
@@ -70,6 +76,7 @@ from engine.outbox.instances import (
     plan_reclaim,
 )
 from engine.outbox.marks import Marks
+from engine.outbox.retention import Retention
 from engine.outbox.schema import (
     UTCDateTime,
     _aware,
@@ -77,8 +84,10 @@ from engine.outbox.schema import (
     _states,
     attempts_table,
     ensure_schema,
+    fold_counts,
     instances,
     outbox,
+    outbox_counts,
     pauses,
     schema_version_table,
     utcnow,
@@ -101,6 +110,8 @@ from engine.outbox.states import (
 from engine.rules.secrets import hide_url_password
 
 DEFAULT_URL: Final = "sqlite:///pushrules.db"
+#: What a rule's limit counts: a fire in any state but dropped.
+_FIRE_STATES: Final = tuple(s for s in STATES if s != DROPPED)
 
 
 # -- statements on the hot path, built once (building one costs more than running it) --------
@@ -110,12 +121,17 @@ _ACTIVE_PAUSES = select(pauses.c.rule).where(
 )
 
 
+#: SQLite reads due rows off ix_outbox_due, never by state (see connections._SQLiteCompiler).
+_BY_DUE: Final = "INDEXED BY ix_outbox_due"
+
+
 def _claim_statement(*, by_ids: bool, paused: bool) -> Any:
     due = select(outbox.c.id).where(_states(*DUE_STATES))
     if by_ids:
         due = due.where(outbox.c.id.in_(bindparam("ids", expanding=True)))
     else:
         due = due.where(outbox.c.next_attempt_at <= bindparam("now", type_=UTCDateTime))
+        due = due.with_hint(outbox, _BY_DUE, "sqlite")
     if paused:
         due = due.where(outbox.c.rule.not_in(bindparam("paused", expanding=True)))
     due = (
@@ -352,7 +368,7 @@ def _attempt_row(m: RowMapping) -> AttemptRow:
     )
 
 
-class Store(Marks):
+class Store(Marks, Retention):
     """The outbox and its few companions (attempts, seen keys, pauses) in one database."""
 
     def __init__(self, url: str = DEFAULT_URL, *, echo: bool = False) -> None:
@@ -375,6 +391,7 @@ class Store(Marks):
             engine = create_engine(url, echo=echo, connect_args={"timeout": 15})
             event.listen(engine, "connect", _sqlite_on_connect)
             event.listen(engine, "begin", _sqlite_begin)
+            use_index_hints(engine)
             return engine
         return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=8, max_overflow=8)
 
@@ -886,39 +903,72 @@ class Store(Marks):
         since: datetime | None = None,
         limit: int = 100,
     ) -> list[OutboxRow]:
-        """Newest rows first, each with its attempts."""
-        q = select(outbox)
-        if rule is not None:
-            q = q.where(outbox.c.rule == rule)
-        if states is not None:
-            wanted = list(states)
-            unknown = sorted(set(wanted) - set(STATES))
-            if unknown:
-                raise ValueError(
-                    f"unknown state(s) {', '.join(unknown)}; known: {', '.join(STATES)}"
-                )
-            q = q.where(outbox.c.state.in_(wanted))
-        if since is not None:
-            q = q.where(outbox.c.created_at >= _aware(since, "since"))
-        q = q.order_by(outbox.c.id.desc()).limit(limit)
+        """Newest rows first (by creation, then id), each with its attempts.
+
+        One index run per state (``ix_outbox_state``, or ``ix_outbox_rule_state`` for a rule),
+        each cut at ``limit`` and merged in one statement: a list costs ``limit`` entries per
+        state however long the history, and a state with no row costs one index probe.
+        """
+        wanted = list(STATES if states is None else dict.fromkeys(states))
+        unknown = sorted(set(wanted) - set(STATES))
+        if unknown:
+            raise ValueError(f"unknown state(s) {', '.join(unknown)}; known: {', '.join(STATES)}")
+        if limit <= 0 or not wanted:
+            return []
+        runs = []
+        for state in wanted:
+            run = select(outbox.c.id, outbox.c.created_at).where(outbox.c.state == state)
+            if rule is not None:
+                run = run.where(outbox.c.rule == rule)
+            if since is not None:
+                run = run.where(outbox.c.created_at >= _aware(since, "since"))
+            newest = run.order_by(outbox.c.created_at.desc(), outbox.c.id.desc()).limit(limit)
+            runs.append(select(newest.subquery()))
+        merged = union_all(*runs).subquery()
+        top = (
+            select(merged.c.id)
+            .order_by(merged.c.created_at.desc(), merged.c.id.desc())
+            .limit(limit)
+        )
         with self._read() as conn:
-            return self._with_attempts(conn, list(conn.execute(q).mappings()))
+            ids = list(conn.execute(top).scalars())
+            picked = conn.execute(select(outbox).where(outbox.c.id.in_(ids))).mappings()
+            found = {m["id"]: m for m in picked}
+            return self._with_attempts(conn, [found[i] for i in ids if i in found])
 
     def backlog(self) -> dict[str, int]:
-        """Rows by state, every state present (zeros included)."""
+        """Rows by state, every state present (zeros included).
+
+        Read from ``outbox_counts``, which triggers keep (see ``schema``): the same answer as
+        counting the outbox, at the cost of a handful of rows rather than the whole history.
+        """
         counts = dict.fromkeys(STATES, 0)
         with self._read() as conn:
             for state, n in conn.execute(
-                select(outbox.c.state, func.count()).group_by(outbox.c.state)
+                select(outbox_counts.c.state, func.sum(outbox_counts.c.n)).group_by(
+                    outbox_counts.c.state
+                )
             ):
-                counts[state] = n
+                if state in counts or n:
+                    counts[state] = int(n)
         return counts
+
+    def fold_counts(self) -> int:
+        """Sum the state counts PostgreSQL's triggers append (a no-op on SQLite); returns the
+        rows folded. The daemon's leader calls it every few seconds, so :meth:`backlog` reads
+        a few rows, not one per statement since the store began."""
+        if self.dialect != "postgresql":
+            return 0
+        with self.engine.begin() as conn:
+            return fold_counts(conn)
 
     def next_due(self) -> datetime | None:
         """When the earliest pending or retrying row is due (the dispatcher's idle sleep)."""
         with self._read() as conn:
             return conn.execute(
-                select(func.min(outbox.c.next_attempt_at)).where(_states(*DUE_STATES))
+                select(func.min(outbox.c.next_attempt_at))
+                .where(_states(*DUE_STATES))
+                .with_hint(outbox, _BY_DUE, "sqlite")
             ).scalar()
 
     # -- fires and marks ---------------------------------------------------------------------
@@ -930,9 +980,10 @@ class Store(Marks):
         """
         q = select(func.count()).where(
             outbox.c.rule == rule,
-            outbox.c.chunk == 0,
+            # Named, not "!= dropped": each state is then one range of ix_outbox_rule_state.
+            outbox.c.state.in_(_FIRE_STATES),
             outbox.c.created_at >= _aware(since, "since"),
-            outbox.c.state != DROPPED,
+            outbox.c.chunk == 0,
         )
         with self._read() as conn:
             return int(conn.execute(q).scalar() or 0)

@@ -10,7 +10,7 @@ from typing import Any
 
 from engine.accengage import api as accengage
 from engine.rules.problems import Problem, Severity, field_path
-from engine.rules.schemas import DISPATCH, PROJECT_CHECKER, Bounds, is_yaml_int
+from engine.rules.schemas import DISPATCH, PROJECT_CHECKER, RETENTION, Bounds, is_yaml_int
 from engine.rules.secrets import SecretRef, hide_url_password
 from engine.rules.yaml_source import MarkedMap, load, native, position
 
@@ -40,6 +40,19 @@ class DispatchConfig:
     on_unknown_outcome: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """``retention:`` of pushrules.yaml: how long finished things are kept before the daemon
+    prunes them (None: forever). Its fields are the keys of :data:`~engine.rules.schemas.RETENTION`.
+    Rows that are not finished (in flight, or waiting for a person) are never pruned."""
+
+    sent: timedelta | None = timedelta(days=90)
+    dropped: timedelta | None = timedelta(days=90)
+    unmatched_events: timedelta | None = timedelta(days=90)
+    feed_keys: timedelta | None = timedelta(days=90)
+    marks: timedelta | None = timedelta(days=90)
+
+
 @dataclass(frozen=True)
 class Project:
     """The validated configuration; immutable, so a reload swaps it whole."""
@@ -57,6 +70,7 @@ class Project:
     listen: str = DEFAULT_LISTEN
     intake_token: SecretRef | None = None
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     #: The line of each setting in the file (``accengage.password``: 7), so a problem met at
     #: run time points where the operator fixes it. Not part of what the settings mean.
     lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
@@ -178,6 +192,7 @@ def parse_project(root: Path, text: str) -> tuple[Project | None, list[Problem]]
         listen=str(doc.get("listen") or DEFAULT_LISTEN),
         intake_token=token,
         dispatch=_dispatch(doc.get("dispatch") or {}),
+        retention=_retention(doc.get("retention") or {}),
         lines=_lines(doc),
     )
     return project, problems
@@ -247,6 +262,19 @@ def _dispatch(section: Mapping[str, Any]) -> DispatchConfig:
         else:
             values[key] = str(section[key])
     return DispatchConfig(**values)
+
+
+def _retention(section: Mapping[str, Any]) -> RetentionConfig:
+    """The typed ``retention:`` of a section the schema passed: a duration each, or None for
+    ``forever``; keys not written keep their default."""
+    from engine.rules.schedule import parse_duration
+
+    values: dict[str, timedelta | None] = {}
+    for key, spec in RETENTION.items():
+        if key in section:
+            text = str(section[key])
+            values[key] = None if text == spec["bounds"].word else parse_duration(text)
+    return RetentionConfig(**values)
 
 
 def _names(value: Any) -> frozenset[str] | None:

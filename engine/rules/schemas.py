@@ -175,6 +175,8 @@ class Bounds:
     low: int
     high: int
     unit: str = ""
+    #: A word also accepted in place of a number (``forever`` for a retention).
+    word: str = ""
 
     def problem(self, value: float, written: object) -> str | None:
         """Why ``value`` (as ``written`` in the file) is out of bounds; None within them."""
@@ -183,8 +185,11 @@ class Bounds:
         kind = "a duration" if self.unit else "a whole number"
         return (
             f"{written} is out of range; write {kind} from {self.words(self.low)} "
-            f"to {self.words(self.high)}"
+            f"to {self.words(self.high)}{self.or_word()}"
         )
+
+    def or_word(self) -> str:
+        return f", or {self.word}" if self.word else ""
 
     def words(self, value: float) -> str:
         """A bound as it is written in the file (``300`` seconds is ``5m``)."""
@@ -204,6 +209,18 @@ DISPATCH: dict[str, Any] = {
     "max_attempts": {**INT, "bounds": Bounds(1, 100)},
     "timeout": {**TEXT, "bounds": Bounds(1, 300, "s")},
     "on_unknown_outcome": {"type": "string", "allowed": ["park", "retry"]},
+}
+
+#: ``retention:`` of pushrules.yaml: how long what is finished is kept before the daemon prunes
+#: it, or ``forever``. Feed keys at least 7 days: polls refresh a key about daily, and a key is
+#: only forgotten once polls stopped finding it for this long (engine/outbox/retention.py).
+_DAYS = 86400
+RETENTION: dict[str, Any] = {
+    "sent": {**TEXT, "bounds": Bounds(_DAYS, 36500 * _DAYS, "s", "forever")},
+    "dropped": {**TEXT, "bounds": Bounds(_DAYS, 36500 * _DAYS, "s", "forever")},
+    "unmatched_events": {**TEXT, "bounds": Bounds(_DAYS, 36500 * _DAYS, "s", "forever")},
+    "feed_keys": {**TEXT, "bounds": Bounds(7 * _DAYS, 36500 * _DAYS, "s", "forever")},
+    "marks": {**TEXT, "bounds": Bounds(_DAYS, 36500 * _DAYS, "s", "forever")},
 }
 
 PROJECT: dict[str, Any] = {
@@ -241,6 +258,7 @@ PROJECT: dict[str, Any] = {
     "listen": TEXT,
     "intake_token": SECRET,
     "dispatch": {"type": "dict", "schema": DISPATCH},
+    "retention": {"type": "dict", "schema": RETENTION},
 }
 
 
@@ -302,14 +320,14 @@ def bounded_value(value: object, bounds: Bounds) -> float | str | None:
     """The number a bounded setting holds (seconds for a duration), a message when a duration
     cannot be read, or None when the type is wrong (the type rule says so)."""
     if bounds.unit == "s":
-        if not isinstance(value, str):
+        if not isinstance(value, str) or (bounds.word and str(value) == bounds.word):
             return None
         from engine.rules.schedule import TriggerError, parse_duration
 
         try:
             return parse_duration(str(value)).total_seconds()
         except TriggerError as exc:
-            return str(exc)
+            return f"{exc}{bounds.or_word()}"
     if not is_yaml_int(value):
         return None
     return cast(int, value.typed if isinstance(value, Scalar) else value)  # is_yaml_int said so
