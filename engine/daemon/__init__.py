@@ -2,7 +2,8 @@
 
 Owns the process wiring (``process``), the APScheduler adapter (``scheduler``), polled feeds
 (``poller``), the HTTP intake with /healthz and /metrics (``intake``, ``metrics``), hot reload
-(``watcher``), the injectable clock (``clock``) and logging (``logs``).
+(``watcher``), the leader's housekeeping: state counts and retention (``maintenance``), the
+injectable clock (``clock``) and logging (``logs``).
 
 May import: :mod:`engine.send` and everything below it; never :mod:`engine.cli`.
 """
