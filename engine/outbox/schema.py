@@ -42,7 +42,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from engine.errors import PushrulesError
-from engine.outbox.states import DUE_STATES, SENDING, STATES
+from engine.outbox.states import DUE_STATES, STATES
 
 SCHEMA_VERSION: Final = 4
 
@@ -125,15 +125,10 @@ Index(
     sqlite_where=_states(*DUE_STATES),
     postgresql_where=_states(*DUE_STATES),
 )
-Index(
-    "ix_outbox_sending",
-    outbox.c.claimed_until,
-    sqlite_where=_states(SENDING),
-    postgresql_where=_states(SENDING),
-)
 # History lists rows newest first one state at a time (the store merges the runs), so each
-# list reads ``limit`` entries however long the history; pruning finds old sent rows here.
-# ``tests/test_store_plans.py`` checks that claims still take ix_outbox_due.
+# list reads ``limit`` entries however long the history; pruning finds old sent rows here, and
+# reclaims the rows in flight. ``tests/test_store_plans.py`` checks that claims still take
+# ix_outbox_due.
 Index("ix_outbox_state", outbox.c.state, outbox.c.created_at, outbox.c.id)
 # The same for one rule; a rule's ``limit`` counts its recent fires here.
 Index("ix_outbox_rule_state", outbox.c.rule, outbox.c.state, outbox.c.created_at, outbox.c.id)
@@ -358,7 +353,9 @@ def _v4_flat_queries(conn: Connection) -> None:
     for statement in (
         "CREATE INDEX ix_outbox_state ON outbox (state, created_at, id)",
         "CREATE INDEX ix_outbox_rule_state ON outbox (rule, state, created_at, id)",
-        "DROP INDEX ix_outbox_attention",  # ix_outbox_state serves what it served
+        # ix_outbox_state serves what these served (rows needing a person, rows in flight)
+        "DROP INDEX ix_outbox_attention",
+        "DROP INDEX ix_outbox_sending",
         "CREATE INDEX ix_seen_keys_seen ON seen_keys (scope, seen_at)",
         f"CREATE TABLE outbox_counts (id {'BIGSERIAL' if postgres else 'INTEGER'} NOT NULL, "
         "state VARCHAR(16) NOT NULL, n BIGINT NOT NULL, PRIMARY KEY (id))",
