@@ -346,3 +346,50 @@ def test_the_command_line_says_what_to_do_with_a_store_it_refuses(
     assert main(["history", "--project", str(project)]) == 1
     err = capsys.readouterr().err
     assert "no schema_version" in err and "Traceback" not in err
+
+
+def test_version_4_counts_the_rows_already_there_and_moves_primed_marks(
+    two_urls: tuple[str, str],
+) -> None:
+    """The state counts start from the rows a store already has; a feed's primed mark, kept
+    under a NUL prefix among its keys before (SQLite only: PostgreSQL could not store it),
+    moves to its own scope with its time, so the feed is not taken for a new one."""
+    old, _ = two_urls
+    make_old(old, 1, _version_1())
+    states = ["sent"] * 3 + ["pending", "dead", "dropped", "dropped", "in_doubt"]
+    engine = create_engine(old)
+    with engine.begin() as conn:
+        for i, state in enumerate(states):
+            conn.execute(
+                text(
+                    "INSERT INTO outbox (rule, idem_key, chunk, url, body, state, attempts, "
+                    "created_at, updated_at, next_attempt_at) VALUES ('r', :k, 0, 'http://x', "
+                    "'{}', :s, 0, :t, :t, :t)"
+                ),
+                {"k": f"k{i}", "s": state, "t": T0.replace(tzinfo=None)},
+            )
+        if engine.dialect.name == "sqlite":
+            conn.execute(
+                text("INSERT INTO seen_keys VALUES (:s, :k, :t)"),
+                [
+                    {"s": "feed:offers", "k": "\x00primed:0123456789abcdef", "t": T0},
+                    {"s": "feed:offers", "k": "item-1", "t": T0},
+                ],
+            )
+    engine.dispose()
+    with Store(old) as store:
+        assert store.backlog() == {
+            **dict.fromkeys(("held", "sending", "retrying", "failed"), 0),
+            "sent": 3,
+            "pending": 1,
+            "dead": 1,
+            "dropped": 2,
+            "in_doubt": 1,
+        }
+        store.drop_unsent(now=T0)
+        assert store.backlog()["dropped"] == 3 and store.backlog()["pending"] == 0
+        if store.dialect == "sqlite":
+            assert store.see_keys("feed-primed:offers", ["0123456789abcdef"], T0) == []
+            assert store.see_keys("feed:offers", ["item-1", "\x00primed:0123456789abcdef"], T0) == [
+                "\x00primed:0123456789abcdef"
+            ]
