@@ -332,3 +332,34 @@ def test_the_check_sees_a_whole_read(planner: Planner) -> None:
 
     ((_, accesses),) = planner.accesses(by_body)
     assert [a for a in accesses if a.table == "outbox" and not a.bounded]
+
+
+def test_the_state_counts_are_read_and_folded_off_their_index(store_url: str) -> None:
+    """PostgreSQL's appends churn ``outbox_counts``, and the pages autovacuum frees stay
+    allocated: after a busy spell of 50,000 appends, folded and vacuumed, /healthz's read and
+    the leader's fold go through ix_outbox_counts_state, not through every page. (SQLite keeps
+    one row per state, moved in place: its read takes the index all the same.)"""
+    with Store(store_url) as store:
+        store.enqueue("r", "k", [(URL, body(1))], now=NOW)
+        postgres = store.dialect == "postgresql"
+        if postgres:
+            with store.engine.begin() as conn:
+                conn.exec_driver_sql(
+                    "INSERT INTO outbox_counts (state, n) "
+                    "SELECT 'sent', 0 FROM generate_series(1, 50000)"
+                )
+            store.fold_counts()
+            with store.engine.connect() as conn:
+                conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(
+                    "VACUUM ANALYZE outbox_counts"
+                )
+        planner = Planner(store)
+        try:
+            calls = [lambda s: s.backlog()] + ([lambda s: s.fold_counts()] if postgres else [])
+            for call in calls:
+                statement, accesses = planner.accesses(call)[0]
+                assert "outbox_counts" in statement
+                assert {a.index for a in accesses} == {"ix_outbox_counts_state"}, statement
+        finally:
+            planner.close()
+        assert store.backlog()["pending"] == 1

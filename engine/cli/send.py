@@ -707,6 +707,8 @@ def cmd_outbox_prune(args: argparse.Namespace) -> int:
         return EXIT_OK
     with open_store(project) as store:
         done = prune(store, project.retention, datetime.now(UTC), dry_run=args.dry_run)
+        if not args.dry_run:
+            store.fold_counts()  # PostgreSQL: as the daemon's leader does, should none run
     verb = "would go" if args.dry_run else "pruned"
     for kind, n in done.items():
         keep = retained(project.retention, kind)
