@@ -1,17 +1,22 @@
 """What the store's queries cost as the history grows: each one the daemon runs on a timer or per
-request, and every ``history`` filter, timed on a store of N rows.
+request, and every ``history`` filter, timed on stores of N rows side by side.
 
-The store is filled through the real code path, in bulk: fires enqueued 2,000 at a time,
+Each store is filled through the real code path, in bulk: fires enqueued 2,000 at a time,
 claimed, and their results recorded (an attempt each), as the dispatcher does; 2% are held
 then dropped. Traffic is a steady ``--per-day`` requests over 50 rules, so a longer history
 means older rows, not busier days (10,000 rows are two days of it, 1,000,000 two hundred).
 On top, whatever the history's length: 100 pending rows (deferred), 10 in_doubt, 10 dead, 10
 held, no retrying or failed; 10 feeds with a key per 1,000 rows, an unmatched event per 1,000.
+On PostgreSQL the leader's fold runs after each batch and the stores are vacuumed and analysed
+before timing, as autovacuum keeps a live store.
 
-Each query runs until 7 runs or 2 seconds, after one warm-up; the table gives the median.
-Then the disk the store takes, and the time to prune what a 90-day retention lets go.
+The stores are timed in turn, query by query (one warm-up, then up to 15 rounds within 3
+seconds), so a machine busy with something else weighs on all sizes alike; the table gives each
+size's median and the ratio of the largest's median to the smallest's. Then the disk each store
+takes, and the time to prune what a 90-day retention lets go.
 
-    python benchmarks/outbox.py [--rows 1000000] [--store URL] [--per-day 5000] [--no-prune]
+    python benchmarks/outbox.py [--rows 10000,1000000] [--store URL] [--per-day 5000]
+                                [--no-prune]
 
 Target: each query at 1,000,000 rows within 2x its time at 10,000, on SQLite and PostgreSQL.
 """
@@ -25,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -89,6 +95,8 @@ def fill(store: Store, rows: int, per_day: int, now: datetime) -> float:
                 store.see_keys(f"feed:feed-{feed}", keys, at)
         for k in range(n, n + size, 1000):
             store.record_unmatched("nobody", f"u{k}", "no rule listens", "{}", now=at)
+        if hasattr(store, "fold_counts"):
+            store.fold_counts()  # as the daemon's leader does every 5 s
         n += size
         if n % 100_000 < BATCH:
             print(f"  {n:,} rows, {time.perf_counter() - started:.0f} s", file=sys.stderr)
@@ -117,16 +125,20 @@ def live(store: Store, now: datetime) -> None:
     )
 
 
-def timed(call: Callable[[], object], *, runs: int = 7, budget: float = 2.0) -> float:
-    """Median milliseconds of ``call`` after a warm-up."""
-    call()
-    took: list[float] = []
-    deadline = time.perf_counter() + budget
-    while len(took) < runs and (not took or time.perf_counter() < deadline):
-        started = time.perf_counter()
+def timed(
+    calls: Sequence[Callable[[], object]], *, rounds: int = 15, budget: float = 3.0
+) -> list[float]:
+    """Median milliseconds of each call, the calls taken in turn, after a warm-up each."""
+    for call in calls:
         call()
-        took.append((time.perf_counter() - started) * 1000)
-    return statistics.median(took)
+    took: list[list[float]] = [[] for _ in calls]
+    deadline = time.perf_counter() + budget
+    while len(took[0]) < rounds and (not took[0] or time.perf_counter() < deadline):
+        for call, times in zip(calls, took, strict=True):
+            started = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - started) * 1000)
+    return [statistics.median(times) for times in took]
 
 
 def queries(store: Store, now: datetime) -> list[tuple[str, str, Callable[[], object] | None]]:
@@ -183,15 +195,23 @@ def _poll(store: Store, now: datetime) -> None:
     store.see_keys("feed:feed-1", [f"item-{k}" for k in range(0, 10_000, 100)], now)
 
 
-def disk(url: str, path: Path | None) -> tuple[int, str]:
-    """Bytes the store takes on disk (SQLite: once closed and checkpointed), and what counts."""
+def disk(url: str, path: Path | None) -> tuple[int, str, list[tuple[str, int]]]:
+    """Bytes the store takes on disk (SQLite: once closed and checkpointed), what counts, and
+    the tables and indexes that take most of it."""
     if path is not None:
         with sqlite3.connect(path) as conn:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            parts = conn.execute(
+                "SELECT name, sum(pgsize) FROM dbstat GROUP BY name ORDER BY 2 DESC"
+            ).fetchall()
         size = path.stat().st_size + sum(
             p.stat().st_size for p in path.parent.glob(path.name + "-*")
         )
-        return size, "the SQLite file: tables and indexes"
+        return size, "the SQLite file: tables and indexes", parts
+    # The bulk fill leaves each row's earlier versions behind, which a live store's autovacuum
+    # reclaims as it goes: count the store compacted, as it settles.
+    with Store(url) as store, store.engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("VACUUM FULL")
     with Store(url) as store, store.engine.connect() as conn:
         size = conn.execute(
             text(
@@ -199,7 +219,15 @@ def disk(url: str, path: Path | None) -> tuple[int, str]:
                 "WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r'"
             )
         ).scalar_one()
-    return int(size), "tables, indexes and TOAST: pg_total_relation_size"
+        parts = conn.execute(
+            text(
+                "SELECT c.relname, pg_total_relation_size(c.oid) - CASE WHEN c.relkind = 'r' "
+                "THEN pg_indexes_size(c.oid) ELSE 0 END FROM pg_class c "
+                "WHERE c.relnamespace = current_schema()::regnamespace "
+                "AND c.relkind IN ('r', 'i') ORDER BY 2 DESC"
+            )
+        ).all()
+    return int(size), "after VACUUM FULL: tables, indexes and TOAST", list(parts)
 
 
 def prune_all(store: Store, now: datetime) -> tuple[int, float]:
@@ -212,62 +240,104 @@ def prune_all(store: Store, now: datetime) -> tuple[int, float]:
     return sum(n or 0 for n in done.values()), time.perf_counter() - started
 
 
+@dataclass
+class Bench:
+    """One store of the run: its size, where it is, what it measured."""
+
+    rows: int
+    url: str
+    path: Path | None
+    scratch: ScratchSchema | None
+    store: Store | None = None
+    fill_s: float = 0.0
+    total: int = 0
+
+
+def open_benches(sizes: Sequence[int], base: str | None, tmp: Path) -> list[Bench]:
+    benches = []
+    for rows in sizes:
+        path = None if base else tmp / f"outbox-{rows}.db"
+        url = base or f"sqlite:///{path}"
+        scratch = ScratchSchema.for_url(url)
+        benches.append(Bench(rows, scratch.url if scratch else url, path, scratch))
+    return benches
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--store", help="store URL (default: a fresh SQLite file)")
+    parser.add_argument(
+        "--rows", default="10000,1000000", help="store sizes, comma-separated (10000,1000000)"
+    )
+    parser.add_argument("--store", help="store URL (default: fresh SQLite files)")
     parser.add_argument("--per-day", type=int, default=5000, help="requests a day (default 5000)")
     parser.add_argument("--no-prune", action="store_true", help="skip the prune at the end")
     args = parser.parse_args(argv)
+    sizes = [int(n.replace("_", "")) for n in args.rows.split(",")]
 
     tmp = tempfile.TemporaryDirectory(prefix="pushrules-bench-")
-    path = Path(tmp.name) / "outbox.db"
-    url = args.store or f"sqlite:///{path}"
-    scratch = ScratchSchema.for_url(url)
-    if scratch is not None:
-        url = scratch.url
+    benches = open_benches(sizes, args.store, Path(tmp.name))
+    now = utcnow()
+    table: list[tuple[str, ...]] = []
     try:
-        now = utcnow()
-        with Store(url) as store:
-            print(f"filling {args.rows:,} rows ({store.dialect}) ...", file=sys.stderr)
-            fill_s = fill(store, args.rows, args.per_day, now)
+        for bench in benches:
+            bench.store = store = Store(bench.url)
+            print(f"filling {bench.rows:,} rows ({store.dialect}) ...", file=sys.stderr)
+            bench.fill_s = fill(store, bench.rows, args.per_day, now)
             if store.dialect == "postgresql":
                 if hasattr(store, "fold_counts"):
                     store.fold_counts()
-                with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-                    c.exec_driver_sql("VACUUM ANALYZE")  # what autovacuum keeps up in production
-            total = sum(store.backlog().values())
-            rows = []
-            for name, who, call in queries(store, now):
-                figure = "n/a" if call is None else f"{timed(call):.2f}"
-                rows.append((name, who, figure))
-        size, what = disk(url, None if scratch is not None else path)
-        with Store(url) as store:
-            prunes = not args.no_prune and hasattr(store, "prune_batch")
-            pruned = prune_all(store, now) if prunes else None
+                with store.engine.connect() as conn:
+                    conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(
+                        "VACUUM ANALYZE"  # what autovacuum keeps up in a live store
+                    )
+            bench.total = sum(store.backlog().values())
+        per_store = [queries(b.store, now) for b in benches if b.store is not None]
+        for index, (name, who, call) in enumerate(per_store[0]):
+            if call is None:
+                table.append((name, who, *["n/a"] * len(benches), ""))
+                continue
+            medians = timed([qs[index][2] for qs in per_store])  # type: ignore[misc]
+            ratio = f"{medians[-1] / medians[0]:.2f}" if len(medians) > 1 else ""
+            table.append((name, who, *[f"{m:.2f}" for m in medians], ratio))
+        for bench in benches:
+            if bench.store is not None:
+                bench.store.close()
+        report_fill(benches, args.per_day)
+        header = ("query", "run by", *[f"ms at {b.rows:,}" for b in benches], "ratio")
+        print_table(header, table, left={0, 1})
+        for bench in benches:
+            report_disk(bench, args.no_prune, now)
     finally:
+        for bench in benches:
+            if bench.scratch is not None:
+                bench.scratch.drop()
         tmp.cleanup()
-        if scratch is not None:
-            scratch.drop()
-
-    backend = url.split(":", 1)[0].split("+")[0]
-    print(
-        f"{total:,} outbox rows on {backend} ({args.per_day:,} a day over "
-        f"{args.rows / args.per_day:,.0f} days), filled in {fill_s:.0f} s "
-        f"({args.rows / fill_s:,.0f} rows/s through enqueue, claim and record_results)"
-    )
-    print_table(("query", "run by", "ms (median)"), rows, left={0, 1})
-    print(
-        f"disk: {size / 2**20:,.0f} MiB, {size / total * 1e6 / 2**20:,.0f} MiB per million rows "
-        f"(each with one attempt; {what})"
-    )
-    if pruned is not None:
-        n, seconds = pruned
-        rate = n / max(seconds, 1e-9)
-        print(
-            f"prune at 90 days: {n:,} rows in {seconds:.1f} s ({rate:,.0f} rows/s, batches of 500)"
-        )
     return 0
+
+
+def report_fill(benches: Sequence[Bench], per_day: int) -> None:
+    for b in benches:
+        print(
+            f"{b.total:,} outbox rows on {b.url.split(':', 1)[0].split('+')[0]} "
+            f"({per_day:,} a day over {b.rows / per_day:,.0f} days), filled in {b.fill_s:.0f} s "
+            f"({b.rows / b.fill_s:,.0f} rows/s through enqueue, claim and record_results)"
+        )
+
+
+def report_disk(bench: Bench, no_prune: bool, now: datetime) -> None:
+    size, what, parts = disk(bench.url, bench.path)
+    biggest = ", ".join(f"{name} {n / size:.0%}" for name, n in parts[:7])
+    print(
+        f"{bench.rows:,} rows: disk {size / 2**20:,.0f} MiB, "
+        f"{size / bench.total * 1e6 / 2**20:,.0f} MiB per million rows (each with one attempt; "
+        f"{what}); of which {biggest}"
+    )
+    with Store(bench.url) as store:
+        if no_prune or not hasattr(store, "prune_batch"):
+            return
+        n, seconds = prune_all(store, now)
+    rate = f" ({n / seconds:,.0f} rows/s, batches of 500)" if n else ""
+    print(f"{bench.rows:,} rows: prune at 90 days: {n:,} rows in {seconds:.1f} s{rate}")
 
 
 if __name__ == "__main__":
