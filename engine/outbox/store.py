@@ -93,11 +93,13 @@ from engine.outbox.schema import (
     utcnow,
 )
 from engine.outbox.states import (
+    AT_REST,
     DROPPABLE,
     DROPPED,
     DUE_STATES,
     HELD,
     IN_DOUBT,
+    ON_THE_WAY,
     PENDING,
     RESENDABLE,
     RESULT_STATES,
@@ -110,8 +112,8 @@ from engine.outbox.states import (
 from engine.rules.secrets import hide_url_password
 
 DEFAULT_URL: Final = "sqlite:///pushrules.db"
-#: What a rule's limit counts: a fire in any state but dropped.
-_FIRE_STATES: Final = tuple(s for s in STATES if s != DROPPED)
+#: What a rule's limit counts at rest: a fire in any state but dropped.
+_FIRE_STATES_AT_REST: Final = tuple(s for s in AT_REST if s != DROPPED)
 
 
 # -- statements on the hot path, built once (building one costs more than running it) --------
@@ -123,6 +125,9 @@ _ACTIVE_PAUSES = select(pauses.c.rule).where(
 
 #: SQLite reads due rows off ix_outbox_due, never by state (see connections._SQLiteCompiler).
 _BY_DUE: Final = "INDEXED BY ix_outbox_due"
+#: And a rule's rows on their way off ix_outbox_state, never through uq_outbox_fire's rule
+#: prefix, which would read the rule's whole history.
+_BY_STATE: Final = "INDEXED BY ix_outbox_state"
 
 
 def _claim_statement(*, by_ids: bool, paused: bool) -> Any:
@@ -829,8 +834,8 @@ class Store(Marks, Retention):
     ) -> int:
         """Move rows in ``from_states`` (all, one rule's, or these ids) at once."""
         q = update(outbox).where(outbox.c.state.in_(list(from_states)))
-        if rule is not None:
-            q = q.where(outbox.c.rule == rule)
+        if rule is not None:  # the states' rows (held, or on their way), not the rule's history
+            q = q.where(outbox.c.rule == rule).with_hint(_BY_STATE, outbox, "sqlite")
         if ids is not None:
             q = q.where(outbox.c.id.in_(list(ids)))
         values: dict[str, Any] = {"state": to_state, "updated_at": now or utcnow()}
@@ -905,9 +910,10 @@ class Store(Marks, Retention):
     ) -> list[OutboxRow]:
         """Newest rows first (by creation, then id), each with its attempts.
 
-        One index run per state (``ix_outbox_state``, or ``ix_outbox_rule_state`` for a rule),
-        each cut at ``limit`` and merged in one statement: a list costs ``limit`` entries per
-        state however long the history, and a state with no row costs one index probe.
+        One index run per state (``ix_outbox_state``; for a rule, ``ix_outbox_rule_state`` for
+        rows at rest and the few on their way off ``ix_outbox_state``), each cut at ``limit``
+        and merged in one statement: a list costs ``limit`` entries per state however long the
+        history, and a state with no row costs one index probe.
         """
         wanted = list(STATES if states is None else dict.fromkeys(states))
         unknown = sorted(set(wanted) - set(STATES))
@@ -920,6 +926,10 @@ class Store(Marks, Retention):
             run = select(outbox.c.id, outbox.c.created_at).where(outbox.c.state == state)
             if rule is not None:
                 run = run.where(outbox.c.rule == rule)
+                if state in AT_REST:  # ix_outbox_rule_state's own condition, word for word
+                    run = run.where(_states(*AT_REST))
+                else:
+                    run = run.with_hint(outbox, _BY_STATE, "sqlite")
             if since is not None:
                 run = run.where(outbox.c.created_at >= _aware(since, "since"))
             newest = run.order_by(outbox.c.created_at.desc(), outbox.c.id.desc()).limit(limit)
@@ -978,13 +988,19 @@ class Store(Marks, Retention):
 
         Chunk 0 stands for its fire; a held fire counts too, since it was a fire all the same.
         """
-        q = select(func.count()).where(
-            outbox.c.rule == rule,
-            # Named, not "!= dropped": each state is then one range of ix_outbox_rule_state.
-            outbox.c.state.in_(_FIRE_STATES),
-            outbox.c.created_at >= _aware(since, "since"),
-            outbox.c.chunk == 0,
+        since = _aware(since, "since")
+        fires = (outbox.c.rule == rule, outbox.c.created_at >= since, outbox.c.chunk == 0)
+        # Rows at rest through ix_outbox_rule_state (states named, not "!= dropped": each is
+        # one range), rows on their way (the backlog) through ix_outbox_state.
+        at_rest = select(func.count()).where(
+            _states(*AT_REST), outbox.c.state.in_(_FIRE_STATES_AT_REST), *fires
         )
+        on_the_way = (
+            select(func.count())
+            .where(outbox.c.state.in_(ON_THE_WAY), *fires)
+            .with_hint(outbox, _BY_STATE, "sqlite")
+        )
+        q = select(at_rest.scalar_subquery() + on_the_way.scalar_subquery())
         with self._read() as conn:
             return int(conn.execute(q).scalar() or 0)
 
