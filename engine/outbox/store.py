@@ -27,6 +27,7 @@ body that carries the ``user`` object.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -156,6 +157,31 @@ def _claim_statement(*, by_ids: bool, paused: bool) -> Any:
             left_at=None,
         )
         .returning(*outbox.columns)
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _history_statement(states: tuple[str, ...], by_rule: bool, since: bool) -> Any:
+    """The ids of the newest ``limit`` rows in ``states``: one index run per state, merged
+    (built once per shape: building it costs more than running it)."""
+    runs = []
+    for state in states:
+        run = select(outbox.c.id, outbox.c.created_at).where(outbox.c.state == state)
+        if by_rule:
+            run = run.where(outbox.c.rule == bindparam("rule", type_=String))
+            if state in AT_REST:  # ix_outbox_rule_state's own condition, word for word
+                run = run.where(_states(*AT_REST))
+            else:
+                run = run.with_hint(outbox, _BY_STATE, "sqlite")
+        if since:
+            run = run.where(outbox.c.created_at >= bindparam("since", type_=UTCDateTime))
+        newest = run.order_by(outbox.c.created_at.desc(), outbox.c.id.desc())
+        runs.append(select(newest.limit(bindparam("limit", type_=Integer)).subquery()))
+    merged = union_all(*runs).subquery()
+    return (
+        select(merged.c.id)
+        .order_by(merged.c.created_at.desc(), merged.c.id.desc())
+        .limit(bindparam("limit", type_=Integer))
     )
 
 
@@ -921,27 +947,12 @@ class Store(Marks, Retention):
             raise ValueError(f"unknown state(s) {', '.join(unknown)}; known: {', '.join(STATES)}")
         if limit <= 0 or not wanted:
             return []
-        runs = []
-        for state in wanted:
-            run = select(outbox.c.id, outbox.c.created_at).where(outbox.c.state == state)
-            if rule is not None:
-                run = run.where(outbox.c.rule == rule)
-                if state in AT_REST:  # ix_outbox_rule_state's own condition, word for word
-                    run = run.where(_states(*AT_REST))
-                else:
-                    run = run.with_hint(outbox, _BY_STATE, "sqlite")
-            if since is not None:
-                run = run.where(outbox.c.created_at >= _aware(since, "since"))
-            newest = run.order_by(outbox.c.created_at.desc(), outbox.c.id.desc()).limit(limit)
-            runs.append(select(newest.subquery()))
-        merged = union_all(*runs).subquery()
-        top = (
-            select(merged.c.id)
-            .order_by(merged.c.created_at.desc(), merged.c.id.desc())
-            .limit(limit)
-        )
+        top = _history_statement(tuple(wanted), rule is not None, since is not None)
+        params: dict[str, Any] = {"limit": limit, "rule": rule}
+        if since is not None:
+            params["since"] = _aware(since, "since")
         with self._read() as conn:
-            ids = list(conn.execute(top).scalars())
+            ids = list(conn.execute(top, params).scalars())
             picked = conn.execute(select(outbox).where(outbox.c.id.in_(ids))).mappings()
             found = {m["id"]: m for m in picked}
             return self._with_attempts(conn, [found[i] for i in ids if i in found])
