@@ -363,15 +363,28 @@ _OLD_PRIMED: Final = "\x00primed:"
 
 
 def _v4_flat_queries(conn: Connection) -> None:
-    """3 -> 4: indexes for history and limits, maintained state counts, seen keys by age."""
+    """3 -> 4: indexes for history and limits, maintained state counts, seen keys by age.
+
+    What version 4 makes is dropped first if there: a store stamped with an older version by a
+    pushrules that made the tables with ``create_all`` (see ``_v3_unmatched_events``) may have
+    it already, and it is all derived (indexes, counts recounted here).
+    """
     postgres = conn.dialect.name == "postgresql"
     for statement in (
+        "DROP TRIGGER IF EXISTS outbox_counts_insert" + (" ON outbox" if postgres else ""),
+        "DROP TRIGGER IF EXISTS outbox_counts_update" + (" ON outbox" if postgres else ""),
+        "DROP TRIGGER IF EXISTS outbox_counts_delete" + (" ON outbox" if postgres else ""),
+        *(["DROP FUNCTION IF EXISTS outbox_counts_track()"] if postgres else []),
+        "DROP TABLE IF EXISTS outbox_counts",
+        "DROP INDEX IF EXISTS ix_outbox_state",
+        "DROP INDEX IF EXISTS ix_outbox_rule_state",
+        "DROP INDEX IF EXISTS ix_seen_keys_seen",
         "CREATE INDEX ix_outbox_state ON outbox (state, created_at, id)",
         "CREATE INDEX ix_outbox_rule_state ON outbox (rule, state, created_at, id) "
         "WHERE state IN ('held', 'sent', 'failed', 'dead', 'in_doubt', 'dropped')",
         # ix_outbox_state serves what these served (rows needing a person, rows in flight)
-        "DROP INDEX ix_outbox_attention",
-        "DROP INDEX ix_outbox_sending",
+        "DROP INDEX IF EXISTS ix_outbox_attention",
+        "DROP INDEX IF EXISTS ix_outbox_sending",
         "CREATE INDEX ix_seen_keys_seen ON seen_keys (scope, seen_at)",
         f"CREATE TABLE outbox_counts (id {'BIGSERIAL' if postgres else 'INTEGER'} NOT NULL, "
         "state VARCHAR(16) NOT NULL, n BIGINT NOT NULL, PRIMARY KEY (id))",
