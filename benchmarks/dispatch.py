@@ -37,8 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
-from common import print_table, start_sandbox  # noqa: E402  (scripts run as python benchmarks/X.py)
-from sqlalchemy import create_engine, make_url, text  # noqa: E402
+from common import ScratchSchema, print_table, start_sandbox  # noqa: E402  (run as a script)
 
 from engine.outbox.schema import utcnow  # noqa: E402
 from engine.outbox.store import Fire, Store  # noqa: E402
@@ -94,35 +93,6 @@ class Sandbox:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
             self.process.kill()
-
-
-class ScratchSchema:
-    """On PostgreSQL, a schema of its own, dropped afterwards: the benchmark leaves no tables."""
-
-    def __init__(self, base_url: str) -> None:
-        self.base_url = base_url
-        self.name = f"pushrules_bench_{secrets.token_hex(4)}"
-        url = make_url(base_url).update_query_dict({"options": f"-csearch_path={self.name}"})
-        self.url = url.render_as_string(hide_password=False)
-        self._admin(f'CREATE SCHEMA "{self.name}"')
-
-    @classmethod
-    def for_url(cls, url: str) -> ScratchSchema | None:
-        parsed = make_url(url)
-        if parsed.get_backend_name() != "postgresql" or "options" in parsed.query:
-            return None
-        return cls(url)
-
-    def _admin(self, sql: str) -> None:
-        engine = create_engine(self.base_url, isolation_level="AUTOCOMMIT")
-        try:
-            with engine.connect() as conn:
-                conn.execute(text(sql))
-        finally:
-            engine.dispose()
-
-    def drop(self) -> None:
-        self._admin(f'DROP SCHEMA IF EXISTS "{self.name}" CASCADE')
 
 
 async def bare_loop(url: str, bodies: Sequence[bytes], concurrency: int) -> float:

@@ -53,6 +53,12 @@ LINES: list[tuple[tuple[str, ...], str]] = [
     (("daemon", "leadership_every"), "  leadership_every: 10s"),
     (("daemon", "lock_wait"), "  lock_wait: 2s"),
     (("daemon", "fire_retry"), "  fire_retry: 1s"),
+    (("retention",), "retention:"),
+    (("retention", "sent"), "  sent: 30d"),
+    (("retention", "dropped"), "  dropped: 90d"),
+    (("retention", "unmatched_events"), "  unmatched_events: 90d"),
+    (("retention", "feed_keys"), "  feed_keys: forever"),
+    (("retention", "marks"), "  marks: 365d"),
 ]
 #: Where the schema says "any name" (an app alias, a button category), the name used above.
 NAMES = {"apps": "flights-ios", "button_templates": "category_name"}
@@ -92,6 +98,12 @@ BAD: dict[tuple[str, ...], str] = {
     ("daemon", "leadership_every"): "10",
     ("daemon", "lock_wait"): "-2s",
     ("daemon", "fire_retry"): "1m",
+    ("retention",): "90d",
+    ("retention", "sent"): "12h",
+    ("retention", "dropped"): "never",
+    ("retention", "unmatched_events"): "90",
+    ("retention", "feed_keys"): "1d",
+    ("retention", "marks"): "[90d]",
 }
 
 RULE = """

@@ -190,9 +190,38 @@ def shape(engine: Engine) -> dict[str, Any]:
     return out
 
 
+def routines(engine: Engine) -> dict[str, str]:
+    """Triggers (and on PostgreSQL their functions) by name, with their definitions: the
+    inspector does not report them, and the state counts depend on them."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            found = conn.execute(
+                text("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name")
+            )
+            return {name: " ".join(sql.split()) for name, sql in found}
+        triggers = conn.execute(
+            text(
+                "SELECT t.tgname, pg_get_triggerdef(t.oid) FROM pg_trigger t "
+                "JOIN pg_class c ON c.oid = t.tgrelid "
+                "WHERE c.relnamespace = current_schema()::regnamespace AND NOT t.tgisinternal"
+            )
+        )
+        functions = conn.execute(
+            text(
+                "SELECT p.proname, pg_get_functiondef(p.oid) FROM pg_proc p "
+                "WHERE p.pronamespace = current_schema()::regnamespace"
+            )
+        )
+        schema_name = conn.execute(text("SELECT current_schema()")).scalar_one()
+        return {
+            name: definition.replace(schema_name, "SCHEMA")
+            for name, definition in [*triggers, *functions]
+        }
+
+
 def store_shape(url: str) -> tuple[dict[str, Any], int]:
     with Store(url) as store:
-        return shape(store.engine), store.schema_version()
+        return {**shape(store.engine), "routines": routines(store.engine)}, store.schema_version()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -213,7 +242,11 @@ def test_a_version_1_database_migrated_equals_a_fresh_one(two_urls: tuple[str, s
     assert version == fresh_version == SCHEMA_VERSION
     assert migrated == made
     # the partial indexes' WHERE is compared too (both dialects report it)
-    assert all(where for name, _, _, where in made["outbox"]["indexes"] if name != "ix_attempts")
+    partial = {"ix_outbox_due", "ix_outbox_rule_state"}
+    assert all(where for name, _, _, where in made["outbox"]["indexes"] if name in partial)
+    assert {"outbox_counts_insert", "outbox_counts_update", "outbox_counts_delete"} <= set(
+        made["routines"]
+    )
 
 
 def test_a_version_2_database_without_unmatched_events_gets_it(
@@ -234,7 +267,7 @@ def test_a_version_2_database_without_unmatched_events_gets_it(
     v2.tables["outbox"].append_column(Column("left_at", DateTime))
     make_old(old, 2, v2)
     migrated, version = store_shape(old)
-    assert version == SCHEMA_VERSION == 3
+    assert version == SCHEMA_VERSION
     assert migrated == store_shape(fresh)[0]
     with Store(old) as store:  # and it works
         store.record_unmatched("signup", "k1", "no rule listens", "{}", now=T0)
@@ -262,7 +295,7 @@ def test_migrations_keep_rows_and_run_once(two_urls: tuple[str, str]) -> None:
             ]
             with store.engine.connect() as conn:
                 stamped = conn.execute(text("SELECT version FROM schema_version ORDER BY 1"))
-                assert [v for (v,) in stamped] == [1, 2, 3]
+                assert [v for (v,) in stamped] == [1, 2, 3, 4]
 
 
 def test_a_migration_may_create_a_table(
@@ -313,3 +346,50 @@ def test_the_command_line_says_what_to_do_with_a_store_it_refuses(
     assert main(["history", "--project", str(project)]) == 1
     err = capsys.readouterr().err
     assert "no schema_version" in err and "Traceback" not in err
+
+
+def test_version_4_counts_the_rows_already_there_and_moves_primed_marks(
+    two_urls: tuple[str, str],
+) -> None:
+    """The state counts start from the rows a store already has; a feed's primed mark, kept
+    under a NUL prefix among its keys before (SQLite only: PostgreSQL could not store it),
+    moves to its own scope with its time, so the feed is not taken for a new one."""
+    old, _ = two_urls
+    make_old(old, 1, _version_1())
+    states = ["sent"] * 3 + ["pending", "dead", "dropped", "dropped", "in_doubt"]
+    engine = create_engine(old)
+    with engine.begin() as conn:
+        for i, state in enumerate(states):
+            conn.execute(
+                text(
+                    "INSERT INTO outbox (rule, idem_key, chunk, url, body, state, attempts, "
+                    "created_at, updated_at, next_attempt_at) VALUES ('r', :k, 0, 'http://x', "
+                    "'{}', :s, 0, :t, :t, :t)"
+                ),
+                {"k": f"k{i}", "s": state, "t": T0.replace(tzinfo=None)},
+            )
+        if engine.dialect.name == "sqlite":
+            conn.execute(
+                text("INSERT INTO seen_keys VALUES (:s, :k, :t)"),
+                [
+                    {"s": "feed:offers", "k": "\x00primed:0123456789abcdef", "t": T0},
+                    {"s": "feed:offers", "k": "item-1", "t": T0},
+                ],
+            )
+    engine.dispose()
+    with Store(old) as store:
+        assert store.backlog() == {
+            **dict.fromkeys(("held", "sending", "retrying", "failed"), 0),
+            "sent": 3,
+            "pending": 1,
+            "dead": 1,
+            "dropped": 2,
+            "in_doubt": 1,
+        }
+        store.drop_unsent(now=T0)
+        assert store.backlog()["dropped"] == 3 and store.backlog()["pending"] == 0
+        if store.dialect == "sqlite":
+            assert store.see_keys("feed-primed:offers", ["0123456789abcdef"], T0) == []
+            assert store.see_keys("feed:offers", ["item-1", "\x00primed:0123456789abcdef"], T0) == [
+                "\x00primed:0123456789abcdef"
+            ]

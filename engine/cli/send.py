@@ -16,7 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -160,27 +160,49 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser(
         "outbox",
-        help="resend or drop requests that need a person (in_doubt, failed, dead)",
+        help="resend or drop requests that need a person (in_doubt, failed, dead); prune old ones",
         description="resend: queue the rows again and send them now (their history is kept). "
         "drop: give up on them for good. Check `pushrules history --status in_doubt` first: "
-        "an in_doubt request may already have reached users.",
+        "an in_doubt request may already have reached users. prune: forget what retention: "
+        "in pushrules.yaml lets go (the daemon does it every 10 minutes).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Examples:\n  pushrules history --status in_doubt,failed,dead   # find the ids\n"
         "  pushrules outbox resend 42 43\n  pushrules outbox drop 44\n"
-        "  pushrules outbox resend 7 --sandbox   # a row of the --sandbox trials",
+        "  pushrules outbox resend 7 --sandbox   # a row of the --sandbox trials\n"
+        "  pushrules outbox prune --dry-run      # what retention would forget now",
     )
-    p.add_argument("action", choices=("resend", "drop"))
-    p.add_argument("ids", type=int, nargs="+", metavar="ID", help="outbox row ids (history)")
-    project_argument(p)
-    p.add_argument(
-        "--wait",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="resend: how long to keep retrying (default 30)",
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, what in (
+        ("resend", "queue these rows again and send them now, waiting for the outcome"),
+        ("drop", "give up on these rows for good (they stay in the history as dropped)"),
+    ):
+        a = actions.add_parser(action, help=what, description=what[0].upper() + what[1:] + ".")
+        a.add_argument("ids", type=int, nargs="+", metavar="ID", help="outbox row ids (history)")
+        project_argument(a)
+        if action == "resend":
+            a.add_argument(
+                "--wait",
+                type=float,
+                default=30.0,
+                metavar="SECONDS",
+                help="how long to keep retrying (default 30)",
+            )
+        sandbox_store_argument(a)
+        a.set_defaults(func=command("cmd_outbox"))
+    a = actions.add_parser(
+        "prune",
+        help="forget what retention: lets go now (sent and dropped rows, old events, feed keys)",
+        description="Delete, in small batches, what the retention: settings of pushrules.yaml "
+        "let go now: sent and dropped rows (with their attempts), events no rule took, marks "
+        "of rules no longer scheduled, and feed keys no poll has found for that long. Rows "
+        "in flight or waiting for a person are never touched. Safe beside a running daemon.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  pushrules outbox prune --dry-run\n  pushrules outbox prune",
     )
-    sandbox_store_argument(p)
-    p.set_defaults(func=command("cmd_outbox"))
+    a.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
+    project_argument(a)
+    sandbox_store_argument(a)
+    a.set_defaults(func=command("cmd_outbox_prune"))
 
 
 @contextlib.contextmanager
@@ -657,3 +679,56 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return code
+
+
+#: What each kind of ``retention:`` is, in the words of the prune report.
+_PRUNED = {
+    "sent": "sent rows (with their attempts)",
+    "dropped": "dropped rows (with their attempts)",
+    "unmatched_events": "events no rule took",
+    "marks": "marks of rules not scheduled, ended pauses",
+    "feed_keys": "feed keys no poll found",
+}
+
+
+def cmd_outbox_prune(args: argparse.Namespace) -> int:
+    """Forget, batch by batch, what retention lets go now; ``--dry-run`` only counts."""
+    from engine.outbox.retention import prune, retained
+    from engine.send.runtime import open_store
+
+    try:
+        project = load_settings(args.project, sandbox=args.sandbox)
+    except UsageError as exc:
+        print(f"pushrules: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    missing = missing_outbox(project)
+    if missing is not None:
+        print(f"no outbox yet ({missing} does not exist): nothing to prune", file=sys.stderr)
+        return EXIT_OK
+    with open_store(project) as store:
+        done = prune(store, project.retention, datetime.now(UTC), dry_run=args.dry_run)
+        if not args.dry_run:
+            store.fold_counts()  # PostgreSQL: as the daemon's leader does, should none run
+    verb = "would go" if args.dry_run else "pruned"
+    for kind, n in done.items():
+        keep = retained(project.retention, kind)
+        kept = "kept forever" if keep is None else f"kept {_days(keep)}"
+        count = "" if n is None else f"{n:,} {verb}"
+        print(f"{_PRUNED[kind]:<44} {kept:<16} {count}".rstrip())
+    print(
+        "held, in_doubt, failed and dead rows wait for a person, and pending, retrying and "
+        "sending rows are on their way: those are never pruned",
+        file=sys.stderr,
+    )
+    if args.dry_run:
+        print("dry run: nothing was deleted", file=sys.stderr)
+    return EXIT_OK
+
+
+def _days(keep: timedelta) -> str:
+    """A retention as pushrules.yaml would write it: 90d, 36h, 45m."""
+    seconds = int(keep.total_seconds())
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"

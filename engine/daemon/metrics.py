@@ -72,6 +72,18 @@ class Metrics:
             "Events answered 202 that no enabled rule took (recorded, see history --unmatched)",
             registry=r,
         )
+        self.pruned_rows = Counter(
+            "pushrules_pruned_rows",
+            "Rows forgotten by retention, by kind (sent, dropped, unmatched_events, marks, "
+            "feed_keys)",
+            ["kind"],
+            registry=r,
+        )
+        self.prune_failures = Counter(
+            "pushrules_prune_failures",
+            "Prune rounds cut short by a store error (sending goes on; the next round retries)",
+            registry=r,
+        )
         for result in ("ok", "problems", "error"):
             self.reloads.labels(result=result)
 
@@ -92,6 +104,12 @@ class Metrics:
 
     def feed_failed(self, rule: str) -> None:
         self.feed_failures.labels(rule=rule).inc()
+
+    def pruned(self, kind: str, n: int) -> None:
+        self.pruned_rows.labels(kind=kind).inc(n)
+
+    def prune_failed(self) -> None:
+        self.prune_failures.inc()
 
     def set_backlog(self, counts: Mapping[str, int]) -> None:
         """From :meth:`engine.outbox.store.Store.backlog` (every state present, zeros included)."""

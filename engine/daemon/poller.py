@@ -8,8 +8,11 @@
 * ``key`` is a Jinja text (``"{{ item.id }}"``, rendered with ``item``, ``now``, ``rule`` and
   ``vars`` as when the rule fires) or, when it holds no template, a field path of the item
   (``id``, ``ref.code``). An item whose key cannot be made is skipped and logged.
-* Seen keys live in the store (``mark_seen("feed:<rule>", key)``): each key fires at most
-  once, across restarts and instances. The fire's idempotency key is ``item:<key>``.
+* Seen keys live in the store (``see_keys("feed:<rule>", keys, now)``): each key fires at most
+  once, across restarts and instances. The fire's idempotency key is ``item:<key>``. A poll
+  moves the ``seen_at`` of the keys it finds (about daily, :data:`REFRESH`), then that of the
+  feed's ``feed-primed:<rule>`` key (its last good read); retention forgets only keys no
+  good poll found for ``retention.feed_keys`` (see engine/outbox/retention.py).
 * The first poll of a feed only records what is already there (``on_first_poll: record``,
   the default), so a new rule does not blast the existing feed; ``send`` fires for it too.
 
@@ -44,6 +47,7 @@ import httpx
 from engine import __version__
 from engine.daemon.clock import Clock
 from engine.errors import PushrulesError
+from engine.outbox.retention import REFRESH, feed_scope, primed_scope
 from engine.render.compiler import FireContext, template_context
 from engine.rules import templating
 from engine.rules.rule import Rule
@@ -67,8 +71,6 @@ log = logging.getLogger("pushrules.poller")
 ItemCallback = Callable[[Rule, Mapping[str, Any], str], Awaitable[None]]
 """(rule, item, idempotency key ``item:<key>``): the firing path, which applies ``when``."""
 
-#: Marked once the first poll of a feed has recorded it (NUL: no feed key can collide).
-PRIMED = "\x00primed"
 #: Longest item key kept (the store's keys are at most 1,000 characters with the prefix).
 MAX_ITEM_KEY = 900
 #: Items whose fire failed, kept per rule for the next turn (beyond, the oldest are dropped).
@@ -76,9 +78,9 @@ MAX_RETRY = 1000
 
 
 class Seen(Protocol):
-    """engine/outbox/store.py's Store: True the first time a key is marked in a scope, only."""
+    """engine/outbox/store.py's Store: records keys found by a poll, returns the new ones."""
 
-    def mark_seen(self, scope: str, key: str, *, now: datetime | None = None) -> bool: ...
+    def see_keys(self, scope: str, keys: Sequence[str], now: datetime) -> list[str]: ...
 
 
 class FeedError(PushrulesError):
@@ -95,10 +97,11 @@ class PollConfig:
 
     @property
     def primed_key(self) -> str:
-        """The seen key saying this feed was primed: a rule pointed at another feed, or keying
-        it differently, starts with a first poll again instead of sending all it finds."""
+        """The key (in the rule's ``feed-primed:`` scope) saying this feed was primed: a rule
+        pointed at another feed, or keying it differently, starts with a first poll again
+        instead of sending all it finds."""
         what = json.dumps([self.url, self.items, self.key]).encode()
-        return f"{PRIMED}:{hashlib.blake2b(what, digest_size=8).hexdigest()}"
+        return hashlib.blake2b(what, digest_size=8).hexdigest()
 
     @classmethod
     def of(cls, rule: Rule, default_timeout: float) -> PollConfig:
@@ -149,10 +152,6 @@ class PollResult:
 
 
 # --------------------------------------------------------------------------- pure helpers
-
-
-def feed_scope(rule_id: str) -> str:
-    return f"feed:{rule_id}"
 
 
 def items_at(body: Any, path: str | None) -> list[Any]:
@@ -225,6 +224,7 @@ class _Marked:
     new: list[str]
     first: bool | None  # None: the store failed before it could tell
     error: BaseException | None
+    primed_touched: bool = False
 
 
 class Poller:
@@ -251,10 +251,11 @@ class Poller:
         self._timeout = timeout
         self._max_bytes = max_bytes
         self._status: dict[str, FeedStatus] = {}
-        # Keys known to be marked in the store (the last good poll's), and feeds known primed:
-        # a poll of an unchanged feed then writes nothing.
-        self._known: dict[str, set[str]] = {}
-        self._primed: set[tuple[str, str]] = set()
+        # Keys of the last good poll, each with when this process last wrote its seen_at, and
+        # feeds known primed with when: a poll of an unchanged feed writes nothing, but once
+        # a day (REFRESH), when it moves the seen_at of what it finds.
+        self._known: dict[str, dict[str, datetime]] = {}
+        self._primed: dict[tuple[str, str], datetime] = {}
         self._retry: dict[str, dict[str, Mapping[str, Any]]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -289,9 +290,10 @@ class Poller:
             return self._failed(rule, config, str(exc))
 
         keyed, skipped = self._keys(rule, config, items, now)
-        known = self._known.get(rule.id, set())
-        unknown = [key for key in dict.fromkeys(keyed) if key not in known]
-        marked = await asyncio.to_thread(self._mark, rule.id, config.primed_key, unknown)
+        known = self._known.get(rule.id, {})
+        seen_now = self._clock.now()
+        stale = [key for key in keyed if key not in known or seen_now - known[key] >= REFRESH]
+        marked = await asyncio.to_thread(self._mark, rule.id, config.primed_key, stale, seen_now)
         waiting = self._retry.pop(rule.id, {})
         waiting.update((key, keyed[key]) for key in marked.new)
         if marked.error is not None:
@@ -302,8 +304,10 @@ class Poller:
                 f"the store could not record seen items ({type(marked.error).__name__}: "
                 f"{marked.error})",
             )
-        self._primed.add((rule.id, config.primed_key))
-        self._known[rule.id] = set(keyed)
+        if marked.primed_touched:
+            self._primed[(rule.id, config.primed_key)] = seen_now
+        written = set(stale)
+        self._known[rule.id] = {k: seen_now if k in written else known[k] for k in keyed}
         recorded = bool(marked.first) and config.on_first_poll == "record"
         if recorded:
             log.info(
@@ -381,25 +385,26 @@ class Poller:
             )
         return keyed, len(problems)
 
-    def _mark(self, rule_id: str, primed_key: str, keys: Sequence[str]) -> _Marked:
-        """Mark keys seen, then learn whether the feed was primed before (in a thread).
+    def _mark(self, rule_id: str, primed_key: str, keys: Sequence[str], now: datetime) -> _Marked:
+        """Record the keys found, then the feed's primed key, and learn whether the feed was
+        primed before (in a thread).
 
         Keys first: a crash in between leaves the feed unprimed, so the next poll records
-        again rather than sending what was already there.
+        again rather than sending what was already there; and the feed's last good read never
+        runs ahead of its keys' ``seen_at``, which retention relies on.
         """
-        scope = feed_scope(rule_id)
-        now = self._clock.now()
-        new: list[str] = []
         try:
-            for key in keys:
-                if self._seen.mark_seen(scope, key, now=now):
-                    new.append(key)
-            first = (rule_id, primed_key) not in self._primed and self._seen.mark_seen(
-                scope, primed_key, now=now
-            )
+            new = self._seen.see_keys(feed_scope(rule_id), keys, now) if keys else []
+        except Exception as exc:
+            return _Marked([], None, exc)
+        primed_at = self._primed.get((rule_id, primed_key))
+        if primed_at is not None and now - primed_at < REFRESH:
+            return _Marked(new, False, None)
+        try:
+            fresh = self._seen.see_keys(primed_scope(rule_id), [primed_key], now)
         except Exception as exc:
             return _Marked(new, None, exc)
-        return _Marked(new, first, None)
+        return _Marked(new, primed_at is None and bool(fresh), None, primed_touched=True)
 
     async def _deliver(
         self, rule: Rule, items: Mapping[str, Mapping[str, Any]]

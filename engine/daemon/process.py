@@ -6,7 +6,8 @@ one fire path (firing), the store (outbox) and the dispatcher (sending).
 
     start: load -> store (recover) -> dispatcher -> leadership -> catch-up -> schedules
            -> intake HTTP -> watcher
-    run:   fires from schedules, feeds and events go to the outbox; the dispatcher sends
+    run:   fires from schedules, feeds and events go to the outbox; the dispatcher sends;
+           the leader's housekeeping (maintenance) folds state counts and prunes by retention
     stop:  SIGTERM/SIGINT: intake and schedules stop taking work, in-flight sends finish,
            queued rows are given back, exit 0
 """
@@ -34,6 +35,7 @@ from engine.accengage.api import SANDBOX_PORT
 from engine.daemon.clock import Clock
 from engine.daemon.collector import CollectorHold
 from engine.daemon.intake import create_app, no_rule_note
+from engine.daemon.maintenance import Maintenance
 from engine.daemon.metrics import Metrics
 from engine.daemon.poller import Poller
 from engine.daemon.scheduler import Changes, Scheduler
@@ -103,6 +105,7 @@ class Daemon:
         self._watcher: Watcher | None = None
         self._server_ref: uvicorn.Server | None = None
         self.store: Store | None = None
+        self.maintenance: Maintenance | None = None
         self.started_at = self.clock.now()
         self._checks = 0  # health checks running in worker threads
         self._checks_lock = threading.Lock()
@@ -205,6 +208,7 @@ class Daemon:
                 k: (v.isoformat() if v else None) for k, v in self.scheduler.next_fires().items()
             },
             "fire_writes_waiting": self.scheduler.waiting_writes(),
+            "retention": _jsonable(self.maintenance.status) if self.maintenance else None,
         }
 
     def metrics_text(self) -> tuple[bytes, str]:
@@ -413,6 +417,13 @@ class Daemon:
         )
         self.poller = Poller(self.store, self._on_item, self.clock)
         self.leadership = self.store.leadership()
+        maintenance = self.maintenance = Maintenance(
+            self.store,
+            lambda: self.project.retention,
+            self.clock.now,
+            on_pruned=self.metrics.pruned,
+            on_failed=self.metrics.prune_failed,
+        )
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -432,6 +443,9 @@ class Daemon:
             asyncio.create_task(self.dispatcher.run(self.stop), name="dispatcher"),
             asyncio.create_task(
                 self._lead(timing.leadership_every.total_seconds()), name="leadership"
+            ),
+            asyncio.create_task(
+                maintenance.run(self.stop, lambda: self._leading), name="maintenance"
             ),
             asyncio.create_task(watcher.run(self.stop), name="watcher"),
             asyncio.create_task(server.serve(sockets=[listening]), name="intake"),

@@ -1,9 +1,10 @@
 """Every compiled request is a row before anything is sent.
 
 Owns the store: ``states`` (the state names and which may move where), ``schema`` (tables,
-version and migrations), ``store`` (the outbox state machine and attempts), ``marks`` (seen
-keys, marks, pauses, unmatched events), ``instances`` (liveness, reclaim plans, leadership),
-``connections`` (SQLite's pragmas, write lock and busy timeouts); write coalescing
+version, migrations, the state counts' triggers), ``store`` (the outbox state machine and
+attempts), ``marks`` (seen keys, marks, pauses, unmatched events), ``retention`` (what is
+pruned and when), ``instances`` (liveness, reclaim plans, leadership), ``connections``
+(SQLite's pragmas, write lock, busy timeouts and index hints); write coalescing
 (``batching``) and the one path a fire takes into the outbox (``firing``: ``when``, compile,
 quiet hours decided with no store by ``decide``, which review tooling shares, or in steps by
 ``decide_steps`` for the daemon's event loop; then limit and enqueue, ``record``).

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import (
+    bindparam,
     or_,
     select,
 )
@@ -22,6 +23,9 @@ from engine.outbox.schema import (
     unmatched_events,
     utcnow,
 )
+
+#: Keys written per statement: within every driver's limit on bound parameters.
+_BATCH: Final = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,42 @@ class Marks:
         with self.engine.begin() as conn:
             new = conn.execute(stmt, {"scope": scope, "key": key, "seen_at": now or utcnow()})
             return new.first() is not None
+
+    def see_keys(self, scope: str, keys: Sequence[str], now: datetime) -> list[str]:
+        """Record that a poll at ``now`` found ``keys`` of ``scope``, in one transaction;
+        returns the keys never seen before, in the order given.
+
+        A key seen before has its ``seen_at`` moved to ``now`` (never back): retention forgets
+        only keys that polls stopped finding (see ``engine/outbox/retention.py``).
+        """
+        _check_key("scope", scope)
+        wanted = list(dict.fromkeys(keys))
+        for key in wanted:
+            _check_key("key", key)
+        _aware(now, "now")
+        if not wanted:
+            return []
+        insert = (
+            self._insert(seen_keys)
+            .on_conflict_do_nothing(index_elements=["scope", "key"])
+            .returning(seen_keys.c.key)
+        )
+        touch = seen_keys.update().where(
+            seen_keys.c.scope == scope,
+            seen_keys.c.key.in_(bindparam("keys", expanding=True)),
+            seen_keys.c.seen_at < now,
+        )
+        new: set[str] = set()
+        with self.engine.begin() as conn:
+            for start in range(0, len(wanted), _BATCH):
+                part = wanted[start : start + _BATCH]
+                rows = [{"scope": scope, "key": key, "seen_at": now} for key in part]
+                added = set(conn.execute(insert, rows).scalars())
+                new |= added
+                old = [key for key in part if key not in added]
+                if old:
+                    conn.execute(touch.values(seen_at=now), {"keys": old})
+        return [key for key in wanted if key in new]
 
     def prune_seen(self, scope: str, before: datetime) -> int:
         """Forget keys of ``scope`` seen before ``before`` (a feed's old items)."""
@@ -173,7 +213,9 @@ class Marks:
         q = select(unmatched_events)
         if since is not None:
             q = q.where(unmatched_events.c.received_at >= _aware(since, "since"))
-        q = q.order_by(unmatched_events.c.id.desc()).limit(limit)
+        # By ix_unmatched_received, newest first: a ``since`` that matches little reads little.
+        q = q.order_by(unmatched_events.c.received_at.desc(), unmatched_events.c.id.desc())
+        q = q.limit(limit)
         with self._read() as conn:
             return [UnmatchedEvent(**m) for m in conn.execute(q).mappings()]
 

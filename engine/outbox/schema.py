@@ -7,11 +7,10 @@ already. Migrations carry their own frozen DDL, never these tables, so a later c
 cannot change what an earlier migration makes. ``tests/test_store_schema.py`` checks that a
 database made at version 1 and migrated equals a fresh one, on SQLite and PostgreSQL.
 
-Not Alembic, yet: the migrations so far add a nullable column or a table, which both dialects do
-with a plain ``ALTER TABLE ... ADD COLUMN``/``CREATE TABLE``. Alembic's SQLite batch mode (copy
-the table, move the rows) earns its place the first time a column or constraint must change or
-go; until then it would add a dependency, a second version table and an ``env.py`` to ship for
-two statements.
+Not Alembic, yet: the migrations so far add a nullable column, a table, indexes and triggers,
+which both dialects do with plain DDL. Alembic's SQLite batch mode (copy the table, move the
+rows) earns its place the first time a column or constraint must change or go; until then it
+would add a dependency, a second version table and an ``env.py`` to ship for a few statements.
 """
 
 from __future__ import annotations
@@ -43,9 +42,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from engine.errors import PushrulesError
-from engine.outbox.states import ATTENTION_STATES, DUE_STATES, SENDING
+from engine.outbox.states import AT_REST, DUE_STATES, STATES
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 
 MAX_KEY_LENGTH: Final = 1000
 #: Every PostgreSQL instance creating the schema at once takes this advisory lock first.
@@ -126,20 +125,35 @@ Index(
     sqlite_where=_states(*DUE_STATES),
     postgresql_where=_states(*DUE_STATES),
 )
+# History lists rows newest first one state at a time (the store merges the runs), so each
+# list reads ``limit`` entries however long the history; pruning finds old sent rows here, and
+# reclaims the rows in flight. ``tests/test_store_plans.py`` checks that claims still take
+# ix_outbox_due.
+Index("ix_outbox_state", outbox.c.state, outbox.c.created_at, outbox.c.id)
+# The same for one rule, rows at rest only: entries scattered by rule cost a page written per
+# row, and a row on its way would be written there at enqueue, claim and result. A rule's rows
+# on their way are few (the backlog), read off ix_outbox_state. A rule's ``limit`` counts here.
 Index(
-    "ix_outbox_sending",
-    outbox.c.claimed_until,
-    sqlite_where=_states(SENDING),
-    postgresql_where=_states(SENDING),
-)
-# Rows that need a person, for the operator's lists. Partial on purpose: an index on every
-# state would tempt SQLite's planner (before ANALYZE) away from ix_outbox_due for claims.
-Index(
-    "ix_outbox_attention",
+    "ix_outbox_rule_state",
+    outbox.c.rule,
     outbox.c.state,
+    outbox.c.created_at,
     outbox.c.id,
-    sqlite_where=_states(*ATTENTION_STATES),
-    postgresql_where=_states(*ATTENTION_STATES),
+    sqlite_where=_states(*AT_REST),
+    postgresql_where=_states(*AT_REST),
+)
+
+#: Rows by state, kept by triggers on ``outbox`` (see :data:`COUNT_TRIGGERS`): a state's count is
+#: the sum of its ``n``. ``/healthz`` and ``/metrics`` read it instead of counting the history.
+outbox_counts = Table(
+    "outbox_counts",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("state", String(16), nullable=False),
+    Column("n", BigInteger, nullable=False),
+    # PostgreSQL: the appends churn the table, and its pages stay allocated after autovacuum
+    # frees them; reading and folding off this index visits the live rows, not the pages.
+    Index("ix_outbox_counts_state", "state", "n"),
 )
 
 attempts_table = Table(
@@ -166,7 +180,10 @@ seen_keys = Table(
     metadata,
     Column("scope", String(255), primary_key=True),
     Column("key", String(MAX_KEY_LENGTH), primary_key=True),
+    # When a poll last found the key (refreshed about daily, see engine/daemon/poller.py), not
+    # when it was first seen: pruning forgets keys the feed stopped listing long ago.
     Column("seen_at", UTCDateTime, nullable=False),
+    Index("ix_seen_keys_seen", "scope", "seen_at"),
 )
 
 pauses = Table(
@@ -252,10 +269,163 @@ def _v3_unmatched_events(conn: Connection) -> None:
     frozen.create_all(conn, checkfirst=True)
 
 
+# -- the state counts' triggers (version 4) ----------------------------------------------------
+#
+# SQLite has one writer at a time: each row's change moves its state's counter in place. On
+# PostgreSQL a counter row updated by every transaction would queue the instances behind one
+# row lock (and deadlock two transactions moving different states in turn), so each statement
+# appends its net change per state, and :func:`fold_counts` sums the appends now and then.
+_COUNTS_V4_SQLITE: Final = (
+    """CREATE TRIGGER outbox_counts_insert AFTER INSERT ON outbox BEGIN
+    INSERT INTO outbox_counts (state, n) SELECT NEW.state, 0
+        WHERE NOT EXISTS (SELECT 1 FROM outbox_counts WHERE state = NEW.state);
+    UPDATE outbox_counts SET n = n + 1 WHERE state = NEW.state;
+END""",
+    """CREATE TRIGGER outbox_counts_update AFTER UPDATE OF state ON outbox
+WHEN OLD.state IS NOT NEW.state BEGIN
+    INSERT INTO outbox_counts (state, n) SELECT NEW.state, 0
+        WHERE NOT EXISTS (SELECT 1 FROM outbox_counts WHERE state = NEW.state);
+    UPDATE outbox_counts SET n = n - 1 WHERE state = OLD.state;
+    UPDATE outbox_counts SET n = n + 1 WHERE state = NEW.state;
+END""",
+    """CREATE TRIGGER outbox_counts_delete AFTER DELETE ON outbox BEGIN
+    UPDATE outbox_counts SET n = n - 1 WHERE state = OLD.state;
+END""",
+)
+_COUNTS_V4_POSTGRESQL: Final = (
+    # search_path pinned to the schema's: the trigger finds outbox_counts whoever writes.
+    """CREATE FUNCTION outbox_counts_track() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO outbox_counts (state, n) SELECT state, count(*) FROM new_rows GROUP BY state;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO outbox_counts (state, n) SELECT state, -count(*) FROM old_rows GROUP BY state;
+    ELSE
+        INSERT INTO outbox_counts (state, n)
+        SELECT state, sum(d)::bigint FROM (
+            SELECT state, 1 AS d FROM new_rows UNION ALL SELECT state, -1 FROM old_rows
+        ) AS moves GROUP BY state HAVING sum(d) <> 0;
+    END IF;
+    RETURN NULL;
+END $$""",
+    """CREATE TRIGGER outbox_counts_insert AFTER INSERT ON outbox
+REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION outbox_counts_track()""",
+    """CREATE TRIGGER outbox_counts_update AFTER UPDATE ON outbox
+REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+FOR EACH STATEMENT EXECUTE FUNCTION outbox_counts_track()""",
+    """CREATE TRIGGER outbox_counts_delete AFTER DELETE ON outbox
+REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION outbox_counts_track()""",
+)
+#: The triggers a fresh store gets: version 4's until a migration changes them (it then carries
+#: its own copy, as ``_v4_flat_queries`` does).
+COUNT_TRIGGERS: Final = {"sqlite": _COUNTS_V4_SQLITE, "postgresql": _COUNTS_V4_POSTGRESQL}
+
+
+def _create_count_triggers(conn: Connection, ddl: dict[str, tuple[str, ...]]) -> None:
+    for statement in ddl[conn.dialect.name]:
+        conn.exec_driver_sql(statement)
+
+
+def _seed_counts(conn: Connection) -> None:
+    """One row per state with its count now (after the triggers: on PostgreSQL creating them
+    locked the table against writers, so no row is counted twice or missed)."""
+    counted = conn.execute(select(outbox.c.state, func.count()).group_by(outbox.c.state))
+    found = {state: n for state, n in counted}
+    rows = [{"state": s, "n": found.pop(s, 0)} for s in STATES]
+    rows += [{"state": s, "n": n} for s, n in sorted(found.items())]
+    conn.execute(outbox_counts.insert(), rows)
+
+
+def fold_counts(conn: Connection) -> int:
+    """Sum the appended counts into one row per state (PostgreSQL; SQLite's are in place).
+
+    One statement: what it deletes is exactly what it sums, so appends committed meanwhile are
+    left for the next fold and two folds at once count nothing twice. Returns rows folded.
+    """
+    if conn.dialect.name != "postgresql":
+        return 0
+    # "state IS NOT NULL" is every row (the column is NOT NULL), said so the planner can take
+    # ix_outbox_counts_state rather than read every page the table ever grew to.
+    return int(
+        conn.exec_driver_sql(
+            "WITH gone AS (DELETE FROM outbox_counts WHERE state IS NOT NULL RETURNING state, n), "
+            "summed AS (INSERT INTO outbox_counts (state, n) SELECT state, sum(n)::bigint "
+            "FROM gone GROUP BY state HAVING sum(n) <> 0 RETURNING 1) "
+            "SELECT count(*) FROM gone"
+        ).scalar_one()
+    )
+
+
+#: The scope of a feed's "primed" marks before version 4 kept them among its item keys, under
+#: a NUL prefix that PostgreSQL cannot store; they now have a scope of their own.
+_OLD_PRIMED: Final = "\x00primed:"
+
+
+def _v4_flat_queries(conn: Connection) -> None:
+    """3 -> 4: indexes for history and limits, maintained state counts, seen keys by age.
+
+    What version 4 makes is dropped first if there: a store stamped with an older version by a
+    pushrules that made the tables with ``create_all`` (see ``_v3_unmatched_events``) may have
+    it already, and it is all derived (indexes, counts recounted here).
+    """
+    postgres = conn.dialect.name == "postgresql"
+    for statement in (
+        "DROP TRIGGER IF EXISTS outbox_counts_insert" + (" ON outbox" if postgres else ""),
+        "DROP TRIGGER IF EXISTS outbox_counts_update" + (" ON outbox" if postgres else ""),
+        "DROP TRIGGER IF EXISTS outbox_counts_delete" + (" ON outbox" if postgres else ""),
+        *(["DROP FUNCTION IF EXISTS outbox_counts_track()"] if postgres else []),
+        "DROP TABLE IF EXISTS outbox_counts",
+        "DROP INDEX IF EXISTS ix_outbox_state",
+        "DROP INDEX IF EXISTS ix_outbox_rule_state",
+        "DROP INDEX IF EXISTS ix_seen_keys_seen",
+        "CREATE INDEX ix_outbox_state ON outbox (state, created_at, id)",
+        "CREATE INDEX ix_outbox_rule_state ON outbox (rule, state, created_at, id) "
+        "WHERE state IN ('held', 'sent', 'failed', 'dead', 'in_doubt', 'dropped')",
+        # ix_outbox_state serves what these served (rows needing a person, rows in flight)
+        "DROP INDEX IF EXISTS ix_outbox_attention",
+        "DROP INDEX IF EXISTS ix_outbox_sending",
+        "CREATE INDEX ix_seen_keys_seen ON seen_keys (scope, seen_at)",
+        f"CREATE TABLE outbox_counts (id {'BIGSERIAL' if postgres else 'INTEGER'} NOT NULL, "
+        "state VARCHAR(16) NOT NULL, n BIGINT NOT NULL, PRIMARY KEY (id))",
+        "CREATE INDEX ix_outbox_counts_state ON outbox_counts (state, n)",
+    ):
+        conn.exec_driver_sql(statement)
+    _create_count_triggers(conn, {"sqlite": _COUNTS_V4_SQLITE, "postgresql": _COUNTS_V4_POSTGRESQL})
+    frozen = MetaData()
+    old_outbox = Table("outbox", frozen, Column("state", String(16)))
+    counts = Table("outbox_counts", frozen, Column("state", String(16)), Column("n", BigInteger))
+    counted = conn.execute(select(old_outbox.c.state, func.count()).group_by(old_outbox.c.state))
+    found = {state: n for state, n in counted}
+    frozen_states: tuple[str, ...] = ("held", "pending", "sending", "sent", "retrying")
+    frozen_states += ("failed", "dead", "in_doubt", "dropped")
+    seed = [{"state": s, "n": found.pop(s, 0)} for s in frozen_states]
+    conn.execute(counts.insert(), seed + [{"state": s, "n": n} for s, n in found.items()])
+    if not postgres:  # PostgreSQL never stored one
+        _v4_move_primed(conn)
+
+
+def _v4_move_primed(conn: Connection) -> None:
+    """Feed "primed" marks from ``feed:R``/``\\0primed:HASH`` to ``feed-primed:R``/``HASH``."""
+    rows = conn.exec_driver_sql(
+        "SELECT scope, key, seen_at FROM seen_keys WHERE key >= ? AND key < ?",
+        (_OLD_PRIMED, _OLD_PRIMED[:-1] + ";"),
+    ).all()
+    for scope, key, seen_at in rows:
+        if not (scope.startswith("feed:") and key.startswith(_OLD_PRIMED)):
+            continue
+        conn.exec_driver_sql(
+            "INSERT OR IGNORE INTO seen_keys (scope, key, seen_at) VALUES (?, ?, ?)",
+            ("feed-primed:" + scope[len("feed:") :], key[len(_OLD_PRIMED) :], seen_at),
+        )
+        conn.exec_driver_sql("DELETE FROM seen_keys WHERE scope = ? AND key = ?", (scope, key))
+
+
 #: Migrations from version N to N + 1, run in order inside the schema transaction.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _v2_left_at_and_instances,
     2: _v3_unmatched_events,
+    3: _v4_flat_queries,
 }
 
 
@@ -280,6 +450,8 @@ def ensure_schema(conn: Connection) -> None:
                 "`store` in pushrules.yaml at an empty database, or restore this one from a backup"
             )
         metadata.create_all(conn)
+        _create_count_triggers(conn, COUNT_TRIGGERS)
+        _seed_counts(conn)
         conn.execute(
             schema_version_table.insert().values(version=SCHEMA_VERSION, applied_at=utcnow())
         )

@@ -22,3 +22,8 @@ DROPPABLE: Final = (HELD, PENDING, RETRYING, IN_DOUBT, FAILED, DEAD)
 ATTENTION_STATES: Final = (HELD, IN_DOUBT, FAILED, DEAD)
 #: States a result may set.
 RESULT_TARGETS: Final = (SENT, RETRYING, FAILED, DEAD, IN_DOUBT)
+#: States a row stays in until a person or retention moves it; the others (pending, sending,
+#: retrying) are a short stay on the way out. Only rows at rest are in ix_outbox_rule_state,
+#: so claims and results do not rewrite an index scattered by rule.
+AT_REST: Final = (HELD, SENT, FAILED, DEAD, IN_DOUBT, DROPPED)
+ON_THE_WAY: Final = (PENDING, SENDING, RETRYING)

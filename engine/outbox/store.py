@@ -27,6 +27,7 @@ body that carries the ``user`` object.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -49,6 +50,7 @@ from sqlalchemy import (
     make_url,
     or_,
     select,
+    union_all,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -56,7 +58,12 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 from sqlalchemy.sql.elements import BindParameter
 
 from engine.errors import PushrulesError
-from engine.outbox.connections import _READ_ONLY, _sqlite_begin, _sqlite_on_connect
+from engine.outbox.connections import (
+    _READ_ONLY,
+    _sqlite_begin,
+    _sqlite_on_connect,
+    use_index_hints,
+)
 from engine.outbox.instances import (
     INSTANCE_LOCK_PREFIX,
     InFlight,
@@ -71,6 +78,7 @@ from engine.outbox.instances import (
     plan_reclaim,
 )
 from engine.outbox.marks import Marks
+from engine.outbox.retention import Retention
 from engine.outbox.schema import (
     SCHEMA_VERSION,
     UTCDateTime,
@@ -79,18 +87,22 @@ from engine.outbox.schema import (
     _states,
     attempts_table,
     ensure_schema,
+    fold_counts,
     instances,
     outbox,
+    outbox_counts,
     pauses,
     schema_version_table,
     utcnow,
 )
 from engine.outbox.states import (
+    AT_REST,
     DROPPABLE,
     DROPPED,
     DUE_STATES,
     HELD,
     IN_DOUBT,
+    ON_THE_WAY,
     PENDING,
     RESENDABLE,
     RESULT_STATES,
@@ -103,6 +115,8 @@ from engine.outbox.states import (
 from engine.rules.secrets import hide_url_password
 
 DEFAULT_URL: Final = "sqlite:///pushrules.db"
+#: What a rule's limit counts at rest: a fire in any state but dropped.
+_FIRE_STATES_AT_REST: Final = tuple(s for s in AT_REST if s != DROPPED)
 
 
 # -- statements on the hot path, built once (building one costs more than running it) --------
@@ -112,12 +126,20 @@ _ACTIVE_PAUSES = select(pauses.c.rule).where(
 )
 
 
+#: SQLite reads due rows off ix_outbox_due, never by state (see connections._SQLiteCompiler).
+_BY_DUE: Final = "INDEXED BY ix_outbox_due"
+#: And a rule's rows on their way off ix_outbox_state, never through uq_outbox_fire's rule
+#: prefix, which would read the rule's whole history.
+_BY_STATE: Final = "INDEXED BY ix_outbox_state"
+
+
 def _claim_statement(*, by_ids: bool, paused: bool) -> Any:
     due = select(outbox.c.id).where(_states(*DUE_STATES))
     if by_ids:
         due = due.where(outbox.c.id.in_(bindparam("ids", expanding=True)))
     else:
         due = due.where(outbox.c.next_attempt_at <= bindparam("now", type_=UTCDateTime))
+        due = due.with_hint(outbox, _BY_DUE, "sqlite")
     if paused:
         due = due.where(outbox.c.rule.not_in(bindparam("paused", expanding=True)))
     due = (
@@ -137,6 +159,31 @@ def _claim_statement(*, by_ids: bool, paused: bool) -> Any:
             left_at=None,
         )
         .returning(*outbox.columns)
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _history_statement(states: tuple[str, ...], by_rule: bool, since: bool) -> Any:
+    """The ids of the newest ``limit`` rows in ``states``: one index run per state, merged
+    (built once per shape: building it costs more than running it)."""
+    runs = []
+    for state in states:
+        run = select(outbox.c.id, outbox.c.created_at).where(outbox.c.state == state)
+        if by_rule:
+            run = run.where(outbox.c.rule == bindparam("rule", type_=String))
+            if state in AT_REST:  # ix_outbox_rule_state's own condition, word for word
+                run = run.where(_states(*AT_REST))
+            else:
+                run = run.with_hint(outbox, _BY_STATE, "sqlite")
+        if since:
+            run = run.where(outbox.c.created_at >= bindparam("since", type_=UTCDateTime))
+        newest = run.order_by(outbox.c.created_at.desc(), outbox.c.id.desc())
+        runs.append(select(newest.limit(bindparam("limit", type_=Integer)).subquery()))
+    merged = union_all(*runs).subquery()
+    return (
+        select(merged.c.id)
+        .order_by(merged.c.created_at.desc(), merged.c.id.desc())
+        .limit(bindparam("limit", type_=Integer))
     )
 
 
@@ -368,7 +415,7 @@ class StoreUnavailable(PushrulesError):
     version (which only a command that writes may migrate)."""
 
 
-class Store(Marks):
+class Store(Marks, Retention):
     """The outbox and its few companions (attempts, seen keys, pauses) in one database."""
 
     def __init__(self, url: str = DEFAULT_URL, *, echo: bool = False, create: bool = True) -> None:
@@ -403,6 +450,7 @@ class Store(Marks):
             engine = create_engine(url, echo=echo, connect_args={"timeout": 15})
             event.listen(engine, "connect", _sqlite_on_connect)
             event.listen(engine, "begin", _sqlite_begin)
+            use_index_hints(engine)
             return engine
         if quick:
             return create_engine(url, echo=echo, connect_args={"connect_timeout": 5})
@@ -855,8 +903,8 @@ class Store(Marks):
     ) -> int:
         """Move rows in ``from_states`` (all, one rule's, or these ids) at once."""
         q = update(outbox).where(outbox.c.state.in_(list(from_states)))
-        if rule is not None:
-            q = q.where(outbox.c.rule == rule)
+        if rule is not None:  # the states' rows (held, or on their way), not the rule's history
+            q = q.where(outbox.c.rule == rule).with_hint(_BY_STATE, outbox, "sqlite")
         if ids is not None:
             q = q.where(outbox.c.id.in_(list(ids)))
         values: dict[str, Any] = {"state": to_state, "updated_at": now or utcnow()}
@@ -929,39 +977,62 @@ class Store(Marks):
         since: datetime | None = None,
         limit: int = 100,
     ) -> list[OutboxRow]:
-        """Newest rows first, each with its attempts."""
-        q = select(outbox)
-        if rule is not None:
-            q = q.where(outbox.c.rule == rule)
-        if states is not None:
-            wanted = list(states)
-            unknown = sorted(set(wanted) - set(STATES))
-            if unknown:
-                raise ValueError(
-                    f"unknown state(s) {', '.join(unknown)}; known: {', '.join(STATES)}"
-                )
-            q = q.where(outbox.c.state.in_(wanted))
+        """Newest rows first (by creation, then id), each with its attempts.
+
+        One index run per state (``ix_outbox_state``; for a rule, ``ix_outbox_rule_state`` for
+        rows at rest and the few on their way off ``ix_outbox_state``), each cut at ``limit``
+        and merged in one statement: a list costs ``limit`` entries per state however long the
+        history, and a state with no row costs one index probe.
+        """
+        wanted = list(STATES if states is None else dict.fromkeys(states))
+        unknown = sorted(set(wanted) - set(STATES))
+        if unknown:
+            raise ValueError(f"unknown state(s) {', '.join(unknown)}; known: {', '.join(STATES)}")
+        if limit <= 0 or not wanted:
+            return []
+        top = _history_statement(tuple(wanted), rule is not None, since is not None)
+        params: dict[str, Any] = {"limit": limit, "rule": rule}
         if since is not None:
-            q = q.where(outbox.c.created_at >= _aware(since, "since"))
-        q = q.order_by(outbox.c.id.desc()).limit(limit)
+            params["since"] = _aware(since, "since")
         with self._read() as conn:
-            return self._with_attempts(conn, list(conn.execute(q).mappings()))
+            ids = list(conn.execute(top, params).scalars())
+            picked = conn.execute(select(outbox).where(outbox.c.id.in_(ids))).mappings()
+            found = {m["id"]: m for m in picked}
+            return self._with_attempts(conn, [found[i] for i in ids if i in found])
 
     def backlog(self) -> dict[str, int]:
-        """Rows by state, every state present (zeros included)."""
+        """Rows by state, every state present (zeros included).
+
+        Read from ``outbox_counts``, which triggers keep (see ``schema``): the same answer as
+        counting the outbox, at the cost of a handful of rows rather than the whole history.
+        """
         counts = dict.fromkeys(STATES, 0)
         with self._read() as conn:
             for state, n in conn.execute(
-                select(outbox.c.state, func.count()).group_by(outbox.c.state)
+                select(outbox_counts.c.state, func.sum(outbox_counts.c.n)).group_by(
+                    outbox_counts.c.state
+                )
             ):
-                counts[state] = n
+                if state in counts or n:
+                    counts[state] = int(n)
         return counts
+
+    def fold_counts(self) -> int:
+        """Sum the state counts PostgreSQL's triggers append (a no-op on SQLite); returns the
+        rows folded. The daemon's leader calls it every few seconds, so :meth:`backlog` reads
+        a few rows, not one per statement since the store began."""
+        if self.dialect != "postgresql":
+            return 0
+        with self.engine.begin() as conn:
+            return fold_counts(conn)
 
     def next_due(self) -> datetime | None:
         """When the earliest pending or retrying row is due (the dispatcher's idle sleep)."""
         with self._read() as conn:
             return conn.execute(
-                select(func.min(outbox.c.next_attempt_at)).where(_states(*DUE_STATES))
+                select(func.min(outbox.c.next_attempt_at))
+                .where(_states(*DUE_STATES))
+                .with_hint(outbox, _BY_DUE, "sqlite")
             ).scalar()
 
     # -- fires and marks ---------------------------------------------------------------------
@@ -971,12 +1042,19 @@ class Store(Marks):
 
         Chunk 0 stands for its fire; a held fire counts too, since it was a fire all the same.
         """
-        q = select(func.count()).where(
-            outbox.c.rule == rule,
-            outbox.c.chunk == 0,
-            outbox.c.created_at >= _aware(since, "since"),
-            outbox.c.state != DROPPED,
+        since = _aware(since, "since")
+        fires = (outbox.c.rule == rule, outbox.c.created_at >= since, outbox.c.chunk == 0)
+        # Rows at rest through ix_outbox_rule_state (states named, not "!= dropped": each is
+        # one range), rows on their way (the backlog) through ix_outbox_state.
+        at_rest = select(func.count()).where(
+            _states(*AT_REST), outbox.c.state.in_(_FIRE_STATES_AT_REST), *fires
         )
+        on_the_way = (
+            select(func.count())
+            .where(outbox.c.state.in_(ON_THE_WAY), *fires)
+            .with_hint(outbox, _BY_STATE, "sqlite")
+        )
+        q = select(at_rest.scalar_subquery() + on_the_way.scalar_subquery())
         with self._read() as conn:
             return int(conn.execute(q).scalar() or 0)
 

@@ -15,6 +15,7 @@ from engine.rules.schemas import (
     DISPATCH,
     MAX_BODY_DEFAULT,
     PROJECT_CHECKER,
+    RETENTION,
     Bounds,
     is_yaml_int,
 )
@@ -71,6 +72,19 @@ class IntakeConfig:
     max_body: int = MAX_BODY_DEFAULT  # bytes
 
 
+@dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """``retention:`` of pushrules.yaml: how long finished things are kept before the daemon
+    prunes them (None: forever). Its fields are the keys of :data:`~engine.rules.schemas.RETENTION`.
+    Rows that are not finished (in flight, or waiting for a person) are never pruned."""
+
+    sent: timedelta | None = timedelta(days=90)
+    dropped: timedelta | None = timedelta(days=90)
+    unmatched_events: timedelta | None = timedelta(days=90)
+    feed_keys: timedelta | None = timedelta(days=90)
+    marks: timedelta | None = timedelta(days=90)
+
+
 @dataclass(frozen=True)
 class Project:
     """The validated configuration; immutable, so a reload swaps it whole."""
@@ -90,6 +104,7 @@ class Project:
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     intake: IntakeConfig = field(default_factory=IntakeConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     #: The line of each setting in the file (``accengage.password``: 7), so a problem met at
     #: run time points where the operator fixes it. Not part of what the settings mean.
     lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
@@ -225,6 +240,7 @@ def parse_project(root: Path, text: str) -> tuple[Project | None, list[Problem]]
         dispatch=DispatchConfig(**_settings(DISPATCH, doc.get("dispatch") or {})),
         intake=_intake(doc.get("intake") or {}),
         daemon=DaemonConfig(**_settings(DAEMON, doc.get("daemon") or {})),
+        retention=_retention(doc.get("retention") or {}),
         lines=_lines(doc),
     )
     return project, problems
@@ -302,6 +318,19 @@ def _intake(section: Mapping[str, Any]) -> IntakeConfig:
     if "max_body" in section:
         return IntakeConfig(max_body=int(native(section["max_body"])))
     return IntakeConfig()
+
+
+def _retention(section: Mapping[str, Any]) -> RetentionConfig:
+    """The typed ``retention:`` of a section the schema passed: a duration each, or None for
+    ``forever``; keys not written keep their default."""
+    from engine.rules.schedule import parse_duration
+
+    values: dict[str, timedelta | None] = {}
+    for key, spec in RETENTION.items():
+        if key in section:
+            text = str(section[key])
+            values[key] = None if text == spec["bounds"].word else parse_duration(text)
+    return RetentionConfig(**values)
 
 
 def _names(value: Any) -> frozenset[str] | None:

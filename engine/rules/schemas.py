@@ -622,6 +622,8 @@ class Bounds:
     low: float
     high: float
     unit: str = ""
+    #: A word also accepted in place of a number (``forever`` for a retention).
+    word: str = ""
 
     def problem(self, value: float, written: object) -> str | None:
         """Why ``value`` (as ``written`` in the file) is out of bounds; None within them."""
@@ -630,8 +632,11 @@ class Bounds:
         kind = "a duration" if self.unit else "a whole number"
         return (
             f"{written} is out of range; write {kind} from {self.words(self.low)} "
-            f"to {self.words(self.high)}"
+            f"to {self.words(self.high)}{self.or_word()}"
         )
+
+    def or_word(self) -> str:
+        return f", or {self.word}" if self.word else ""
 
     def words(self, value: float) -> str:
         """A bound as it is written in the file (``300`` seconds is ``5m``)."""
@@ -785,6 +790,42 @@ INTAKE: dict[str, Any] = {
     },
 }
 
+#: ``retention:`` of pushrules.yaml: how long what is finished is kept before the daemon prunes
+#: it, or ``forever``. Feed keys at least 7 days: polls refresh a key about daily, and a key is
+#: only forgotten once polls stopped finding it for this long (engine/outbox/retention.py).
+_DAYS = 86400
+_RETENTION_JSON: dict[str, Any] = {
+    "type": "string",
+    "anyOf": [{"pattern": DURATION_PATTERN}, {"const": "forever"}],
+}
+
+
+def _kept(title: str, description: str, low_days: int) -> dict[str, Any]:
+    return {
+        **TEXT,
+        "bounds": Bounds(low_days * _DAYS, 36500 * _DAYS, "s", "forever"),
+        **doc(
+            title,
+            f"{description}: {_DURATION_WORDS}, at least {low_days}d; or forever.",
+            json=_RETENTION_JSON,
+        ),
+    }
+
+
+RETENTION: dict[str, Any] = {
+    "sent": _kept("Sent", "How long a sent request is kept (default 90d)", 1),
+    "dropped": _kept("Dropped", "How long a dropped request is kept (default 90d)", 1),
+    "unmatched_events": _kept(
+        "Unmatched events", "How long an event no rule took is kept (default 90d)", 1
+    ),
+    "feed_keys": _kept(
+        "Feed keys",
+        "How long a feed item's key is kept after polls stopped finding it (default 90d)",
+        7,
+    ),
+    "marks": _kept("Marks", "How long a rule's marks are kept (default 90d)", 1),
+}
+
 PROJECT: dict[str, Any] = {
     "accengage": {
         "type": "dict",
@@ -904,6 +945,16 @@ PROJECT: dict[str, Any] = {
             "Daemon",
             "The timing of pushrules run, read at its start: the file watcher, the leadership "
             "check, a fire's write. The defaults suit production.",
+        ),
+    },
+    "retention": {
+        "type": "dict",
+        "schema": RETENTION,
+        **doc(
+            "Retention",
+            "How long finished rows are kept before the daemon prunes them (sent, dropped, "
+            "unmatched_events, feed_keys, marks), or forever. Rows that need a person are never "
+            "pruned.",
         ),
     },
 }
@@ -1055,14 +1106,14 @@ def bounded_value(value: object, bounds: Bounds) -> float | str | None:
     """The number a bounded setting holds (seconds for a duration), a message when a duration
     cannot be read, or None when the type is wrong (the type rule says so)."""
     if bounds.unit in ("s", "ms"):
-        if not isinstance(value, str):
+        if not isinstance(value, str) or (bounds.word and str(value) == bounds.word):
             return None
         from engine.rules.schedule import TriggerError, parse_duration
 
         try:
             return parse_duration(str(value), milliseconds=bounds.unit == "ms").total_seconds()
         except TriggerError as exc:
-            return str(exc)
+            return f"{exc}{bounds.or_word()}"
     if not is_yaml_int(value):
         return None
     return cast(int, value.typed if isinstance(value, Scalar) else value)  # is_yaml_int said so
