@@ -300,16 +300,17 @@ class Daemon:
                     log.debug("rule %s: template not precompiled: %s", rule.id, exc)
                 self._compiled.add(rule.digest)
 
-    async def reload(self, *, settled: bool = True) -> None:
+    async def reload(self, *, settled: bool = True, rehash: bool = False) -> None:
         """Re-check what changed, swap the rule set whole, reschedule only changed rules.
 
         ``settled=False`` (files still changing) keeps rules whose file is missing for now.
+        ``rehash``: read every rule file again, not only those whose ``stat`` changed.
         A reload that loads nothing keeps the running rules and shows in /healthz.
         """
         async with self._reload_lock:
             started = time.perf_counter()
             try:
-                ruleset = await asyncio.to_thread(self.loader.load, settled=settled)
+                ruleset = await asyncio.to_thread(self.loader.load, settled=settled, rehash=rehash)
             except Exception as exc:
                 log.exception("reload failed; the daemon keeps running its current rules")
                 self._reload_failed(f"{type(exc).__name__}: {exc}"[:300])
@@ -341,8 +342,13 @@ class Daemon:
         }
 
     async def _files_changed(self) -> None:
-        """The watcher's call: a load made while files kept changing keeps vanished rules."""
-        await self.reload(settled=self._watcher.settled if self._watcher else True)
+        """The watcher's call: a load made while files kept changing keeps vanished rules; a
+        change only its content re-scan saw is looked for in every file."""
+        watcher = self._watcher
+        await self.reload(
+            settled=watcher.settled if watcher else True,
+            rehash=watcher.rehash if watcher else True,
+        )
 
     async def run(self) -> int:
         if self.options.sandbox:
@@ -415,7 +421,8 @@ class Daemon:
         try:
             # Not settled: a SIGHUP sent in the middle of a deploy must not drop a rule whose
             # file is being re-created; the watcher's settled reload drops what is truly gone.
-            await self.reload(settled=False)
+            # Every file is read again: an operator asking for a reload means all of them.
+            await self.reload(settled=False, rehash=True)
         except Exception:
             log.exception("reload on SIGHUP failed; the running rules stay")
 

@@ -23,7 +23,15 @@ from engine.rules.problems import Problem, closest, did_you_mean, field_path
 from engine.rules.project import Project
 from engine.rules.rule import DEFAULT_CATCH_UP, TRIGGER_KINDS, AppPlan, Limit, QuietHours, Rule
 from engine.rules.schemas import RULE_CHECKER, TARGET_CHECKER
-from engine.rules.yaml_source import MarkedList, MarkedMap, load, native, position
+from engine.rules.yaml_source import (
+    MarkedList,
+    MarkedMap,
+    compact,
+    load,
+    native,
+    position,
+    share,
+)
 
 #: Stands for the apps a per-app problem concerns, until problems shared by apps are merged.
 _APPS = "\x00apps\x00"
@@ -137,6 +145,28 @@ def parse_rule(
     rule = _build(rule_id, rel, checked, project, fragments, out, digest or _text_digest(text))
     problems = list(dict.fromkeys(out.problems))  # a problem found twice is reported once
     return (None if out.failed else rule), problems
+
+
+def compact_rule(rule: Rule, shared: Mapping[int, tuple[Any, Any]]) -> Rule:
+    """The rule as a loaded rule set keeps it: its data without the marks of the YAML (see
+    :func:`~engine.rules.yaml_source.compact`); ``shared``: :func:`shared_values`."""
+    return dataclasses.replace(
+        rule,
+        trigger=compact(rule.trigger, shared),
+        apps=tuple(dataclasses.replace(p, message=compact(p.message, shared)) for p in rule.apps),
+        targets=tuple(compact(t, shared) for t in rule.targets),
+        vars=compact(rule.vars, shared),
+    )
+
+
+def shared_values(fragments: Fragments) -> dict[int, tuple[Any, Any]]:
+    """The compact form of the templates' mappings and lists, which the rules using them
+    share (a merged message holds the template's own values): one copy for them all."""
+    shared: dict[int, tuple[Any, Any]] = {}
+    for library in (fragments.messages, fragments.buttons):
+        for template in library.values():
+            share(template, shared)
+    return shared
 
 
 def _shape_code(path: tuple[Any, ...], kind: str) -> int | None:
@@ -913,4 +943,10 @@ def compile_templates(rule: Rule) -> None:
         templating.compile_expression(str(rule.when))
 
 
-__all__ = ["compile_templates", "deep_merge", "parse_rule"]
+__all__ = [
+    "compact_rule",
+    "compile_templates",
+    "deep_merge",
+    "parse_rule",
+    "shared_values",
+]

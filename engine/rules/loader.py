@@ -3,21 +3,39 @@
 A broken file never hides the problems of, nor stops the loading of, the others. When a file
 that was good breaks, its last good version stays in the rule set (the daemon keeps running
 it) and its problems are reported. Many files are checked on all cores.
+
+A reload reads only the rule files whose device, inode, size, mtime or ctime changed since
+they were read (one ``stat`` each), and re-checks only those whose text changed. An edit the
+``stat`` cannot see (the same size within the file system's timestamp granularity) is caught
+two ways: a file modified less than :data:`RACY_SECONDS` before it was read is read again by
+the next load, whatever its ``stat`` says (git's "racily clean" rule), and ``rehash=True`` reads
+every file again (the daemon does it on SIGHUP and when its watcher's periodic re-scan, which
+hashes every file, finds a change). A file that changes while it is read is read again by the
+next load: its ``stat`` before and after the read differ, so none is recorded.
+
+A loaded rule keeps what firing it needs, not the marked YAML it was checked from
+(:func:`~engine.rules.checks.compact_rule`): its file's problems are kept as found, and found
+again when the file changes. The garbage collector is paused while a load runs: it would
+otherwise walk the growing heap of parsed files again and again.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import multiprocessing
 import os
 import re
-from collections.abc import Collection, Mapping
+import time
+from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from engine.rules.cases import CaseFile, ReadCaseFile, check_case_files, read_case_files
-from engine.rules.checks import parse_rule
+from engine.rules.checks import compact_rule, parse_rule, shared_values
 from engine.rules.fragments import BUTTONS_DIR, MESSAGES_DIR, Fragments, load_fragments
 from engine.rules.problems import Problem
 from engine.rules.project import CONFIG_NAME, Project, load_project
@@ -28,6 +46,14 @@ RULES_DIR = Path("rules")
 _RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 #: Below this many files to check, starting worker processes costs more than it saves.
 PARALLEL_THRESHOLD = 200
+#: Files a worker checks and sends back at a time: smaller batches keep less in memory at
+#: once and spread the work evenly; larger ones share more of the templates' data.
+CHUNK = 250
+#: A file modified less than this before it was read may be modified again within the same
+#: mtime tick (one or two seconds on some file systems), unseen by ``stat``: it is read again.
+RACY_SECONDS = 2.0
+
+StatKey = tuple[int, int, int, int, int]  # device, inode, size, mtime_ns, ctime_ns
 
 
 @dataclass(frozen=True)
@@ -67,6 +93,39 @@ class _Entry:
     problems: list[Problem]
     #: The rule was good but not sent back from a worker (problems_only, skip_rules).
     dropped: bool = False
+    #: The file's ``stat`` when its text was read, or None when that cannot vouch for the
+    #: text (it changed while read, or was modified too recently): then it is read again.
+    stat: StatKey | None = None
+
+
+def _stat_key(path: Path) -> StatKey | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _trusted(before: StatKey | None, after: StatKey | None) -> StatKey | None:
+    """The ``stat`` to remember for a text read between ``before`` and ``after``: None when
+    the file changed meanwhile or was modified within :data:`RACY_SECONDS` of now."""
+    if before is None or before != after:
+        return None
+    if time.time_ns() - max(before[3], before[4]) < RACY_SECONDS * 1e9:
+        return None
+    return before
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a load builds many small objects."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _file_error(rel: str, message: str) -> Problem:
@@ -151,14 +210,19 @@ class Loader:
         other._entries = dict(self._entries)
         return other
 
-    def load(self, *, settled: bool = True) -> RuleSet:
+    def load(self, *, settled: bool = True, rehash: bool = False) -> RuleSet:
         """The project as it is now.
 
         ``settled``: the files have stayed still for a while (the watcher's debounce), so a
         rule file that is missing is really gone. A load made in the middle of a burst of
         changes (a deploy deleting and re-creating files) keeps a vanished rule at its last
         good version instead, and a later settled load drops it.
+        ``rehash``: read every rule file again, even those whose ``stat`` is unchanged.
         """
+        with _collector_paused():
+            return self._load(settled, rehash)
+
+    def _load(self, settled: bool, rehash: bool) -> RuleSet:
         root = self.root
         context = context_key(root)
         project, problems = load_project(root)
@@ -168,7 +232,8 @@ class Loader:
         fragments, fragment_problems, fragment_files = load_fragments(root)
         problems = [*problems, *fragment_problems]
         paths = rule_files(root)
-        texts: dict[str, tuple[str, str, str]] = {}  # rel -> (rule id, text, hash)
+        present: dict[str, str] = {}  # rel -> rule id, of each file usable now, in order
+        texts: dict[str, tuple[str, str, StatKey | None]] = {}  # rel -> (text, hash, stat)
         held: set[str] = set()  # rule ids present but unusable now: they keep their last good
         by_id: dict[str, list[str]] = {}
         rels = [_relative(path, root) for path in paths]
@@ -198,13 +263,27 @@ class Loader:
                 continue
             if self.only is not None and Path(rel).as_posix() not in self.only:
                 continue
+            before = _stat_key(path)
+            entry = self._entries.get(rel)
+            if (
+                not rehash
+                and entry is not None
+                and entry.stat is not None
+                and entry.stat == before
+                and entry.context == context
+                and not (entry.dropped and self._wants(rel, rule_id, tested))
+            ):
+                present[rel] = rule_id  # unchanged since read: its entry stands
+                continue
             try:
                 text = read_source(path, root, root / RULES_DIR)
             except Unreadable as exc:
                 problems.append(Problem(rel, exc.line, None, "", None, "error", exc.message))
                 held.add(rule_id)
                 continue
-            texts[rel] = (rule_id, text, hashlib.blake2b(text.encode(), digest_size=16).hexdigest())
+            digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+            present[rel] = rule_id
+            texts[rel] = (text, digest, _trusted(before, _stat_key(path)))
 
         if project is None:
             # Without a valid pushrules.yaml no rule can be checked against apps and platforms.
@@ -223,23 +302,26 @@ class Loader:
 
         todo = [
             rel
-            for rel, (rule_id, _, h) in texts.items()
+            for rel, (_, h, _) in texts.items()
             if (entry := self._entries.get(rel)) is None
             or entry.text_hash != h
             or entry.context != context
-            or (entry.dropped and self._wants(rel, rule_id, tested))
+            or (entry.dropped and self._wants(rel, present[rel], tested))
         ]
-        drop = frozenset(rel for rel in todo if not self._wants(rel, texts[rel][0], tested))
-        checked = self._check(todo, texts, project, fragments, context, drop)
+        drop = frozenset(rel for rel in todo if not self._wants(rel, present[rel], tested))
+        checked = self._check(todo, present, texts, project, fragments, context, drop)
         for rel, (new_rule, new_problems) in checked.items():
             dropped = new_rule is None and rel in drop and not any(p.is_error for p in new_problems)
-            self._entries[rel] = _Entry(texts[rel][2], context, new_rule, new_problems, dropped)
-        for gone in set(self._entries) - set(texts):
+            text_hash, stat = texts[rel][1], texts[rel][2]
+            self._entries[rel] = _Entry(text_hash, context, new_rule, new_problems, dropped, stat)
+        for rel, (_, _, stat) in texts.items():
+            self._entries[rel].stat = stat  # read again, the same text: vouched for anew
+        for gone in set(self._entries) - set(present):
             del self._entries[gone]
 
         rules: dict[str, Rule] = {}
         stale = set()
-        for rel, (rule_id, _, _) in texts.items():
+        for rel, rule_id in present.items():
             entry = self._entries[rel]
             problems.extend(entry.problems)
             if entry.rule is not None:
@@ -293,34 +375,48 @@ class Loader:
     def _check(
         self,
         todo: list[str],
-        texts: Mapping[str, tuple[str, str, str]],
+        present: Mapping[str, str],
+        texts: Mapping[str, tuple[str, str, StatKey | None]],
         project: Project,
         fragments: Fragments,
         context: str,
         drop: frozenset[str],
     ) -> dict[str, tuple[Rule | None, list[Problem]]]:
-        """Check the files of ``todo``; the rules of those in ``drop`` need not come back
-        (checked here, in this process, they cost nothing to keep)."""
-        jobs = [(texts[rel][0], rel, texts[rel][1], f"{texts[rel][2]}-{context}") for rel in todo]
+        """Check the files of ``todo``; the rules of those in ``drop`` are not kept."""
+        jobs = [(present[rel], rel, texts[rel][0], f"{texts[rel][1]}-{context}") for rel in todo]
         if len(jobs) < PARALLEL_THRESHOLD or self.workers < 2:
-            return {job[1]: parse_rule(*job[:3], project, fragments, job[3]) for job in jobs}
+            return dict(_check_jobs(jobs, project, fragments, drop))
         return _check_parallel(jobs, project, fragments, self.workers, drop)
+
+
+Job = tuple[str, str, str, str]  # rule id, relative path, text, digest
+Checked = tuple[str, Rule | None, list[Problem]]  # relative path, rule, problems
+
+
+def _check_jobs(
+    jobs: list[Job], project: Project, fragments: Fragments, drop: frozenset[str]
+) -> Iterator[tuple[str, tuple[Rule | None, list[Problem]]]]:
+    """Each job's rule, as a rule set keeps it (None for the files of ``drop``), and problems;
+    the rules share one copy of what they share (a template's values)."""
+    shared: dict[int, tuple[Any, Any]] | None = None
+    for rule_id, rel, text, digest in jobs:
+        rule, problems = parse_rule(rule_id, rel, text, project, fragments, digest)
+        if rule is not None and rel not in drop:
+            if shared is None:
+                shared = shared_values(fragments)
+            yield rel, (compact_rule(rule, shared), problems)
+        else:
+            yield rel, (None, problems)
 
 
 _shared: tuple[Project, Fragments, frozenset[str]] | None = None
 
 
-Job = tuple[str, str, str, str]  # rule id, relative path, text, digest
-
-
-def _check_chunk(jobs: list[Job]) -> list[tuple[str, Rule | None, list[Problem]]]:
+def _check_chunk(jobs: list[Job]) -> list[tuple[str, tuple[Rule | None, list[Problem]]]]:
     assert _shared is not None
     project, fragments, drop = _shared
-    out = []
-    for rule_id, rel, text, digest in jobs:
-        rule, problems = parse_rule(rule_id, rel, text, project, fragments, digest)
-        out.append((rel, None if rel in drop else rule, problems))
-    return out
+    with _collector_paused():
+        return list(_check_jobs(jobs, project, fragments, drop))
 
 
 def _check_parallel(
@@ -330,15 +426,25 @@ def _check_parallel(
     the files in ``drop`` are not sent back."""
     global _shared
     _shared = (project, fragments, drop)
-    chunks = [jobs[i::workers] for i in range(workers)]
+    # Interleaved, so a run of big files does not land in one chunk.
+    count = max(workers, -(-len(jobs) // CHUNK))
+    chunks = [jobs[i::count] for i in range(count)]
     try:
         context = multiprocessing.get_context("fork")
     except ValueError:  # pragma: no cover - no fork on this platform
-        return {job[1]: parse_rule(*job[:3], project, fragments, job[3]) for job in jobs}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        results = list(pool.map(_check_chunk, chunks))
-    _shared = None
-    return {rel: (rule, problems) for chunk in results for rel, rule, problems in chunk}
+        return dict(_check_jobs(jobs, project, fragments, drop))
+    # Objects alive now are never collected in the workers: the pages holding them stay
+    # shared with this process instead of being copied when a collection touches them.
+    gc.freeze()
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            out: dict[str, tuple[Rule | None, list[Problem]]] = {}
+            for chunk in pool.map(_check_chunk, chunks):
+                out.update(chunk)
+    finally:
+        gc.unfreeze()
+        _shared = None
+    return out
 
 
 def load_ruleset(root: Path) -> RuleSet:

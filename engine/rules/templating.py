@@ -349,6 +349,9 @@ def _syntax_problem(text: str, names: frozenset[str]) -> str | None:
         if "{{" not in rest and "}}" not in rest:
             used = set(_SIMPLE_REFERENCE.findall(text))
             return _unknown_names(used, allowed)
+        read = _expressions_names(text)
+        if read is not None:
+            return _unknown_names(set(read), allowed)
     try:
         if "{#" in text and _has_comment(text):
             return (
@@ -362,6 +365,40 @@ def _syntax_problem(text: str, names: frozenset[str]) -> str | None:
             hint = "; to show '{%' literally, write {{ '{%' }}"
         return f"Jinja syntax: {exc.message} (line {exc.lineno} of the text){hint}"
     return _unknown_names(_loaded_names(ast), allowed)
+
+
+#: One ``{{ ... }}`` of a text, up to the first ``}}`` (a ``-`` of whitespace control stays in
+#: it: parsed inside ``{{`` and ``}}`` again, it means the same).
+_EXPRESSION_BLOCK = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
+
+
+def _expressions_names(text: str) -> frozenset[str] | None:
+    """The names the ``{{ ... }}`` of a text (with no ``{%`` or ``{#``) read, when each one
+    parses alone; None to let the whole text be parsed (a mistake, or a split this cannot
+    trust). Texts differ around the same expressions (``Rule 12 for {{ event.name }}``), so
+    each expression is parsed once however many texts hold it. Cutting at the first ``}}``
+    is safe: a ``}}`` inside a string of the expression leaves the quote unclosed, which does
+    not parse, so the whole text is parsed instead."""
+    rest = _EXPRESSION_BLOCK.sub("", text)
+    if "{{" in rest or "}}" in rest:
+        return None
+    used: set[str] = set()
+    for expression in _EXPRESSION_BLOCK.findall(text):
+        names = _expression_names(expression)
+        if names is None:
+            return None
+        used |= names
+    return frozenset(used)
+
+
+@lru_cache(maxsize=16384)
+def _expression_names(expression: str) -> frozenset[str] | None:
+    """The names one ``{{ expression }}`` reads; None when it does not parse alone."""
+    try:
+        ast = ENV.parse("{{" + expression + "}}")
+    except jinja2.TemplateSyntaxError:
+        return None
+    return frozenset(_loaded_names(ast))
 
 
 def _loaded_names(ast: nodes.Template) -> set[str]:

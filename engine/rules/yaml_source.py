@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -390,6 +392,48 @@ def position(
         if at_value and isinstance(node, Scalar):
             return node.line, node.column
     return best
+
+
+#: Text at most this long is interned when kept: names, keys and short values repeat across
+#: rules, and one copy of each is enough. Longer text is mostly a rule's own.
+_INTERN_UP_TO = 64
+
+
+def compact(value: Any, shared: Mapping[int, tuple[Any, Any]]) -> Any:
+    """Marked data as a loaded rule keeps it: mappings and lists plain, text a plain ``str``
+    (short text interned), no positions. A scalar YAML gives a type (``12``, ``true``) stays a
+    :class:`Scalar`, whose type the compiler sends. A checked rule's positions are no longer
+    needed: its problems are found before it is kept, and found again when its file changes.
+
+    ``shared`` (see :func:`share`) gives the one compact copy of the mappings and lists that
+    several rules hold, like the values of a ``use:`` template.
+    """
+    if isinstance(value, Scalar):
+        if value.typed is not None:
+            return value
+        text = str(value)
+        return sys.intern(text) if len(text) <= _INTERN_UP_TO else text
+    if isinstance(value, dict):
+        done = shared.get(id(value))
+        if done is not None:
+            return done[1]
+        return {
+            (sys.intern(str(k)) if isinstance(k, str) else k): compact(v, shared)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        done = shared.get(id(value))
+        return done[1] if done is not None else [compact(v, shared) for v in value]
+    return value
+
+
+def share(value: Any, shared: dict[int, tuple[Any, Any]]) -> None:
+    """Record in ``shared`` the compact form of each mapping and list in ``value``, by id
+    (with the value itself, which keeps its id from being reused while ``shared`` lives)."""
+    if isinstance(value, dict | list):
+        for item in value.values() if isinstance(value, dict) else value:
+            share(item, shared)
+        shared[id(value)] = (value, compact(value, shared))
 
 
 def native(value: Any) -> Any:
