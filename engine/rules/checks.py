@@ -33,6 +33,8 @@ from engine.rules.yaml_source import (
     share,
 )
 
+#: One empty set for every app without a message of its own (thousands of rules keep one).
+_NO_OVERRIDES: frozenset[str] = frozenset()
 #: Stands for the apps a per-app problem concerns, until problems shared by apps are merged.
 _APPS = "\x00apps\x00"
 
@@ -497,7 +499,7 @@ def _check_apps(
                 path, 10, "give parentMessageId or parentMessageExternalId, not both", "warning"
             )
         message = base_message
-        overrides: frozenset[str] = frozenset()
+        overrides = _NO_OVERRIDES
         if settings.get("message"):
             override = _resolve_message(settings["message"], (*path, "message"), fragments, out)
             message = deep_merge(base_message, override)

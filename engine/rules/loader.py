@@ -10,8 +10,9 @@ they were read (one ``stat`` each), and re-checks only those whose text changed.
 two ways: a file modified less than :data:`RACY_SECONDS` before it was read is read again by
 the next load, whatever its ``stat`` says (git's "racily clean" rule), and ``rehash=True`` reads
 every file again (the daemon does it on SIGHUP and when its watcher's periodic re-scan, which
-hashes every file, finds a change). A file that changes while it is read is read again by the
-next load: its ``stat`` before and after the read differ, so none is recorded.
+hashes every file, finds a change). The ``stat`` kept is the one taken before reading, so a
+file that changes while it is read is read again by the next load; if what was read is a cut
+file, its errors keep the rule's last good version meanwhile.
 
 A loaded rule keeps what firing it needs, not the marked YAML it was checked from
 (:func:`~engine.rules.checks.compact_rule`): its file's problems are kept as found, and found
@@ -106,12 +107,12 @@ def _stat_key(path: Path) -> StatKey | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _trusted(before: StatKey | None, after: StatKey | None) -> StatKey | None:
-    """The ``stat`` to remember for a text read between ``before`` and ``after``: None when
-    the file changed meanwhile or was modified within :data:`RACY_SECONDS` of now."""
-    if before is None or before != after:
-        return None
-    if time.time_ns() - max(before[3], before[4]) < RACY_SECONDS * 1e9:
+def _trusted(before: StatKey | None) -> StatKey | None:
+    """The ``stat`` taken before a file was read, to remember with its text; None when the
+    file was modified within :data:`RACY_SECONDS` of now, since a second edit in the same
+    timestamp tick could leave it unchanged. Any later edit changes it (ctime at least), a
+    write during the read included."""
+    if before is None or time.time_ns() - max(before[3], before[4]) < RACY_SECONDS * 1e9:
         return None
     return before
 
@@ -283,7 +284,7 @@ class Loader:
                 continue
             digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
             present[rel] = rule_id
-            texts[rel] = (text, digest, _trusted(before, _stat_key(path)))
+            texts[rel] = (text, digest, _trusted(before))
 
         if project is None:
             # Without a valid pushrules.yaml no rule can be checked against apps and platforms.

@@ -270,7 +270,9 @@ class _Builder:
         typed = None
         if tag in _TYPED:
             try:
-                typed = _constructor.construct_object(node)
+                # The tag's own constructor: construct_object would also remember the node in
+                # the shared constructor, for ever (a leak growing with every reload).
+                typed = _constructor.yaml_constructors[tag](_constructor, node)
             except (yaml.YAMLError, ValueError):
                 typed = None
         return Scalar(node.value, line, column, typed)
