@@ -109,7 +109,7 @@ def _value(
 ) -> st.SearchStrategy[Any]:
     """A value for ``rules``: valid, with a mistake one time in ``rate`` at each level;
     ``depth``: levels left (a schema may nest without end through ``allow_unknown``)."""
-    if depth == 0:
+    if depth <= 0:
         return _any_value(0)
     names = rules.get("type") or ["string"]
     names = [names] if isinstance(names, str) else list(names)

@@ -916,15 +916,37 @@ def _walk_strings(value: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any
             yield from _walk_strings(item, (*path, index))
 
 
+def _braced_strings(value: Any, path: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], str]]:
+    """The texts in ``value`` holding a ``{`` (a template may only be one of them), with their
+    paths; a path is made only for those (most values of a rule are plain)."""
+    found: list[tuple[tuple[Any, ...], str]] = []
+
+    def walk(node: Any, where: tuple[Any, ...]) -> None:
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, item in items:
+            if isinstance(item, str):
+                if "{" in item:
+                    found.append(((*where, key), item))
+            elif isinstance(item, dict | list):
+                walk(item, (*where, key))
+
+    if isinstance(value, str):
+        if "{" in value:
+            found.append((path, value))
+    elif isinstance(value, dict | list):
+        walk(value, path)
+    return found
+
+
 def _check_templates(doc: MarkedMap, out: _Collector) -> None:
     for section in ("message", "apps", "description"):
-        for path, text in _walk_strings(doc.get(section), (section,)):
+        for path, text in _braced_strings(doc.get(section), (section,)):
             _check_text(text, path, out)
     for index, target in enumerate(doc.get("targets") or []):
         names: frozenset[str] = frozenset()
         if isinstance(target, dict) and "for_each" in target:
             names = frozenset({str(target.get("as") or "item")})
-        for path, text in _walk_strings(target, ("targets", index)):
+        for path, text in _braced_strings(target, ("targets", index)):
             if path[-1] not in ("for_each", "as"):
                 _check_text(text, path, out, names)
 

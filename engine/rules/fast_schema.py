@@ -22,6 +22,9 @@ from typing import Any
 #: Rules that only document, or that the parent reads (``required``, ``allow_unknown``).
 _PASSIVE = frozenset({"meta", "required", "allow_unknown"})
 _KNOWN = frozenset({"type", "nullable", "empty", "allowed", "schema", "valuesrules", "bounds"})
+#: Cerberus's own types whose check a plain class answers for most values (a subclass of
+#: these has the type; other values are asked the type's full check).
+_SURE: dict[str, type] = {"string": str, "dict": dict, "list": list}
 #: No ``allow_unknown`` in a rules set: the validator's own is handed down (Cerberus does).
 _INHERIT: Any = object()
 
@@ -50,10 +53,12 @@ class _Rules:
         "bounds",
         "empty",
         "items",
+        "leaf",
         "mapping",
         "nullable",
         "opaque",
         "raw_schema",
+        "sure",
         "types",
         "values",
     )
@@ -62,6 +67,8 @@ class _Rules:
         self.opaque = any(k not in _KNOWN and k not in _PASSIVE for k in rules)
         self.nullable = bool(rules.get("nullable", False))
         self.types: tuple[Check, ...] | None = None
+        #: Classes whose instances surely have one of the types (one C call for most values).
+        self.sure: tuple[type, ...] = ()
         if rules.get("type"):
             names = rules["type"]
             names = (names,) if isinstance(names, str) else tuple(names)
@@ -69,6 +76,7 @@ class _Rules:
             if any(c is None for c in checks):
                 self.opaque = True
             self.types = tuple(c for c in checks if c is not None)
+            self.sure = tuple(_SURE[n] for n in names if n in _SURE)
         self.empty: bool | None = rules.get("empty")
         self.allowed: Sequence[Any] | None = rules.get("allowed")
         self.bounds = rules.get("bounds")
@@ -80,6 +88,11 @@ class _Rules:
         unknown = rules.get("allow_unknown", _INHERIT)
         self.allow_unknown = compiler.unknown(unknown)
         self._compiler = compiler
+        #: Nothing to check beyond the type.
+        self.leaf = all(
+            getattr(self, name) is None
+            for name in ("empty", "allowed", "bounds", "raw_schema", "values")
+        )
 
     def valid(self, value: object, allow_unknown: Any) -> bool:
         """Whether Cerberus finds no error in ``value`` under these rules; ``allow_unknown``:
@@ -88,8 +101,14 @@ class _Rules:
             return self.nullable and not self.opaque
         if self.opaque:
             return False
-        if self.types is not None and not any(check(value) for check in self.types):
-            return False
+        if self.types is not None and not isinstance(value, self.sure):
+            for check in self.types:
+                if check(value):
+                    break
+            else:
+                return False
+        if self.leaf:
+            return True
         skip_allowed = False
         if self.empty is not None and isinstance(value, Sized) and len(value) == 0:
             if not self.empty:
@@ -102,14 +121,14 @@ class _Rules:
             elif any(item not in self.allowed for item in value):  # type: ignore[attr-defined]
                 return False
         if self.raw_schema is not None:
-            if is_sequence(value):
+            if isinstance(value, list) or is_sequence(value):
                 if self.items is None:
                     self.items = self._compiler.rules(self.raw_schema)
                 items = self.items
                 for item in value:  # type: ignore[attr-defined]
                     if not items.valid(item, allow_unknown):
                         return False
-            elif is_mapping(value):
+            elif isinstance(value, dict) or is_mapping(value):
                 if self.mapping is None:
                     self.mapping = self._compiler.schema(self.raw_schema)
                 inner = allow_unknown if self.allow_unknown is _INHERIT else self.allow_unknown

@@ -180,11 +180,12 @@ class Loader:
     ) -> None:
         """``problems_only``: a check that needs no rules back (``validate``) skips sending
         them from the worker processes (it costs more than the checks); ``skip_rules``: the
-        same for these files only (paths relative to ``root``). ``only``: check these rule
-        files alone (paths from the root, like ``rules/x.yaml``), the others being only listed
-        (for repeated ids). ``tests``: read ``rule-tests/`` too (``validate``, ``test``); the
-        daemon and the commands that fire leave them alone, so a broken test never shows in
-        the daemon's health."""
+        same for these files only (paths relative to ``root``). ``only``: check these rule and
+        test files alone (paths from the root, like ``rules/x.yaml``), the other rule files
+        being only listed (for repeated ids: a pre-commit hook's ``validate`` of the files a
+        commit touches reads nothing else). ``tests``: read ``rule-tests/`` too (``validate``,
+        ``test``); the daemon and the commands that fire leave them alone, so a broken test
+        never shows in the daemon's health."""
         self.root = root
         self.problems_only = problems_only
         self.skip_rules = frozenset(skip_rules)
@@ -228,7 +229,7 @@ class Loader:
         context = context_key(root)
         project, problems = load_project(root)
         # Read first: the rules the tests name are needed back from the workers.
-        tests = read_case_files(root) if self.tests else None
+        tests = read_case_files(root, self.only) if self.tests else None
         tested = {found.rule for found, _ in tests or () if found is not None}
         fragments, fragment_problems, fragment_files = load_fragments(root)
         problems = [*problems, *fragment_problems]
@@ -424,12 +425,20 @@ def _check_parallel(
     jobs: list[Job], project: Project, fragments: Fragments, workers: int, drop: frozenset[str]
 ) -> dict[str, tuple[Rule | None, list[Problem]]]:
     """Check on several cores; forked workers inherit the project and templates. The rules of
-    the files in ``drop`` are not sent back."""
+    the files in ``drop`` are not kept.
+
+    When no rule is kept (``validate``), this process takes a share of the files itself
+    instead of waiting. When rules are kept (the daemon), workers parse them all: the garbage
+    of parsing would otherwise stay in this long-lived process's heap as fragmented memory.
+    """
     global _shared
     _shared = (project, fragments, drop)
-    # Interleaved, so a run of big files does not land in one chunk.
-    count = max(workers, -(-len(jobs) // CHUNK))
-    chunks = [jobs[i::count] for i in range(count)]
+    keeps = any(job[1] not in drop for job in jobs)
+    helpers = workers if keeps else workers - 1
+    own = [] if keeps else jobs[::workers]  # interleaved: a run of big files is shared out
+    rest = jobs if keeps else [job for index, job in enumerate(jobs) if index % workers]
+    count = max(helpers, -(-len(rest) // CHUNK))
+    chunks = [rest[i::count] for i in range(count)]
     try:
         context = multiprocessing.get_context("fork")
     except ValueError:  # pragma: no cover - no fork on this platform
@@ -438,10 +447,11 @@ def _check_parallel(
     # shared with this process instead of being copied when a collection touches them.
     gc.freeze()
     try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            out: dict[str, tuple[Rule | None, list[Problem]]] = {}
-            for chunk in pool.map(_check_chunk, chunks):
-                out.update(chunk)
+        with ProcessPoolExecutor(max_workers=helpers, mp_context=context) as pool:
+            futures = [pool.submit(_check_chunk, chunk) for chunk in chunks]
+            out = dict(_check_jobs(own, project, fragments, drop))
+            for future in futures:
+                out.update(future.result())
     finally:
         gc.unfreeze()
         _shared = None

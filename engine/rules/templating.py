@@ -332,8 +332,15 @@ def is_template(text: str) -> bool:
     return "{" in text and any(m in text for m in _MARKERS)
 
 
-#: ``{{ name.attr }}`` alone, the most common template: valid without asking the parser.
-_SIMPLE_REFERENCE = re.compile(r"\{\{\s*([A-Za-z_]\w*)(?:\.[A-Za-z_]\w*)*\s*\}\}")
+#: Names Jinja reads as something else than a variable (constants, operators).
+_NOT_NAMES = r"(?!(?:true|false|none|True|False|None|and|or|not|in|is|if|else)\b)"
+#: ``{{ name.attr }}``, with filters taking at most one plain literal (``| default('you')``,
+#: ``| upper``), the most common templates: valid without asking the parser, reading ``name``.
+_SIMPLE_REFERENCE = re.compile(
+    r"\{\{\s*" + _NOT_NAMES + r"([A-Za-z_]\w*)(?:\.[A-Za-z_]\w*)*"
+    r"(?:\s*\|\s*" + _NOT_NAMES + r"[A-Za-z_]\w*"
+    r"(?:\(\s*(?:'[^'\\{}]*'|\"[^\"\\{}]*\"|[0-9]+)?\s*\))?)*\s*\}\}"
+)
 
 
 def syntax_problem(text: str, names: frozenset[str] = frozenset()) -> str | None:
