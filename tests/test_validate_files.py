@@ -47,7 +47,7 @@ def test_one_file_is_the_only_rule_or_test_file_read(
 ) -> None:
     """A pre-commit hook validating the file a commit touched reads no other rule or test
     file of the project (a large project would make every commit wait for all of them)."""
-    from engine.rules import cases, loader
+    from engine.rules import cases, loader, yaml_source
 
     tests = project / "rule-tests"
     tests.mkdir()
@@ -56,7 +56,7 @@ def test_one_file_is_the_only_rule_or_test_file_read(
             f"rule: {name}\ncases:\n  - name: one\n    event: {{}}\n    expect: {{requests: 1}}\n"
         )
     read: list[str] = []
-    real = loader.read_source
+    real = yaml_source.read_source
 
     def counting(path: Path, root: Path, top: Path) -> str:
         read.append(path.relative_to(root).as_posix())
