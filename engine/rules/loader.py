@@ -41,7 +41,7 @@ from engine.rules.fragments import BUTTONS_DIR, MESSAGES_DIR, Fragments, load_fr
 from engine.rules.problems import Problem
 from engine.rules.project import CONFIG_NAME, Project, load_project
 from engine.rules.rule import Rule
-from engine.rules.yaml_source import Unreadable, read_source, yaml_files
+from engine.rules.yaml_source import Unreadable, read_source, yaml_files, yaml_paths
 
 RULES_DIR = Path("rules")
 _RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -99,7 +99,7 @@ class _Entry:
     stat: StatKey | None = None
 
 
-def _stat_key(path: Path) -> StatKey | None:
+def _stat_key(path: str) -> StatKey | None:
     try:
         st = os.stat(path)
     except OSError:
@@ -141,11 +141,21 @@ def rule_files(root: Path) -> list[Path]:
     return yaml_files(directory, root)
 
 
-def _relative(path: Path, root: Path) -> str:
-    """``path`` (found below ``root``) relative to it; cheaper than ``Path.relative_to``."""
+def _rule_paths(root: Path) -> list[tuple[str, str, str]]:
+    """(path, path from the root with ``/``, rule id) of each rule file, as text: a reload
+    lists thousands, for which ``Path`` objects would cost more than the listing itself."""
+    directory = root / RULES_DIR
+    if not directory.is_dir():
+        return []
     prefix = str(root).rstrip(os.sep) + os.sep
-    text = str(path)
-    return text[len(prefix) :] if text.startswith(prefix) else str(path.relative_to(root))
+    found = []
+    for path in yaml_paths(directory, root):
+        rel = path[len(prefix) :] if path.startswith(prefix) else os.path.relpath(path, root)
+        name = os.path.basename(path)
+        dot = name.rfind(".")  # the stem as Path.stem has it
+        stem = name[:dot] if 0 < dot < len(name) - 1 else name
+        found.append((path, rel.replace(os.sep, "/"), stem))
+    return found
 
 
 def context_key(root: Path) -> str:
@@ -233,16 +243,14 @@ class Loader:
         tested = {found.rule for found, _ in tests or () if found is not None}
         fragments, fragment_problems, fragment_files = load_fragments(root)
         problems = [*problems, *fragment_problems]
-        paths = rule_files(root)
+        paths = _rule_paths(root)
         present: dict[str, str] = {}  # rel -> rule id, of each file usable now, in order
         texts: dict[str, tuple[str, str, StatKey | None]] = {}  # rel -> (text, hash, stat)
         held: set[str] = set()  # rule ids present but unusable now: they keep their last good
         by_id: dict[str, list[str]] = {}
-        rels = [_relative(path, root) for path in paths]
-        for path, rel in zip(paths, rels, strict=True):
-            by_id.setdefault(path.stem, []).append(rel)
-        for path, rel in zip(paths, rels, strict=True):
-            rule_id = path.stem
+        for _, rel, rule_id in paths:
+            by_id.setdefault(rule_id, []).append(rel)
+        for path, rel, rule_id in paths:
             if len(by_id[rule_id]) > 1:
                 others = " and ".join(f for f in by_id[rule_id] if f != rel)
                 problems.append(
@@ -263,7 +271,7 @@ class Loader:
                     )
                 )
                 continue
-            if self.only is not None and Path(rel).as_posix() not in self.only:
+            if self.only is not None and rel not in self.only:
                 continue
             before = _stat_key(path)
             entry = self._entries.get(rel)
@@ -278,7 +286,7 @@ class Loader:
                 present[rel] = rule_id  # unchanged since read: its entry stands
                 continue
             try:
-                text = read_source(path, root, root / RULES_DIR)
+                text = read_source(Path(path), root, root / RULES_DIR)
             except Unreadable as exc:
                 problems.append(Problem(rel, exc.line, None, "", None, "error", exc.message))
                 held.add(rule_id)

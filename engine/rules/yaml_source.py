@@ -502,7 +502,14 @@ def inside(path: Path, root: Path, top: Path) -> bool:
 
 
 def yaml_files(directory: Path, root: Path | None = None) -> list[Path]:
-    """Every ``*.yaml`` / ``*.yml`` under ``directory``, in subfolders too, in a stable order.
+    """Every ``*.yaml`` / ``*.yml`` under ``directory``, in subfolders too, in a stable order
+    (see :func:`yaml_paths`)."""
+    return [Path(path) for path in yaml_paths(directory, root)]
+
+
+def yaml_paths(directory: Path, root: Path | None = None) -> list[str]:
+    """Every ``*.yaml`` / ``*.yml`` under ``directory``, in subfolders too, in a stable order,
+    as text (a reload lists thousands: ``Path`` objects would cost more than the listing).
 
     Names starting with ``.`` are skipped: editor swap files, ``.git``, and the ``..data``
     folders of a Kubernetes ConfigMap (whose files are also linked one level up). Linked
@@ -534,7 +541,7 @@ def yaml_files(directory: Path, root: Path | None = None) -> list[Path]:
                 stack.append((below, path))
             elif name.endswith((".yaml", ".yml")):
                 found.append((below, path))
-    return [Path(path) for _, path in sorted(found)]
+    return [path for _, path in sorted(found)]
 
 
 def read_source(path: Path, root: Path, top: Path, limit: int = MAX_FILE_BYTES) -> str:
