@@ -94,8 +94,8 @@ class _Entry:
     problems: list[Problem]
     #: The rule was good but not sent back from a worker (problems_only, skip_rules).
     dropped: bool = False
-    #: The file's ``stat`` when its text was read, or None when that cannot vouch for the
-    #: text (it changed while read, or was modified too recently): then it is read again.
+    #: The file's ``stat`` taken before its text was read, or None when that cannot vouch for
+    #: the text (it was modified too recently, see :func:`_trusted`): then it is read again.
     stat: StatKey | None = None
 
 
@@ -400,7 +400,6 @@ class Loader:
 
 
 Job = tuple[str, str, str, str]  # rule id, relative path, text, digest
-Checked = tuple[str, Rule | None, list[Problem]]  # relative path, rule, problems
 
 
 def _check_jobs(
