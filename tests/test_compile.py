@@ -8,7 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from engine.render.compiler import CompileError, FireContext, compile_fire, passes_when
+from engine.render.compiler import (
+    STEP_REQUESTS,
+    STEP_TARGETS,
+    CompileError,
+    FireContext,
+    compile_fire,
+    compile_steps,
+    passes_when,
+    run_steps,
+)
+from engine.rules import template_bounds
 from tests.helpers import REPO, load, make_project, write_rule
 
 NOW = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
@@ -284,3 +294,54 @@ def test_render_errors_name_the_app_override_where_it_was_written(tmp_path: Path
     with pytest.raises(CompileError) as info:
         compile_fire(rule, project, FireContext(NOW, {"subject": "S"}))
     assert info.value.field == "apps.flights-ios.message.subject"
+
+
+def test_a_big_for_each_compiles_in_steps_to_what_compiling_at_once_gives(
+    tmp_path: Path,
+) -> None:
+    rule, project = rule_from(tmp_path, FOR_EACH)
+    passengers = [{"id": f"m{i}", "name": f"N{i}"} for i in range(1_234)]
+    ctx = FireContext(NOW, {"flight": "AF1", "passengers": passengers})
+    steps = compile_steps(rule, project, ctx)
+    pauses = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            stepped = done.value
+            break
+        pauses += 1
+    at_once = compile_fire(rule, project, ctx)
+    assert [r.body for r in stepped] == [r.body for r in at_once]
+    assert len(stepped) == 13
+    # A pause every STEP_TARGETS targets, then every STEP_REQUESTS last checks.
+    assert pauses == 1_234 // STEP_TARGETS + 13 // STEP_REQUESTS
+
+
+def test_the_fire_budget_counts_its_steps_not_the_time_between_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between two steps the daemon answers others on the same thread: that time is not the
+    fire's. Processor time spent inside the steps still runs the budget out."""
+    clock = [1000.0]
+    monkeypatch.setattr(template_bounds.time, "thread_time", lambda: clock[0])
+    rule, project = rule_from(tmp_path, FOR_EACH)
+    people = [{"id": f"m{i}", "name": f"N{i}"} for i in range(3 * STEP_TARGETS)]
+    steps = compile_steps(rule, project, FireContext(NOW, {"flight": "AF1", "passengers": people}))
+    next(steps)
+    clock[0] += 10 * template_bounds.FIRE_SECONDS  # others' work, between two steps
+    assert run_steps(steps)  # compiled: the budget did not count it
+
+    class Slow:
+        """An item whose every read costs a second of processor time."""
+
+        @property
+        def id(self) -> str:
+            clock[0] += 1.0
+            return "m"
+
+        name = "N"
+
+    slow = {"flight": "AF1", "passengers": [Slow() for _ in range(100)]}
+    with pytest.raises(CompileError, match="processor time"):
+        run_steps(compile_steps(rule, project, FireContext(NOW, slow)))

@@ -7,6 +7,7 @@ an answer echoing the request) come from a small scripted app served the same wa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import secrets
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
@@ -41,6 +43,7 @@ from engine.rules.secrets import SecretRef
 from engine.send.dispatch import Credentials, Dispatcher
 from engine.send.policy import (
     DispatchSettings,
+    Transport,
     redact,
     with_user,
 )
@@ -102,10 +105,21 @@ def run(coro_factory: Callable[[], Any]) -> Any:
 
 
 async def deliver(
-    store: Store, ids: list[int], wait: float = 3.0, settings: DispatchSettings = FAST
+    store: Store,
+    ids: list[int],
+    wait: float = 3.0,
+    settings: DispatchSettings = FAST,
+    transport: Transport | None = None,
 ) -> list[OutboxRow]:
+    if transport is not None:
+        settings = dataclasses.replace(settings, transport=transport)
     async with Dispatcher(store, settings, CREDENTIALS) as d:
         return await d.deliver(ids, wait)
+
+
+#: The transports a dispatcher can send with: every test of a network fault runs on each.
+TRANSPORTS: tuple[Transport, ...] = ("httpcore", "aiohttp")
+each_transport = pytest.mark.parametrize("transport", TRANSPORTS)
 
 
 # --- a scripted endpoint for answers the sandbox does not give -------------------------------
@@ -183,13 +197,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sandbox_down_then_up_delivers_each_request_once(store: Store, password: str) -> None:
+@each_transport
+def test_sandbox_down_then_up_delivers_each_request_once(
+    store: Store, password: str, transport: Transport
+) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}{ROUTE}"
     ids = enqueue(store, url, 12)
+    settings = dataclasses.replace(FAST, transport=transport)
 
     async def scenario() -> list[OutboxRow]:
-        async with Dispatcher(store, FAST, CREDENTIALS) as d:
+        async with Dispatcher(store, settings, CREDENTIALS) as d:
             assert await d.run_once(100) == 12  # the sandbox is down: nothing reaches it
             rows = store.get_many(ids)
             assert {r.state for r in rows} == {RETRYING}
@@ -273,8 +291,9 @@ def test_deliver_leaves_later_retries_to_the_daemon(
     assert row.state == RETRYING and len(server.bodies) == 1
 
 
+@each_transport
 def test_read_timeout_parks_in_doubt_and_resend_sends_it(
-    store: Store, sandbox: RunningSandbox, password: str
+    store: Store, sandbox: RunningSandbox, password: str, transport: Transport
 ) -> None:
     sandbox.set_faults(hang=1)
     settings = DispatchSettings(
@@ -282,6 +301,7 @@ def test_read_timeout_parks_in_doubt_and_resend_sends_it(
         timeout=httpx.Timeout(connect=1.0, read=0.8, write=1.0, pool=1.0),
         deadline=2.0,
         lease=timedelta(seconds=30),
+        transport=transport,
     )
     ids = enqueue(store, sandbox.url, 1)
     [row] = run(lambda: deliver(store, ids, settings=settings))
@@ -297,11 +317,13 @@ def test_read_timeout_parks_in_doubt_and_resend_sends_it(
     assert len(sandbox.requests()) == 2
 
 
+@each_transport
 def test_dropped_connection_is_in_doubt_or_retried_by_choice(
-    store: Store, sandbox: RunningSandbox, password: str
+    store: Store, sandbox: RunningSandbox, password: str, transport: Transport
 ) -> None:
     sandbox.set_faults(drop=1)
-    [parked] = run(lambda: deliver(store, enqueue(store, sandbox.url, 1, "a")))
+    ids = enqueue(store, sandbox.url, 1, "a")
+    [parked] = run(lambda: deliver(store, ids, transport=transport))
     assert parked.state == IN_DOUBT and "RemoteProtocolError" in (parked.last_error or "")
     sandbox.set_faults(drop=1)
     retry = DispatchSettings(
@@ -309,9 +331,174 @@ def test_dropped_connection_is_in_doubt_or_retried_by_choice(
         backoff_base=0.05,
         backoff_max=0.1,
         lease=timedelta(seconds=300),
+        transport=transport,
     )
     [retried] = run(lambda: deliver(store, enqueue(store, sandbox.url, 1, "b"), settings=retry))
     assert retried.state == SENT and retried.attempts == 2
+
+
+# --- network faults over raw sockets, for each transport -------------------------------------
+
+#: A body larger than the client's socket buffer (at most 4 MB here) and the server's (4 kB):
+#: a server that reads nothing makes the client's write fail before the request is all out.
+LARGER_THAN_SOCKET_BUFFERS = 16 * 1024 * 1024
+#: A short read timeout, so that "never answers" ends quickly.
+QUICK = DispatchSettings(
+    concurrency=1,
+    timeout=httpx.Timeout(connect=1.0, read=0.3, write=5.0, pool=1.0),
+    deadline=5.0,
+    lease=timedelta(seconds=30),
+)
+
+
+class FaultyServer:
+    """A raw TCP endpoint in the test's event loop that fails every request one way.
+
+    ``refuse``: no one listens. ``reset_unread``: accepts, waits for the request's first bytes,
+    then resets without reading one (the client cannot have written it all: see
+    LARGER_THAN_SOCKET_BUFFERS). ``never_read``: accepts and reads nothing, so the client's
+    write times out.
+    ``reset_after_request``: reads the whole request, then resets without a word.
+    ``silent``: reads the whole request and never answers. ``half_answer`` and
+    ``half_status``: read it, send part of an answer, close.
+    """
+
+    def __init__(self, fault: str) -> None:
+        self.fault = fault
+        self.accepted = 0
+        self.requests: list[bytes] = []
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before listen
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.setblocking(False)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}{ROUTE}"
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._open: list[socket.socket] = []
+
+    async def __aenter__(self) -> FaultyServer:
+        if self.fault != "refuse":
+            self._sock.listen(8)
+            self._tasks.add(asyncio.create_task(self._serve()))
+        else:
+            self._sock.close()  # the port was ours a moment ago: nobody listens on it now
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for conn in self._open:
+            conn.close()
+        self._sock.close()
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self._sock)
+            self.accepted += 1
+            task = asyncio.create_task(self._answer(conn))
+            self._tasks.add(task)
+
+    async def _answer(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        if self.fault == "reset_unread":
+            await readable(loop, conn)  # the client is writing: the request is on its way
+            reset(conn)
+            return
+        if self.fault == "never_read":
+            self._open.append(conn)
+            return
+        self.requests.append(await read_request(loop, conn))
+        if self.fault == "reset_after_request":
+            reset(conn)
+        elif self.fault == "silent":
+            self._open.append(conn)
+        else:
+            partial = {
+                "half_answer": b'HTTP/1.1 200 OK\r\nContent-Length: 60\r\n\r\n{"returnCode": "0"',
+                "half_status": b"HTTP/1.1 20",
+            }[self.fault]
+            await loop.sock_sendall(conn, partial)
+            conn.close()
+
+
+async def readable(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+    """Wait for bytes to read, reading none."""
+    ready = loop.create_future()
+    loop.add_reader(conn, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(conn)
+
+
+def reset(conn: socket.socket) -> None:
+    """Close with a TCP reset rather than an orderly end."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+async def read_request(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> bytes:
+    """One HTTP/1.1 request with a Content-Length body, whole."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += await loop.sock_recv(conn, 65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(rest) < length:
+        rest += await loop.sock_recv(conn, 65536)
+    return head + b"\r\n\r\n" + rest
+
+
+NOT_SENT = "the request did not reach Accengage"
+MAYBE_SENT = "the request may have reached Accengage"
+
+
+@each_transport
+@pytest.mark.parametrize(
+    ("fault", "state", "says"),
+    [
+        ("refuse", RETRYING, NOT_SENT),
+        ("reset_unread", RETRYING, NOT_SENT),
+        ("never_read", RETRYING, NOT_SENT),
+        ("reset_after_request", IN_DOUBT, MAYBE_SENT),
+        ("silent", IN_DOUBT, MAYBE_SENT),
+        ("half_answer", IN_DOUBT, MAYBE_SENT),
+        ("half_status", IN_DOUBT, MAYBE_SENT),
+    ],
+)
+def test_a_request_is_retried_only_when_it_provably_did_not_arrive(
+    store: Store, transport: Transport, fault: str, state: str, says: str
+) -> None:
+    """Each way a connection can fail, on each transport: retried when the request never left
+    whole, parked in_doubt when it may have arrived."""
+    settings = dataclasses.replace(QUICK, transport=transport)
+    unread = fault in ("reset_unread", "never_read")
+    if fault == "never_read":
+        settings = dataclasses.replace(
+            settings, timeout=httpx.Timeout(connect=1.0, read=1.0, write=0.3, pool=1.0)
+        )
+
+    async def scenario() -> FaultyServer:
+        async with FaultyServer(fault) as server:
+            marker = "x" * LARGER_THAN_SOCKET_BUFFERS if unread else "m"
+            store.enqueue("rule", "k", [(server.url, body(marker))], now=utcnow())
+            async with Dispatcher(store, settings, CREDENTIALS) as d:
+                assert await d.run_once() == 1
+            return server
+
+    server = run(scenario)
+    [row] = store.history()
+    assert (row.state, row.attempts) == (state, 1), row.last_error
+    assert says in (row.last_error or "")
+    if unread:
+        assert server.accepted >= 1 and not server.requests
+    elif fault != "refuse":
+        assert len(server.requests) == 1  # it did arrive whole
 
 
 def test_numeric_code_and_garbage_answers(store: Store, scripted: Callable[..., Scripted]) -> None:
@@ -362,6 +549,7 @@ def test_a_missing_secret_sends_nothing_and_says_which(
     assert row.state == SENT
 
 
+@each_transport
 def test_the_password_never_leaves_the_request(
     store: Store,
     sandbox: RunningSandbox,
@@ -369,6 +557,7 @@ def test_the_password_never_leaves_the_request(
     password: str,
     caplog: pytest.LogCaptureFixture,
     tmp_path: Path,
+    transport: Transport,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     echo = scripted(
@@ -388,6 +577,7 @@ def test_the_password_never_leaves_the_request(
         backoff_base=0.01,
         backoff_max=0.02,
         lease=timedelta(seconds=30),
+        transport=transport,
     )
     rows = run(lambda: deliver(store, ids, settings=settings))
     assert password.encode() in echo.bodies[0]  # it did travel, in the request only

@@ -42,6 +42,9 @@ LINES: list[tuple[tuple[str, ...], str]] = [
     (("dispatch", "max_attempts"), "  max_attempts: 3"),
     (("dispatch", "timeout"), "  timeout: 10s"),
     (("dispatch", "on_unknown_outcome"), "  on_unknown_outcome: park"),
+    (("dispatch", "transport"), "  transport: aiohttp"),
+    (("intake",), "intake:"),
+    (("intake", "max_body"), "  max_body: 4194304"),
 ]
 #: Where the schema says "any name" (an app alias, a button category), the name used above.
 NAMES = {"apps": "flights-ios", "button_templates": "category_name"}
@@ -70,6 +73,9 @@ BAD: dict[tuple[str, ...], str] = {
     ("dispatch", "max_attempts"): "0",
     ("dispatch", "timeout"): "1000d",
     ("dispatch", "on_unknown_outcome"): "guess",
+    ("dispatch", "transport"): "curl",
+    ("intake",): "4MiB",
+    ("intake", "max_body"): "100",
 }
 
 RULE = """

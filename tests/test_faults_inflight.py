@@ -32,7 +32,7 @@ from engine.outbox.states import DEAD, IN_DOUBT, PENDING, RETRYING, SENDING, SEN
 from engine.outbox.store import Fire, Store
 from engine.rules.secrets import SecretRef
 from engine.send.dispatch import Credentials, Dispatcher
-from engine.send.policy import DispatchSettings
+from engine.send.policy import DispatchSettings, Transport
 from tests.conftest import PostgresSchema, StartDaemon, postgres_url
 from tests.daemon_process import Daemon, Project, wait_for
 from tests.helpers import body
@@ -329,14 +329,19 @@ def test_a_cancelled_run_settles_its_abandoned_requests_when_closed(tmp_path: Pa
     assert states == {IN_DOUBT: 2, PENDING: 4}
 
 
-def test_an_error_before_the_headers_left_is_retried_not_parked(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["httpcore", "aiohttp"])
+def test_an_error_before_the_headers_left_is_retried_not_parked(
+    tmp_path: Path, transport: Transport
+) -> None:
     """A TLS handshake that never ends, cut by the request deadline: an ambiguous timeout by
     its type, but the trace shows no header left, so the row is retried, not in_doubt."""
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)  # accepts TCP connections (the kernel does), never says a word
     url = f"https://127.0.0.1:{silent.getsockname()[1]}/sendInstantMessage.php"
-    settings = DispatchSettings(max_attempts=1, deadline=0.3, lease=timedelta(seconds=60))
+    settings = DispatchSettings(
+        max_attempts=1, deadline=0.3, lease=timedelta(seconds=60), transport=transport
+    )
     try:
         with Store(f"sqlite:///{tmp_path / 'o.db'}") as store:
             store.enqueue("r", "k", [(url, body("m"))], now=utcnow())

@@ -137,14 +137,14 @@ def test_a_fire_raising_anything_while_rendering_fails_alone(
 ) -> None:
     """Not only CompileError: an unbounded template (RecursionError) or a bug fails its fire."""
     store, project, rule = one_rule
-    real = firing.compile_fire
+    real = firing.compile_steps
 
-    def compile_fire(rule: Any, project: Any, ctx: FireContext, **kw: Any) -> Any:
+    def compile_steps(rule: Any, project: Any, ctx: FireContext, **kw: Any) -> Any:
         if ctx.event.get("member") == "poison":
             raise RecursionError("maximum recursion depth exceeded")
         return real(rule, project, ctx, **kw)
 
-    monkeypatch.setattr(firing, "compile_fire", compile_fire)
+    monkeypatch.setattr(firing, "compile_steps", compile_steps)
     members = ["a", "poison", "b"]
     requests = [
         FireRequest(rule, FireContext(now=NOW, event={"member": m}), f"event:{m}") for m in members

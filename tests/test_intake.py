@@ -50,6 +50,7 @@ class FakeState:
     meter: Metrics = field(default_factory=Metrics)
     calls: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)
     broken: bool = False
+    max_body: int = MAX_BODY
 
     def ruleset(self) -> RuleSet:
         return self.rules
@@ -254,6 +255,16 @@ def test_a_body_over_1_mib_is_413(ruleset: RuleSet) -> None:
     assert response.status_code == 413
     assert "larger than 1048576 bytes" in response.json()["error"]
     assert post(state, big_event(MAX_BODY - 100)).status_code == 202
+
+
+def test_intake_max_body_raises_the_limit_and_the_refusal_names_it(ruleset: RuleSet) -> None:
+    state = FakeState(ruleset, max_body=4 * MAX_BODY)
+    assert post(state, big_event(2 * MAX_BODY)).status_code == 202
+    response = post(state, big_event(4 * MAX_BODY))
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert "larger than 4194304 bytes" in error
+    assert "intake.max_body in pushrules.yaml" in error
 
 
 def test_a_lying_content_length_is_413_before_the_body_is_read(ruleset: RuleSet) -> None:

@@ -235,9 +235,9 @@ def test_a_crashing_case_fails_alone_with_its_message(
     from engine.outbox import firing
     from engine.review import runner
 
-    real_compile, real_judge = firing.compile_fire, runner.judge
+    real_compile, real_judge = firing.compile_steps, runner.judge
 
-    def compile_fire(rule, project, ctx, **kw):  # type: ignore[no-untyped-def]
+    def compile_steps(rule, project, ctx, **kw):  # type: ignore[no-untyped-def]
         if ctx.event and ctx.event.get("flightref") == "BOOM":
             raise RuntimeError("boom")
         return real_compile(rule, project, ctx, **kw)
@@ -247,7 +247,7 @@ def test_a_crashing_case_fails_alone_with_its_message(
             raise KeyError("oops")
         return real_judge(case, fired)
 
-    monkeypatch.setattr(firing, "compile_fire", compile_fire)
+    monkeypatch.setattr(firing, "compile_steps", compile_steps)
     monkeypatch.setattr(runner, "judge", judge)
     found = results(ruleset)
     assert found["fine"].passed

@@ -157,6 +157,14 @@ def test_an_error_is_a_retry_when_the_request_provably_never_left() -> None:
     assert classify_error(httpx.ReadTimeout("no answer"), 60, left=True).kind == "unknown"
     timed_out = classify_error(TimeoutError(), 60)
     assert timed_out.error is not None and "within the 60 s deadline" in timed_out.error
+    # A failed write (httpcore's trace) proves the request never left whole, whatever error
+    # httpcore raised after trying to read an answer.
+    reset = httpx.ReadError("reset")
+    assert classify_error(reset, 60, left=True, written=False).kind == "retry"
+    assert classify_error(reset, 60, left=True, written=None).kind == "unknown"
+    assert DispatchSettings().transport == "aiohttp"
+    with pytest.raises(ValueError, match="transport"):
+        DispatchSettings(transport="curl")  # type: ignore[arg-type]
 
 
 def test_final_error_is_true_to_the_state_the_row_is_left_in() -> None:

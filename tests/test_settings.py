@@ -80,17 +80,18 @@ def test_dispatch_values_are_typed_as_the_schema_says(tmp_path: Path) -> None:
     config.write_text(
         config.read_text()
         + "dispatch:\n  concurrency: 4\n  rate_per_second: 20\n  max_attempts: 3\n"
-        + "  timeout: 45s\n  on_unknown_outcome: retry\n"
+        + "  timeout: 45s\n  on_unknown_outcome: retry\n  transport: httpcore\n"
     )
     loaded, problems = load_project(root)
     assert loaded is not None, problems
-    assert loaded.dispatch == DispatchConfig(4, 20, 3, timedelta(seconds=45), "retry")
+    assert loaded.dispatch == DispatchConfig(4, 20, 3, timedelta(seconds=45), "retry", "httpcore")
     assert type(loaded.dispatch.concurrency) is int
     assert type(loaded.dispatch.on_unknown_outcome) is str  # not the YAML reader's marked text
     assert loaded.where("dispatch.timeout") == f"pushrules.yaml:{line_of(config, 'timeout:')}"
     settings = dispatch_settings(loaded)
     assert (settings.concurrency, settings.rate_per_second, settings.max_attempts) == (4, 20, 3)
     assert settings.on_unknown_outcome == "retry"
+    assert settings.transport == "httpcore"
     assert settings.timeout.read == 45.0
     assert settings.deadline == 90.0  # twice the timeout, above the default 60 s
     assert settings.lease >= timedelta(seconds=2 * settings.deadline)
@@ -101,3 +102,27 @@ def test_each_dispatch_setting_of_the_file_is_a_setting_of_the_dispatcher() -> N
     without a dispatcher setting of that name fails here, not in production."""
     known = {f.name for f in dataclasses.fields(DispatchSettings)}
     assert set(DISPATCH) <= known, set(DISPATCH) - known
+
+
+def test_intake_max_body_is_a_whole_number_of_bytes_within_bounds(tmp_path: Path) -> None:
+    root = make_project(tmp_path / "p")
+    base = (REPO / "pushrules.yaml").read_text()
+    loaded, _ = load_project(root)
+    assert loaded is not None and loaded.intake.max_body == 1024 * 1024  # the default
+    (root / "pushrules.yaml").write_text(base + "intake:\n  max_body: 16777216\n")
+    loaded, problems = load_project(root)
+    assert loaded is not None, problems
+    assert loaded.intake.max_body == 16 * 1024 * 1024
+    assert type(loaded.intake.max_body) is int
+    for bad, words in (
+        ("100", "100 is out of range; write a whole number from 1024 to 67108864"),
+        ("67108865", "67108865 is out of range; write a whole number from 1024 to 67108864"),
+        ("16MiB", "must be a whole number"),
+    ):
+        (root / "pushrules.yaml").write_text(base + f"intake:\n  max_body: {bad}\n")
+        loaded, problems = load_project(root)
+        assert loaded is None
+        (problem,) = problems
+        assert problem.field == "intake.max_body"
+        assert problem.line == len(base.splitlines()) + 2
+        assert problem.message == words

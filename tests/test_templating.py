@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict, defaultdict
+
 import jinja2
 import pytest
 from hypothesis import assume, given, settings
@@ -117,3 +119,83 @@ def test_templates_compile_once() -> None:
     for _ in range(3):
         render("{{ event.a }}-once", {"event": {"a": 1}})
     assert templating.compile_text.cache_info().misses == 1
+
+
+class _Thing:
+    id = "attr"
+
+    def __str__(self) -> str:
+        return "a thing"
+
+
+LONE = [
+    "{{ p.id }}",
+    "{{p.id}}",
+    "{{ p . id }}",
+    "{{ p }}",
+    "{{ p.id.x }}",
+    "{{ p.__class__ }}",
+    "{{ p.items }}",  # a dict's method, not its item
+]
+VALUES = [
+    {"id": "m1"},
+    {"id": 7},
+    {"id": 2.50},
+    {"id": True},
+    {"id": None},
+    {"id": ""},
+    {"id": "${first_name}"},
+    {"id": "$"},
+    {"id": {"x": "{y"}},
+    {"id": [1, None]},
+    {"id": "x" * 100_001},
+    {"other": 1},
+    {"items": 1},
+    OrderedDict(id="ordered"),
+    defaultdict(str),
+    _Thing(),
+    "text",
+    3,
+    None,
+]
+
+
+def _outcome(text: str, context: dict[str, object]) -> object:
+    try:
+        rendered = templating.render_detail(text, context)
+    except RenderError as exc:
+        return ("error", str(exc), exc.reference)
+    return (rendered.text, rendered.nulls)
+
+
+@pytest.mark.parametrize("text", LONE)
+def test_a_lone_reference_renders_as_jinja_does(text: str) -> None:
+    """``{{ p.id }}`` alone is rendered without Jinja (a for_each target's usual id), and says
+    exactly what Jinja says of ``{{ (p.id) }}``, the same expression it cannot shortcut."""
+    through_jinja = text.replace("{{", "{{ (").replace("}}", ") }}")
+    for value in VALUES:
+        context = {"p": value, "event": {}}
+        expected = _outcome(through_jinja, context)
+        assert _outcome(text, context) == expected, (text, value)
+        prepared = templating.prepare(text)
+        try:
+            got: object = (prepared(context).text, prepared(context).nulls)
+        except RenderError as exc:
+            got = ("error", str(exc), exc.reference)
+        assert got == expected, (text, value)
+
+
+@pytest.mark.parametrize("text", ["{{ p.id }}", "{{p.id}}", "{{ p . id }}", "{{ p.id.x }}"])
+def test_a_lone_reference_that_resolves_needs_no_jinja_template(text: str, monkeypatch) -> None:
+    compiled: list[str] = []
+    real = templating.compile_text
+    monkeypatch.setattr(templating, "compile_text", lambda t: compiled.append(t) or real(t))
+    assert templating.render_detail(text, {"p": {"id": {"x": "m1"}}}).text
+    assert compiled == []
+
+
+@pytest.mark.parametrize("text", ["{{ true }}", "{{ none }}", "{{ range }}", "{{ q.id }}"])
+def test_what_looks_like_a_reference_but_is_not_one_goes_to_jinja(text: str) -> None:
+    context = {"p": {"id": 1}}
+    through_jinja = text.replace("{{", "{{ (").replace("}}", ") }}")
+    assert _outcome(text, context) == _outcome(through_jinja, context)

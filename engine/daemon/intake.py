@@ -27,13 +27,18 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from engine.daemon.collector import CollectorHold
 from engine.outbox.firing import FireOutcome
 from engine.rules.loader import RuleSet
+from engine.rules.schemas import MAX_BODY_DEFAULT
 from engine.rules.secrets import MissingSecret, SecretRef
 
 log = logging.getLogger("pushrules.intake")
 
-MAX_BODY = 1024 * 1024  # bytes; an event is a small JSON object, not an upload
+MAX_BODY = MAX_BODY_DEFAULT  # bytes, unless intake.max_body says otherwise
+#: A body this large (about 1,500 for_each targets) is parsed and fired with the garbage
+#: collector held off (see engine/daemon/collector.py).
+LARGE_BODY = 64 * 1024
 MAX_IDEMPOTENCY_KEY = 200
 MAX_EVENT_NAME = 200
 
@@ -44,6 +49,11 @@ class IntakeState(Protocol):
 
     @property
     def token(self) -> SecretRef | None: ...
+
+    @property
+    def max_body(self) -> int:
+        """The largest body taken, in bytes (``intake.max_body``), read for every event."""
+        ...
 
     def ruleset(self) -> RuleSet: ...
 
@@ -108,7 +118,10 @@ def check_declared_length(content_length: str | None, limit: int) -> None:
 
 
 def _too_large(limit: int) -> str:
-    return f"the event is larger than {limit} bytes; send the data rules need, not a file"
+    return (
+        f"the event is larger than {limit} bytes (intake.max_body in pushrules.yaml); send "
+        "the data rules need, not a file, or raise intake.max_body"
+    )
 
 
 def _reject_constant(name: str) -> Any:
@@ -214,7 +227,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def create_app(state: IntakeState, *, max_body: int = MAX_BODY) -> Starlette:
+def create_app(state: IntakeState) -> Starlette:
     """The ASGI app; the daemon serves it with uvicorn on ``listen``."""
 
     async def post_event(request: Request) -> Response:
@@ -223,17 +236,22 @@ def create_app(state: IntakeState, *, max_body: int = MAX_BODY) -> Starlette:
         if len(name) > MAX_EVENT_NAME:
             raise _refuse(400, f"an event name is at most {MAX_EVENT_NAME} characters")
         event_id = event_id_from(request.headers.get("idempotency-key"))
-        payload = parse_event(await read_body(request, max_body))
-        try:
-            outcomes = await state.fire_event(name, payload, f"event:{event_id}")
-        except Exception:
-            log.exception("event %r (%s) could not be recorded", name, event_id)
-            raise _refuse(
-                503,
-                "the event could not be recorded (the store is busy or unreachable): retry "
-                f"with the same Idempotency-Key: {event_id}",
-                {"Retry-After": "5"},
-            ) from None
+        body = await read_body(request, state.max_body)
+        with CollectorHold() as hold:
+            if len(body) >= LARGE_BODY:
+                hold.start()
+            payload = parse_event(body)
+            del body
+            try:
+                outcomes = await state.fire_event(name, payload, f"event:{event_id}")
+            except Exception:
+                log.exception("event %r (%s) could not be recorded", name, event_id)
+                raise _refuse(
+                    503,
+                    "the event could not be recorded (the store is busy or unreachable): retry "
+                    f"with the same Idempotency-Key: {event_id}",
+                    {"Retry-After": "5"},
+                ) from None
         log.info(
             "event %r %s: %s",
             name,

@@ -19,18 +19,20 @@ import json
 import logging
 import signal
 import socket
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import uvicorn
 from sqlalchemy.exc import OperationalError
 
 from engine.accengage.api import SANDBOX_PORT
 from engine.daemon.clock import Clock
+from engine.daemon.collector import CollectorHold
 from engine.daemon.intake import create_app, no_rule_note
 from engine.daemon.metrics import Metrics
 from engine.daemon.poller import Poller
@@ -39,9 +41,9 @@ from engine.daemon.watcher import Watcher
 from engine.errors import PushrulesError
 from engine.outbox.batching import Coalescer
 from engine.outbox.connections import busy_timeout
-from engine.outbox.firing import FireOutcome, FireRequest, fire_many
+from engine.outbox.firing import Decided, FireOutcome, FireRequest, decide_steps, record
 from engine.outbox.store import Store
-from engine.render.compiler import FireContext
+from engine.render.compiler import FireContext, Steps
 from engine.rules.checks import compile_templates
 from engine.rules.loader import Loader, RuleSet
 from engine.rules.problems import format_text
@@ -54,11 +56,17 @@ from engine.send.runtime import credentials, dispatch_settings, open_store, sand
 
 log = logging.getLogger("pushrules.daemon")
 
+T = TypeVar("T")
+
 #: How often a follower asks whether it may lead, and the leader checks it still does.
 LEADERSHIP_EVERY = 10.0
 #: Seconds a fire write waits for SQLite's write lock before it fails: an event is then
 #: answered 503 "retry" quickly, and a scheduled fire is tried again (engine/daemon/scheduler.py).
 FIRE_WRITE_WAIT = 2.0
+#: A big fire's steps pause this long every so often, so worker threads run (see in_steps);
+#: and the longest they wait for a /healthz check in progress.
+STEPS_PAUSE, STEPS_PAUSE_EVERY = 0.001, 0.01
+GIVE_WAY_MOST = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +98,7 @@ class Daemon:
         self._compiled: set[str] = set()
         # A batch that fails for a reason other than the database is re-written caller by
         # caller, so one bad fire fails alone (see engine/outbox/batching.py).
-        self._fires: Coalescer[tuple[list[FireRequest], datetime], list[FireOutcome]] = Coalescer(
+        self._fires: Coalescer[tuple[list[Decided], datetime], list[FireOutcome]] = Coalescer(
             self._write_fires, split=lambda exc: not isinstance(exc, OperationalError)
         )
         self._leading = False
@@ -100,6 +108,8 @@ class Daemon:
         self._server_ref: uvicorn.Server | None = None
         self.store: Store | None = None
         self.started_at = self.clock.now()
+        self._checks = 0  # health checks running in worker threads
+        self._checks_lock = threading.Lock()
 
     # --- IntakeState ------------------------------------------------------------------------
 
@@ -141,6 +151,19 @@ class Daemon:
             log.warning("event %r (%s) taken by no rule: %s", name, key, reason)
 
     def health(self) -> dict[str, Any]:
+        with self._checks_lock:
+            self._checks += 1
+        try:
+            return self._health()
+        finally:
+            with self._checks_lock:
+                self._checks -= 1
+
+    def _checking(self) -> bool:
+        """Whether a health check is running (in a worker thread): a big fire gives way."""
+        return self._checks > 0
+
+    def _health(self) -> dict[str, Any]:
         ruleset = self.ruleset()
         problems: list[str] = []
         try:
@@ -202,11 +225,23 @@ class Daemon:
         return now.astimezone(parse_timezone(rule.timezone))
 
     async def _fire(self, requests: list[FireRequest], now: datetime) -> list[FireOutcome]:
-        """Fires made at about the same moment (a minute's cron rules, a burst of events) go
-        to the store together: one transaction for the lot, not one each."""
+        """Each fire is decided here, on the event loop in the compiler's steps (in a worker
+        thread, a ``for_each`` over 100,000 items held the interpreter lock for seconds), so
+        the intake and /healthz answer between two steps; one that takes more than a step
+        holds the garbage collector off until it is written. Fires decided at about the same
+        moment (a minute's cron rules, a burst of events) then go to the store together, in a
+        worker thread: one transaction for the lot, not one each."""
         if not requests:
             return []
-        outcomes = await self._fires.submit((requests, now))
+        with CollectorHold() as hold:
+            decided: list[Decided] = []
+            for req in requests:
+                steps = decide_steps(self.project, req.rule, req.context, now)
+                decided.append((req, await in_steps(steps, hold.start, self._checking)))
+            log.info("XX decided")
+            outcomes = await self._fires.submit((decided, now))
+            log.info("XX recorded")
+            del decided  # freed while the collector is held: it never walks them
         self.metrics.fired(outcomes)
         if any(o.status == "queued" for o in outcomes):
             self.dispatcher.wake()
@@ -223,23 +258,23 @@ class Daemon:
         return outcomes
 
     async def _write_fires(
-        self, batch: list[tuple[list[FireRequest], datetime]]
+        self, batch: list[tuple[list[Decided], datetime]]
     ) -> list[list[FireOutcome]]:
         assert self.store is not None
-        everything = [req for requests, _ in batch for req in requests]
+        everything = [one for decided, _ in batch for one in decided]
         now = max(moment for _, moment in batch)
-        outcomes = await asyncio.to_thread(self._fire_many, everything, now)
+        outcomes = await asyncio.to_thread(self._record, everything, now)
         result, start = [], 0
-        for requests, _ in batch:
-            result.append(outcomes[start : start + len(requests)])
-            start += len(requests)
+        for decided, _ in batch:
+            result.append(outcomes[start : start + len(decided)])
+            start += len(decided)
         return result
 
-    def _fire_many(self, requests: list[FireRequest], now: datetime) -> list[FireOutcome]:
+    def _record(self, decided: list[Decided], now: datetime) -> list[FireOutcome]:
         """In a worker thread, waiting at most FIRE_WRITE_WAIT for the store's write lock."""
         assert self.store is not None
         with busy_timeout(FIRE_WRITE_WAIT):
-            return fire_many(self.store, self.project, requests, now=now)
+            return record(self.store, decided, now=now)
 
     async def _on_schedule(self, rule: Rule, scheduled_at: datetime, key: str) -> None:
         context = FireContext(now=self._local(rule, scheduled_at))
@@ -565,6 +600,10 @@ class _IntakeAdapter:
     def token(self) -> SecretRef | None:
         return self._daemon.token
 
+    @property
+    def max_body(self) -> int:
+        return self._daemon.project.intake.max_body
+
     def ruleset(self) -> RuleSet:
         return self._daemon.ruleset()
 
@@ -581,6 +620,45 @@ class _IntakeAdapter:
 
     def metrics(self) -> tuple[bytes, str]:
         return self._daemon.metrics_text()
+
+
+async def in_steps(
+    steps: Steps[T],
+    on_long: Callable[[], None] | None = None,
+    give_way: Callable[[], bool] | None = None,
+) -> T:
+    """Run work made of steps on the event loop, letting every other task run between two.
+
+    ``on_long`` is called once, when the work turns out to take more than one step.
+
+    Worker threads get their turn too. Between two steps the loop only polls its sockets,
+    letting go of the interpreter lock for an instant that a thread waiting for it rarely
+    catches, and a thread that sees the lock change hands keeps waiting: a /healthz check
+    waited 50-100 ms to start. So every STEPS_PAUSE_EVERY seconds of steps the loop sleeps
+    STEPS_PAUSE, and while ``give_way()`` is true (a check is reading the store) it sleeps
+    until the check is done, up to GIVE_WAY_MOST.
+    """
+    loop = asyncio.get_running_loop()
+    first = True
+    paused = loop.time()
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return cast(T, done.value)
+        if first and on_long is not None:
+            on_long()
+        first = False
+        now = loop.time()
+        if now - paused >= STEPS_PAUSE_EVERY:
+            await asyncio.sleep(STEPS_PAUSE)
+            paused = loop.time()
+        else:
+            await asyncio.sleep(0)
+        if give_way is not None and give_way():
+            until = loop.time() + GIVE_WAY_MOST
+            while give_way() and loop.time() < until:
+                await asyncio.sleep(STEPS_PAUSE)
 
 
 def _describe(changes: Changes | None, most: int = 10) -> str:

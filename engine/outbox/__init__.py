@@ -5,8 +5,8 @@ version and migrations), ``store`` (the outbox state machine and attempts), ``ma
 keys, marks, pauses, unmatched events), ``instances`` (liveness, reclaim plans, leadership),
 ``connections`` (SQLite's pragmas, write lock and busy timeouts); write coalescing
 (``batching``) and the one path a fire takes into the outbox (``firing``: ``when``, compile,
-quiet hours decided with no store by ``decide``, which review tooling shares; then limit and
-enqueue).
+quiet hours decided with no store by ``decide``, which review tooling shares, or in steps by
+``decide_steps`` for the daemon's event loop; then limit and enqueue, ``record``).
 
 May import: :mod:`engine.render`, :mod:`engine.rules`, :mod:`engine.accengage`,
 :mod:`engine.errors`.

@@ -19,8 +19,10 @@ from engine.render.compiler import (
     CompiledRequest,
     CompileError,
     FireContext,
-    compile_fire,
+    Steps,
+    compile_steps,
     passes_when,
+    run_steps,
 )
 from engine.rules.project import Project
 from engine.rules.rule import QuietHours, Rule
@@ -116,10 +118,23 @@ def decide(
 
     ``notes``: where to add what the compiler only logs (``for_each`` items skipped).
     """
+    return run_steps(decide_steps(project, rule, ctx, now, notes=notes))
+
+
+def decide_steps(
+    project: Project,
+    rule: Rule,
+    ctx: FireContext,
+    now: datetime,
+    *,
+    notes: list[str] | None = None,
+) -> Steps[Decision]:
+    """:func:`decide` in the compiler's steps (:func:`~engine.render.compiler.compile_steps`),
+    for the daemon, which answers others between two steps of a big ``for_each``."""
     try:
         if not passes_when(rule, ctx):
             return Decision("filtered", detail="`when` is false")
-        requests = tuple(compile_fire(rule, project, ctx, notes=notes))
+        requests = tuple((yield from compile_steps(rule, project, ctx, notes=notes)))
     except CompileError as exc:
         return Decision("failed", detail=str(exc), error=exc)
     except Exception as exc:  # a bug or an unbounded template: this fire fails, not its batch
@@ -140,15 +155,19 @@ def decide(
     return Decision("send", requests)
 
 
+#: A fire and what :func:`decide` made of it, ready for :func:`record`.
+Decided = tuple[FireRequest, Decision]
+
+
 def _prepare(
-    store: Store, project: Project, req: FireRequest, now: datetime, counts: dict[str, int]
+    store: Store, decided: Decided, now: datetime, counts: dict[str, int]
 ) -> tuple[FireOutcome | None, Fire | None, str, datetime | None]:
-    """Decide a fire, then count it against its limit: an outcome when it stops here, else
-    what to enqueue."""
+    """Count a decided fire against its limit: an outcome when it stops here, else what to
+    enqueue."""
     from engine.outbox.store import Fire
 
+    req, decision = decided
     rule, key = req.rule, req.key
-    decision = decide(project, rule, req.context, now)
     if decision.verdict != "send":
         if decision.verdict == "failed":
             trace = None if isinstance(decision.error, CompileError) else decision.error
@@ -174,11 +193,18 @@ def fire_many(
 ) -> list[FireOutcome]:
     """Decide and record several fires; all that enter the outbox do so in one transaction
     per state, so 1,000 events cost a handful of commits, not 1,000."""
+    decided = [(req, decide(project, req.rule, req.context, now)) for req in requests]
+    return record(store, decided, now=now)
+
+
+def record(store: Store, decided: Sequence[Decided], *, now: datetime) -> list[FireOutcome]:
+    """Count decided fires against their limits and write those that send: one transaction per
+    state, each fire all or nothing (1,000 requests of a ``for_each`` included)."""
     outcomes: list[FireOutcome | None] = []
     groups: dict[tuple[str, datetime | None], list[tuple[int, Fire]]] = {}
     counts: dict[str, int] = {}
-    for index, req in enumerate(requests):
-        outcome, fire, state, not_before = _prepare(store, project, req, now, counts)
+    for index, one in enumerate(decided):
+        outcome, fire, state, not_before = _prepare(store, one, now, counts)
         outcomes.append(outcome)
         if fire is not None:
             groups.setdefault((state, not_before), []).append((index, fire))

@@ -8,14 +8,16 @@ Pure: no clock, no network, no store. Jinja renders here; ``${macros}`` pass thr
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from itertools import islice
+from typing import Any, TypeVar, cast
 
 from engine.accengage import api as accengage
 from engine.accengage.request_check import check_request
 from engine.errors import PushrulesError
+from engine.rules import template_bounds as bounds
 from engine.rules import templating
 from engine.rules.problems import field_path
 from engine.rules.project import Project
@@ -122,40 +124,72 @@ def passes_when(rule: Rule, ctx: FireContext) -> bool:
         raise CompileError(rule.id, "when", str(exc), reference=exc.reference) from None
 
 
+#: Targets a compile in steps renders between two pauses (a few milliseconds of work), and
+#: requests it checks: see :func:`compile_steps`.
+STEP_TARGETS = 100
+STEP_REQUESTS = 5
+
+T = TypeVar("T")
+
+#: Work done in steps: ``next()`` runs one step; the result is the generator's return value.
+Steps = Generator[None, None, T]
+
+
+def run_steps(steps: Steps[T]) -> T:
+    """All the steps at once, for a caller that has no one to let through between them."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return cast(T, done.value)
+
+
 def compile_fire(
     rule: Rule, project: Project, ctx: FireContext, *, notes: list[str] | None = None
 ) -> list[CompiledRequest]:
-    """All requests of one fire; an empty list when for_each targets expand to nothing.
+    """All requests of one fire; an empty list when for_each targets expand to nobody.
 
     Each request passes the same check the sandbox answers with before it is returned, so what
     rendering produced (an event's values) cannot send Accengage a request it would refuse.
     All rendering of one fire shares one budget of processor time (``FIRE_SECONDS``).
     ``notes`` receives, in words, what is otherwise only logged (``for_each`` items skipped).
     """
-    with templating.fire_budget():
-        return _compile_fire(rule, project, ctx, notes)
+    return run_steps(compile_steps(rule, project, ctx, notes=notes))
 
 
-def _compile_fire(
-    rule: Rule, project: Project, ctx: FireContext, notes: list[str] | None
-) -> list[CompiledRequest]:
-    scope = template_context(rule, ctx)
-    messages = [
-        (plan, _parent(rule, plan, scope), _api_message(rule, plan, scope)) for plan in rule.apps
-    ]
-    targets = list(_expand_targets(rule, scope, notes))
-    chunks = [
-        targets[i : i + accengage.MAX_TARGETS]
-        for i in range(0, len(targets), accengage.MAX_TARGETS)
-    ]
-    requests = [
-        CompiledRequest(
+def compile_steps(
+    rule: Rule, project: Project, ctx: FireContext, *, notes: list[str] | None = None
+) -> Steps[list[CompiledRequest]]:
+    """:func:`compile_fire` in steps of :data:`STEP_TARGETS` targets (then of
+    :data:`STEP_REQUESTS` last checks), so a caller on an event loop answers others between two
+    steps while a ``for_each`` over 100,000 items compiles. The fire's budget of processor time
+    counts its steps only, and the result is the same as compiling at once."""
+    budget = bounds.new_budget()
+    with bounds.resumed(budget):
+        scope = template_context(rule, ctx)
+        messages = [
+            (plan, _parent(rule, plan, scope), _api_message(rule, plan, scope))
+            for plan in rule.apps
+        ]
+        expanding = _expand_targets(rule, scope, notes)
+    targets: list[dict[str, Any]] = []
+    while True:
+        with bounds.resumed(budget):
+            step = list(islice(expanding, STEP_TARGETS))
+        targets += step
+        if len(step) < STEP_TARGETS:
+            break
+        yield
+    requests = []
+    for index, start in enumerate(range(0, len(targets), accengage.MAX_TARGETS)):
+        chunk = targets[start : start + accengage.MAX_TARGETS]
+        request = CompiledRequest(
             rule.id, index, project.url, {"sendInstantMessage": _request(messages, chunk)}
         )
-        for index, chunk in enumerate(chunks)
-    ]
-    for request in requests:
         _last_check(rule, project, request)
+        requests.append(request)
+        if (index + 1) % STEP_REQUESTS == 0:
+            yield
     return requests
 
 
@@ -224,43 +258,9 @@ class _Renderer:
         where = field_path((*self.base, *path))
         return CompileError(self.rule.id, where, str(exc), reference=exc.reference)
 
-    def criterion(self, value: Any, path: tuple[Any, ...]) -> str:
-        """A target id or criterion: a template must give real text, not '' or a null."""
-        text = str(value)
-        if not templating.is_template(text):
-            return text
-        try:
-            rendered = templating.render_detail(text, self.scope)
-        except templating.RenderError as exc:
-            if exc.reference is None:
-                raise self.error(path, exc) from None
-            where = field_path((*self.base, *path))
-            raise BlankTarget(
-                self.rule.id, where, f"{exc.reference} is missing", exc.reference
-            ) from None
-        if rendered.text.strip() and not rendered.nulls:
-            return rendered.text
-        where = field_path((*self.base, *path))
-        blank = templating.blank_references(text, self.scope)
-        reason = ", ".join(blank) or (
-            "it printed a null" if rendered.nulls else "the template gave empty text"
-        )
-        raise BlankTarget(self.rule.id, where, reason, None)
-
-    def native(self, value: Any, path: tuple[Any, ...]) -> Any:
-        """Apple's dictionaries keep YAML's types; text is rendered."""
-        if isinstance(value, Scalar) and value.typed is not None:
-            return value.typed
-        if isinstance(value, dict):
-            return {str(k): self.native(v, (*path, k)) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self.native(v, (*path, i)) for i, v in enumerate(value)]
-        if isinstance(value, str):
-            return self.text(value, path)
-        return value
-
     def texts(self, mapping: Mapping[str, Any], path: tuple[Any, ...]) -> dict[str, str]:
-        return {str(k): self.text(v, (*path, k)) for k, v in mapping.items()}
+        made: dict[str, str] = _texts_maker(self.rule, mapping, (*self.base, *path))(self.scope)
+        return made
 
     def custom_params(self, value: Any, path: tuple[Any, ...]) -> list[dict[str, str]]:
         if isinstance(value, dict):
@@ -274,13 +274,8 @@ class _Renderer:
         ]
 
     def aps(self, value: Mapping[str, Any], path: tuple[Any, ...]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            if key == "badge":
-                out["badge"] = native(item)
-            else:
-                out[str(key)] = self.native(item, (*path, key))
-        return out
+        made: dict[str, Any] = _aps_maker(self.rule, value, (*self.base, *path))(self.scope)
+        return made
 
 
 def _boolean(value: Any) -> bool:
@@ -340,23 +335,119 @@ def _buttons(r: _Renderer, value: Mapping[str, Any], path: tuple[Any, ...]) -> d
     return out
 
 
-def _target(r: _Renderer, target: Mapping[str, Any], path: tuple[Any, ...]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+# --- parts read once, made per scope: a for_each target is read once per fire, made per item --
+
+#: A part of a request, made from a scope (a for_each target's: the fire's and its item).
+Maker = Callable[[Mapping[str, Any]], Any]
+
+
+def _constant(value: Any) -> Maker:
+    return lambda _scope: value
+
+
+def _text_maker(rule: Rule, value: Any, path: tuple[Any, ...]) -> Maker:
+    """``_Renderer.text``, the text read once: a template is rendered, plain text kept."""
+    text = str(value)
+    if not templating.is_template(text):
+        return _constant(text)
+    render = templating.prepare(text)
+
+    def make(scope: Mapping[str, Any]) -> str:
+        try:
+            return render(scope).text
+        except templating.RenderError as exc:
+            raise _Renderer(rule, scope, ()).error(path, exc) from None
+
+    return make
+
+
+def _criterion_maker(rule: Rule, value: Any, path: tuple[Any, ...]) -> Maker:
+    """A target id or criterion: a template must give real text, not '' or a null."""
+    text = str(value)
+    if not templating.is_template(text):
+        return _constant(text)
+    render = templating.prepare(text)
+
+    def make(scope: Mapping[str, Any]) -> str:
+        try:
+            rendered = render(scope)
+        except templating.RenderError as exc:
+            if exc.reference is None:
+                raise _Renderer(rule, scope, ()).error(path, exc) from None
+            raise BlankTarget(
+                rule.id, field_path(path), f"{exc.reference} is missing", exc.reference
+            ) from None
+        if rendered.text.strip() and not rendered.nulls:
+            return rendered.text
+        blank = templating.blank_references(text, scope)
+        reason = ", ".join(blank) or (
+            "it printed a null" if rendered.nulls else "the template gave empty text"
+        )
+        raise BlankTarget(rule.id, field_path(path), reason, None)
+
+    return make
+
+
+def _native_maker(rule: Rule, value: Any, path: tuple[Any, ...]) -> Maker:
+    """``_Renderer.native``: Apple's dictionaries keep YAML's types; text is rendered."""
+    if isinstance(value, Scalar) and value.typed is not None:
+        return _constant(value.typed)
+    if isinstance(value, dict):
+        return _mapping_maker(
+            [(str(k), _native_maker(rule, v, (*path, k))) for k, v in value.items()]
+        )
+    if isinstance(value, list):
+        items = [_native_maker(rule, v, (*path, i)) for i, v in enumerate(value)]
+        return lambda scope: [make(scope) for make in items]
+    if isinstance(value, str):
+        return _text_maker(rule, value, path)
+    return _constant(value)
+
+
+def _mapping_maker(fields: list[tuple[str, Maker]]) -> Maker:
+    return lambda scope: {key: make(scope) for key, make in fields}
+
+
+def _texts_maker(rule: Rule, mapping: Mapping[str, Any], path: tuple[Any, ...]) -> Maker:
+    return _mapping_maker([(str(k), _text_maker(rule, v, (*path, k))) for k, v in mapping.items()])
+
+
+def _aps_maker(rule: Rule, value: Mapping[str, Any], path: tuple[Any, ...]) -> Maker:
+    """Apple's dictionary: ``badge`` as YAML typed it, the rest as :func:`_native_maker`."""
+    return _mapping_maker(
+        [
+            (str(k), _badge_maker(v) if k == "badge" else _native_maker(rule, v, (*path, k)))
+            for k, v in value.items()
+        ]
+    )
+
+
+def _badge_maker(value: Any) -> Maker:
+    return lambda _scope: native(value)
+
+
+def _target_maker(rule: Rule, target: Mapping[str, Any], path: tuple[Any, ...]) -> Maker:
+    """What a target of the rule becomes in a request, read once: per item, only its templates
+    are rendered (the field kinds, paths and template texts are the rule's, not the item's)."""
+    fields: list[tuple[str, Maker]] = []
     for key, value in target.items():
         kpath = (*path, key)
         kind = accengage.TARGET_FIELDS.get(key)
         if kind == "content":
-            out[key] = r.texts(value, kpath)
+            maker = _texts_maker(rule, value, kpath)
         elif kind == "aps":
-            out[key] = r.aps(value, kpath)
+            maker = _aps_maker(rule, value, kpath)
         elif isinstance(value, dict):
-            out[str(key)] = {
-                "operator": str(value["operator"]),
-                "value": r.criterion(value["value"], (*kpath, "value")),
-            }
+            maker = _mapping_maker(
+                [
+                    ("operator", _constant(str(value["operator"]))),
+                    ("value", _criterion_maker(rule, value["value"], (*kpath, "value"))),
+                ]
+            )
         else:
-            out[str(key)] = r.criterion(value, kpath)
-    return out
+            maker = _criterion_maker(rule, value, kpath)
+        fields.append((str(key), maker))
+    return _mapping_maker(fields)
 
 
 def _expand_targets(
@@ -368,7 +459,7 @@ def _expand_targets(
         path = ("targets", index)
         if "for_each" not in target:
             produced += 1
-            yield _target(r, target, path)
+            yield _target_maker(rule, target, path)(scope)
             continue
         try:
             items = templating.evaluate(str(target["for_each"]), scope)
@@ -382,6 +473,7 @@ def _expand_targets(
                 9,
             )
         name = str(target.get("as") or "item")
+        make: Maker | None = None  # read at the first item, as a list of none reads nothing
         seen = 0
         skipped: list[BlankTarget] = []
         for item in items:
@@ -393,13 +485,15 @@ def _expand_targets(
                     f"expands to more than {MAX_EXPANDED_TARGETS:,} targets",
                     14,
                 )
+            if seen % 32 == 0:  # its templates count their own time; a plain one does not
+                try:
+                    templating.check_time()
+                except BoundExceeded as exc:  # between targets: the list as a whole is at fault
+                    raise CompileError(rule.id, field_path((*path, "for_each")), str(exc)) from None
+            if make is None:
+                make = _target_maker(rule, target["target"], (*path, "target"))
             try:
-                templating.check_time()
-            except BoundExceeded as exc:  # between two targets: the list as a whole is at fault
-                raise CompileError(rule.id, field_path((*path, "for_each")), str(exc)) from None
-            inner = _Renderer(rule, {**scope, name: item}, ())
-            try:
-                made = _target(inner, target["target"], (*path, "target"))
+                made = make({**scope, name: item})
             except BlankTarget as blank:
                 skipped.append(blank)
                 continue

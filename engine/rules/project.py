@@ -10,7 +10,13 @@ from typing import Any
 
 from engine.accengage import api as accengage
 from engine.rules.problems import Problem, Severity, field_path
-from engine.rules.schemas import DISPATCH, PROJECT_CHECKER, Bounds, is_yaml_int
+from engine.rules.schemas import (
+    DISPATCH,
+    MAX_BODY_DEFAULT,
+    PROJECT_CHECKER,
+    Bounds,
+    is_yaml_int,
+)
 from engine.rules.secrets import SecretRef, hide_url_password
 from engine.rules.yaml_source import MarkedMap, load, native, position
 
@@ -38,6 +44,15 @@ class DispatchConfig:
     max_attempts: int | None = None
     timeout: timedelta | None = None
     on_unknown_outcome: str | None = None
+    transport: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeConfig:
+    """``intake:`` of pushrules.yaml, within the schema's bounds (:data:`~engine.rules.schemas.
+    INTAKE`)."""
+
+    max_body: int = MAX_BODY_DEFAULT  # bytes
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,7 @@ class Project:
     listen: str = DEFAULT_LISTEN
     intake_token: SecretRef | None = None
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    intake: IntakeConfig = field(default_factory=IntakeConfig)
     #: The line of each setting in the file (``accengage.password``: 7), so a problem met at
     #: run time points where the operator fixes it. Not part of what the settings mean.
     lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
@@ -190,6 +206,7 @@ def parse_project(root: Path, text: str) -> tuple[Project | None, list[Problem]]
         listen=str(doc.get("listen") or DEFAULT_LISTEN),
         intake_token=token,
         dispatch=_dispatch(doc.get("dispatch") or {}),
+        intake=_intake(doc.get("intake") or {}),
         lines=_lines(doc),
     )
     return project, problems
@@ -259,6 +276,13 @@ def _dispatch(section: Mapping[str, Any]) -> DispatchConfig:
         else:
             values[key] = str(section[key])
     return DispatchConfig(**values)
+
+
+def _intake(section: Mapping[str, Any]) -> IntakeConfig:
+    """The typed ``intake:`` of a section the schema passed (bounds included)."""
+    if "max_body" in section:
+        return IntakeConfig(max_body=int(native(section["max_body"])))
+    return IntakeConfig()
 
 
 def _names(value: Any) -> frozenset[str] | None:

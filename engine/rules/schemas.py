@@ -626,7 +626,7 @@ class Bounds:
     def words(self, value: float) -> str:
         """A bound as it is written in the file (``300`` seconds is ``5m``)."""
         if not self.unit:
-            return f"{value:g}"
+            return f"{value:d}" if isinstance(value, int) else f"{value:g}"  # not 6.71089e+07
         for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
             if value >= size and value % size == 0:
                 return f"{value // size:g}{unit}"
@@ -666,6 +666,31 @@ DISPATCH: dict[str, Any] = {
         **doc(
             "On an unknown outcome",
             "park: a request whose result is unknown waits for a person; retry: send it again.",
+        ),
+    },
+    "transport": {
+        "type": "string",
+        "allowed": ["aiohttp", "httpcore"],
+        **doc(
+            "Transport",
+            "What carries the requests: aiohttp (the default: half the CPU a request) or "
+            "httpcore (httpx's own pools). Both tell a request that never left from one that "
+            "may have arrived.",
+        ),
+    },
+}
+
+#: ``intake:`` of pushrules.yaml. The body of one event is held whole, then parsed: 64 MiB
+#: of JSON is about 1.5 million for_each targets (the compiler stops at 1,000,000).
+MAX_BODY_DEFAULT = 1024 * 1024
+INTAKE: dict[str, Any] = {
+    "max_body": {
+        **INT,
+        "bounds": Bounds(1024, 64 * 1024 * 1024),
+        **doc(
+            "Largest event",
+            "The largest event body the daemon takes, in bytes, from 1024 to 67108864 (64 MiB); "
+            "default 1048576 (1 MiB). A larger one is answered 413.",
         ),
     },
 }
@@ -776,6 +801,11 @@ PROJECT: dict[str, Any] = {
         "type": "dict",
         "schema": DISPATCH,
         **doc("Dispatch", "How the daemon sends: concurrency, rate, attempts, timeout."),
+    },
+    "intake": {
+        "type": "dict",
+        "schema": INTAKE,
+        **doc("Intake", "How the daemon takes events: the largest body (max_body, in bytes)."),
     },
 }
 

@@ -53,6 +53,7 @@ class Budget:
     depth: int = 0
     nulls: int = 0  # values printed as '' because they were null (None)
     tick: int = 0
+    left: float | None = None  # seconds left when paused (see resumed)
 
     def start_text(self) -> None:
         self.steps, self.ranges, self.depth, self.nulls = MAX_STEPS, MAX_RANGE, 0, 0
@@ -75,6 +76,30 @@ def fire_budget(seconds: float | None = None) -> Iterator[Budget]:
     try:
         yield budget
     finally:
+        _budget.reset(token)
+
+
+def new_budget() -> Budget:
+    """A fire's budget to render it in steps, each inside :func:`resumed`."""
+    return Budget(deadline=time.thread_time() + FIRE_SECONDS, left=FIRE_SECONDS)
+
+
+@contextmanager
+def resumed(budget: Budget) -> Iterator[Budget]:
+    """``budget`` in force again, for one step of a fire rendered in steps: what the thread
+    did between two steps (answering others) is not counted against it, and a step may run in
+    another thread than the previous one. Inside another fire's budget, that one is shared."""
+    active = _budget.get()
+    if active is not None:
+        yield active
+        return
+    if budget.left is not None:
+        budget.deadline = time.thread_time() + budget.left
+    token = _budget.set(budget)
+    try:
+        yield budget
+    finally:
+        budget.left = budget.deadline - time.thread_time()
         _budget.reset(token)
 
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import re
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache, update_wrapper
+from functools import lru_cache, partial, update_wrapper
 from typing import Any, cast
 
 import jinja2
@@ -450,6 +450,44 @@ def is_expression(text: str) -> bool:
     return bool(_WHOLE_EXPRESSION.match(text)) and text.count("{{") == 1
 
 
+#: ``{{ name.attr.attr }}`` and nothing else: Jinja's code for it is ``str(finalize(getattr(..)))``
+#: on the name's value, which :func:`render_detail` runs itself, saving Jinja's context (most
+#: of the cost of a ``for_each`` target's ``{{ p.id }}``). Jinja's constants are not names.
+_LONE_REFERENCE = re.compile(r"\{\{\s*([A-Za-z_]\w*)((?:\s*\.\s*[A-Za-z_]\w*)*)\s*\}\}", re.ASCII)
+_CONSTANTS = frozenset({"true", "false", "none", "True", "False", "None"})
+_FALL_BACK = object()
+
+
+@lru_cache(maxsize=16384)
+def _lone_reference(text: str) -> tuple[str, tuple[str, ...]] | None:
+    match = _LONE_REFERENCE.fullmatch(text)
+    if match is None or match.group(1) in _CONSTANTS:
+        return None
+    attributes = tuple(a.strip() for a in match.group(2).split(".")[1:])
+    return match.group(1), attributes
+
+
+#: What ``getattr`` finds on a plain dict: for any other name the sandbox's lookup fails over
+#: to the item, which is then all it does (a JSON event's dicts, their ``.id``).
+_DICT_NAMES = frozenset(dir(dict))
+
+
+def _follow(value: Any, attributes: tuple[str, ...]) -> Any:
+    """The sandbox's lookups of ``name.a.b``; :data:`_FALL_BACK` when one finds nothing, so
+    Jinja itself renders the text and raises its own error, word for word."""
+    for attribute in attributes:
+        if type(value) is dict and attribute not in _DICT_NAMES:
+            bounds.step()  # as the sandbox's getattr counts it
+            value = value.get(attribute, _FALL_BACK)
+            if value is _FALL_BACK:
+                return _FALL_BACK
+            continue
+        value = ENV.getattr(value, attribute)
+        if isinstance(value, jinja2.Undefined):
+            return _FALL_BACK
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Rendered:
     """A rendered text, and how many null (None) values it printed as empty text."""
@@ -467,8 +505,31 @@ def render_detail(text: str, context: Mapping[str, Any]) -> Rendered:
     """:func:`render`, also saying whether a null was printed (a target id must not be)."""
     if not is_template(text):
         return Rendered(text)
+    return _render(text, _lone_reference(text), context)
+
+
+def prepare(text: str) -> Callable[[Mapping[str, Any]], Rendered]:
+    """:func:`render_detail` of one text with its reading done once: what a ``for_each``
+    target's texts are rendered with, once per item."""
+    if not is_template(text):
+        done = Rendered(text)
+        return lambda _context: done
+    return partial(_render, text, _lone_reference(text))
+
+
+def _render(
+    text: str, reference: tuple[str, tuple[str, ...]] | None, context: Mapping[str, Any]
+) -> Rendered:
     budget, token = bounds.enter()
     try:
+        if reference is not None and reference[0] in context:
+            budget.start_text()
+            value = _follow(context[reference[0]], reference[1])
+            if value is not _FALL_BACK:
+                out = str(_finalize(value))  # one piece: of _collect, its size check applies
+                if len(out) > MAX_OUTPUT:
+                    raise RenderError(f"the template renders more than {MAX_OUTPUT:,} characters")
+                return Rendered(out, budget.nulls)
         template = compile_text(text)
         budget.start_text()
         return Rendered(_collect(template.generate(context)), budget.nulls)
@@ -527,7 +588,7 @@ def _render_error(exc: Exception, text: str, context: Mapping[str, Any]) -> Rend
     return RenderError(f"template error: {exc}")
 
 
-def _collect(chunks: Iterator[str]) -> str:
+def _collect(chunks: Iterable[str]) -> str:
     """Join the output, bounded; a ``$`` and a ``{`` from two different pieces (a value and the
     text around it) are kept apart, so no ``${macro}`` is formed from data."""
     out: list[str] = []

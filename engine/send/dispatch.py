@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import random
@@ -40,6 +41,7 @@ from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
 import httpx
+from httpcore import WriteError
 from sqlalchemy.exc import OperationalError
 
 from engine import __version__
@@ -67,6 +69,8 @@ LOG = logging.getLogger("pushrules.dispatch")
 INLINE_BUSY_WAIT = 0.05
 
 _HEADERS = {"content-type": "application/json", "user-agent": f"pushrules/{__version__}"}
+#: httpcore's trace events of a failed write of the request.
+WRITE_FAILED = frozenset({"http11.send_request_headers.failed", "http11.send_request_body.failed"})
 
 
 # --- credentials -------------------------------------------------------------------------------
@@ -90,9 +94,16 @@ class Credentials:
 # --- the I/O edge ----------------------------------------------------------------------------
 
 
-#: Connections per httpx client. httpcore's pool spends time growing with the number of
-#: requests it juggles (encode/httpx#3215): at 16 in flight one client costs 1.5 ms of CPU per
-#: request here, four clients of 4 cost 0.6 ms, for the same concurrency (benchmarks/dispatch.py).
+@functools.lru_cache(maxsize=256)
+def parsed_url(url: str) -> httpx.URL:
+    """Rows share a handful of URLs: parsing each once saves a tenth of a request's CPU."""
+    return httpx.URL(url)
+
+
+#: Connections per httpx client on httpcore (``DispatchSettings.transport``). httpcore's pool
+#: spends time growing with the number of requests it juggles (encode/httpx#3215): at 16 in
+#: flight one client costs 1.5 ms of CPU per request here, four clients of 4 cost 0.6 ms, for
+#: the same concurrency (benchmarks/dispatch.py).
 POOL_SIZE = 4
 
 
@@ -350,8 +361,8 @@ class Dispatcher:
         self._liveness = store.liveness(self.instance, self.settings.liveness_ttl)
         self._registered = False
         self._departures = _Departures(self)
-        #: httpcore's trace tells whether a failed request's headers started leaving; a
-        #: transport given by a test may not report it.
+        #: The trace (httpcore's, or the aiohttp transport's in its image) tells whether a
+        #: failed request's headers started leaving; a transport given by a test may not.
         self._traced = transport is None
         #: What each attempt did, in Prometheus counters (the daemon passes its registry's).
         self.metrics = metrics if metrics is not None else DispatchMetrics()
@@ -366,6 +377,13 @@ class Dispatcher:
         self._inline_store = mode == "inline"
         limiter = _RateLimiter(s.rate_per_second) if s.rate_per_second else None
         self._limiter = limiter
+        sizes = pool_sizes(s.concurrency)
+        if transport is None and s.transport == "aiohttp":
+            from engine.send.transport import AiohttpTransport
+
+            # aiohttp's pool costs the same whatever its size: one client, one pool.
+            transport = AiohttpTransport(s.concurrency, s.keepalive_expiry)
+            sizes = [s.concurrency]
         self._pools = _Pools(
             [
                 httpx.AsyncClient(
@@ -379,7 +397,7 @@ class Dispatcher:
                     headers=_HEADERS,
                     follow_redirects=False,
                 )
-                for size in pool_sizes(s.concurrency)
+                for size in sizes
             ]
         )
 
@@ -471,11 +489,16 @@ class Dispatcher:
             return mask(text, hidden, login)
 
         headers_sent = False
+        written: bool | None = None
 
         async def trace(event: str, info: Mapping[str, Any]) -> None:
-            nonlocal headers_sent
+            nonlocal headers_sent, written
             if event.endswith("send_request_headers.started"):
                 headers_sent = True
+            elif event in WRITE_FAILED and isinstance(info.get("exception"), WriteError):
+                # httpcore goes on to read an answer after a failed write, so the error
+                # raised at last says nothing of it (a ReadError, typically).
+                written = False
 
         extensions = {"trace": trace} if self._traced else None
         t0 = time.monotonic()
@@ -483,13 +506,15 @@ class Dispatcher:
         try:
             async with asyncio.timeout(self.settings.deadline):
                 async with self._pools.client() as client:
-                    response = await client.post(row.url, content=content, extensions=extensions)
+                    response = await client.post(
+                        parsed_url(row.url), content=content, extensions=extensions
+                    )
             outcome = classify_response(
                 response.status_code, response.headers, response.content, self._clock(), scrub
             )
         except Exception as exc:
             left = headers_sent if self._traced else None
-            outcome = classify_error(exc, self.settings.deadline, left=left)
+            outcome = classify_error(exc, self.settings.deadline, left=left, written=written)
             error_kind = type(exc).__name__
         duration = time.monotonic() - t0
         attempt = AttemptResult(

@@ -22,6 +22,7 @@ from engine.rules.secrets import mask
 
 OutcomeKind = Literal["sent", "retry", "failed", "unknown"]
 UnknownPolicy = Literal["park", "retry"]
+Transport = Literal["httpcore", "aiohttp"]
 
 #: The request provably never reached Accengage: safe to send again. A write error or timeout
 #: belongs here because the body was not fully handed to the network, and Accengage cannot act
@@ -49,9 +50,9 @@ SNIPPET = 200
 class DispatchSettings:
     """How hard to push. The defaults suit one Accengage account from one host."""
 
-    #: Requests in flight at once, over httpx clients of POOL_SIZE connections each (one
-    #: client loses throughput past a few concurrent requests: encode/httpx#3215). 32 gains
-    #: little over 16 at 50 ms answers, and 16 keeps a crash's in_doubt batch small.
+    #: Requests in flight at once (on httpcore, over httpx clients of POOL_SIZE connections
+    #: each: one client loses throughput past a few concurrent requests, encode/httpx#3215).
+    #: 32 gains little over 16 at 50 ms answers, and 16 keeps a crash's in_doubt batch small.
     concurrency: int = 16
     #: Rows claimed at a time, in flight or queued (0: 32, or twice ``concurrency`` if more).
     #: A claim costs about a millisecond on SQLite whatever its size, hence batches. A crash
@@ -93,6 +94,10 @@ class DispatchSettings:
     #: in benchmarks/dispatch.py. "thread" suits PostgreSQL, whose round trips would otherwise
     #: stall the loop. "auto" picks by the store's dialect.
     store_calls: Literal["auto", "inline", "thread"] = "auto"
+    #: What carries httpx's requests: aiohttp's pool (engine/send/transport.py), or httpcore's
+    #: (split in clients of POOL_SIZE connections). aiohttp costs about half the CPU a request
+    #: (benchmarks/dispatch.py); both tell alike whether a failed request may have arrived.
+    transport: Transport = "aiohttp"
 
     def __post_init__(self) -> None:
         problems = []
@@ -104,6 +109,8 @@ class DispatchSettings:
             problems.append("backoff_base must be positive and backoff_max at least backoff_base")
         if self.store_calls not in ("auto", "inline", "thread"):
             problems.append('store_calls must be "auto", "inline" or "thread"')
+        if self.transport not in ("httpcore", "aiohttp"):
+            problems.append('transport must be "httpcore" or "aiohttp"')
         if self.on_unknown_outcome not in DISPATCH["on_unknown_outcome"]["allowed"]:
             problems.append('on_unknown_outcome must be "park" or "retry"')
         if self.lease.total_seconds() < 2 * self.deadline:
@@ -271,19 +278,25 @@ def classify_response(
 
 
 def classify_error(
-    exc: BaseException, deadline: float | None = None, *, left: bool | None = None
+    exc: BaseException,
+    deadline: float | None = None,
+    *,
+    left: bool | None = None,
+    written: bool | None = None,
 ) -> Outcome:
     """An exception raised while sending -> was the request sent, and what now.
 
     ``left``: whether the request's headers started being written (httpcore's ``trace``), when
-    known. False proves the request never left, whatever the exception.
+    known. False proves the request never left, whatever the exception. ``written``: False when
+    a write of the request failed (the trace again), which proves it never left whole, whatever
+    error the transport raised after.
     """
     name = type(exc).__name__
     detail = str(exc).strip()
     what = f"{name}: {detail}" if detail else name
     if isinstance(exc, TimeoutError) and deadline is not None:
         what = f"no complete answer within the {deadline:g} s deadline"
-    if isinstance(exc, NOT_SENT_ERRORS) or left is False:
+    if isinstance(exc, NOT_SENT_ERRORS) or left is False or written is False:
         cause = f"{what} (the request did not reach Accengage)"
         return Outcome(
             "retry",
