@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -293,7 +294,12 @@ class Daemon:
     # --- lifecycle --------------------------------------------------------------------------
 
     def _load_first(self) -> None:
-        """The first load; forks workers for a large project, before any thread exists."""
+        """The first load; forks workers for a large project, before any thread exists.
+
+        What is alive once it is accepted (the modules, the rules, their compiled templates)
+        lives as long as the process: it is frozen out of the garbage collector, whose full
+        collections would otherwise walk all of it again and again, the event loop waiting.
+        """
         ruleset = self.loader.load()
         self.loader.workers = 1  # later reloads run in a thread: no forking there
         if ruleset.project is None:
@@ -301,6 +307,8 @@ class Daemon:
                 "pushrules.yaml has errors, so nothing can run:\n" + format_text(ruleset.problems)
             )
         self._accept(ruleset)
+        gc.collect()  # garbage frozen with the rest would never be freed
+        gc.freeze()
 
     def _accept(self, ruleset: RuleSet) -> None:
         project = ruleset.project
