@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import multiprocessing
 import os
 import re
 import time
 from collections.abc import Collection, Iterator, Mapping
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -438,6 +436,9 @@ def _check_parallel(
     instead of waiting. When rules are kept (the daemon), workers parse them all: the garbage
     of parsing would otherwise stay in this long-lived process's heap as fragmented memory.
     """
+    import multiprocessing  # here: a load of a few files never starts a worker
+    from concurrent.futures import ProcessPoolExecutor
+
     global _shared
     _shared = (project, fragments, drop)
     keeps = any(job[1] not in drop for job in jobs)
