@@ -120,11 +120,17 @@ def daemons() -> Iterator[StartDaemon]:
     started: list[Daemon] = []
 
     def start(
-        project: Project, *, clock: str | None = None, name: str | None = None, **env: str
+        project: Project,
+        *,
+        clock: str | None = None,
+        name: str | None = None,
+        wait: bool = True,
+        **env: str,
     ) -> Daemon:
+        """A daemon answering /healthz; with ``wait=False`` only launched (call wait_ready)."""
         daemon = Daemon(project, clock=clock, name=name or f"run{len(started)}")
         started.append(daemon)
-        return daemon.start(**env)
+        return daemon.start(**env) if wait else daemon.launch(**env)
 
     yield start
     for daemon in started:

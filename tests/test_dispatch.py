@@ -64,7 +64,7 @@ FAST = DispatchSettings(
     timeout=httpx.Timeout(connect=1.0, read=1.0, write=1.0, pool=1.0),
     deadline=3.0,
     lease=timedelta(seconds=30),
-    idle_sleep=0.05,
+    poll_every=0.05,
 )
 
 

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-import subprocess
-import sys
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ import pytest
 from engine.cli.main import main
 from engine.rules.schemas import PROJECT
 from tests.daemon_process import free_port
-from tests.helpers import REPO, write_rule
+from tests.helpers import write_rule
 
 #: A pushrules.yaml setting every key, one per line: (path in the file, line text).
 LINES: list[tuple[tuple[str, ...], str]] = [
@@ -43,8 +43,16 @@ LINES: list[tuple[tuple[str, ...], str]] = [
     (("dispatch", "timeout"), "  timeout: 10s"),
     (("dispatch", "on_unknown_outcome"), "  on_unknown_outcome: park"),
     (("dispatch", "transport"), "  transport: aiohttp"),
+    (("dispatch", "poll_every"), "  poll_every: 500ms"),
     (("intake",), "intake:"),
     (("intake", "max_body"), "  max_body: 4194304"),
+    (("daemon",), "daemon:"),
+    (("daemon", "watch_every"), "  watch_every: 500ms"),
+    (("daemon", "watch_quiet"), "  watch_quiet: 300ms"),
+    (("daemon", "watch_max_delay"), "  watch_max_delay: 5s"),
+    (("daemon", "leadership_every"), "  leadership_every: 10s"),
+    (("daemon", "lock_wait"), "  lock_wait: 2s"),
+    (("daemon", "fire_retry"), "  fire_retry: 1s"),
 ]
 #: Where the schema says "any name" (an app alias, a button category), the name used above.
 NAMES = {"apps": "flights-ios", "button_templates": "category_name"}
@@ -76,6 +84,14 @@ BAD: dict[tuple[str, ...], str] = {
     ("dispatch", "transport"): "curl",
     ("intake",): "4MiB",
     ("intake", "max_body"): "100",
+    ("dispatch", "poll_every"): "0s",
+    ("daemon",): "slow",
+    ("daemon", "watch_every"): "5ms",
+    ("daemon", "watch_quiet"): "forever",
+    ("daemon", "watch_max_delay"): "1h",
+    ("daemon", "leadership_every"): "10",
+    ("daemon", "lock_wait"): "-2s",
+    ("daemon", "fire_retry"): "1m",
 }
 
 RULE = """
@@ -171,18 +187,42 @@ def test_a_bad_value_is_a_problem_on_its_line_and_no_command_crashes(
         err = capsys.readouterr().err
         assert code in (1, 2) and "pushrules.yaml" in err, (command, code, err)
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHRULES_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "engine", "run", "--project", str(root)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**env, "PYTHONPATH": str(REPO)},
-        check=False,
-    )
-    assert done.returncode == 1, done.stderr
-    assert "Traceback" not in done.stderr + done.stdout
-    assert f"pushrules.yaml:{line}:" in done.stderr
+    # ``run`` in this process (a subprocess each costs more than the rest of the test): an
+    # exception fails the test as above, and a daemon that started anyway ends in its thread,
+    # where it cannot install its signal handlers.
+    for name in [n for n in os.environ if n.startswith("PUSHRULES_")]:
+        monkeypatch.delenv(name)
+    code, err = run_in_thread(["run", "--project", str(root)], capsys)
+    assert code == 1, err
+    assert "Traceback" not in err
+    assert f"pushrules.yaml:{line}:" in err, err
+
+
+def run_in_thread(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[Any, str]:
+    """``main(args)``'s result (or the exception it raised) and its stderr; the logging set
+    up by ``run`` is put back afterwards, so later tests log as before."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in logging.root.manager.loggerDict}
+    result: list[Any] = []
+
+    def target() -> None:
+        try:
+            result.append(main(args))
+        except BaseException as exc:  # reported through the result, asserted by the caller
+            result.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    try:
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive(), "run did not refuse to start"
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, was in levels.items():
+            logging.getLogger(name).setLevel(was)
+    return result[0], capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

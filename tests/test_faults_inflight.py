@@ -438,7 +438,10 @@ def test_sigkill_mid_flight_then_restart_settles_every_event_at_once(
 ) -> None:
     project = Project(tmp_path / "project", sandbox.url)
     project.rule("go", "event: go", "{{ event.n }}")
-    sandbox.set_faults(latency_ms=2000)  # requests pile up in flight and claimed behind them
+    # Requests pile up in flight and claimed behind them: 16 at a time, 2 s each, is fewer than
+    # the poster's events even on a busy machine (a shorter latency, tried, let a slow poster
+    # fall behind the sending, and nothing piled up).
+    sandbox.set_faults(latency_ms=2000)
     first = daemons(project, name="run1")
     poster = Poster([first], total=2000)
     db = tmp_path / "project" / "store.db"
@@ -460,8 +463,10 @@ def test_sigkill_mid_flight_then_restart_settles_every_event_at_once(
 
     second = daemons(project, name="run2")
     restarted = time.monotonic()
+    # Every row the kill left claimed, too: an event can be written and claimed while the
+    # SIGKILL cuts its answer, so it is not among the accepted ones.
     rows = wait_for(
-        lambda: settled(project, accepted),
+        lambda: settled(project, [*accepted, *never_left, *gone_out]),
         "every accepted event sent or in_doubt",
         timeout=20,
         log=second.log,
@@ -506,7 +511,10 @@ def test_three_instances_on_postgres_survive_the_leader_sigkilled(
         for project in projects:
             project.rule("go", "event: go", "{{ event.n }}")
         sandbox.set_faults(latency_ms=4000)  # requests pile up in flight and claimed behind
-        instances_ = [daemons(p, name=f"i{i}") for i, p in enumerate(projects)]
+        # Launched together, then waited for: three Python starts overlap.
+        instances_ = [daemons(p, name=f"i{i}", wait=False) for i, p in enumerate(projects)]
+        for instance in instances_:
+            instance.wait_ready()
 
         def leader() -> Daemon | None:
             leading = [d for d in instances_ if d.health()[1]["leader"]]
@@ -542,8 +550,8 @@ def test_three_instances_on_postgres_survive_the_leader_sigkilled(
         took = time.monotonic() - killed_at
         time.sleep(max(0.0, 1.0 - took))  # events keep flowing to the survivors
         accepted = poster.join()
-        rows = wait_for(
-            lambda: settled(projects[0], accepted),
+        rows = wait_for(  # the killed leader's claimed rows too (see the SQLite test)
+            lambda: settled(projects[0], [*accepted, *never_left]),
             "every accepted event sent or in_doubt",
             timeout=30,
             every=0.2,

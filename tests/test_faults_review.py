@@ -229,7 +229,7 @@ def test_waiting_on_a_due_row_that_cannot_be_claimed_does_not_spin(tmp_path: Pat
 
         store.claim_ids = counting  # type: ignore[method-assign]
         creds = Credentials(SecretRef("env", "HOME"), SecretRef("env", "HOME"))
-        settings = DispatchSettings(idle_sleep=0.2)
+        settings = DispatchSettings(poll_every=0.2)
 
         async def go() -> None:
             transport = httpx.MockTransport(lambda r: httpx.Response(200, json={"returnCode": 0}))

@@ -15,8 +15,6 @@ import base64
 import json
 import logging
 import sqlite3
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -28,6 +26,7 @@ from urllib.parse import parse_qs, quote_plus, urlsplit
 import httpx
 import pytest
 
+from engine.cli.main import main
 from engine.outbox.schema import utcnow
 from engine.outbox.states import DEAD
 from engine.outbox.store import Fire, Store
@@ -35,7 +34,7 @@ from engine.rules.secrets import MASK, MASK_PREFIX, SecretRef, encodings, mask
 from engine.send.dispatch import Credentials, Dispatcher
 from engine.send.policy import SNIPPET, DispatchSettings, final_error
 from tests.daemon_process import Project
-from tests.helpers import REPO, body
+from tests.helpers import body
 
 LOGIN = "acc-login-7Kq"
 #: Non-ASCII (escaped by PHP's json_encode), characters URL-encoding changes, quotes and a
@@ -139,6 +138,7 @@ def test_an_echoed_password_is_masked_in_every_encoding_cut_at_every_length(
     password: str,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     project = Project(tmp_path / "project", echo.url())
     fires = []
@@ -164,17 +164,11 @@ def test_an_echoed_password_is_masked_in_every_encoding_cut_at_every_length(
     with sqlite3.connect(tmp_path / "project" / "store.db") as conn:
         dumped = "\n".join(conn.iterdump())
     shown = ""
+    capsys.readouterr()
     for fmt in ("text", "json"):
-        command = [sys.executable, "-m", "engine", "history", "--project", str(project.root)]
-        done = subprocess.run(
-            [*command, "--limit", "100000", "--format", fmt],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=REPO,
-        )
-        assert done.returncode == 0, done.stderr
-        shown += done.stdout
+        command = ["history", "--project", str(project.root), "--limit", "100000"]
+        assert main([*command, "--format", fmt]) == 0
+        shown += capsys.readouterr().out
     assert "HTTP 400" in shown and "HTTP 400" in logged
     for where, text in (("log", logged), ("database", dumped), ("history", shown)):
         # The full forms only where the upstream cut its echo itself: a prefix shorter than

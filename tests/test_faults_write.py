@@ -20,7 +20,7 @@ import signal
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,7 +40,7 @@ from engine.outbox.states import IN_DOUBT, SENDING, SENT
 from engine.outbox.store import Store
 from engine.render.compiler import FireContext
 from tests.conftest import StartDaemon
-from tests.daemon_process import Project, wait_for
+from tests.daemon_process import Daemon, Project, started_before, wait_for
 from tests.helpers import load, make_project, write_rule
 from tests.test_scheduler import MemoryMarks, make_rule
 
@@ -258,16 +258,34 @@ def raw_mark(conn: sqlite3.Connection, rule: str) -> datetime | None:
     return None if row is None else datetime.fromisoformat(row[0]).replace(tzinfo=UTC)
 
 
+#: Daemons facing a lock held by another process: a fire write gives up after 500 ms (2 s by
+#: default), so the retries these tests wait for come sooner.
+LOCKED = {"daemon.lock_wait": "500ms"}
+
+
+def ticking(
+    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
+) -> Callable[[str, int], Daemon]:
+    """Starts a daemon on a fresh project with an every-minute cron rule (see started_before:
+    each attempt has its own project, so a slow start leaves nothing behind)."""
+
+    def start(clock: str, attempt: int) -> Daemon:
+        project = Project(tmp_path / f"p{attempt}", sandbox.url, timing=LOCKED)
+        project.rule("tick", 'cron: "* * * * *"\ntimezone: UTC', "tick at {{ now }}")
+        return daemons(project, clock=clock, name=f"run{attempt}")
+
+    return start
+
+
 @pytest.mark.e2e
 def test_a_cron_fire_written_while_the_store_is_locked_lands_once(
     tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
 ) -> None:
     """The write fails while another process holds the lock; the fire stays pending (health,
     metrics), its mark stays before it, and it lands once the lock is released."""
-    project = Project(tmp_path / "p", sandbox.url)
-    project.rule("tick", 'cron: "* * * * *"\ntimezone: UTC', "tick at {{ now }}")
     due = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
-    daemon = daemons(project, clock=(due - timedelta(seconds=4)).isoformat())
+    daemon = started_before(ticking(tmp_path, sandbox, daemons), due)
+    project = daemon.project
     key = f"schedule:{due.isoformat()}"
     db = project.root / "store.db"
 
@@ -318,16 +336,23 @@ def test_a_cron_fire_written_while_the_store_is_locked_lands_once(
 def test_a_fire_left_unwritten_at_stop_is_caught_up_at_the_next_start(
     tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
 ) -> None:
-    project = Project(tmp_path / "p", sandbox.url)
-    project.rule("tick", 'cron: "* * * * *"\ntimezone: UTC', "tick at {{ now }}")
     due = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
-    first = daemons(project, clock=(due - timedelta(seconds=4)).isoformat())
+    first = started_before(ticking(tmp_path, sandbox, daemons), due)
+    project = first.project
     with write_lock(project.root / "store.db"):
         first.wait_health(
             lambda h: h["fire_writes_waiting"], "the fire write to fail and wait", timeout=20
         )
         first.signal(signal.SIGTERM)
-        time.sleep(1.0)  # stopping, its mark write waiting on the lock
+        wait_for(
+            lambda: any("SIGTERM received" in m for m in first.messages()),
+            "the daemon to begin stopping",
+            log=first.log,
+        )
+        # Stopping, its mark write waiting on the lock. No write attempt starts once it stops,
+        # and one already waiting for the lock gives up within lock_wait (0.5 s): held three
+        # times that, the fire cannot land before the daemon has left it unwritten.
+        time.sleep(1.5)
     assert first.stop(timeout=30) == 0
     assert project.rows("tick") == []
     mark = project.mark("tick")
@@ -361,7 +386,9 @@ def test_the_loop_stays_responsive_while_another_process_holds_the_lock(
         with write_lock(project.root / "store.db"):
             lock_taken = time.monotonic()
             health_times = []
-            while time.monotonic() - lock_taken < 5.0:
+            # Past the first answer (1.5 s), whose result write meets the lock, and past a
+            # fire write's wait for it (lock_wait, 2 s: a loop blocked that long would show).
+            while time.monotonic() - lock_taken < 3.0:
                 seconds, response = timed_get(project.url + "/healthz")
                 health_times.append(seconds)
                 assert response.status_code == 200, response.text
@@ -435,8 +462,10 @@ def test_a_fire_never_written_is_retried_then_given_up_past_catch_up(
                 mark = marks.get_mark(MARK_SCOPE, "once")
                 assert mark is None or mark < due
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(0.3)  # a periodic mark write
-            assert (marks.get_mark(MARK_SCOPE, "once") or due) > due
+            # Given up: a periodic mark write (every 0.1 s) moves the mark past it.
+            async with asyncio.timeout(5):
+                while (marks.get_mark(MARK_SCOPE, "once") or due) <= due:
+                    await asyncio.sleep(0.05)
         finally:
             await sched.shutdown()
 

@@ -206,11 +206,11 @@ def test_far_future_ends() -> None:
 
 def test_search_skips_instead_of_scanning() -> None:
     """Rare schedules stay cheap: whole months and days are skipped."""
-    begin = time.perf_counter()
+    begin = time.thread_time()  # processor time: a busy machine does not slow the search
     fires = fire_times(cron("0 0 29 2 MON", PARIS), datetime(2026, 1, 1, tzinfo=UTC), 200)
     rare = fire_times(cron("0 0 */10 2 MON"), datetime(2026, 1, 1, tzinfo=UTC), 20)
     yearly = fire_times(cron("* * 29 2 *", NEW_YORK), datetime(2026, 1, 1, tzinfo=UTC), 3)
-    assert time.perf_counter() - begin < 3
+    assert time.thread_time() - begin < 3
     assert len(fires) == 200 and len(rare) == 20
     assert iso(yearly)[0] == "2028-02-29T00:00:00-05:00"
 
@@ -866,9 +866,9 @@ def test_missed_fires_window_is_open_closed() -> None:
 def test_missed_fires_keeps_the_most_recent_and_is_fast() -> None:
     schedule = cron("* * * * *")
     since, until = local("2025-01-01T00:00"), local("2026-01-01T00:00")
-    begin = time.perf_counter()
+    begin = time.thread_time()  # processor time, as above
     fires = missed_fires(schedule, since, until, limit=5)
-    assert time.perf_counter() - begin < 1
+    assert time.thread_time() - begin < 1
     assert [f.strftime("%H:%M") for f in fires] == ["23:56", "23:57", "23:58", "23:59", "00:00"]
     rare = missed_fires(cron("0 9 1 1 *"), since - timedelta(days=3650), until, limit=3)
     assert [f.year for f in rare] == [2023, 2024, 2025]

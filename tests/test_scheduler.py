@@ -115,7 +115,9 @@ class Recorder:
         self.polls.append((rule.id, at))
         self._changed.set()
 
-    async def wait_fires(self, count: int, timeout: float = 4.0) -> None:
+    async def wait_fires(self, count: int, timeout: float = 15.0) -> None:
+        """Until ``count`` fires came; a deadline, generous for a busy machine, not a measure."""
+
         async def wait() -> None:
             while len(self.fires) < count:
                 self._changed.clear()
@@ -354,7 +356,7 @@ def test_every_second_fires_with_utc_keys_and_survives_a_raising_callback(
         await sched.start()
         try:
             sched.apply({"tick": make_rule("tick", {"every": "1s"})})
-            await rec.wait_fires(3, timeout=4.5)  # later fires came although the first raised
+            await rec.wait_fires(3)  # later fires came although the first raised
         finally:
             await sched.shutdown()
         times = [at for _, at, _ in rec.fires]
@@ -366,7 +368,8 @@ def test_every_second_fires_with_utc_keys_and_survives_a_raising_callback(
         assert at2 - at1 == timedelta(seconds=1)
         keys = {at: key for _, at, key in rec.fires}
         assert KEY.match(keys[at1]) and keys[at1] == fire_key(at1) and keys[at2] == fire_key(at2)
-        assert abs((datetime.now(UTC) - at2).total_seconds()) < 3
+        # The fire times are now's, in UTC: an error of an hour's offset would show.
+        assert timedelta(0) <= datetime.now(UTC) - at2 < timedelta(minutes=1)
 
     with caplog.at_level(logging.WARNING, logger="pushrules.scheduler"):
         run(scenario())
@@ -385,7 +388,7 @@ def test_shifted_clock_fires_the_skipped_dst_time_at_the_end_of_the_gap() -> Non
         try:
             sched.apply({"nightly": make_rule("nightly", {"cron": "30 2 * * *"})})
             assert sched.next_fires()["nightly"] == datetime(2026, 3, 29, 3, 0, tzinfo=PARIS)
-            await rec.wait_fires(1, timeout=5)
+            await rec.wait_fires(1)
             after = sched.next_fires()["nightly"]
         finally:
             await sched.shutdown()
@@ -413,7 +416,7 @@ def test_shutdown_lets_a_running_fire_finish_and_records_marks(tmp_path: Path) -
         await sched.start()
         sched.apply({"tick": make_rule("tick", {"every": "1s"})})
         assert await sched.catch_up({}) == []
-        await rec.wait_fires(1, timeout=2.5)
+        await rec.wait_fires(1)
         await sched.shutdown()
         assert finished == [1]  # the running fire was not cancelled
         calls = len(rec.fires)
@@ -446,13 +449,14 @@ def test_marks_never_pass_a_fire_that_is_not_handled_yet(marks: Marks) -> None:
                 }
             )
             await sched.catch_up({})
-            await rec.wait_fires(1, timeout=2.5)
+            await rec.wait_fires(1)
             due = rec.fires[0][1]
             await asyncio.sleep(0.3)  # periodic marks while the fire is held
             held_mark = marks.get_mark(MARK_SCOPE, "tick")
             assert held_mark is not None and held_mark < due
             yearly = marks.get_mark(MARK_SCOPE, "yearly")
-            assert yearly is not None and datetime.now(UTC) - yearly < timedelta(seconds=1)
+            # A rule with nothing due is marked up to now (within a loaded machine's stall).
+            assert yearly is not None and datetime.now(UTC) - yearly < timedelta(seconds=10)
             release.set()
             await asyncio.sleep(0.05)
             done_mark = marks.get_mark(MARK_SCOPE, "tick")
@@ -600,7 +604,7 @@ def test_catch_up_stops_where_the_running_job_took_over(marks: Marks) -> None:
         await sched.start()
         try:
             sched.apply({"tick": make_rule("tick", {"every": "1s"})})
-            await rec.wait_fires(1, timeout=2.5)
+            await rec.wait_fires(1)
             result = await sched.catch_up({"tick": make_rule("tick", {"every": "1s"})})
             covered = sched._entries["tick"].trigger.covered_from
         finally:

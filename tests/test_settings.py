@@ -11,8 +11,8 @@ import pytest
 
 from engine.accengage.sandbox import RunningSandbox
 from engine.cli.main import main
-from engine.rules.project import DispatchConfig, load_project
-from engine.rules.schemas import DISPATCH
+from engine.rules.project import DaemonConfig, DispatchConfig, load_project
+from engine.rules.schemas import DAEMON, DISPATCH
 from engine.send.policy import DispatchSettings
 from engine.send.runtime import dispatch_settings
 from tests.helpers import REPO, make_project
@@ -52,6 +52,7 @@ def test_where_a_setting_is_written_does_not_change_what_the_settings_mean(
 def test_the_typed_dispatch_settings_are_the_schema_s() -> None:
     """One list of dispatch settings: the schema's table and the typed object agree."""
     assert {f.name for f in dataclasses.fields(DispatchConfig)} == set(DISPATCH)
+    assert {f.name for f in dataclasses.fields(DaemonConfig)} == set(DAEMON)
 
 
 @pytest.mark.parametrize(("variable", "setting"), [("ACCENGAGE_PASSWORD", "password:")])
@@ -102,6 +103,63 @@ def test_each_dispatch_setting_of_the_file_is_a_setting_of_the_dispatcher() -> N
     without a dispatcher setting of that name fails here, not in production."""
     known = {f.name for f in dataclasses.fields(DispatchSettings)}
     assert set(DISPATCH) <= known, set(DISPATCH) - known
+
+
+def test_timing_settings_take_milliseconds_and_default_to_the_daemon_s_own(
+    tmp_path: Path,
+) -> None:
+    """``daemon:`` and ``dispatch.poll_every`` are durations that may be written in ms; left
+    out, each is the value the daemon always had."""
+    root = make_project(tmp_path / "p")
+    config = root / "pushrules.yaml"
+    default, problems = load_project(root)
+    assert default is not None, problems
+    assert default.daemon == DaemonConfig()
+    assert default.daemon.leadership_every == timedelta(seconds=10)
+    assert default.daemon.watch_every == timedelta(milliseconds=500)
+    assert dispatch_settings(default).poll_every == 0.5
+
+    config.write_text(
+        config.read_text()
+        + "dispatch:\n  poll_every: 50ms\n"
+        + "daemon:\n  watch_every: 100ms\n  watch_quiet: 1s500ms\n  watch_max_delay: 2s\n"
+        + "  leadership_every: 1s\n  lock_wait: 500ms\n  fire_retry: 200ms\n"
+    )
+    loaded, problems = load_project(root)
+    assert loaded is not None, problems
+    assert loaded.daemon == DaemonConfig(
+        watch_every=timedelta(milliseconds=100),
+        watch_quiet=timedelta(milliseconds=1500),
+        watch_max_delay=timedelta(seconds=2),
+        leadership_every=timedelta(seconds=1),
+        lock_wait=timedelta(milliseconds=500),
+        fire_retry=timedelta(milliseconds=200),
+    )
+    assert dispatch_settings(loaded).poll_every == 0.05
+    assert loaded.where("daemon.fire_retry") == f"pushrules.yaml:{line_of(config, 'fire_retry:')}"
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("daemon:\n  watch_every", "5ms", "5ms is out of range; write a duration from 10ms to 1m"),
+        ("daemon:\n  leadership_every", "1h", "from 100ms to 10m"),
+        ("daemon:\n  fire_retry", "0.5s", "whole numbers"),
+        ("dispatch:\n  poll_every", "2m", "from 10ms to 1m"),
+        ("dispatch:\n  timeout", "500ms", "unknown unit 'ms'"),  # whole seconds there
+    ],
+)
+def test_a_timing_setting_out_of_its_bounds_is_a_problem_on_its_line(
+    setting: str, value: str, message: str, tmp_path: Path
+) -> None:
+    root = make_project(tmp_path / "p")
+    config = root / "pushrules.yaml"
+    config.write_text(config.read_text() + f"{setting}: {value}\n")
+    loaded, problems = load_project(root)
+    assert loaded is None
+    [problem] = problems
+    assert message in problem.message, problem
+    assert problem.line == len(config.read_text().splitlines())
 
 
 def test_intake_max_body_is_a_whole_number_of_bytes_within_bounds(tmp_path: Path) -> None:

@@ -491,6 +491,25 @@ def test_one_leader_at_a_time_on_postgres(tmp_path: Path) -> None:
             second.close()
 
 
+def test_two_schemas_of_one_database_have_a_leader_each(tmp_path: Path) -> None:
+    """Advisory locks belong to the whole database: two deployments whose outboxes live in two
+    schemas of one database (or two test runs at once) must not take each other's leadership."""
+    here, there = (tmp_path / "a", tmp_path / "b")
+    for a_url in store_url_context("postgres", here):
+        for b_url in store_url_context("postgres", there):
+            a, b = Store(a_url), Store(b_url)
+            try:
+                first, second = a.leadership(), b.leadership()
+                assert first.try_acquire()
+                assert second.try_acquire()  # another schema: its own leader
+                assert not a.leadership().try_acquire()  # the same schema: one at a time
+                first.release()
+                second.release()
+            finally:
+                a.close()
+                b.close()
+
+
 def test_every_sqlite_instance_leads(tmp_path: Path) -> None:
     with Store(f"sqlite:///{tmp_path / 's.db'}") as store:
         assert store.leadership().try_acquire()

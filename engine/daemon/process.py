@@ -48,7 +48,7 @@ from engine.render.compiler import FireContext, Steps
 from engine.rules.checks import compile_templates
 from engine.rules.loader import Loader, RuleSet
 from engine.rules.problems import format_text
-from engine.rules.project import Project
+from engine.rules.project import DaemonConfig, Project
 from engine.rules.rule import Rule
 from engine.rules.schedule import parse_timezone
 from engine.rules.secrets import MissingSecret, SecretRef
@@ -59,11 +59,6 @@ log = logging.getLogger("pushrules.daemon")
 
 T = TypeVar("T")
 
-#: How often a follower asks whether it may lead, and the leader checks it still does.
-LEADERSHIP_EVERY = 10.0
-#: Seconds a fire write waits for SQLite's write lock before it fails: an event is then
-#: answered 503 "retry" quickly, and a scheduled fire is tried again (engine/daemon/scheduler.py).
-FIRE_WRITE_WAIT = 2.0
 #: A big fire's steps pause this long every so often, so worker threads run (see in_steps);
 #: and the longest they wait for a /healthz check in progress.
 STEPS_PAUSE, STEPS_PAUSE_EVERY = 0.001, 0.01
@@ -103,6 +98,7 @@ class Daemon:
             self._write_fires, split=lambda exc: not isinstance(exc, OperationalError)
         )
         self._leading = False
+        self._timing = DaemonConfig()
         self._reloads: set[asyncio.Task[None]] = set()
         self._sandbox: Any = None
         self._watcher: Watcher | None = None
@@ -272,9 +268,11 @@ class Daemon:
         return result
 
     def _record(self, decided: list[Decided], now: datetime) -> list[FireOutcome]:
-        """In a worker thread, waiting at most FIRE_WRITE_WAIT for the store's write lock."""
+        """In a worker thread, waiting at most ``daemon.lock_wait`` for the store's write lock:
+        an event is then answered 503 "retry" quickly, and a scheduled fire is tried again
+        (engine/daemon/scheduler.py)."""
         assert self.store is not None
-        with busy_timeout(FIRE_WRITE_WAIT):
+        with busy_timeout(self._timing.lock_wait.total_seconds()):
             return record(self.store, decided, now=now)
 
     async def _on_schedule(self, rule: Rule, scheduled_at: datetime, key: str) -> None:
@@ -315,8 +313,12 @@ class Daemon:
         assert project is not None
         if self._sandbox is not None:
             project = sandboxed(project, self._sandbox.url)  # its own outbox, never the real one
-        if self._project is not None and project.store != self._project.store:
-            log.warning("store changed in pushrules.yaml: restart the daemon to use it")
+        if self._project is not None:
+            for setting in ("store", "dispatch", "daemon"):
+                if getattr(project, setting) != getattr(self._project, setting):
+                    log.warning(
+                        "%s changed in pushrules.yaml: restart the daemon to use it", setting
+                    )
         self._ruleset = replace(ruleset, project=project)
         self._project = project
         self._compile_new(ruleset)
@@ -413,12 +415,15 @@ class Daemon:
             clock=self.clock.now,
             metrics=self.metrics.dispatch,
         )
+        # daemon: is read at start, like the store and the dispatch settings.
+        timing = self._timing = project.daemon
         self.scheduler = Scheduler(
             self.clock,
             self.store,
             self._on_schedule,
             self._on_poll,
             on_retry=self.metrics.fire_write_retried,
+            retry_base=timing.fire_retry.total_seconds(),  # the schema caps it at RETRY_MAX
         )
         self.poller = Poller(self.store, self._on_item, self.clock)
         self.leadership = self.store.leadership()
@@ -428,12 +433,20 @@ class Daemon:
             loop.add_signal_handler(sig, self._request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
 
-        watcher = self._watcher = Watcher(self.options.root, self._files_changed)
+        watcher = self._watcher = Watcher(
+            self.options.root,
+            self._files_changed,
+            poll_every=timing.watch_every.total_seconds(),
+            debounce=timing.watch_quiet.total_seconds(),
+            max_delay=timing.watch_max_delay.total_seconds(),
+        )
         watcher.prime()
         server = self._server()
         tasks = [
             asyncio.create_task(self.dispatcher.run(self.stop), name="dispatcher"),
-            asyncio.create_task(self._lead(), name="leadership"),
+            asyncio.create_task(
+                self._lead(timing.leadership_every.total_seconds()), name="leadership"
+            ),
             asyncio.create_task(watcher.run(self.stop), name="watcher"),
             asyncio.create_task(server.serve(sockets=[listening]), name="intake"),
         ]
@@ -479,8 +492,9 @@ class Daemon:
             self._server_ref.force_exit = True
         self.stop.set()
 
-    async def _lead(self) -> None:
-        """Run the schedules while this instance is the leader."""
+    async def _lead(self, every: float) -> None:
+        """Run the schedules while this instance is the leader: every ``every`` seconds a
+        follower asks whether it may lead, and the leader checks that it still does."""
         assert self.store is not None
         while not self.stop.is_set():
             leading = await asyncio.to_thread(self.leadership.try_acquire)
@@ -504,7 +518,7 @@ class Daemon:
                 log.warning("lost the scheduler leadership: another instance runs schedules")
                 await self.scheduler.shutdown()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), LEADERSHIP_EVERY)
+                await asyncio.wait_for(self.stop.wait(), every)
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
         if self._leading:

@@ -188,13 +188,16 @@ class Leadership:
 
     On PostgreSQL a session advisory lock, held on a connection of its own for as long as the
     leader lives: when its process dies the connection closes and another instance takes over
-    at its next try. SQLite serves one host, so every instance is the leader there (a second
-    one on the same file would still send each fire once, thanks to the idempotency keys).
+    at its next try. The lock is named after the store's schema too: advisory locks belong to
+    the whole database, and two outboxes in two schemas of one database are two deployments,
+    each with its own leader. SQLite serves one host, so every instance is the leader there (a
+    second one on the same file would still send each fire once, thanks to the idempotency keys).
     """
 
     def __init__(self, store: Store, name: str) -> None:
         self._store = store
-        self._key = advisory_key(name)
+        self._name = name
+        self._key: int | None = None  # known once connected: it depends on the schema
         self._conn: Connection | None = None
         self.held = store.dialect != "postgresql"
 
@@ -208,6 +211,9 @@ class Leadership:
             log.warning("cannot try for the scheduler leadership now: %s", _first_line(exc))
             return False
         try:
+            if self._key is None:
+                schema = conn.execute(select(func.current_schema())).scalar()
+                self._key = advisory_key(f"{schema}/{self._name}")
             got = bool(conn.execute(select(func.pg_try_advisory_lock(self._key))).scalar())
             conn.commit()
         except SQLAlchemyError as exc:
@@ -236,7 +242,7 @@ class Leadership:
     def release(self) -> None:
         if self._conn is not None:
             try:
-                self._conn.execute(select(func.pg_advisory_unlock(self._key)))
+                self._conn.execute(select(func.pg_advisory_unlock(self._key)))  # set: connected
                 self._conn.commit()
             finally:
                 self._conn.close()

@@ -11,6 +11,7 @@ from typing import Any
 from engine.accengage import api as accengage
 from engine.rules.problems import Problem, Severity, field_path
 from engine.rules.schemas import (
+    DAEMON,
     DISPATCH,
     MAX_BODY_DEFAULT,
     PROJECT_CHECKER,
@@ -45,6 +46,21 @@ class DispatchConfig:
     timeout: timedelta | None = None
     on_unknown_outcome: str | None = None
     transport: str | None = None
+    poll_every: timedelta | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """``daemon:`` of pushrules.yaml: the timing of ``pushrules run``, read at its start. Its
+    fields are the keys of :data:`~engine.rules.schemas.DAEMON`; the defaults are the ones
+    the daemon had before they could be set."""
+
+    watch_every: timedelta = timedelta(milliseconds=500)
+    watch_quiet: timedelta = timedelta(milliseconds=300)
+    watch_max_delay: timedelta = timedelta(seconds=5)
+    leadership_every: timedelta = timedelta(seconds=10)
+    lock_wait: timedelta = timedelta(seconds=2)
+    fire_retry: timedelta = timedelta(seconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +88,7 @@ class Project:
     listen: str = DEFAULT_LISTEN
     intake_token: SecretRef | None = None
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
     intake: IntakeConfig = field(default_factory=IntakeConfig)
     #: The line of each setting in the file (``accengage.password``: 7), so a problem met at
     #: run time points where the operator fixes it. Not part of what the settings mean.
@@ -205,8 +222,9 @@ def parse_project(root: Path, text: str) -> tuple[Project | None, list[Problem]]
         store=str(doc.get("store") or DEFAULT_STORE),
         listen=str(doc.get("listen") or DEFAULT_LISTEN),
         intake_token=token,
-        dispatch=_dispatch(doc.get("dispatch") or {}),
+        dispatch=DispatchConfig(**_settings(DISPATCH, doc.get("dispatch") or {})),
         intake=_intake(doc.get("intake") or {}),
+        daemon=DaemonConfig(**_settings(DAEMON, doc.get("daemon") or {})),
         lines=_lines(doc),
     )
     return project, problems
@@ -259,23 +277,24 @@ def _check_settings(doc: Mapping[str, Any], report: Any) -> None:
         )
 
 
-def _dispatch(section: Mapping[str, Any]) -> DispatchConfig:
-    """The typed ``dispatch:`` of a section the schema passed (bounds included), each value
-    read as the schema's table (:data:`DISPATCH`) types it: a duration, a number or a word."""
+def _settings(table: Mapping[str, Any], section: Mapping[str, Any]) -> dict[str, Any]:
+    """The typed values of a section the schema passed (bounds included), each read as the
+    schema's ``table`` (:data:`DISPATCH`, :data:`DAEMON`) types it: a duration, a number or a
+    word. Keys not written are left out, so the config's defaults apply."""
     from engine.rules.schedule import parse_duration
 
     values: dict[str, Any] = {}
-    for key, spec in DISPATCH.items():
+    for key, spec in table.items():
         if key not in section:
             continue
         bounds: Bounds | None = spec.get("bounds")
         if bounds is not None and bounds.unit:
-            values[key] = parse_duration(str(section[key]))
+            values[key] = parse_duration(str(section[key]), milliseconds=bounds.unit == "ms")
         elif bounds is not None:
             values[key] = int(native(section[key]))
         else:
             values[key] = str(section[key])
-    return DispatchConfig(**values)
+    return values
 
 
 def _intake(section: Mapping[str, Any]) -> IntakeConfig:

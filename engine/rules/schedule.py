@@ -155,7 +155,9 @@ def _suggest_zones(name: str, keys: Iterable[str]) -> list[str]:
 # --------------------------------------------------------------------------- durations
 
 _UNITS = {"d": timedelta(days=1), "h": timedelta(hours=1), "m": MINUTE, "s": SECOND}
-_UNIT_ORDER = "dhms"
+MILLISECOND = timedelta(milliseconds=1)
+_UNITS_MS = {**_UNITS, "ms": MILLISECOND}
+_UNIT_ORDER = ("d", "h", "m", "s", "ms")
 _LONG_UNITS = {
     "sec": "s",
     "secs": "s",
@@ -176,11 +178,15 @@ _DURATION = re.compile(r"(?:\d+\s*[A-Za-z]+\s*)+")
 _DURATION_PART = re.compile(r"(\d+)\s*([A-Za-z]+)")
 
 
-def parse_duration(text: str) -> timedelta:
+def parse_duration(text: str, *, milliseconds: bool = False) -> timedelta:
     """``15m``, ``1h30m``, ``10s``, ``2d``: whole numbers, lowercase units, largest first.
 
     Lowercase only, so ``1M`` (a month?) is refused rather than read as one minute.
+    ``milliseconds`` also takes ``ms`` (``500ms``, ``1s500ms``) down to 1 ms: for the
+    daemon's timing settings, never for rules, whose times are whole seconds.
     """
+    units = _UNITS_MS if milliseconds else _UNITS
+    floor = MILLISECOND if milliseconds else SECOND
     if isinstance(text, bool) or not isinstance(text, (str, int, float)):
         raise TriggerError(f"duration must be text such as 15m or 1h30m, not {text!r}")
     if isinstance(text, (int, float)):
@@ -207,8 +213,8 @@ def parse_duration(text: str) -> timedelta:
     seen: list[str] = []
     for part in _DURATION_PART.finditer(raw):
         number, unit = part.groups()
-        if unit not in _UNITS:
-            if unit.lower() in _UNITS:
+        if unit not in units:
+            if unit.lower() in units:
                 raise TriggerError(
                     f"duration '{raw}': units are lowercase, write {number}{unit.lower()}"
                     + (" (m is minutes; months are not supported)" if unit == "M" else "")
@@ -219,18 +225,19 @@ def parse_duration(text: str) -> timedelta:
                     f"duration '{raw}': write {number}{short} instead of {part.group(0).strip()}"
                 )
             raise TriggerError(
-                f"duration '{raw}': unknown unit '{unit}'; use s (seconds), m (minutes), "
-                "h (hours) or d (days)"
+                f"duration '{raw}': unknown unit '{unit}'; use "
+                + ("ms (milliseconds), " if milliseconds else "")
+                + "s (seconds), m (minutes), h (hours) or d (days)"
             )
         if seen and _UNIT_ORDER.index(unit) <= _UNIT_ORDER.index(seen[-1]):
             raise TriggerError(f"duration '{raw}': write each unit once, largest first, e.g. 1h30m")
         seen.append(unit)
         try:
-            total += int(number) * _UNITS[unit]
+            total += int(number) * units[unit]
         except OverflowError:
             raise TriggerError(f"duration '{raw}' is too long") from None
-    if total < SECOND:
-        raise TriggerError(f"duration '{raw}' must be at least 1s")
+    if total < floor:
+        raise TriggerError(f"duration '{raw}' must be at least {'1ms' if milliseconds else '1s'}")
     return total
 
 
@@ -745,8 +752,8 @@ def format_duration(interval: timedelta) -> str:
     """A duration as a rule writes it: ``1h30m``."""
     seconds = int(interval.total_seconds())
     parts = []
-    for unit in _UNIT_ORDER:
-        size = int(_UNITS[unit].total_seconds())
+    for unit, step in _UNITS.items():  # largest first
+        size = int(step.total_seconds())
         if seconds >= size:
             parts.append(f"{seconds // size}{unit}")
             seconds %= size

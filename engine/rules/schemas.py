@@ -57,6 +57,13 @@ DURATION_PATTERN = (
     r"(?:[0-9]+\s*s\s*)?$"
 )
 DURATION_JSON: dict[str, Any] = {"type": "string", "pattern": DURATION_PATTERN}
+#: The same with milliseconds last (``500ms``, ``1s500ms``), at least 1 ms: the daemon's timing
+#: settings, read with ``parse_duration(..., milliseconds=True)``.
+DURATION_MS_PATTERN = (
+    r"^\s*(?=[^1-9]*[1-9])(?:[0-9]+\s*d\s*)?(?:[0-9]+\s*h\s*)?(?:[0-9]+\s*m\s*)?"
+    r"(?:[0-9]+\s*s\s*)?(?:[0-9]+\s*ms\s*)?$"
+)
+DURATION_MS_JSON: dict[str, Any] = {"type": "string", "pattern": DURATION_MS_PATTERN}
 #: A time of day as quiet hours read it.
 TIME_OF_DAY_PATTERN = r"^0*(?:1?[0-9]|2[0-3]):0*[0-5]?[0-9]$"
 #: One ``{{ ... }}`` expression (``when``, ``for_each``): see templating.is_expression.
@@ -347,6 +354,7 @@ TARGET: dict[str, Any] = {
 }
 
 _DURATION_WORDS = "a whole number and a unit (s, m, h, d), largest first: 90s, 15m, 1h30m, 2d"
+_DURATION_MS_WORDS = "whole numbers and units (ms, s, m, h, d), largest first: 500ms, 2s, 1m"
 
 
 def _duration(title: str, description: str, **rules: Any) -> dict[str, Any]:
@@ -606,11 +614,12 @@ class Bounds:
 
     The schema carries it (``"bounds": Bounds(...)``), so ``validate`` reports a value outside
     it with its line, and the settings built from the file never hold one the daemon refuses.
-    ``unit="s"`` bounds a duration (``30s``, ``2m``) in seconds.
+    ``unit="s"`` bounds a duration (``30s``, ``2m``) in seconds; ``unit="ms"`` one that may
+    also be written in milliseconds (``500ms``), still bounded in seconds.
     """
 
-    low: int
-    high: int
+    low: float
+    high: float
     unit: str = ""
 
     def problem(self, value: float, written: object) -> str | None:
@@ -627,6 +636,8 @@ class Bounds:
         """A bound as it is written in the file (``300`` seconds is ``5m``)."""
         if not self.unit:
             return f"{value:d}" if isinstance(value, int) else f"{value:g}"  # not 6.71089e+07
+        if value < 1:
+            return f"{round(value * 1000)}ms"
         for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
             if value >= size and value % size == 0:
                 return f"{value // size:g}{unit}"
@@ -676,6 +687,84 @@ DISPATCH: dict[str, Any] = {
             "What carries the requests: aiohttp (the default: half the CPU a request) or "
             "httpcore (httpx's own pools). Both tell a request that never left from one that "
             "may have arrived.",
+        ),
+    },
+    "poll_every": {
+        **TEXT,
+        "bounds": Bounds(0.01, 60, "ms"),
+        **doc(
+            "Poll every",
+            "How often an idle dispatcher looks for rows it was not told about (queued by "
+            f"another process, freed by a resume), 10ms to 1m: {_DURATION_MS_WORDS}.",
+            json=DURATION_MS_JSON,
+        ),
+    },
+}
+
+
+def _timing(title: str, description: str, low: str, high: str) -> dict[str, Any]:
+    """A duration of ``daemon:``, bounded, that may be written in milliseconds."""
+    return doc(
+        title, f"{description}, {low} to {high}: {_DURATION_MS_WORDS}.", json=DURATION_MS_JSON
+    )
+
+
+#: ``daemon:`` of pushrules.yaml: the run's own timing, read at start. The defaults suit
+#: production; shorter ones answer sooner for a little more work while idle (tests use them).
+DAEMON: dict[str, Any] = {
+    "watch_every": {
+        **TEXT,
+        "bounds": Bounds(0.01, 60, "ms"),
+        **_timing("Watch every", "How often the watcher looks for changed files", "10ms", "1m"),
+    },
+    "watch_quiet": {
+        **TEXT,
+        "bounds": Bounds(0.01, 60, "ms"),
+        **_timing(
+            "Watch quiet", "How long changed files must stay still before the reload", "10ms", "1m"
+        ),
+    },
+    "watch_max_delay": {
+        **TEXT,
+        "bounds": Bounds(0.01, 600, "ms"),
+        **_timing(
+            "Watch max delay",
+            "The longest a reload waits for files that keep changing",
+            "10ms",
+            "10m",
+        ),
+    },
+    "leadership_every": {
+        **TEXT,
+        "bounds": Bounds(0.1, 600, "ms"),
+        **_timing(
+            "Leadership every",
+            "How often a standby instance asks to lead, and the leader checks it still does: "
+            "the longest the schedules wait after their leader died",
+            "100ms",
+            "10m",
+        ),
+    },
+    "lock_wait": {
+        **TEXT,
+        "bounds": Bounds(0.01, 30, "ms"),
+        **_timing(
+            "Lock wait",
+            "How long a fire's write waits for the store's write lock before it fails (an event "
+            "is answered 503, a scheduled fire written again)",
+            "10ms",
+            "30s",
+        ),
+    },
+    "fire_retry": {
+        **TEXT,
+        "bounds": Bounds(0.01, 30, "ms"),
+        **_timing(
+            "Fire retry",
+            "The first wait before a scheduled fire whose write failed is written again "
+            "(doubling, up to 30s)",
+            "10ms",
+            "30s",
         ),
     },
 }
@@ -806,6 +895,15 @@ PROJECT: dict[str, Any] = {
         "type": "dict",
         "schema": INTAKE,
         **doc("Intake", "How the daemon takes events: the largest body (max_body, in bytes)."),
+    },
+    "daemon": {
+        "type": "dict",
+        "schema": DAEMON,
+        **doc(
+            "Daemon",
+            "The timing of pushrules run, read at its start: the file watcher, the leadership "
+            "check, a fire's write. The defaults suit production.",
+        ),
     },
 }
 
@@ -979,13 +1077,13 @@ def _within_bounds(value: object, constraint: Bounds) -> bool:
 def bounded_value(value: object, bounds: Bounds) -> float | str | None:
     """The number a bounded setting holds (seconds for a duration), a message when a duration
     cannot be read, or None when the type is wrong (the type rule says so)."""
-    if bounds.unit == "s":
+    if bounds.unit in ("s", "ms"):
         if not isinstance(value, str):
             return None
         from engine.rules.schedule import TriggerError, parse_duration
 
         try:
-            return parse_duration(str(value)).total_seconds()
+            return parse_duration(str(value), milliseconds=bounds.unit == "ms").total_seconds()
         except TriggerError as exc:
             return str(exc)
     if not is_yaml_int(value):

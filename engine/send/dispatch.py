@@ -665,7 +665,7 @@ class Dispatcher:
                     if pipe.load <= pipe.low_water and not idle:
                         continue
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(s.idle_sleep if idle else None):
+                    async with asyncio.timeout(s.poll_every if idle else None):
                         await pipe.wake.wait()
         except asyncio.CancelledError:
             cancelled = True
@@ -705,7 +705,7 @@ class Dispatcher:
             due = min(r.next_attempt_at for r in waiting)
             delay = max(0.0, (due - self._clock()).total_seconds())
             if not rows:  # due but not ours to take (paused, or another process has it)
-                delay = max(delay, self.settings.idle_sleep)
+                delay = max(delay, self.settings.poll_every)
             if time.monotonic() + delay > deadline:
                 break
             await asyncio.sleep(delay)

@@ -75,8 +75,9 @@ class DispatchSettings:
     #: How long a claimed row may stay ``sending`` before ``recover`` deems its process dead.
     lease: timedelta = timedelta(minutes=10)
     on_unknown_outcome: UnknownPolicy = "park"
-    #: Sleep when nothing is due.
-    idle_sleep: float = 0.5
+    #: Sleep when nothing is due: how often an idle dispatcher looks for rows it was not told
+    #: about (queued by another process, freed by a resume). ``dispatch.poll_every``.
+    poll_every: float = 0.5
     #: How often ``run`` renews this instance's sign of life and takes back the rows of dead
     #: ones (sent again if they never left, else parked in_doubt): the take-over bound.
     recover_every: float = 2.0

@@ -67,6 +67,9 @@ def dispatch_settings(project: Project) -> DispatchSettings:
         for f in dataclasses.fields(given)
         if getattr(given, f.name) is not None
     }
+    poll_every: timedelta | None = changes.pop("poll_every", None)
+    if poll_every is not None:
+        changes["poll_every"] = poll_every.total_seconds()
     timeout: timedelta | None = changes.pop("timeout", None)
     if timeout is not None:
         seconds = timeout.total_seconds()
