@@ -19,9 +19,12 @@ runs as a process of its own (``python -m engine sandbox``), so the two share no
     python benchmarks/daemon.py [--rules 1000] [--lead 20] [--deadline 60] [--reloads 3]
                                 [--keep DIR]
 
-Targets: p99 lag under 1 s (issue 12; it was 2 s); peak RSS under 200 MB; reload under 0.3 s. A
-missed target is reported, not an error: the exit code is non-zero only when the run itself
-failed.
+Targets, by the number of rules (the nearest at or below ``--rules``): 1,000 rules, p99 lag
+under 1 s (issue 12; it was 2 s), peak RSS under 200 MB, reload under 0.3 s; 5,000 rules
+(issue 12), startup under 5 s, peak RSS under 120 MB, reload under 0.1 s. A missed target is
+reported, not an error: the exit code is non-zero only when the run itself failed. The peak
+RSS is shown twice: through startup (the rules loaded and scheduled) and over the whole run
+(the burst included).
 
 Clocks. The daemon runs on a shifted clock (``PUSHRULES_CLOCK``: ``--lead`` seconds before
 the due minute), the sandbox stamps real time. The daemon's offset is fixed when it parses
@@ -70,7 +73,27 @@ LOGIN_VAR, PASSWORD_VAR = "BENCH_ACCENGAGE_LOGIN", "BENCH_ACCENGAGE_PASSWORD"
 PROBE_EVENT = "bench.clock_probe"
 PROBE_RULE = "zz-clock-probe"
 PROBE_MARK = "clock-probe"
-TARGET_P99_S, TARGET_RSS_MB, TARGET_RELOAD_S = 1.0, 200.0, 0.3
+
+
+@dataclass(frozen=True)
+class Targets:
+    p99_s: float = math.inf
+    rss_mb: float = math.inf
+    reload_s: float = math.inf
+    startup_s: float = math.inf
+
+
+#: By the number of rules: the nearest at or below the run's applies.
+TARGETS = {
+    1000: Targets(p99_s=1.0, rss_mb=200.0, reload_s=0.3),
+    5000: Targets(startup_s=5.0, rss_mb=120.0, reload_s=0.1),
+}
+
+
+def targets_for(rules: int) -> Targets:
+    sizes = [n for n in TARGETS if n <= rules]
+    return TARGETS[max(sizes)] if sizes else TARGETS[min(TARGETS)]
+
 
 IOS_APPS = ["flights-ios", "news-ios"]
 ANDROID_APPS = ["flights-android", "news-android"]
@@ -381,13 +404,17 @@ class MemorySampler:
 # --------------------------------------------------------------------------- measuring
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (0 when it is gone)."""
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU time of a process so far (0 when it is gone); ``children``: with that
+    of the children it has waited for (its load workers)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def machine_busy() -> tuple[int, int]:
@@ -487,6 +514,8 @@ def probe_offset(listen: str, sandbox: Sandbox, probes: int) -> tuple[float, flo
 class Results:
     rules: int
     startup_s: float = math.nan
+    startup_cpu_s: float = math.nan  # the daemon and its load workers, launch -> ready
+    startup_hwm_kib: int = 0  # VmHWM when ready: the rules loaded and scheduled
     leading_s: float = math.nan
     offset_s: float = math.nan
     offset_error_s: float = math.nan
@@ -563,6 +592,7 @@ def run(args: argparse.Namespace, root: Path) -> Results:
             res.problems.append("the daemon never answered /healthz with 200 (see daemon.log)")
             return res
         res.startup_s = ready - launched
+        res.startup_cpu_s = cpu_seconds(daemon.pid, children=True)
         leading = logs.wait_for(r"^leading:", 0, timeout=args.lead + 30)
         if leading is not None:
             res.leading_s = parse_ts(leading[1]["time"]) - launched
@@ -570,6 +600,7 @@ def run(args: argparse.Namespace, root: Path) -> Results:
         if applied is None:
             res.problems.append("the scheduler never logged its schedules (see daemon.log)")
             return res
+        res.startup_hwm_kib = _status_kib(daemon.pid, ("VmHWM",)).get("VmHWM", 0)
 
         try:
             res.offset_s, res.offset_error_s = probe_offset(listen, sandbox, args.probes)
@@ -674,18 +705,31 @@ def run(args: argparse.Namespace, root: Path) -> Results:
 
 
 def report(res: Results, args: argparse.Namespace) -> None:
+    goal = targets_for(res.rules)
+
     def ok(value: float, target: float) -> str:
-        if math.isnan(value):
-            return "n/a"
+        if math.isnan(value) or math.isinf(target):
+            return "n/a" if math.isnan(value) else ""
         return "yes" if value < target else "MISSED"
 
+    def under(target: float, unit: str, scale: float = 1) -> str:
+        return "" if math.isinf(target) else f"< {target * scale:g} {unit}"
+
     rows: list[tuple[str, str, str, str]] = []
-    rows.append(("startup: launch -> /healthz 200", f"{res.startup_s:.2f} s", "", ""))
+    rows.append(
+        (
+            "startup: launch -> /healthz 200",
+            f"{res.startup_s:.2f} s",
+            under(goal.startup_s, "s"),
+            ok(res.startup_s, goal.startup_s),
+        )
+    )
+    rows.append(("  CPU meanwhile, daemon + load workers", f"{res.startup_cpu_s:.2f} s", "", ""))
     rows.append(("startup: launch -> leading (log)", f"{res.leading_s:.2f} s", "", ""))
     if res.lags:
         p50, p99, top = (percentile(res.lags, q) for q in (50, 99, 100))
         rows.append((f"lag p50 ({res.received} pushes)", f"{p50:.3f} s", "", ""))
-        rows.append(("lag p99", f"{p99:.3f} s", f"< {TARGET_P99_S:g} s", ok(p99, TARGET_P99_S)))
+        rows.append(("lag p99", f"{p99:.3f} s", under(goal.p99_s, "s"), ok(p99, goal.p99_s)))
         rows.append(("lag max", f"{top:.3f} s", "", ""))
         rows.append(("  first -> last push received", f"{res.burst_span_s:.3f} s", "", ""))
     if res.burst_cpu:
@@ -707,11 +751,14 @@ def report(res: Results, args: argparse.Namespace) -> None:
     hwm = res.main_hwm_kib / 1024
     rows.append(
         (
-            "peak RSS, daemon (VmHWM)",
+            "peak RSS, daemon (VmHWM), whole run",
             f"{hwm:.0f} MB",
-            f"< {TARGET_RSS_MB:g} MB",
-            ok(hwm, TARGET_RSS_MB),
+            under(goal.rss_mb, "MB"),
+            ok(hwm, goal.rss_mb),
         )
+    )
+    rows.append(
+        ("  through startup (rules loaded)", f"{res.startup_hwm_kib / 1024:.0f} MB", "", "")
     )
     if res.children:
         rows.append(
@@ -738,8 +785,8 @@ def report(res: Results, args: argparse.Namespace) -> None:
             (
                 f"reload, daemon's figure (median of {len(res.reload_ms)})",
                 f"{med * 1000:.0f} ms",
-                f"< {TARGET_RELOAD_S * 1000:.0f} ms",
-                ok(med, TARGET_RELOAD_S),
+                under(goal.reload_s, "ms", 1000),
+                ok(med, goal.reload_s),
             )
         )
         rows.append(("  each (ms)", each, "", ""))
@@ -763,11 +810,13 @@ def report(res: Results, args: argparse.Namespace) -> None:
             f"note: {res.duplicates} duplicate pushes, {res.bad_answers} not answered returnCode 0"
         )
     missed = []
-    if res.lags and percentile(res.lags, 99) >= TARGET_P99_S:
+    if res.startup_s >= goal.startup_s:
+        missed.append("startup")
+    if res.lags and percentile(res.lags, 99) >= goal.p99_s:
         missed.append("p99 lag")
-    if res.main_hwm_kib / 1024 >= TARGET_RSS_MB:
+    if res.main_hwm_kib / 1024 >= goal.rss_mb:
         missed.append("peak RSS")
-    if res.reload_ms and statistics.median(res.reload_ms) / 1000 >= TARGET_RELOAD_S:
+    if res.reload_ms and statistics.median(res.reload_ms) / 1000 >= goal.reload_s:
         missed.append("reload time")
     if res.problems:
         print("targets: not judged, the run failed (below)")

@@ -3,12 +3,18 @@
 Generates N realistic rule files (event, cron, interval and poll triggers; one or two apps;
 message and button templates; several targets, some dynamic; Jinja and macros), then measures:
 
-- cold: `pushrules validate DIR` as a fresh process, wall time and peak memory (the largest
-  resident set among the process and its workers, and their sum);
-- the libyaml floor: `yaml.compose` with the C loader over the same files, in this process;
+- cold: `pushrules validate DIR` as a fresh process, wall time, CPU time (the process and its
+  workers) and peak memory (the largest resident set among the process and its workers, and
+  their sum);
+- the libyaml floor: `yaml.compose` with the C loader over the same files, in this process
+  (wall and CPU, the best of three), and the ratio of the cold run to it, both ways;
+- one file: `pushrules validate DIR/rules/rule-0500.yaml`, what a pre-commit hook runs on a
+  commit touching one rule of the project;
 - re-validate: a loaded project, one file changed, loaded again in the same process.
 
-    python benchmarks/validate.py [--rules 1000] [--runs 3] [--keep DIR]
+On a shared machine, wall times move with the other work; CPU times move less.
+
+    python benchmarks/validate.py [--rules 1000] [--runs 5] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -146,10 +153,25 @@ def _tree_rss_kib(pid: int) -> tuple[int, int]:
     return (max(sizes, default=0), sum(sizes))
 
 
-def cold_run(root: Path) -> tuple[float, int, int, int]:
-    """Wall seconds, exit code, peak RSS of one process (KiB), peak summed RSS (KiB)."""
-    cmd = [sys.executable, "-m", "engine", "validate", str(root), "--format", "json"]
+@dataclass
+class Cold:
+    wall: float  # seconds
+    cpu: float  # seconds of user + system time, the process and its workers
+    code: int
+    peak_one: int  # KiB, the largest process
+    peak_sum: int  # KiB, the process and its workers together
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cold_run(target: Path) -> Cold:
+    """``pushrules validate TARGET`` (a folder or a file) as a fresh process."""
+    cmd = [sys.executable, "-m", "engine", "validate", str(target), "--format", "json"]
     peak_one = peak_sum = 0
+    cpu_before = children_cpu()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done = threading.Event()
@@ -165,19 +187,25 @@ def cold_run(root: Path) -> tuple[float, int, int, int]:
     sampler.start()
     code = proc.wait()
     wall = time.perf_counter() - start
+    cpu = children_cpu() - cpu_before
     done.set()
     sampler.join()
     # The kernel's own peak of the main process, exact where sampling may miss a spike.
     peak_main = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return wall, code, max(peak_one, peak_main), max(peak_sum, peak_main)
+    return Cold(wall, cpu, code, max(peak_one, peak_main), max(peak_sum, peak_main))
 
 
-def libyaml_floor(paths: list[Path]) -> float:
+def libyaml_floor(paths: list[Path]) -> tuple[float, float]:
+    """Wall and CPU seconds of composing every file with libyaml, the best of three."""
     texts = [p.read_text() for p in paths]
-    start = time.perf_counter()
-    for text in texts:
-        yaml.compose(text, Loader=yaml.CSafeLoader)
-    return time.perf_counter() - start
+    walls, cpus = [], []
+    for _ in range(3):
+        start, cpu = time.perf_counter(), time.process_time()
+        for text in texts:
+            yaml.compose(text, Loader=yaml.CSafeLoader)
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    return min(walls), min(cpus)
 
 
 def revalidate(root: Path, paths: list[Path]) -> tuple[float, float]:
@@ -198,7 +226,7 @@ def revalidate(root: Path, paths: list[Path]) -> tuple[float, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rules", type=int, default=1000, help="rule files to generate")
-    parser.add_argument("--runs", type=int, default=3, help="cold runs (the median is reported)")
+    parser.add_argument("--runs", type=int, default=5, help="cold runs (the median is reported)")
     parser.add_argument("--keep", type=Path, help="generate into this folder and keep it")
     args = parser.parse_args()
 
@@ -210,25 +238,50 @@ def main() -> int:
         root = Path(tmp.name)
     try:
         paths = generate(root, args.rules)
-        cold = [cold_run(root) for _ in range(args.runs)]
-        if any(code != 0 for _, code, _, _ in cold):
+        # Taken in turn, so each whole run and its floor see the same machine.
+        cold, floors, ones = [], [], []
+        for _ in range(args.runs):
+            cold.append(cold_run(root))
+            floors.append(libyaml_floor(paths))
+            ones.append(cold_run(paths[len(paths) // 2]))
+        if any(run.code != 0 for run in cold + ones):
             print(
                 "validate failed on the generated rules; run with --keep to look", file=sys.stderr
             )
             return 1
-        wall = statistics.median(w for w, _, _, _ in cold)
-        peak_one = max(p for _, _, p, _ in cold) / 1024
-        peak_sum = max(p for _, _, _, p in cold) / 1024
-        floor = min(libyaml_floor(paths) for _ in range(3))
         full, again = revalidate(root, paths)
     finally:
         if tmp:
             tmp.cleanup()
 
-    print(f"pushrules validate, {args.rules} rule files, {os.cpu_count()} cores")
-    print(f"  cold, one process (median of {args.runs}): {wall:.2f} s wall")
+    wall = statistics.median(r.wall for r in cold)
+    cpu = statistics.median(r.cpu for r in cold)
+    floor_wall = statistics.median(f[0] for f in floors)
+    floor_cpu = statistics.median(f[1] for f in floors)
+    ratios = sorted(r.wall / f[0] for r, f in zip(cold, floors, strict=True))
+    peak_one = max(r.peak_one for r in cold) / 1024
+    peak_sum = max(r.peak_sum for r in cold) / 1024
+    print(
+        f"pushrules validate, {args.rules} rule files, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
+    print(f"  cold, one process (median of {args.runs}): {wall:.2f} s wall, {cpu:.2f} s CPU")
+    print(f"    each: {', '.join(f'{r.wall:.2f}/{r.cpu:.2f}' for r in cold)} s wall/CPU")
     print(f"  peak memory: {peak_one:.0f} MB largest process, {peak_sum:.0f} MB with workers")
-    print(f"  libyaml compose floor (same files):  {floor:.2f} s  -> ratio {wall / floor:.1f}x")
+    print(
+        f"  libyaml compose floor (same files, median): {floor_wall:.3f} s wall, "
+        f"{floor_cpu:.3f} s CPU"
+    )
+    print(
+        f"  ratio to the floor: {wall / floor_wall:.1f}x wall (each run to its own floor: "
+        f"{', '.join(f'{r:.1f}' for r in ratios)}), {cpu / floor_cpu:.1f}x CPU"
+    )
+    one_wall = statistics.median(r.wall for r in ones)
+    one_cpu = statistics.median(r.cpu for r in ones)
+    print(
+        f"  one file of the project ({paths[len(paths) // 2].name}), median: "
+        f"{one_wall:.2f} s wall, {one_cpu:.2f} s CPU"
+    )
     print(
         f"  in-process load: {full:.2f} s; re-validate after one file changed: "
         f"{again * 1000:.0f} ms"

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
 
+import jinja2
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from engine.rules import templating
 from engine.rules.templating import RenderError, render, syntax_problem
@@ -72,6 +75,38 @@ def test_sandbox_blocks_unsafe_attributes() -> None:
 def test_syntax_problems_say_what_to_do(text: str, words: str) -> None:
     problem = syntax_problem(text)
     assert problem is not None and words in problem
+
+
+def whole_text_problem(text: str, names: frozenset[str]) -> str | None:
+    """What syntax_problem says, from the whole text's parse alone (no shortcut)."""
+    allowed = templating.CONTEXT_NAMES | names
+    try:
+        ast = templating.ENV.parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        return f"Jinja syntax: {exc.message} (line {exc.lineno} of the text)"
+    return templating._unknown_names(templating._loaded_names(ast), allowed)
+
+
+PIECES = [
+    "{{", "}}", "{{-", "-}}", "{{+", " event.x ", " p.name ", " user ", "'}}'", '"{{"', " - ",
+    " + 1 ", " | default('x') ", " or ", " is defined ", "(", ")", "Hi ", "\n", "$", "{", "}",
+    " now.strftime('%d') ", " 1 > ", "[", "]", "p", ":", "'", " true ", " none ", " not ", "in",
+    ".if", ".x", " | upper", "|", " default", "('50% off')", '("a")', "(12)", "(-1)", "()",
+    " | d(", " is ", "\\", "#",
+]  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:invalid escape sequence:DeprecationWarning")
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=10).map("".join), st.booleans())
+def test_each_expression_alone_says_what_the_whole_text_says(text: str, as_p: bool) -> None:
+    """Expressions are parsed one by one and cached, the plainest ones not even parsed; the
+    verdict, and the names reported, are those of parsing the whole text (texts with {% or {#
+    always are)."""
+    assume("{%" not in text and "{#" not in text)  # those take the parser's own path
+    names = frozenset({"p"}) if as_p else frozenset()
+    templating._syntax_problem.cache_clear()
+    assert syntax_problem(text, names) == whole_text_problem(text, names)
 
 
 def test_literal_markers_are_fine_when_escaped() -> None:

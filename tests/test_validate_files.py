@@ -42,6 +42,36 @@ def test_files_are_checked_in_their_project_and_alone(
     )
 
 
+def test_one_file_is_the_only_rule_or_test_file_read(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pre-commit hook validating the file a commit touched reads no other rule or test
+    file of the project (a large project would make every commit wait for all of them)."""
+    from engine.rules import cases, loader, yaml_source
+
+    tests = project / "rule-tests"
+    tests.mkdir()
+    for name in ("bad", "warned"):
+        (tests / f"{name}.yaml").write_text(
+            f"rule: {name}\ncases:\n  - name: one\n    event: {{}}\n    expect: {{requests: 1}}\n"
+        )
+    read: list[str] = []
+    real = yaml_source.read_source
+
+    def counting(path: Path, root: Path, top: Path) -> str:
+        read.append(path.relative_to(root).as_posix())
+        return real(path, root, top)
+
+    for module in (loader, cases):
+        monkeypatch.setattr(module, "read_source", counting)
+    assert main(["validate", "notifications/rules/warned.yaml"]) == 0
+    assert read == ["rules/warned.yaml"]
+    read.clear()
+    assert main(["validate", "notifications/rule-tests/warned.yaml"]) == 0
+    assert read == ["rule-tests/warned.yaml"]
+    capsys.readouterr()
+
+
 def test_strict_makes_warnings_fail(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", "notifications/rules/warned.yaml", "--strict"]) == 1
     assert "warned.yaml:3:21: error [5]" in capsys.readouterr().out

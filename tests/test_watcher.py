@@ -242,6 +242,37 @@ def test_the_rescan_catches_what_the_poll_missed(project: Path) -> None:
     assert calls[0] > 0.5
 
 
+def test_a_call_after_a_change_only_the_rescan_saw_asks_to_read_every_file(
+    project: Path,
+) -> None:
+    """The loader skips files whose ``stat`` is unchanged, so after an edit only the content
+    re-scan saw, ``rehash`` tells it to read them all; after an edit the poll saw, not."""
+    path = project / "rules/hello.yaml"
+
+    async def go() -> list[bool]:
+        flags: list[bool] = []
+
+        async def changed() -> None:
+            flags.append(watcher.rehash)
+
+        watcher = Watcher(project, changed, poll_every=0.05, rescan_every=0.8, debounce=0.1)
+        watcher.prime()
+        stop = asyncio.Event()
+        task = asyncio.create_task(watcher.run(stop))
+        for change, calls in ((invisible_edit(path), 1), (edit(path, "second"), 2)):
+            await asyncio.to_thread(change)
+            deadline = time.monotonic() + 2
+            while len(flags) < calls and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        stop.set()
+        await asyncio.wait_for(task, 2)
+        return flags
+
+    # The second edit comes right after the first call, the re-scan before it: the poll
+    # sees it well before the next re-scan.
+    assert asyncio.run(go()) == [True, False]
+
+
 def test_with_polling_off_the_rescan_alone_finds_changes(project: Path) -> None:
     calls = watch(
         project,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -295,7 +296,12 @@ class Daemon:
     # --- lifecycle --------------------------------------------------------------------------
 
     def _load_first(self) -> None:
-        """The first load; forks workers for a large project, before any thread exists."""
+        """The first load; forks workers for a large project, before any thread exists.
+
+        What is alive once it is accepted (the modules, the rules, their compiled templates)
+        lives as long as the process: it is frozen out of the garbage collector, whose full
+        collections would otherwise walk all of it again and again, the event loop waiting.
+        """
         ruleset = self.loader.load()
         self.loader.workers = 1  # later reloads run in a thread: no forking there
         if ruleset.project is None:
@@ -303,6 +309,8 @@ class Daemon:
                 "pushrules.yaml has errors, so nothing can run:\n" + format_text(ruleset.problems)
             )
         self._accept(ruleset)
+        gc.collect()  # garbage frozen with the rest would never be freed
+        gc.freeze()
 
     def _accept(self, ruleset: RuleSet) -> None:
         project = ruleset.project
@@ -341,16 +349,17 @@ class Daemon:
                     log.debug("rule %s: template not precompiled: %s", rule.id, exc)
                 self._compiled.add(rule.digest)
 
-    async def reload(self, *, settled: bool = True) -> None:
+    async def reload(self, *, settled: bool = True, rehash: bool = False) -> None:
         """Re-check what changed, swap the rule set whole, reschedule only changed rules.
 
         ``settled=False`` (files still changing) keeps rules whose file is missing for now.
+        ``rehash``: read every rule file again, not only those whose ``stat`` changed.
         A reload that loads nothing keeps the running rules and shows in /healthz.
         """
         async with self._reload_lock:
             started = time.perf_counter()
             try:
-                ruleset = await asyncio.to_thread(self.loader.load, settled=settled)
+                ruleset = await asyncio.to_thread(self.loader.load, settled=settled, rehash=rehash)
             except Exception as exc:
                 log.exception("reload failed; the daemon keeps running its current rules")
                 self._reload_failed(f"{type(exc).__name__}: {exc}"[:300])
@@ -382,8 +391,13 @@ class Daemon:
         }
 
     async def _files_changed(self) -> None:
-        """The watcher's call: a load made while files kept changing keeps vanished rules."""
-        await self.reload(settled=self._watcher.settled if self._watcher else True)
+        """The watcher's call: a load made while files kept changing keeps vanished rules; a
+        change only its content re-scan saw is looked for in every file."""
+        watcher = self._watcher
+        await self.reload(
+            settled=watcher.settled if watcher else True,
+            rehash=watcher.rehash if watcher else True,
+        )
 
     async def run(self) -> int:
         if self.options.sandbox:
@@ -477,7 +491,8 @@ class Daemon:
         try:
             # Not settled: a SIGHUP sent in the middle of a deploy must not drop a rule whose
             # file is being re-created; the watcher's settled reload drops what is truly gone.
-            await self.reload(settled=False)
+            # Every file is read again: an operator asking for a reload means all of them.
+            await self.reload(settled=False, rehash=True)
         except Exception:
             log.exception("reload on SIGHUP failed; the running rules stay")
 

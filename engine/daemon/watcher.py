@@ -7,7 +7,9 @@ Two checks, both comparing snapshots of the watched tree rather than trusting OS
   FUSE, a bind mount from another host's file system).
 * every ``rescan_every`` (30 s) a deep fingerprint that also hashes every file's content: the
   safety net for an edit the cheap one cannot see (same size and mtime: a copy that keeps
-  timestamps, a file system with coarse mtimes).
+  timestamps, a file system with coarse mtimes). A call that follows a change this re-scan
+  found sets ``rehash``: the loader, which skips files whose ``stat`` is unchanged, must read
+  every file again then.
 
 Any name counts, not only ``*.yaml``: a Kubernetes ConfigMap update only re-points the
 ``..data`` symlink, which the fingerprint sees as a changed link target and new folder names.
@@ -191,6 +193,9 @@ class Watcher:
         #: still for ``debounce``) or was forced by ``max_delay`` while files kept changing:
         #: a file missing in a forced call may only be between a delete and a re-create.
         self.settled = True
+        #: Whether the change behind the current ``on_change`` call was found by the periodic
+        #: re-scan: then it may not show in any file's ``stat``, and every file is read again.
+        self.rehash = False
         self._baseline: tuple[Fingerprint, str] | None = None
 
     def prime(self) -> None:
@@ -208,6 +213,7 @@ class Watcher:
         start = time.monotonic()
         next_poll = start + self.poll_every if self.poll_every is not None else math.inf
         next_rescan = start + self.rescan_every
+        rescan_found = False  # in the current burst
         while True:
             if await _stopped(stop, min(next_poll, next_rescan, burst.confirm_at())):
                 return
@@ -216,6 +222,7 @@ class Watcher:
                 next_rescan = now + self.rescan_every
                 fresh, fresh_deep = await asyncio.to_thread(deep_fingerprint, self.root)
                 changed = fresh != cheap or fresh_deep != deep
+                rescan_found = rescan_found or changed
                 if changed and fresh == cheap:
                     log.info("the periodic re-scan found a content change the poll could not see")
             elif now >= min(next_poll, burst.confirm_at()):
@@ -229,6 +236,7 @@ class Watcher:
             if burst.observe(now, changed):
                 burst.reset()
                 self.settled = not changed  # False: forced by max_delay, mid-burst
+                self.rehash, rescan_found = rescan_found, False
                 cheap, deep = await asyncio.to_thread(deep_fingerprint, self.root)
                 await self._call()
                 if not self.settled:

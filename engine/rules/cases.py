@@ -444,12 +444,15 @@ def case_files(root: Path) -> list[Path]:
 ReadCaseFile = tuple[CaseFile | None, list[Problem]]
 
 
-def read_case_files(root: Path) -> list[ReadCaseFile]:
-    """Every test file of the project, each checked on its own and failing alone. Read before
-    the rules are checked, so the loader knows which rules the tests name."""
+def read_case_files(root: Path, only: Collection[str] | None = None) -> list[ReadCaseFile]:
+    """Every test file of the project (``only``: of these, paths from the root), each checked
+    on its own and failing alone. Read before the rules are checked, so the loader knows which
+    rules the tests name."""
     read: list[ReadCaseFile] = []
     for path in case_files(root):
         rel = path.relative_to(root).as_posix()
+        if only is not None and rel not in only:
+            continue
         try:
             text = read_source(path, root, root / TESTS_DIR)
         except Unreadable as exc:

@@ -23,8 +23,18 @@ from engine.rules.problems import Problem, closest, did_you_mean, field_path
 from engine.rules.project import Project
 from engine.rules.rule import DEFAULT_CATCH_UP, TRIGGER_KINDS, AppPlan, Limit, QuietHours, Rule
 from engine.rules.schemas import RULE_CHECKER, TARGET_CHECKER
-from engine.rules.yaml_source import MarkedList, MarkedMap, load, native, position
+from engine.rules.yaml_source import (
+    MarkedList,
+    MarkedMap,
+    compact,
+    load,
+    native,
+    position,
+    share,
+)
 
+#: One empty set for every app without a message of its own (thousands of rules keep one).
+_NO_OVERRIDES: frozenset[str] = frozenset()
 #: Stands for the apps a per-app problem concerns, until problems shared by apps are merged.
 _APPS = "\x00apps\x00"
 
@@ -137,6 +147,28 @@ def parse_rule(
     rule = _build(rule_id, rel, checked, project, fragments, out, digest or _text_digest(text))
     problems = list(dict.fromkeys(out.problems))  # a problem found twice is reported once
     return (None if out.failed else rule), problems
+
+
+def compact_rule(rule: Rule, shared: Mapping[int, tuple[Any, Any]]) -> Rule:
+    """The rule as a loaded rule set keeps it: its data without the marks of the YAML (see
+    :func:`~engine.rules.yaml_source.compact`); ``shared``: :func:`shared_values`."""
+    return dataclasses.replace(
+        rule,
+        trigger=compact(rule.trigger, shared),
+        apps=tuple(dataclasses.replace(p, message=compact(p.message, shared)) for p in rule.apps),
+        targets=tuple(compact(t, shared) for t in rule.targets),
+        vars=compact(rule.vars, shared),
+    )
+
+
+def shared_values(fragments: Fragments) -> dict[int, tuple[Any, Any]]:
+    """The compact form of the templates' mappings and lists, which the rules using them
+    share (a merged message holds the template's own values): one copy for them all."""
+    shared: dict[int, tuple[Any, Any]] = {}
+    for library in (fragments.messages, fragments.buttons):
+        for template in library.values():
+            share(template, shared)
+    return shared
 
 
 def _shape_code(path: tuple[Any, ...], kind: str) -> int | None:
@@ -467,7 +499,7 @@ def _check_apps(
                 path, 10, "give parentMessageId or parentMessageExternalId, not both", "warning"
             )
         message = base_message
-        overrides: frozenset[str] = frozenset()
+        overrides = _NO_OVERRIDES
         if settings.get("message"):
             override = _resolve_message(settings["message"], (*path, "message"), fragments, out)
             message = deep_merge(base_message, override)
@@ -884,15 +916,37 @@ def _walk_strings(value: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any
             yield from _walk_strings(item, (*path, index))
 
 
+def _braced_strings(value: Any, path: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], str]]:
+    """The texts in ``value`` holding a ``{`` (a template may only be one of them), with their
+    paths; a path is made only for those (most values of a rule are plain)."""
+    found: list[tuple[tuple[Any, ...], str]] = []
+
+    def walk(node: Any, where: tuple[Any, ...]) -> None:
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, item in items:
+            if isinstance(item, str):
+                if "{" in item:
+                    found.append(((*where, key), item))
+            elif isinstance(item, dict | list):
+                walk(item, (*where, key))
+
+    if isinstance(value, str):
+        if "{" in value:
+            found.append((path, value))
+    elif isinstance(value, dict | list):
+        walk(value, path)
+    return found
+
+
 def _check_templates(doc: MarkedMap, out: _Collector) -> None:
     for section in ("message", "apps", "description"):
-        for path, text in _walk_strings(doc.get(section), (section,)):
+        for path, text in _braced_strings(doc.get(section), (section,)):
             _check_text(text, path, out)
     for index, target in enumerate(doc.get("targets") or []):
         names: frozenset[str] = frozenset()
         if isinstance(target, dict) and "for_each" in target:
             names = frozenset({str(target.get("as") or "item")})
-        for path, text in _walk_strings(target, ("targets", index)):
+        for path, text in _braced_strings(target, ("targets", index)):
             if path[-1] not in ("for_each", "as"):
                 _check_text(text, path, out, names)
 
@@ -913,4 +967,10 @@ def compile_templates(rule: Rule) -> None:
         templating.compile_expression(str(rule.when))
 
 
-__all__ = ["compile_templates", "deep_merge", "parse_rule"]
+__all__ = [
+    "compact_rule",
+    "compile_templates",
+    "deep_merge",
+    "parse_rule",
+    "shared_values",
+]

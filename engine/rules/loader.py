@@ -3,31 +3,56 @@
 A broken file never hides the problems of, nor stops the loading of, the others. When a file
 that was good breaks, its last good version stays in the rule set (the daemon keeps running
 it) and its problems are reported. Many files are checked on all cores.
+
+A reload reads only the rule files whose device, inode, size, mtime or ctime changed since
+they were read (one ``stat`` each), and re-checks only those whose text changed. An edit the
+``stat`` cannot see (the same size within the file system's timestamp granularity) is caught
+two ways: a file modified less than :data:`RACY_SECONDS` before it was read is read again by
+the next load, whatever its ``stat`` says (git's "racily clean" rule), and ``rehash=True`` reads
+every file again (the daemon does it on SIGHUP and when its watcher's periodic re-scan, which
+hashes every file, finds a change). The ``stat`` kept is the one taken before reading, so a
+file that changes while it is read is read again by the next load; if what was read is a cut
+file, its errors keep the rule's last good version meanwhile.
+
+A loaded rule keeps what firing it needs, not the marked YAML it was checked from
+(:func:`~engine.rules.checks.compact_rule`): its file's problems are kept as found, and found
+again when the file changes. The garbage collector is paused while a load runs: it would
+otherwise walk the growing heap of parsed files again and again.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
-import multiprocessing
 import os
 import re
-from collections.abc import Collection, Mapping
-from concurrent.futures import ProcessPoolExecutor
+import time
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from engine.rules.cases import CaseFile, ReadCaseFile, check_case_files, read_case_files
-from engine.rules.checks import parse_rule
+from engine.rules.checks import compact_rule, parse_rule, shared_values
 from engine.rules.fragments import BUTTONS_DIR, MESSAGES_DIR, Fragments, load_fragments
 from engine.rules.problems import Problem
 from engine.rules.project import CONFIG_NAME, Project, load_project
 from engine.rules.rule import Rule
-from engine.rules.yaml_source import Unreadable, read_source, yaml_files
+from engine.rules.yaml_source import Unreadable, read_source, yaml_files, yaml_paths
 
 RULES_DIR = Path("rules")
 _RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 #: Below this many files to check, starting worker processes costs more than it saves.
 PARALLEL_THRESHOLD = 200
+#: Files a worker checks and sends back at a time: smaller batches keep less in memory at
+#: once and spread the work evenly; larger ones share more of the templates' data.
+CHUNK = 250
+#: A file modified less than this before it was read may be modified again within the same
+#: mtime tick (one or two seconds on some file systems), unseen by ``stat``: it is read again.
+RACY_SECONDS = 2.0
+
+StatKey = tuple[int, int, int, int, int]  # device, inode, size, mtime_ns, ctime_ns
 
 
 @dataclass(frozen=True)
@@ -67,6 +92,39 @@ class _Entry:
     problems: list[Problem]
     #: The rule was good but not sent back from a worker (problems_only, skip_rules).
     dropped: bool = False
+    #: The file's ``stat`` taken before its text was read, or None when that cannot vouch for
+    #: the text (it was modified too recently, see :func:`_trusted`): then it is read again.
+    stat: StatKey | None = None
+
+
+def _stat_key(path: str) -> StatKey | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _trusted(before: StatKey | None) -> StatKey | None:
+    """The ``stat`` taken before a file was read, to remember with its text; None when the
+    file was modified within :data:`RACY_SECONDS` of now, since a second edit in the same
+    timestamp tick could leave it unchanged. Any later edit changes it (ctime at least), a
+    write during the read included."""
+    if before is None or time.time_ns() - max(before[3], before[4]) < RACY_SECONDS * 1e9:
+        return None
+    return before
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a load builds many small objects."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _file_error(rel: str, message: str) -> Problem:
@@ -81,11 +139,21 @@ def rule_files(root: Path) -> list[Path]:
     return yaml_files(directory, root)
 
 
-def _relative(path: Path, root: Path) -> str:
-    """``path`` (found below ``root``) relative to it; cheaper than ``Path.relative_to``."""
+def _rule_paths(root: Path) -> list[tuple[str, str, str]]:
+    """(path, path from the root with ``/``, rule id) of each rule file, as text: a reload
+    lists thousands, for which ``Path`` objects would cost more than the listing itself."""
+    directory = root / RULES_DIR
+    if not directory.is_dir():
+        return []
     prefix = str(root).rstrip(os.sep) + os.sep
-    text = str(path)
-    return text[len(prefix) :] if text.startswith(prefix) else str(path.relative_to(root))
+    found = []
+    for path in yaml_paths(directory, root):
+        rel = path[len(prefix) :] if path.startswith(prefix) else os.path.relpath(path, root)
+        name = os.path.basename(path)
+        dot = name.rfind(".")  # the stem as Path.stem has it
+        stem = name[:dot] if 0 < dot < len(name) - 1 else name
+        found.append((path, rel.replace(os.sep, "/"), stem))
+    return found
 
 
 def context_key(root: Path) -> str:
@@ -120,11 +188,12 @@ class Loader:
     ) -> None:
         """``problems_only``: a check that needs no rules back (``validate``) skips sending
         them from the worker processes (it costs more than the checks); ``skip_rules``: the
-        same for these files only (paths relative to ``root``). ``only``: check these rule
-        files alone (paths from the root, like ``rules/x.yaml``), the others being only listed
-        (for repeated ids). ``tests``: read ``rule-tests/`` too (``validate``, ``test``); the
-        daemon and the commands that fire leave them alone, so a broken test never shows in
-        the daemon's health."""
+        same for these files only (paths relative to ``root``). ``only``: check these rule and
+        test files alone (paths from the root, like ``rules/x.yaml``), the other rule files
+        being only listed (for repeated ids: a pre-commit hook's ``validate`` of the files a
+        commit touches reads nothing else). ``tests``: read ``rule-tests/`` too (``validate``,
+        ``test``); the daemon and the commands that fire leave them alone, so a broken test
+        never shows in the daemon's health."""
         self.root = root
         self.problems_only = problems_only
         self.skip_rules = frozenset(skip_rules)
@@ -151,31 +220,35 @@ class Loader:
         other._entries = dict(self._entries)
         return other
 
-    def load(self, *, settled: bool = True) -> RuleSet:
+    def load(self, *, settled: bool = True, rehash: bool = False) -> RuleSet:
         """The project as it is now.
 
         ``settled``: the files have stayed still for a while (the watcher's debounce), so a
         rule file that is missing is really gone. A load made in the middle of a burst of
         changes (a deploy deleting and re-creating files) keeps a vanished rule at its last
         good version instead, and a later settled load drops it.
+        ``rehash``: read every rule file again, even those whose ``stat`` is unchanged.
         """
+        with _collector_paused():
+            return self._load(settled, rehash)
+
+    def _load(self, settled: bool, rehash: bool) -> RuleSet:
         root = self.root
         context = context_key(root)
         project, problems = load_project(root)
         # Read first: the rules the tests name are needed back from the workers.
-        tests = read_case_files(root) if self.tests else None
+        tests = read_case_files(root, self.only) if self.tests else None
         tested = {found.rule for found, _ in tests or () if found is not None}
         fragments, fragment_problems, fragment_files = load_fragments(root)
         problems = [*problems, *fragment_problems]
-        paths = rule_files(root)
-        texts: dict[str, tuple[str, str, str]] = {}  # rel -> (rule id, text, hash)
+        paths = _rule_paths(root)
+        present: dict[str, str] = {}  # rel -> rule id, of each file usable now, in order
+        texts: dict[str, tuple[str, str, StatKey | None]] = {}  # rel -> (text, hash, stat)
         held: set[str] = set()  # rule ids present but unusable now: they keep their last good
         by_id: dict[str, list[str]] = {}
-        rels = [_relative(path, root) for path in paths]
-        for path, rel in zip(paths, rels, strict=True):
-            by_id.setdefault(path.stem, []).append(rel)
-        for path, rel in zip(paths, rels, strict=True):
-            rule_id = path.stem
+        for _, rel, rule_id in paths:
+            by_id.setdefault(rule_id, []).append(rel)
+        for path, rel, rule_id in paths:
             if len(by_id[rule_id]) > 1:
                 others = " and ".join(f for f in by_id[rule_id] if f != rel)
                 problems.append(
@@ -196,15 +269,29 @@ class Loader:
                     )
                 )
                 continue
-            if self.only is not None and Path(rel).as_posix() not in self.only:
+            if self.only is not None and rel not in self.only:
+                continue
+            before = _stat_key(path)
+            entry = self._entries.get(rel)
+            if (
+                not rehash
+                and entry is not None
+                and entry.stat is not None
+                and entry.stat == before
+                and entry.context == context
+                and not (entry.dropped and self._wants(rel, rule_id, tested))
+            ):
+                present[rel] = rule_id  # unchanged since read: its entry stands
                 continue
             try:
-                text = read_source(path, root, root / RULES_DIR)
+                text = read_source(Path(path), root, root / RULES_DIR)
             except Unreadable as exc:
                 problems.append(Problem(rel, exc.line, None, "", None, "error", exc.message))
                 held.add(rule_id)
                 continue
-            texts[rel] = (rule_id, text, hashlib.blake2b(text.encode(), digest_size=16).hexdigest())
+            digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+            present[rel] = rule_id
+            texts[rel] = (text, digest, _trusted(before))
 
         if project is None:
             # Without a valid pushrules.yaml no rule can be checked against apps and platforms.
@@ -223,23 +310,26 @@ class Loader:
 
         todo = [
             rel
-            for rel, (rule_id, _, h) in texts.items()
+            for rel, (_, h, _) in texts.items()
             if (entry := self._entries.get(rel)) is None
             or entry.text_hash != h
             or entry.context != context
-            or (entry.dropped and self._wants(rel, rule_id, tested))
+            or (entry.dropped and self._wants(rel, present[rel], tested))
         ]
-        drop = frozenset(rel for rel in todo if not self._wants(rel, texts[rel][0], tested))
-        checked = self._check(todo, texts, project, fragments, context, drop)
+        drop = frozenset(rel for rel in todo if not self._wants(rel, present[rel], tested))
+        checked = self._check(todo, present, texts, project, fragments, context, drop)
         for rel, (new_rule, new_problems) in checked.items():
             dropped = new_rule is None and rel in drop and not any(p.is_error for p in new_problems)
-            self._entries[rel] = _Entry(texts[rel][2], context, new_rule, new_problems, dropped)
-        for gone in set(self._entries) - set(texts):
+            text_hash, stat = texts[rel][1], texts[rel][2]
+            self._entries[rel] = _Entry(text_hash, context, new_rule, new_problems, dropped, stat)
+        for rel, (_, _, stat) in texts.items():
+            self._entries[rel].stat = stat  # read again, the same text: vouched for anew
+        for gone in set(self._entries) - set(present):
             del self._entries[gone]
 
         rules: dict[str, Rule] = {}
         stale = set()
-        for rel, (rule_id, _, _) in texts.items():
+        for rel, rule_id in present.items():
             entry = self._entries[rel]
             problems.extend(entry.problems)
             if entry.rule is not None:
@@ -293,52 +383,87 @@ class Loader:
     def _check(
         self,
         todo: list[str],
-        texts: Mapping[str, tuple[str, str, str]],
+        present: Mapping[str, str],
+        texts: Mapping[str, tuple[str, str, StatKey | None]],
         project: Project,
         fragments: Fragments,
         context: str,
         drop: frozenset[str],
     ) -> dict[str, tuple[Rule | None, list[Problem]]]:
-        """Check the files of ``todo``; the rules of those in ``drop`` need not come back
-        (checked here, in this process, they cost nothing to keep)."""
-        jobs = [(texts[rel][0], rel, texts[rel][1], f"{texts[rel][2]}-{context}") for rel in todo]
+        """Check the files of ``todo``; the rules of those in ``drop`` are not kept."""
+        jobs = [(present[rel], rel, texts[rel][0], f"{texts[rel][1]}-{context}") for rel in todo]
         if len(jobs) < PARALLEL_THRESHOLD or self.workers < 2:
-            return {job[1]: parse_rule(*job[:3], project, fragments, job[3]) for job in jobs}
+            return dict(_check_jobs(jobs, project, fragments, drop))
         return _check_parallel(jobs, project, fragments, self.workers, drop)
-
-
-_shared: tuple[Project, Fragments, frozenset[str]] | None = None
 
 
 Job = tuple[str, str, str, str]  # rule id, relative path, text, digest
 
 
-def _check_chunk(jobs: list[Job]) -> list[tuple[str, Rule | None, list[Problem]]]:
-    assert _shared is not None
-    project, fragments, drop = _shared
-    out = []
+def _check_jobs(
+    jobs: list[Job], project: Project, fragments: Fragments, drop: frozenset[str]
+) -> Iterator[tuple[str, tuple[Rule | None, list[Problem]]]]:
+    """Each job's rule, as a rule set keeps it (None for the files of ``drop``), and problems;
+    the rules share one copy of what they share (a template's values)."""
+    shared: dict[int, tuple[Any, Any]] | None = None
     for rule_id, rel, text, digest in jobs:
         rule, problems = parse_rule(rule_id, rel, text, project, fragments, digest)
-        out.append((rel, None if rel in drop else rule, problems))
-    return out
+        if rule is not None and rel not in drop:
+            if shared is None:
+                shared = shared_values(fragments)
+            yield rel, (compact_rule(rule, shared), problems)
+        else:
+            yield rel, (None, problems)
+
+
+_shared: tuple[Project, Fragments, frozenset[str]] | None = None
+
+
+def _check_chunk(jobs: list[Job]) -> list[tuple[str, tuple[Rule | None, list[Problem]]]]:
+    assert _shared is not None
+    project, fragments, drop = _shared
+    with _collector_paused():
+        return list(_check_jobs(jobs, project, fragments, drop))
 
 
 def _check_parallel(
     jobs: list[Job], project: Project, fragments: Fragments, workers: int, drop: frozenset[str]
 ) -> dict[str, tuple[Rule | None, list[Problem]]]:
     """Check on several cores; forked workers inherit the project and templates. The rules of
-    the files in ``drop`` are not sent back."""
+    the files in ``drop`` are not kept.
+
+    When no rule is kept (``validate``), this process takes a share of the files itself
+    instead of waiting. When rules are kept (the daemon), workers parse them all: the garbage
+    of parsing would otherwise stay in this long-lived process's heap as fragmented memory.
+    """
+    import multiprocessing  # here: a load of a few files never starts a worker
+    from concurrent.futures import ProcessPoolExecutor
+
     global _shared
     _shared = (project, fragments, drop)
-    chunks = [jobs[i::workers] for i in range(workers)]
+    keeps = any(job[1] not in drop for job in jobs)
+    helpers = workers if keeps else workers - 1
+    own = [] if keeps else jobs[::workers]  # interleaved: a run of big files is shared out
+    rest = jobs if keeps else [job for index, job in enumerate(jobs) if index % workers]
+    count = max(helpers, -(-len(rest) // CHUNK))
+    chunks = [rest[i::count] for i in range(count)]
     try:
         context = multiprocessing.get_context("fork")
     except ValueError:  # pragma: no cover - no fork on this platform
-        return {job[1]: parse_rule(*job[:3], project, fragments, job[3]) for job in jobs}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        results = list(pool.map(_check_chunk, chunks))
-    _shared = None
-    return {rel: (rule, problems) for chunk in results for rel, rule, problems in chunk}
+        return dict(_check_jobs(jobs, project, fragments, drop))
+    # Objects alive now are never collected in the workers: the pages holding them stay
+    # shared with this process instead of being copied when a collection touches them.
+    gc.freeze()
+    try:
+        with ProcessPoolExecutor(max_workers=helpers, mp_context=context) as pool:
+            futures = [pool.submit(_check_chunk, chunk) for chunk in chunks]
+            out = dict(_check_jobs(own, project, fragments, drop))
+            for future in futures:
+                out.update(future.result())
+    finally:
+        gc.unfreeze()
+        _shared = None
+    return out
 
 
 def load_ruleset(root: Path) -> RuleSet:

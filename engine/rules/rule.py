@@ -45,7 +45,7 @@ class Limit:
     per: timedelta
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rule:
     id: str
     file: str

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, ClassVar, cast
 
-import cerberus
-from cerberus import errors as cerr
-
 from engine.accengage import api as accengage
+from engine.rules.fast_schema import Check, FastSchema, is_mapping, is_sequence
 from engine.rules.problems import did_you_mean
 from engine.rules.yaml_source import Scalar
 
@@ -1082,24 +1081,48 @@ class YamlInt(metaclass=_YamlIntType):
     """Matches what YAML reads as a whole number."""
 
 
-class _Validator(cerberus.Validator):  # type: ignore[misc]  # Cerberus has no types
-    """Cerberus with the two YAML-aware types."""
+@cache
+def _validator_class() -> type:
+    """Cerberus with the two YAML-aware types and the ``bounds`` rule; imported on the first
+    document the fast path refuses (a valid project never loads Cerberus)."""
+    import cerberus
 
-    types_mapping: ClassVar[dict[str, Any]] = {
-        **cerberus.Validator.types_mapping,
-        "yamlbool": cerberus.TypeDefinition("yamlbool", (YamlBool,), ()),
-        "yamlint": cerberus.TypeDefinition("yamlint", (YamlInt,), ()),
-    }
+    class _Validator(cerberus.Validator):  # type: ignore[misc]  # Cerberus has no types
+        types_mapping: ClassVar[dict[str, Any]] = {
+            **cerberus.Validator.types_mapping,
+            "yamlbool": cerberus.TypeDefinition("yamlbool", (YamlBool,), ()),
+            "yamlint": cerberus.TypeDefinition("yamlint", (YamlInt,), ()),
+        }
 
-    # Cerberus reads the docstring as the rule's own schema: any Bounds constraint is fine.
-    def _validate_bounds(self, constraint: Bounds, field: str, value: object) -> None:
-        """{'nullable': False}"""
-        number = bounded_value(value, constraint)
-        if isinstance(number, str):
-            self._error(field, number)
-            return
-        if number is not None and (problem := constraint.problem(number, value)):
-            self._error(field, problem)
+        # Cerberus reads the docstring as the rule's own schema: any Bounds constraint is fine.
+        def _validate_bounds(self, constraint: Bounds, field: str, value: object) -> None:
+            """{'nullable': False}"""
+            number = bounded_value(value, constraint)
+            if isinstance(number, str):
+                self._error(field, number)
+                return
+            if number is not None and (problem := constraint.problem(number, value)):
+                self._error(field, problem)
+
+    return _Validator
+
+
+#: What each type name of the schemas accepts, as the validator's ``types_mapping`` says.
+TYPE_CHECKS: dict[str, Check] = {
+    "string": lambda value: isinstance(value, str),
+    "dict": is_mapping,
+    "list": is_sequence,
+    "yamlbool": is_yaml_bool,
+    "yamlint": is_yaml_int,
+}
+
+
+def _within_bounds(value: object, constraint: Bounds) -> bool:
+    """The ``bounds`` rule finds no error (the validator's ``_validate_bounds``)."""
+    number = bounded_value(value, constraint)
+    if isinstance(number, str):
+        return False
+    return number is None or constraint.problem(number, value) is None
 
 
 def bounded_value(value: object, bounds: Bounds) -> float | str | None:
@@ -1143,17 +1166,41 @@ def _type_words(constraint: object) -> str:
 
 
 class SchemaChecker:
-    """A reusable validator for one schema: Cerberus compiles a schema once, then checks fast."""
+    """One schema's check: a single pass says whether the document is valid (most are), and
+    only a document it refuses goes through Cerberus, for the errors in words.
+
+    The Cerberus validator is made on first need, so a valid project never imports Cerberus.
+    """
 
     def __init__(
         self, schema: Mapping[str, Any], *, allow_unknown: bool | Mapping[str, Any] = False
     ) -> None:
         """``allow_unknown``: True, False, or the rules every unknown key must follow."""
-        self._validator = _Validator(dict(schema), allow_unknown=allow_unknown)
+        self._schema = dict(schema)
+        self._allow_unknown = allow_unknown
+        self._fast = FastSchema(self._schema, allow_unknown, TYPE_CHECKS, _within_bounds)
+        self._cerberus: Any = None
 
     def check(self, document: Mapping[str, Any]) -> list[SchemaError]:
-        self._validator.validate(document, normalize=False)
-        return list(self._read(self._validator._errors))
+        if self._fast.valid(document):
+            return []
+        return self.cerberus_check(document)
+
+    def fast_valid(self, document: Mapping[str, Any]) -> bool:
+        """The single pass's verdict alone (tests compare it with Cerberus's)."""
+        return self._fast.valid(document)
+
+    def cerberus_check(self, document: Mapping[str, Any]) -> list[SchemaError]:
+        """What Cerberus finds, whatever the single pass says."""
+        validator = self._validator
+        validator.validate(document, normalize=False)
+        return list(self._read(validator._errors))
+
+    @property
+    def _validator(self) -> Any:
+        if self._cerberus is None:
+            self._cerberus = _validator_class()(self._schema, allow_unknown=self._allow_unknown)
+        return self._cerberus
 
     def _read(self, errors: Any) -> Iterator[SchemaError]:
         for error in errors:
@@ -1162,7 +1209,9 @@ class SchemaChecker:
                 continue
             yield self._explain(error)
 
-    def _explain(self, error: cerr.ValidationError) -> SchemaError:
+    def _explain(self, error: Any) -> SchemaError:
+        from cerberus import errors as cerr
+
         path = tuple(error.document_path)
         name = path[-1] if path else ""
         if error.code == cerr.UNKNOWN_FIELD.code:

@@ -332,8 +332,15 @@ def is_template(text: str) -> bool:
     return "{" in text and any(m in text for m in _MARKERS)
 
 
-#: ``{{ name.attr }}`` alone, the most common template: valid without asking the parser.
-_SIMPLE_REFERENCE = re.compile(r"\{\{\s*([A-Za-z_]\w*)(?:\.[A-Za-z_]\w*)*\s*\}\}")
+#: Names Jinja reads as something else than a variable (constants, operators).
+_NOT_NAMES = r"(?!(?:true|false|none|True|False|None|and|or|not|in|is|if|else)\b)"
+#: ``{{ name.attr }}``, with filters taking at most one plain literal (``| default('you')``,
+#: ``| upper``), the most common templates: valid without asking the parser, reading ``name``.
+_SIMPLE_REFERENCE = re.compile(
+    r"\{\{\s*" + _NOT_NAMES + r"([A-Za-z_]\w*)(?:\.[A-Za-z_]\w*)*"
+    r"(?:\s*\|\s*" + _NOT_NAMES + r"[A-Za-z_]\w*"
+    r"(?:\(\s*(?:'[^'\\{}]*'|\"[^\"\\{}]*\"|[0-9]+)?\s*\))?)*\s*\}\}"
+)
 
 
 def syntax_problem(text: str, names: frozenset[str] = frozenset()) -> str | None:
@@ -349,6 +356,9 @@ def _syntax_problem(text: str, names: frozenset[str]) -> str | None:
         if "{{" not in rest and "}}" not in rest:
             used = set(_SIMPLE_REFERENCE.findall(text))
             return _unknown_names(used, allowed)
+        read = _expressions_names(text)
+        if read is not None:
+            return _unknown_names(set(read), allowed)
     try:
         if "{#" in text and _has_comment(text):
             return (
@@ -362,6 +372,40 @@ def _syntax_problem(text: str, names: frozenset[str]) -> str | None:
             hint = "; to show '{%' literally, write {{ '{%' }}"
         return f"Jinja syntax: {exc.message} (line {exc.lineno} of the text){hint}"
     return _unknown_names(_loaded_names(ast), allowed)
+
+
+#: One ``{{ ... }}`` of a text, up to the first ``}}`` (a ``-`` of whitespace control stays in
+#: it: parsed inside ``{{`` and ``}}`` again, it means the same).
+_EXPRESSION_BLOCK = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
+
+
+def _expressions_names(text: str) -> frozenset[str] | None:
+    """The names the ``{{ ... }}`` of a text (with no ``{%`` or ``{#``) read, when each one
+    parses alone; None to let the whole text be parsed (a mistake, or a split this cannot
+    trust). Texts differ around the same expressions (``Rule 12 for {{ event.name }}``), so
+    each expression is parsed once however many texts hold it. Cutting at the first ``}}``
+    is safe: a ``}}`` inside a string of the expression leaves the quote unclosed, which does
+    not parse, so the whole text is parsed instead."""
+    rest = _EXPRESSION_BLOCK.sub("", text)
+    if "{{" in rest or "}}" in rest:
+        return None
+    used: set[str] = set()
+    for expression in _EXPRESSION_BLOCK.findall(text):
+        names = _expression_names(expression)
+        if names is None:
+            return None
+        used |= names
+    return frozenset(used)
+
+
+@lru_cache(maxsize=16384)
+def _expression_names(expression: str) -> frozenset[str] | None:
+    """The names one ``{{ expression }}`` reads; None when it does not parse alone."""
+    try:
+        ast = ENV.parse("{{" + expression + "}}")
+    except jinja2.TemplateSyntaxError:
+        return None
+    return frozenset(_loaded_names(ast))
 
 
 def _loaded_names(ast: nodes.Template) -> set[str]:

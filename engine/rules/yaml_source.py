@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -21,11 +23,6 @@ from typing import Any, Literal, cast
 import yaml
 
 from engine.errors import PushrulesError
-
-try:
-    _Loader: type = yaml.CSafeLoader
-except AttributeError:  # pragma: no cover - libyaml missing
-    _Loader = yaml.SafeLoader
 
 _STR = "tag:yaml.org,2002:str"
 _NULL = "tag:yaml.org,2002:null"
@@ -39,6 +36,35 @@ _TYPED = {_BOOL, _INT, _FLOAT}
 _VALUE = "tag:yaml.org,2002:value"
 _KNOWN = {_STR, _NULL, _BOOL, _INT, _FLOAT, _MAP, _SEQ, _VALUE, "tag:yaml.org,2002:timestamp"}
 
+try:
+    _Base: Any = yaml.CSafeLoader
+except AttributeError:  # pragma: no cover - libyaml missing
+    _Base = yaml.SafeLoader
+
+_WILDCARDS: list[tuple[str, Any]] = _Base.yaml_implicit_resolvers.get(None, [])
+#: The safe loader's implicit resolvers by a plain scalar's first character, wildcards added.
+_RESOLVERS: dict[str, list[tuple[str, Any]]] = {
+    first: [*resolvers, *_WILDCARDS]
+    for first, resolvers in _Base.yaml_implicit_resolvers.items()
+    if first is not None
+}
+
+
+class _Loader(_Base):  # type: ignore[misc]
+    """The safe loader with its tag resolution done in one lookup: the loader calls it for
+    every node, and the stock one (for path resolvers the safe loader never has) costs about a
+    third of composing a document."""
+
+    def resolve(self, kind: type, value: str, implicit: tuple[bool, bool]) -> str:
+        if kind is yaml.ScalarNode:
+            if implicit[0]:
+                for tag, pattern in _RESOLVERS.get(value[:1], _WILDCARDS):
+                    if pattern.match(value):
+                        return tag
+            return _STR
+        return _SEQ if kind is yaml.SequenceNode else _MAP
+
+
 #: Nodes a document may expand to through aliases before it is refused ("billion laughs").
 MAX_NODES = 200_000
 #: Nesting a document may have. A rule is a dozen levels deep at most; 400 nested ``[`` would
@@ -51,6 +77,7 @@ MAX_FILE_BYTES = 2 * 1024 * 1024
 TEXT_FIELDS = frozenset({"subject", "text", "longText", "alert", "title", "labels"})
 
 _constructor = yaml.constructor.SafeConstructor()
+_SCALAR, _SEQUENCE = yaml.ScalarNode, yaml.SequenceNode
 
 
 class Scalar(str):
@@ -205,9 +232,14 @@ class _Builder:
         self.aliased = False  # whether an alias has been expanded (for the "too large" message)
         self.seen: dict[int, tuple[Any, int]] = {}
         self.text = text
-        #: Keys of the mappings being built, innermost last (for hints that name the key).
-        self.keys: list[str] = []
-        self.lines = text.splitlines()
+        self._lines: list[str] | None = None
+
+    @property
+    def lines(self) -> list[str]:
+        """The text's lines, split when a check first needs them (most documents never do)."""
+        if self._lines is None:
+            self._lines = self.text.splitlines()
+        return self._lines
 
     def _too_many(self, node: yaml.Node) -> _TooLarge:
         if self.aliased:
@@ -222,8 +254,10 @@ class _Builder:
             )
         return _TooLarge(node.start_mark.line + 1, node.start_mark.column + 1, message)
 
-    def build(self, node: yaml.Node, depth: int) -> Any:
-        done = self.seen.get(id(node))
+    def build(self, node: yaml.Node, depth: int, owner: str | None = None) -> Any:
+        """``owner``: the key whose value ``node`` is (for hints that name it)."""
+        seen = self.seen
+        done = seen.get(id(node))
         if done is not None:
             # An alias: the same node again. Reuse it, but count what it expands to, so that
             # nested aliases cannot blow up whoever walks the data later.
@@ -233,54 +267,60 @@ class _Builder:
                 raise self._too_many(node)
             return done[0]
         before = self.count
-        self.count += 1
-        if self.count > MAX_NODES:
+        self.count = before + 1
+        if before >= MAX_NODES:
             raise self._too_many(node)
-        line, column = node.start_mark.line + 1, node.start_mark.column + 1
+        mark = node.start_mark
+        line, column = mark.line + 1, mark.column + 1
         if depth > MAX_DEPTH:
             raise _TooLarge(line, column, _too_deep_message())
-        if node.tag not in _KNOWN:
-            if node.tag.startswith("!"):
+        tag = node.tag
+        if tag not in _KNOWN:
+            if tag.startswith("!"):
                 message = (
-                    f'a value starting with ! must be quoted, like "{node.tag}" (YAML reads '
-                    "! as a tag)"
+                    f'a value starting with ! must be quoted, like "{tag}" (YAML reads ! as a tag)'
                 )
             else:
-                message = f"YAML tag {node.tag} is not supported; remove it"
+                message = f"YAML tag {tag} is not supported; remove it"
             self.issues.append(YamlIssue(line, column, message))
+        kind = type(node)
         result: Scalar | MarkedList | MarkedMap | None
-        if isinstance(node, yaml.ScalarNode):
-            result = self._scalar(node, line, column)
-        elif isinstance(node, yaml.SequenceNode):
+        if kind is _SCALAR:
+            if tag == _NULL:
+                result = None
+            elif tag in _TYPED:
+                try:
+                    # The tag's own constructor: construct_object would also remember the
+                    # node in the shared constructor, for ever (a leak growing with reloads).
+                    typed = _constructor.yaml_constructors[tag](_constructor, node)
+                except (yaml.YAMLError, ValueError):
+                    typed = None
+                result = Scalar(node.value, line, column, typed)
+            else:
+                result = Scalar(node.value, line, column)
+        elif kind is _SEQUENCE:
             items = MarkedList(line, column)
-            items.extend(self.build(item, depth + 1) for item in node.value)
+            inner = depth + 1
+            items.extend([self.build(item, inner, owner) for item in node.value])
             result = items
         else:
             # The composer makes only these three kinds of node.
-            result = self._mapping(cast(yaml.MappingNode, node), line, column, depth)
-        self.seen[id(node)] = (result, self.count - before)
+            result = self._mapping(cast(yaml.MappingNode, node), line, column, depth, owner)
+        seen[id(node)] = (result, self.count - before)
         return result
 
-    def _scalar(self, node: yaml.ScalarNode, line: int, column: int) -> Scalar | None:
-        tag = node.tag
-        if tag == _NULL:
-            return None
-        typed = None
-        if tag in _TYPED:
-            try:
-                typed = _constructor.construct_object(node)
-            except (yaml.YAMLError, ValueError):
-                typed = None
-        return Scalar(node.value, line, column, typed)
-
-    def _mapping(self, node: yaml.MappingNode, line: int, column: int, depth: int) -> MarkedMap:
+    def _mapping(
+        self, node: yaml.MappingNode, line: int, column: int, depth: int, owner: str | None
+    ) -> MarkedMap:
         result = MarkedMap(line, column)
+        marks = result.key_marks
+        inner = depth + 1
         for key_node, value_node in node.value:
-            kline, kcol = key_node.start_mark.line + 1, key_node.start_mark.column + 1
-            if not isinstance(key_node, yaml.ScalarNode):
+            mark = key_node.start_mark
+            kline, kcol = mark.line + 1, mark.column + 1
+            if type(key_node) is not _SCALAR:
                 message = "a key must be a plain name"
                 if isinstance(key_node, yaml.MappingNode):
-                    owner = self.keys[-1] if self.keys else None
                     message = (
                         "this reads as a mapping inside a mapping: Jinja in YAML must be quoted; "
                         f"write {_quoted_hint(owner, node, self.text)}"
@@ -298,8 +338,8 @@ class _Builder:
                 )
                 continue
             key = key_node.value
-            if key in result:
-                first = result.key_marks[key][0]
+            if key in marks:
+                first = marks[key][0]
                 self.issues.append(
                     YamlIssue(
                         kline,
@@ -308,14 +348,10 @@ class _Builder:
                     )
                 )
                 continue
-            result.key_marks[key] = (kline, kcol)
+            marks[key] = (kline, kcol)
             if key in TEXT_FIELDS:
                 self._check_cut_text(key, value_node)
-            self.keys.append(key)
-            try:
-                result[Scalar(key, kline, kcol)] = self.build(value_node, depth + 1)
-            finally:
-                self.keys.pop()
+            result[Scalar(key, kline, kcol)] = self.build(value_node, inner, key)
         return result
 
     def _check_cut_text(self, key: str, node: yaml.Node) -> None:
@@ -392,6 +428,48 @@ def position(
     return best
 
 
+#: Text at most this long is interned when kept: names, keys and short values repeat across
+#: rules, and one copy of each is enough. Longer text is mostly a rule's own.
+_INTERN_UP_TO = 64
+
+
+def compact(value: Any, shared: Mapping[int, tuple[Any, Any]]) -> Any:
+    """Marked data as a loaded rule keeps it: mappings and lists plain, text a plain ``str``
+    (short text interned), no positions. A scalar YAML gives a type (``12``, ``true``) stays a
+    :class:`Scalar`, whose type the compiler sends. A checked rule's positions are no longer
+    needed: its problems are found before it is kept, and found again when its file changes.
+
+    ``shared`` (see :func:`share`) gives the one compact copy of the mappings and lists that
+    several rules hold, like the values of a ``use:`` template.
+    """
+    if isinstance(value, Scalar):
+        if value.typed is not None:
+            return value
+        text = str(value)
+        return sys.intern(text) if len(text) <= _INTERN_UP_TO else text
+    if isinstance(value, dict):
+        done = shared.get(id(value))
+        if done is not None:
+            return done[1]
+        return {
+            (sys.intern(str(k)) if isinstance(k, str) else k): compact(v, shared)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        done = shared.get(id(value))
+        return done[1] if done is not None else [compact(v, shared) for v in value]
+    return value
+
+
+def share(value: Any, shared: dict[int, tuple[Any, Any]]) -> None:
+    """Record in ``shared`` the compact form of each mapping and list in ``value``, by id
+    (with the value itself, which keeps its id from being reused while ``shared`` lives)."""
+    if isinstance(value, dict | list):
+        for item in value.values() if isinstance(value, dict) else value:
+            share(item, shared)
+        shared[id(value)] = (value, compact(value, shared))
+
+
 def native(value: Any) -> Any:
     """The data with the YAML types kept aside put back: ``12`` an int, ``true`` a bool, any
     other scalar its text. For the few places that want YAML's types (vars, aps, settings)."""
@@ -424,7 +502,14 @@ def inside(path: Path, root: Path, top: Path) -> bool:
 
 
 def yaml_files(directory: Path, root: Path | None = None) -> list[Path]:
-    """Every ``*.yaml`` / ``*.yml`` under ``directory``, in subfolders too, in a stable order.
+    """Every ``*.yaml`` / ``*.yml`` under ``directory``, in subfolders too, in a stable order
+    (see :func:`yaml_paths`)."""
+    return [Path(path) for path in yaml_paths(directory, root)]
+
+
+def yaml_paths(directory: Path, root: Path | None = None) -> list[str]:
+    """Every ``*.yaml`` / ``*.yml`` under ``directory``, in subfolders too, in a stable order,
+    as text (a reload lists thousands: ``Path`` objects would cost more than the listing).
 
     Names starting with ``.`` are skipped: editor swap files, ``.git``, and the ``..data``
     folders of a Kubernetes ConfigMap (whose files are also linked one level up). Linked
@@ -456,7 +541,7 @@ def yaml_files(directory: Path, root: Path | None = None) -> list[Path]:
                 stack.append((below, path))
             elif name.endswith((".yaml", ".yml")):
                 found.append((below, path))
-    return [Path(path) for _, path in sorted(found)]
+    return [path for _, path in sorted(found)]
 
 
 def read_source(path: Path, root: Path, top: Path, limit: int = MAX_FILE_BYTES) -> str:
