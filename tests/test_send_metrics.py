@@ -36,6 +36,9 @@ FAMILIES = [
     "pushrules_fire_writes_waiting gauge",
     "pushrules_events_unmatched_total counter",
     "pushrules_events_unmatched_created gauge",
+    "pushrules_pruned_rows_total counter",
+    "pushrules_prune_failures_total counter",
+    "pushrules_prune_failures_created gauge",
 ]
 
 
