@@ -90,6 +90,13 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture
+def postgres_store(tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty PostgreSQL store URL, for what only PostgreSQL does (several writers at
+    once, row locks)."""
+    yield from store_url_context("postgres", tmp_path)
+
+
+@pytest.fixture
 def store(store_url: str) -> Iterator[Store]:
     with Store(store_url) as s:
         yield s

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import textwrap
@@ -12,6 +13,16 @@ from engine.rules.loader import Loader, RuleSet
 from engine.rules.problems import Problem
 
 REPO = Path(__file__).resolve().parent.parent
+
+#: Property tests try the number of examples they name times this: 1 in the suite and in CI
+#: (the counts are chosen to keep the suite quick), more for a deeper search, e.g.
+#: ``PUSHRULES_EXAMPLES=10 python -m pytest -m "not e2e"``.
+EXAMPLES_SCALE = float(os.environ.get("PUSHRULES_EXAMPLES", "1"))
+
+
+def examples(count: int) -> int:
+    """``max_examples`` for a property test that names ``count``: scaled by EXAMPLES_SCALE."""
+    return max(1, round(count * EXAMPLES_SCALE))
 
 
 def make_project(root: Path, config: str | None = None) -> Path:

@@ -4,6 +4,7 @@ ones with a mistake put in), mutated example files, arbitrary shapes and the pro
 
 from __future__ import annotations
 
+import functools
 import string
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from engine.rules import schemas
 from engine.rules.fast_schema import FastSchema
 from engine.rules.schemas import SchemaChecker
 from engine.rules.yaml_source import load
-from tests.helpers import REPO
+from tests.helpers import REPO, examples
 from tests.test_json_schema import BASE_CONFIG, BASE_RULES, mutated
 from tests.test_problems_table import ROWS
 from tests.test_yaml_fuzz import documents
@@ -72,24 +73,28 @@ SCALAR_TEXTS = ["x", "", "no", "1", "0012", "15m", "1h30m", "2d", "0s", "{{ even
 UNKNOWN_KEYS = ["x", "subjet", "Sound", "data", "use", "id", "memberId", "target"]
 
 
-def _wrong() -> st.SearchStrategy[Any]:
-    """A value of any shape, for a mistake."""
-    return st.one_of(
-        st.none(),
-        st.booleans(),
-        st.integers(-5, 500),
-        st.sampled_from(SCALAR_TEXTS),
-        st.just([]),
-        st.just({}),
-        st.lists(st.sampled_from(SCALAR_TEXTS), max_size=2),
-        st.dictionaries(st.sampled_from(UNKNOWN_KEYS), st.sampled_from(SCALAR_TEXTS), max_size=2),
-    )
+#: A value of any shape, for a mistake.
+WRONG: st.SearchStrategy[Any] = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 500),
+    st.sampled_from(SCALAR_TEXTS),
+    st.just([]),
+    st.just({}),
+    st.lists(st.sampled_from(SCALAR_TEXTS), max_size=2),
+    st.dictionaries(st.sampled_from(UNKNOWN_KEYS), st.sampled_from(SCALAR_TEXTS), max_size=2),
+)
 
 
 def _mistake(valid: st.SearchStrategy[Any], rate: int) -> st.SearchStrategy[Any]:
-    """Mostly ``valid``; one time in ``rate`` something else (shrinking towards ``valid``)."""
+    """Mostly ``valid``; one time in ``rate`` something else (shrinking towards ``valid``).
+
+    Both are drawn and one kept: a ``flatmap`` would build new strategies at every draw, which
+    made these tests several times slower."""
     choices = [False] * (rate - 1) + [True]
-    return st.sampled_from(choices).flatmap(lambda wrong: _wrong() if wrong else valid)
+    return st.tuples(st.sampled_from(choices), valid, WRONG).map(
+        lambda drawn: drawn[2] if drawn[0] else drawn[1]
+    )
 
 
 RULE_NAMES = {"type", "nullable", "empty", "allowed", "required", "allow_unknown", "schema"}
@@ -143,7 +148,7 @@ def _value(
                 least = 0 if rules.get("empty", True) else 1
                 choices.append(st.dictionaries(keys, values, min_size=least, max_size=3))
             else:
-                choices.append(st.dictionaries(st.sampled_from(UNKNOWN_KEYS), _wrong(), max_size=2))
+                choices.append(st.dictionaries(st.sampled_from(UNKNOWN_KEYS), WRONG, max_size=2))
     value = st.one_of(*choices)
     if rules.get("nullable"):
         value = st.one_of(value, st.none())
@@ -187,12 +192,18 @@ def _dumped(doc: Any) -> str:
     return yaml.safe_dump(doc, allow_unicode=True, sort_keys=False)
 
 
+@functools.cache
+def _document(kind: str) -> st.SearchStrategy[Any]:
+    """Built once per kind: hypothesis caches what it learns about a strategy on the object."""
+    schema, allow_unknown = SCHEMAS[kind]
+    return _mapping(schema, allow_unknown)
+
+
 @pytest.mark.parametrize("kind", list(SCHEMAS))
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(80), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_documents_made_from_the_schema_get_cerberus_verdict(kind: str, data: Any) -> None:
-    schema, allow_unknown = SCHEMAS[kind]
-    doc = data.draw(_mapping(schema, allow_unknown))
+    doc = data.draw(_document(kind))
     text = _dumped(doc)
     note(text)
     loaded = load(text)
@@ -205,7 +216,7 @@ def test_the_generated_documents_are_valid_and_broken_both() -> None:
     """The strategy above makes both kinds, so the comparison is not one-sided."""
     seen = {True: 0, False: 0}
 
-    @settings(max_examples=120, deadline=None, database=None)
+    @settings(max_examples=examples(80), deadline=None, database=None)
     @given(_mapping(schemas.RULE, False))
     def count(doc: Any) -> None:
         seen[schemas.RULE_CHECKER.fast_valid(load(_dumped(doc)).data)] += 1
@@ -217,25 +228,25 @@ def test_the_generated_documents_are_valid_and_broken_both() -> None:
 # --- the other corpora -------------------------------------------------------------------------
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(120), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(BASE_RULES).flatmap(mutated))
 def test_mutated_rules_get_cerberus_verdict(text: str) -> None:
     verdicts_of_text(text)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(80), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated(BASE_CONFIG))
 def test_mutated_settings_get_cerberus_verdict(text: str) -> None:
     verdicts_of_text(text)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(documents)
 def test_any_shape_gets_cerberus_verdict(doc: object) -> None:
     verdicts_of_text(_dumped(doc))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.text(alphabet=string.printable + "{}[]:-&*!|>'\"#%@`\t", max_size=200))
 def test_any_text_gets_cerberus_verdict(text: str) -> None:
     verdicts_of_text(text)
@@ -353,7 +364,7 @@ def _any_value(depth: int) -> st.SearchStrategy[Any]:
     )
 
 
-@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(250), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.dictionaries(st.sampled_from(FIELD_NAMES), _rules_sets(2), min_size=1),
     st.one_of(st.booleans(), _rules_sets(1)),

@@ -33,11 +33,13 @@ from engine.rules.problems import Problem
 from engine.rules.rule import Rule
 from engine.rules.yaml_source import load as load_yaml
 from engine.rules.yaml_source import native
-from tests.helpers import REPO, load, make_project, problems, write_rule
+from tests.helpers import REPO, examples, load, make_project, problems, write_rule
 
 NOW = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 AGREE = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=examples(60),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
 
@@ -387,7 +389,7 @@ EXAMPLES = [yaml.safe_load(p.read_text()) for p in sorted((REPO / "rules").glob(
 DAMAGE = [None, True, -1, 2.5, "", "x", "${q}", "{{ event.x }}", [], [1], {}, {"a": "1"}]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(st.data())
 def test_damaged_example_rules_give_problems_never_an_exception(
     ruleset: RuleSet, data: st.DataObject

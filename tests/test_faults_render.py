@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from engine.render.compiler import CompileError, FireContext, compile_fire
 from engine.rules import template_bounds
 from engine.rules.templating import RenderError, render
-from tests.helpers import load, make_project, write_rule
+from tests.helpers import examples, load, make_project, write_rule
 
 NOW = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 #: What a refused template may cost at most, in processor time (generous: tracemalloc is on).
@@ -168,7 +168,7 @@ def test_an_honest_template_of_reasonable_size_renders() -> None:
     assert out.endswith("...")
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(width=st.integers(min_value=0, max_value=10**12), spec=st.sampled_from("dsf"))
 def test_any_format_width_renders_exactly_or_is_refused_fast(width: int, spec: str) -> None:
     """Widths up to the limit behave as Python's; past it, a render problem, never a build."""

@@ -24,7 +24,7 @@ from engine.render.compiler import CompileError, FireContext, compile_fire, pass
 from engine.rules.checks import parse_rule
 from engine.rules.formatting import FormatError, format_text, kind_of, needs_quotes
 from engine.rules.project import parse_project
-from tests.helpers import REPO, make_project, write_rule
+from tests.helpers import REPO, examples, make_project, write_rule
 from tests.test_json_schema import BASE_RULES, docs_rules, example_project, mutated
 
 CONTEXT = FireContext(
@@ -126,7 +126,7 @@ def relayout(text: str, rng: random.Random) -> str:
     return "\n".join(out) + "\n"
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(120), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(BASE_RULES).flatmap(mutated), st.randoms(use_true_random=False))
 def test_generated_rules_keep_their_meaning(text: str, rng: random.Random) -> None:
     assert_kept(text)

@@ -36,7 +36,7 @@ from engine.rules.fragments import load_fragments
 from engine.rules.json_schema import KINDS, json_schema
 from engine.rules.project import Project, load_project, parse_project
 from engine.rules.yaml_source import load
-from tests.helpers import REPO, make_project
+from tests.helpers import REPO, examples, make_project
 from tests.test_problems_table import ROWS
 
 #: What validate checks and JSON Schema cannot: (a pattern of the problem's message, why).
@@ -380,14 +380,14 @@ def _readable(text: str) -> bool:
     )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(BASE_RULES).flatmap(mutated))
 def test_generated_rules_agree(text: str) -> None:
     if _readable(text):
         assert_agree("rule", text)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated(BASE_CONFIG))
 def test_generated_settings_agree(text: str) -> None:
     if _readable(text):

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from engine.accengage import api
 from engine.accengage.request_check import CODE_ORDER, DEFAULT_DEVICES, check_request, message_count
+from tests.helpers import examples
 from tests.test_sandbox import (
     BASE,
     DELETE,
@@ -359,7 +360,7 @@ def mutated_examples(draw: st.DrawFn) -> Any:
     return body
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(JSON, mutated_examples()))
 def test_never_raises(body: Any) -> None:
     code, label = check_request(body)

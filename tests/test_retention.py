@@ -141,11 +141,10 @@ def test_backlog_is_a_count_of_the_outbox_through_every_move(store: Store) -> No
     assert sum(store.backlog().values()) == len(store.history(limit=1000)) > 0
 
 
-def test_folding_while_instances_write_counts_nothing_twice(store_url: str) -> None:
-    """Writers and folds at once (several instances on one PostgreSQL): the counts stay exact."""
-    if not store_url.startswith("postgresql"):
-        pytest.skip("SQLite's counts are kept in place, by one writer at a time: no fold")
-    with Store(store_url) as store:
+def test_folding_while_instances_write_counts_nothing_twice(postgres_store: str) -> None:
+    """Writers and folds at once (several instances on one PostgreSQL): the counts stay exact.
+    PostgreSQL only: SQLite's counts are kept in place, by one writer at a time, with no fold."""
+    with Store(postgres_store) as store:
         stop = threading.Event()
         errors: list[BaseException] = []
 
@@ -276,12 +275,11 @@ def test_a_prune_cut_short_mid_batch_loses_nothing(store: Store) -> None:
     assert store.get(rows[SENT]) is None
 
 
-def test_a_row_an_operator_holds_is_not_pruned_under_them(store_url: str) -> None:
+def test_a_row_an_operator_holds_is_not_pruned_under_them(postgres_store: str) -> None:
     """PostgreSQL: a dropped row an operator is resending (its row locked) is skipped by the
-    batch, and stays pending once resent."""
-    if not store_url.startswith("postgresql"):
-        pytest.skip("SQLite writers take the whole store in turn: nothing to interleave")
-    with Store(store_url) as store:
+    batch, and stays pending once resent. (SQLite writers take the whole store in turn: there
+    is nothing to interleave.)"""
+    with Store(postgres_store) as store:
         kept, gone = [
             r.ids[0]
             for r in store.enqueue_many(
@@ -289,7 +287,7 @@ def test_a_row_an_operator_holds_is_not_pruned_under_them(store_url: str) -> Non
             )
         ]
         store.drop_unsent(now=T0)
-        operator = create_engine(store_url)
+        operator = create_engine(postgres_store)
         try:
             with operator.begin() as conn:
                 conn.execute(select(outbox.c.id).where(outbox.c.id == kept).with_for_update())

@@ -24,13 +24,16 @@ from engine.rules.schedule import (
     parse_timezone,
     schedule_for,
 )
+from tests.helpers import examples
 
 PARIS = ZoneInfo("Europe/Paris")
 NEW_YORK = ZoneInfo("America/New_York")
 UTC_ZONE = ZoneInfo("UTC")
 MINUTE = timedelta(minutes=1)
 
-FAST = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(
+    deadline=None, max_examples=examples(60), suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def cron(expr: str, tz: ZoneInfo = UTC_ZONE) -> Schedule:
@@ -478,7 +481,7 @@ DST_DAYS = [
 @pytest.mark.parametrize(
     ("tz", "change"), DST_DAYS, ids=["paris-spring", "paris-autumn", "ny-spring", "ny-autumn"]
 )
-@settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, max_examples=examples(25), suppress_health_check=[HealthCheck.too_slow])
 @given(
     minute=_field(st.integers(0, 59), 30),
     hour=_field(st.integers(0, 4), 3),

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.rules.schedule import schedule_for
+from tests.helpers import examples
 
 #: Whole-hour DST changes (Troll: two hours), half-hour offsets, no DST, southern summers.
 ZONES = (
@@ -105,7 +106,7 @@ def theirs(expr: str, tz: ZoneInfo, start: datetime, count: int = FIRES) -> list
 # derandomize: the same 400 examples on every run, so a difference found in cronsim (a library
 # we do not control) shows here when it is looked for, not as a random red CI run.
 @settings(
-    max_examples=400,
+    max_examples=examples(400),
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],

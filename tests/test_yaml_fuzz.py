@@ -12,7 +12,7 @@ from engine.rules.checks import parse_rule
 from engine.rules.fragments import Fragments
 from engine.rules.project import parse_project
 from engine.rules.yaml_source import Scalar, load
-from tests.helpers import REPO
+from tests.helpers import REPO, examples
 
 PROJECT, _ = parse_project(REPO, (REPO / "pushrules.yaml").read_text())
 assert PROJECT is not None
@@ -106,19 +106,19 @@ def check(text: str) -> None:
         assert p.message
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(documents)
 def test_any_rule_shape_gives_problems_not_exceptions(doc: object) -> None:
     check(yaml.safe_dump(doc, allow_unicode=True))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.text(alphabet=string.printable + "{}[]:-&*!|>'\"#%@`\t", max_size=200))
 def test_any_text_gives_problems_not_exceptions(text: str) -> None:
     check(text)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.dictionaries(st.sampled_from(KEYS), scalars, max_size=8))
 def test_scalars_keep_their_text_and_their_yaml_type(doc: dict) -> None:
     loaded = load(yaml.safe_dump(doc))
