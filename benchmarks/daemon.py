@@ -51,12 +51,10 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -65,11 +63,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import print_table, start_sandbox
+from common import (
+    LOGIN_VAR,
+    PASSWORD_VAR,
+    Daemon,
+    print_table,
+    project_root,
+    start_sandbox,
+    stop_process,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
-LOGIN_VAR, PASSWORD_VAR = "BENCH_ACCENGAGE_LOGIN", "BENCH_ACCENGAGE_PASSWORD"
 PROBE_EVENT = "bench.clock_probe"
 PROBE_RULE = "zz-clock-probe"
 PROBE_MARK = "clock-probe"
@@ -258,65 +263,6 @@ class Sandbox:
         stop_process(self.process)
 
 
-def stop_process(process: subprocess.Popen[Any], wait: float = 30) -> int | None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(wait)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
-
-
-@dataclass
-class LogReader:
-    """Collects the daemon's JSON log lines (stderr) with their arrival time; keeps a copy."""
-
-    stream: Any
-    copy: Path
-    lines: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
-    lock: threading.Condition = field(default_factory=threading.Condition)
-
-    def start(self) -> None:
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        with self.copy.open("w") as out:
-            for raw in self.stream:
-                arrived = time.time()
-                out.write(raw)
-                try:
-                    entry = json.loads(raw)
-                except ValueError:
-                    entry = {"message": raw.rstrip("\n"), "level": "raw"}
-                with self.lock:
-                    self.lines.append((arrived, entry))
-                    self.lock.notify_all()
-
-    def wait_for(
-        self, pattern: str, start: int, timeout: float
-    ) -> tuple[int, dict[str, Any]] | None:
-        """The first line from index ``start`` whose message matches, within ``timeout``."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        index = start
-        with self.lock:
-            while True:
-                while index < len(self.lines):
-                    if regex.search(self.lines[index][1].get("message", "")):
-                        return index, self.lines[index][1]
-                    index += 1
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self.lock.wait(left)
-
-    def snapshot(self) -> list[tuple[float, dict[str, Any]]]:
-        with self.lock:
-            return list(self.lines)
-
-
 def _status_kib(pid: int, keys: tuple[str, ...]) -> dict[str, int]:
     out: dict[str, int] = {}
     try:
@@ -460,22 +406,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def wait_ready(url: str, process: subprocess.Popen[Any], timeout: float) -> float | None:
-    """Real time at which /healthz first answered 200, or None."""
-    deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=2) as client:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                return None
-            try:
-                if client.get(url).status_code == 200:
-                    return time.time()
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.02)
-    return None
-
-
 def probe_offset(listen: str, sandbox: Sandbox, probes: int) -> tuple[float, float]:
     """(offset s, error bound s): the daemon's clock minus real time; see the docstring."""
     windows = []
@@ -556,42 +486,21 @@ def run(args: argparse.Namespace, root: Path) -> Results:
         due_dt = datetime.fromtimestamp(due, UTC)
         cron = f"{due_dt.minute} {due_dt.hour} * * *"
         paths = generate(root, args.rules, cron, sandbox.url, listen)
-        env = {
-            **os.environ,
-            "PUSHRULES_CLOCK": datetime.fromtimestamp(start, UTC).isoformat(),
-            LOGIN_VAR: "bench@example.com",
-            PASSWORD_VAR: "bench-password",
-            "PYTHONUNBUFFERED": "1",
-        }
-        cmd = [
-            sys.executable,
-            "-m",
-            "engine",
-            "run",
-            "--project",
-            str(root),
-            "--log-format",
-            "json",
-        ]
-        launched = time.time()
-        daemon = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
+        started = Daemon.launch(root, clock=datetime.fromtimestamp(start, UTC).isoformat())
+        daemon, logs, launched = started.process, started.logs, started.launched
         sampler = MemorySampler(daemon.pid)
         sampler.start()
-        logs = LogReader(daemon.stderr, root / "daemon.log")
-        logs.start()
         print(
             f"daemon pid {daemon.pid}: {args.rules} cron rules '{cron}' (UTC), clock starts "
             f"{args.lead:g} s before them, at {iso(start)}",
             flush=True,
         )
 
-        ready = wait_ready(f"http://{listen}/healthz", daemon, timeout=args.lead + 60)
-        if ready is None:
+        startup = started.ready(listen, timeout=args.lead + 60)
+        if startup is None:
             res.problems.append("the daemon never answered /healthz with 200 (see daemon.log)")
             return res
-        res.startup_s = ready - launched
+        res.startup_s = startup
         res.startup_cpu_s = cpu_seconds(daemon.pid, children=True)
         leading = logs.wait_for(r"^leading:", 0, timeout=args.lead + 30)
         if leading is not None:
@@ -841,13 +750,7 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.pop("PUSHRULES_CLOCK", None)
 
-    tmp = None
-    if args.keep:
-        root = args.keep.resolve()
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="pushrules-bench-")
-        root = Path(tmp.name)
-    try:
+    with project_root(args.keep) as root:
         res = run(args, root)
         report(res, args)
         if res.problems:
@@ -860,9 +763,6 @@ def main() -> int:
                 )
             return 1
         return 0
-    finally:
-        if tmp:
-            tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,23 +48,20 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
-from common import print_table  # noqa: E402  (scripts run as python benchmarks/X.py)
-from daemon import (  # noqa: E402
-    LogReader,
-    Sandbox,
-    cpu_seconds,
-    engine_version,
-    free_port,
-    percentile,
+from common import (  # noqa: E402  (scripts run as python benchmarks/X.py)
+    LOGIN_VAR,
+    PASSWORD_VAR,
+    Daemon,
+    print_table,
+    project_root,
     stop_process,
-    wait_ready,
 )
+from daemon import Sandbox, cpu_seconds, engine_version, free_port, percentile  # noqa: E402
 
 from engine.outbox.store import Fire, Store  # noqa: E402
 from engine.render.compiler import FireContext, compile_fire  # noqa: E402
 from engine.rules.loader import Loader  # noqa: E402
 
-LOGIN_VAR, PASSWORD_VAR = "BENCH_ACCENGAGE_LOGIN", "BENCH_ACCENGAGE_PASSWORD"
 EVENT, RULE = "bench.fanout", "fanout"
 TARGET_FIRE_S, TARGET_PING_P99_S = 2.0, 0.100
 MAX_BODY = 64 * 1024 * 1024
@@ -216,26 +212,10 @@ def run(args: argparse.Namespace, root: Path) -> Results:
         listen = f"127.0.0.1:{free_port()}"
         store = generate(root, sandbox.url, listen)
         in_process(res, root)
-        env = {
-            **os.environ,
-            LOGIN_VAR: "bench@example.com",
-            PASSWORD_VAR: "bench-password",
-            "PYTHONUNBUFFERED": "1",
-        }
-        env.pop("PUSHRULES_CLOCK", None)
-        cmd = [sys.executable, "-m", "engine", "run", "--project", str(root)]
-        daemon = subprocess.Popen(
-            [*cmd, "--log-format", "json"],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        logs = LogReader(daemon.stderr, root / "daemon.log")
-        logs.start()
+        started = Daemon.launch(root)
+        daemon = started.process
         base = f"http://{listen}"
-        if wait_ready(f"{base}/healthz", daemon, timeout=60) is None:
+        if started.ready(listen, timeout=60) is None:
             res.problems.append("the daemon never answered /healthz with 200 (see daemon.log)")
             return res
         bodies = [event_body(args.targets, n) for n in range(args.fires)]
@@ -450,21 +430,12 @@ def main() -> int:
     )
     parser.add_argument("--keep", type=Path, help="generate into this folder and keep it")
     args = parser.parse_args()
-    tmp = None
-    if args.keep:
-        root = args.keep.resolve()
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="pushrules-fanout-")
-        root = Path(tmp.name)
-    try:
+    with project_root(args.keep, prefix="pushrules-fanout-") as root:
         res = run(args, root)
         report(res)
         for problem in res.problems:
             print(f"run failed: {problem}", file=sys.stderr)
         return 1 if res.problems else 0
-    finally:
-        if tmp:
-            tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -23,11 +23,10 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, print_table  # scripts run as python benchmarks/X.py
+from common import REPO, print_table, project_root  # scripts run as python benchmarks/X.py
 from validate import generate
 
 
@@ -59,13 +58,7 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, help="generate into this folder and keep it")
     args = parser.parse_args()
 
-    tmp = None
-    if args.keep:
-        root = args.keep
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="pushrules-bench-")
-        root = Path(tmp.name)
-    try:
+    with project_root(args.keep) as root:
         paths = generate(root, args.rules)
         git(root, "init", "-q", "-b", "main")
         git(root, "config", "user.name", "Benchmark")
@@ -92,9 +85,6 @@ def main() -> int:
         templates = [run(plan) for _ in range(args.runs)]
         using = len(json.loads(templates[-1][2])["changed"])
         git(root, "checkout", "-q", "--", ".")
-    finally:
-        if tmp:
-            tmp.cleanup()
 
     print(f"pushrules plan, {args.rules} rule files, {os.cpu_count()} cores, median of {args.runs}")
     rows = []

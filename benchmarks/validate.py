@@ -27,13 +27,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from common import project_root  # scripts run as python benchmarks/X.py
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -230,13 +230,7 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, help="generate into this folder and keep it")
     args = parser.parse_args()
 
-    tmp = None
-    if args.keep:
-        root = args.keep
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="pushrules-bench-")
-        root = Path(tmp.name)
-    try:
+    with project_root(args.keep) as root:
         paths = generate(root, args.rules)
         # Taken in turn, so each whole run and its floor see the same machine.
         cold, floors, ones = [], [], []
@@ -250,9 +244,6 @@ def main() -> int:
             )
             return 1
         full, again = revalidate(root, paths)
-    finally:
-        if tmp:
-            tmp.cleanup()
 
     wall = statistics.median(r.wall for r in cold)
     cpu = statistics.median(r.cpu for r in cold)

@@ -15,7 +15,7 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -172,25 +172,49 @@ def register(sub: Any) -> None:
         "  pushrules outbox prune --dry-run      # what retention would forget now",
     )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, what in (
-        ("resend", "queue these rows again and send them now, waiting for the outcome"),
-        ("drop", "give up on these rows for good (they stay in the history as dropped)"),
-    ):
-        a = actions.add_parser(action, help=what, description=what[0].upper() + what[1:] + ".")
-        a.add_argument("ids", type=int, nargs="+", metavar="ID", help="outbox row ids (history)")
+
+    def outbox_action(
+        name: str,
+        func: str,
+        own: Callable[[argparse.ArgumentParser], None],
+        after_project: Callable[[argparse.ArgumentParser], None] | None = None,
+        **described: Any,
+    ) -> None:
+        """An action on the outbox of --project (or of the --sandbox trials), run by ``func``:
+        its own arguments, and ``after_project`` those its --help lists after --project."""
+        a = actions.add_parser(name, **described)
+        own(a)
         project_argument(a)
-        if action == "resend":
-            a.add_argument(
-                "--wait",
-                type=float,
-                default=30.0,
-                metavar="SECONDS",
-                help="how long to keep retrying (default 30)",
-            )
+        if after_project is not None:
+            after_project(a)
         sandbox_store_argument(a)
-        a.set_defaults(func=command("cmd_outbox"))
-    a = actions.add_parser(
+        a.set_defaults(func=command(func))
+
+    def row_ids(a: argparse.ArgumentParser) -> None:
+        a.add_argument("ids", type=int, nargs="+", metavar="ID", help="outbox row ids (history)")
+
+    def wait(a: argparse.ArgumentParser) -> None:
+        a.add_argument(
+            "--wait",
+            type=float,
+            default=30.0,
+            metavar="SECONDS",
+            help="how long to keep retrying (default 30)",
+        )
+
+    def dry_run(a: argparse.ArgumentParser) -> None:
+        a.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
+
+    for action, what, more in (
+        ("resend", "queue these rows again and send them now, waiting for the outcome", wait),
+        ("drop", "give up on these rows for good (they stay in the history as dropped)", None),
+    ):
+        description = what[0].upper() + what[1:] + "."
+        outbox_action(action, "cmd_outbox", row_ids, more, help=what, description=description)
+    outbox_action(
         "prune",
+        "cmd_outbox_prune",
+        dry_run,
         help="forget what retention: lets go now (sent and dropped rows, old events, feed keys)",
         description="Delete, in small batches, what the retention: settings of pushrules.yaml "
         "let go now: sent and dropped rows (with their attempts), events no rule took, marks "
@@ -199,10 +223,6 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Examples:\n  pushrules outbox prune --dry-run\n  pushrules outbox prune",
     )
-    a.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
-    project_argument(a)
-    sandbox_store_argument(a)
-    a.set_defaults(func=command("cmd_outbox_prune"))
 
 
 @contextlib.contextmanager
