@@ -6,9 +6,11 @@ import os
 import shutil
 import subprocess
 import textwrap
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from engine.outbox.store import AttemptResult
 from engine.rules.loader import Loader, RuleSet
 from engine.rules.problems import Problem
 
@@ -52,16 +54,31 @@ def problems(root: Path, *, severity: str | None = None) -> list[Problem]:
     return [p for p in found if severity is None or p.severity == severity]
 
 
-def body(marker: str) -> dict[str, Any]:
+# --- outbox rows --------------------------------------------------------------------------------
+
+#: Where the rows of store tests would go: they are never sent.
+URL = "https://api.example.invalid/sendInstantMessage.php"
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+LEASE = timedelta(minutes=5)
+
+
+def body(marker: object = "m") -> dict[str, Any]:
     """A request the sandbox accepts; ``marker`` tells its copies apart on the wire."""
     return {
         "sendInstantMessage": {
             "partner": {"id": "p"},
             "parentMessageId": "1",
-            "message": {"text": marker},
+            "message": {"text": str(marker)},
             "targets": [{"memberId": "765c8"}],
         }
     }
+
+
+def ok(at: datetime = T0, **fields: Any) -> AttemptResult:
+    """An attempt Accengage accepted at ``at``; ``fields`` override its answer."""
+    values: dict[str, Any] = {"http_status": 200, "return_code": 0, "return_label": "sent"}
+    values.update(fields)
+    return AttemptResult(at, 0.05, **values)
 
 
 def git(repo: Path, *args: str) -> str:

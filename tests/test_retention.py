@@ -35,21 +35,14 @@ from engine.outbox.states import (
     SENT,
     STATES,
 )
-from engine.outbox.store import AttemptResult, Fire, ResultUpdate, Store
+from engine.outbox.store import Fire, ResultUpdate, Store
 from engine.rules.project import RetentionConfig
-from tests.helpers import make_project
+from tests.helpers import LEASE, T0, URL, body, make_project, ok
 from tests.test_poller import FeedServer, Items, poll_rule
 from tests.test_poller import server as server
 
-URL = "https://api.example.invalid/sendInstantMessage.php"
-LEASE = timedelta(minutes=5)
 DAY = timedelta(days=1)
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 KEEP = RetentionConfig()  # 90 days of everything
-
-
-def body(n: int | str) -> dict[str, Any]:
-    return {"sendInstantMessage": {"message": {"text": f"m{n}"}, "targets": [{"memberId": "1"}]}}
 
 
 def counted(store: Store) -> dict[str, int]:
@@ -59,10 +52,6 @@ def counted(store: Store) -> dict[str, int]:
         for state, n in conn.execute(select(outbox.c.state, func.count()).group_by(outbox.c.state)):
             counts[state] = n
     return counts
-
-
-def ok(at: datetime) -> AttemptResult:
-    return AttemptResult(at, 0.05, 200, 0, "sent", "mid")
 
 
 def send(store: Store, ids: list[int], state: str, at: datetime) -> None:

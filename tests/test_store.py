@@ -35,31 +35,11 @@ from engine.outbox.states import (
 )
 from engine.outbox.store import AttemptResult, Fire, Store, TransitionError
 from tests.conftest import store_url_context
-
-URL = "https://api.example.invalid/sendInstantMessage.php"
-LEASE = timedelta(minutes=5)
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-
-
-def body(marker: str = "m") -> dict[str, Any]:
-    return {
-        "sendInstantMessage": {
-            "partner": {"id": "p"},
-            "parentMessageId": "1",
-            "message": {"text": marker},
-            "targets": [{"memberId": "765c8"}],
-        }
-    }
+from tests.helpers import LEASE, T0, URL, body, ok
 
 
 def requests(n: int = 1, marker: str = "m") -> list[tuple[str, dict[str, Any]]]:
     return [(URL, body(f"{marker}-{i}")) for i in range(n)]
-
-
-def ok(at: datetime = T0, **fields: Any) -> AttemptResult:
-    values: dict[str, Any] = {"http_status": 200, "return_code": 0, "return_label": "sent"}
-    values.update(fields)
-    return AttemptResult(at, 0.05, **values)
 
 
 # --- enqueue ---------------------------------------------------------------------------------
