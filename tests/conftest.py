@@ -36,6 +36,33 @@ def postgres_url() -> str:
     return url
 
 
+# --- the order tests run in ----------------------------------------------------------------------
+
+
+def weight(item: pytest.Item) -> int:
+    """How long a test is known to take: 2 marked ``slow`` (a build, a real pre-commit), 1
+    ``e2e`` (a real daemon, seconds), 0 the rest (milliseconds)."""
+    if item.get_closest_marker("slow"):
+        return 2
+    return 1 if item.get_closest_marker("e2e") else 0
+
+
+def stripes(items: list[pytest.Item], workers: int) -> list[pytest.Item]:
+    """The heaviest tests first, dealt in turn to ``workers`` equal stripes laid end to end.
+
+    pytest-xdist's worksteal gives each worker one contiguous share of the list and lets an
+    idle worker take the tail of another's: so each share starts with its part of the long
+    tests, and what is left to take at the end is short. In collection order, one worker could
+    start a 15-second test after the others had run out of work."""
+    ranked = sorted(items, key=weight, reverse=True)  # stable: the file order within a weight
+    return [item for k in range(workers) for item in ranked[k::workers]]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    items[:] = stripes(items, workers)
+
+
 # --- stores ------------------------------------------------------------------------------------
 
 

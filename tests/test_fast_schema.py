@@ -364,6 +364,7 @@ def _any_value(depth: int) -> st.SearchStrategy[Any]:
     )
 
 
+@pytest.mark.slow
 @settings(max_examples=examples(250), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.dictionaries(st.sampled_from(FIELD_NAMES), _rules_sets(2), min_size=1),

@@ -131,6 +131,7 @@ def send_all(store: Store, password: str, monkeypatch: pytest.MonkeyPatch) -> No
     asyncio.run(go())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("password", PASSWORDS, ids=["non-ascii", "url-special", "emoji", "plain"])
 def test_an_echoed_password_is_masked_in_every_encoding_cut_at_every_length(
     tmp_path: Path,

@@ -240,6 +240,7 @@ def test_the_pre_commit_config_uses_the_published_hooks() -> None:
     assert {hook["id"] for hook in repo["hooks"]} == published
 
 
+@pytest.mark.slow
 def test_the_wheel_carries_the_scaffold(tmp_path: Path) -> None:
     """The scaffold is package data: a wheel built from this checkout holds every file."""
     done = subprocess.run(
@@ -283,6 +284,7 @@ def checkout_commit() -> str:
     return done.stdout.strip()
 
 
+@pytest.mark.slow
 def test_a_rule_authors_round_trip(tmp_path: Path) -> None:
     """What a new rules repository's README walks through, as a rule author types it, in a
     real git repository: init, edit a rule, fmt, validate, test (failing, then fixed),

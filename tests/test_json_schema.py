@@ -380,6 +380,7 @@ def _readable(text: str) -> bool:
     )
 
 
+@pytest.mark.slow
 @settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(BASE_RULES).flatmap(mutated))
 def test_generated_rules_agree(text: str) -> None:
