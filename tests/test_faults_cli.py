@@ -366,3 +366,29 @@ def test_compile_inside_quiet_hours_says_what_would_happen(
         == 0
     )
     assert "quiet hours" not in capsys.readouterr().err
+
+
+def test_compile_reads_at_in_the_rules_timezone_as_explain_does(
+    project: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--at "2026-11-26 23:30"` is 23:30 where the rule runs (Europe/Paris), not in UTC: the
+    same moment explain and rule tests mean, so a quiet-hours check agrees across commands."""
+    rule = CRON_RULE.replace('"Good morning"', '"{{ now.isoformat() }}"')
+    rule = rule.replace('{cron: "0 9 * * *"}', '{cron: "0 9 * * *", timezone: Europe/Paris}')
+    rule += 'quiet_hours: {from: "23:00", to: "23:45", then: skip}\n'
+    write_rule(project, "night", rule)
+    argv = ["compile", "night", "--project", str(project), "--at"]
+    assert main([*argv, "2026-11-26 23:30"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)[0]["body"]["sendInstantMessage"]["message"]["text"] == (
+        "2026-11-26T23:30:00+01:00"
+    )
+    assert "inside the rule's quiet hours" in captured.err
+    # With an offset, the offset wins: 23:30 UTC is 00:30 in Paris, outside the quiet hours.
+    assert main([*argv, "2026-11-26T23:30:00+00:00"]) == 0
+    captured = capsys.readouterr()
+    assert "2026-11-27T00:30:00+01:00" in captured.out
+    assert "quiet hours" not in captured.err
+    assert main([*argv, "Monday"]) == 2
+    assert "--at: 'Monday' is not understood" in capsys.readouterr().err

@@ -100,7 +100,10 @@ def fire_input_arguments(p: argparse.ArgumentParser) -> None:
         "--item", metavar="FILE", help="feed item for a poll rule, a JSON object (- for stdin)"
     )
     p.add_argument(
-        "--at", metavar="ISO8601", help="fire time for `now` (default: the current time)"
+        "--at",
+        metavar="T",
+        help="fire time for `now`, like '2026-12-24 18:00' in the rule's timezone, or with an "
+        "offset (default: the current time)",
     )
 
 
@@ -166,11 +169,16 @@ def load_settings(project_dir: Path, *, sandbox: bool = False) -> Project:
 def fire_context(args: argparse.Namespace, rule: Rule) -> FireContext:
     """The context of ``--event``/``--item``/``--at``; UsageError on bad input."""
     from engine.render.compiler import FireContext
-    from engine.rules.schedule import parse_timezone
+    from engine.rules.schedule import TriggerError, parse_at, parse_timezone
 
     event = read_event(args.event)
     item = read_event(args.item, "item")
-    at = parse_time(args.at).astimezone(parse_timezone(rule.timezone))
+    tz = parse_timezone(rule.timezone)
+    try:
+        # As explain and rule tests read it: a time without an offset is the rule's local time.
+        at = parse_at(args.at, tz) if args.at is not None else datetime.now(tz)
+    except TriggerError as exc:
+        raise UsageError(f"--{exc}") from None
     return FireContext(now=at, event=event, item=item)
 
 
