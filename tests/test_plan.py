@@ -254,15 +254,25 @@ def test_rename_is_neither_added_nor_removed(
     assert plan["problems"] == {"new": [], "fixed": []}
 
 
-def test_a_renamed_rule_that_also_changed_is_removed_and_added(
+def test_a_renamed_rule_that_also_changed_is_renamed_and_changed(
     repo: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Renamed with its subject edited: one rule renamed, and what changed in it; a rule
+    rewritten from scratch under a new name at the same time stays removed and added."""
     project = repo / "notifications"
     git(repo, "mv", "notifications/rules/hello.yaml", "notifications/rules/hi.yaml")
     edit(project / "rules/hi.yaml", "subject: Hello", "subject: Hi")
-    code, plan, _ = run_plan(capsys, project)
-    assert code == 0
-    assert (plan["added"], plan["removed"], plan["renamed"]) == (["hi"], ["hello"], [])
+    git(repo, "rm", "-q", "notifications/rules/promo.yaml")
+    (project / "rules/flash.yaml").write_text(
+        'trigger: {event: flash}\napps: {news-android: {parentMessageId: "9"}}\nmessage: {text: "{{ event.t }}"}\n'
+        'targets: [{memberId: "{{ event.m }}"}]\n'
+    )
+    code, plan, err = run_plan(capsys, project)
+    assert code == 0, err
+    assert plan["renamed"] == [{"from": "hello", "to": "hi"}]
+    assert (plan["added"], plan["removed"]) == (["flash"], ["promo"])
+    [change] = plan["changed"]
+    assert change["rule"] == "hi" and change["parts"] == ["message"], change
 
 
 def test_cron_change_across_dst(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -284,26 +284,71 @@ def compare(
     )
 
 
+#: How alike a removed and an added rule must be to be one rule renamed and edited: the share
+#: of their values (each leaf of the YAML data with its path) they have in common, as git calls
+#: a file renamed when about half of its lines are the same. Past RENAME_PAIRS removed x added
+#: pairs, only renames without edits are found (the comparison is quadratic).
+RENAME_SIMILARITY = 0.6
+RENAME_PAIRS = 100_000
+
+
 def _renames(
     before: Side, after: Side, removed: list[str], added: list[str]
 ) -> list[tuple[str, str]]:
-    """Removed rules whose content (as YAML data, comments and layout aside) is an added rule's."""
+    """Removed rules whose content (as YAML data, comments and layout aside) is an added rule's;
+    then, of those left, the pairs most alike, when alike enough: renamed and edited."""
+    old_docs = {i: _plain(d) for i in removed if (d := before.source(i)) is not None}
+    new_docs = {i: _plain(d) for i in added if (d := after.source(i)) is not None}
     by_content: dict[str, list[str]] = {}
-    for rule_id in added:
-        doc = after.source(rule_id)
-        if doc is not None:
-            by_content.setdefault(_content_key(doc), []).append(rule_id)
+    for rule_id, doc in new_docs.items():
+        by_content.setdefault(_content_key(doc), []).append(rule_id)
     found = []
-    for rule_id in removed:
-        doc = before.source(rule_id)
-        matches = by_content.get(_content_key(doc)) if doc is not None else None
+    for rule_id, doc in old_docs.items():
+        matches = by_content.get(_content_key(doc))
         if matches:
             found.append((rule_id, matches.pop(0)))
-    return found
+    taken = {old for old, _ in found} | {new for _, new in found}
+    olds = {i: Counter(_leaves(d)) for i, d in old_docs.items() if i not in taken}
+    news = {i: Counter(_leaves(d)) for i, d in new_docs.items() if i not in taken}
+    if olds and news and len(olds) * len(news) <= RENAME_PAIRS:
+        found.extend(_alike(olds, news))
+    return sorted(found)
 
 
-def _content_key(doc: Any) -> str:
-    return json.dumps(_plain(doc), sort_keys=True, default=str)
+def _leaves(value: Any, path: str = "") -> Iterable[str]:
+    """Each scalar of plain data with where it is: ``message.subject="Hi"``."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _leaves(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _leaves(item, f"{path}[{index}]")
+    else:
+        yield f"{path}={json.dumps(value, default=str)}"
+
+
+def _alike(
+    olds: Mapping[str, Counter[str]], news: Mapping[str, Counter[str]]
+) -> list[tuple[str, str]]:
+    """The pairs at least RENAME_SIMILARITY alike, the most alike first, each rule once."""
+    scored = []
+    for old, old_leaves in olds.items():
+        for new, new_leaves in news.items():
+            size = old_leaves.total() + new_leaves.total()
+            ratio = 2 * (old_leaves & new_leaves).total() / size if size else 0.0
+            if ratio >= RENAME_SIMILARITY:
+                scored.append((-ratio, old, new))
+    paired: list[tuple[str, str]] = []
+    used: set[str] = set()
+    for _, old, new in sorted(scored):
+        if old not in used and new not in used:
+            paired.append((old, new))
+            used.update((old, new))
+    return paired
+
+
+def _content_key(plain: Any) -> str:
+    return json.dumps(plain, sort_keys=True, default=str)
 
 
 def _rule_change(
