@@ -264,8 +264,8 @@ def test_a_renamed_rule_that_also_changed_is_renamed_and_changed(
     edit(project / "rules/hi.yaml", "subject: Hello", "subject: Hi")
     git(repo, "rm", "-q", "notifications/rules/promo.yaml")
     (project / "rules/flash.yaml").write_text(
-        'trigger: {event: flash}\napps: {news-android: {parentMessageId: "9"}}\nmessage: {text: "{{ event.t }}"}\n'
-        'targets: [{memberId: "{{ event.m }}"}]\n'
+        'trigger: {event: flash}\napps: {news-android: {parentMessageId: "9"}}\n'
+        'message: {text: "{{ event.t }}"}\ntargets: [{memberId: "{{ event.m }}"}]\n'
     )
     code, plan, err = run_plan(capsys, project)
     assert code == 0, err

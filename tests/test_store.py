@@ -245,7 +245,7 @@ def test_record_result_moves_the_row_and_keeps_every_attempt(store: Store) -> No
 def test_a_late_answer_cannot_overwrite_a_newer_claim(store: Store) -> None:
     row_id = store.enqueue("r", "a", requests(), now=T0).ids[0]
     [first] = store.claim("w", 1, T0, LEASE)
-    assert store.recover(T0 + 2 * LEASE) == [row_id]
+    assert store.reclaim(T0 + 2 * LEASE).parked == [row_id]
     store.resend(row_id, now=T0 + 2 * LEASE)
     [second] = store.claim("w", 1, T0 + 2 * LEASE, LEASE)
     assert first.claimed_by != second.claimed_by
@@ -259,7 +259,7 @@ def test_a_late_answer_cannot_overwrite_a_newer_claim(store: Store) -> None:
 def test_an_answer_after_the_lease_ran_out_replaces_the_doubt(store: Store) -> None:
     row_id = store.enqueue("r", "a", requests(), now=T0).ids[0]
     [row] = store.claim("w", 1, T0, LEASE)
-    store.recover(T0 + 2 * LEASE)
+    store.reclaim(T0 + 2 * LEASE)
     assert store.record_result(row_id, ok(message_id="9"), SENT, claimed_by=row.claimed_by)
     r = store.get(row_id)
     assert r is not None and (r.state, r.message_id) == (SENT, "9")
@@ -285,8 +285,8 @@ def test_an_attempt_that_sent_nothing_can_be_given_back(store: Store) -> None:
 def test_recover_parks_expired_leases_in_doubt(store: Store) -> None:
     ids = store.enqueue("r", "a", requests(3), now=T0).ids
     store.claim("w", 2, T0, timedelta(minutes=1))
-    assert store.recover(T0 + timedelta(seconds=30)) == []  # leases still running
-    parked = store.recover(T0 + timedelta(minutes=2))
+    assert store.reclaim(T0 + timedelta(seconds=30)).parked == []  # leases still running
+    parked = store.reclaim(T0 + timedelta(minutes=2)).parked
     assert parked == ids[:2]
     rows = store.get_many(ids)
     assert [r.state for r in rows] == [IN_DOUBT, IN_DOUBT, PENDING]
@@ -294,7 +294,7 @@ def test_recover_parks_expired_leases_in_doubt(store: Store) -> None:
     assert rows[0].attempt_log[-1].outcome == IN_DOUBT
     # Parked rows are never claimed again by themselves.
     assert [r.id for r in store.claim("w", 10, T0 + timedelta(hours=1), LEASE)] == ids[2:]
-    assert store.recover(T0 + timedelta(hours=1)) == []
+    assert store.reclaim(T0 + timedelta(hours=1)).parked == []
 
 
 # --- operator actions ------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from engine.rules.project import DaemonConfig, Project
 from engine.rules.rule import Rule
 from engine.rules.schedule import parse_timezone
 from engine.rules.secrets import MissingSecret, SecretRef
-from engine.send.dispatch import Dispatcher, log_reclaimed
+from engine.send.dispatch import Dispatcher
 from engine.send.runtime import credentials, dispatch_settings, open_store, sandboxed
 
 log = logging.getLogger("pushrules.daemon")
@@ -406,10 +406,6 @@ class Daemon:
         project = self.project
         listening = self._bind()
         self.store = await asyncio.to_thread(open_store, project)
-        # Rows of a run that died (this one's last run, or a dead peer's): those that never
-        # left are due again, the others in_doubt, now rather than when their lease ends.
-        reclaimed = await asyncio.to_thread(self.store.reclaim, self.clock.now())
-        log_reclaimed(reclaimed)
         # On the daemon's clock, not the system's: rows are due at clock instants (the fire
         # time, the end of quiet hours), so a clock set ahead must not leave them unclaimed.
         self.dispatcher = Dispatcher(

@@ -770,10 +770,6 @@ class Store(Marks, Retention):
         """This process's sign of life for the others sharing the store (see Liveness)."""
         return Liveness(self, instance, ttl)
 
-    def recover(self, now: datetime) -> list[int]:
-        """:meth:`reclaim` for callers that only want the ids parked ``in_doubt``."""
-        return self.reclaim(now).parked
-
     def reclaim(
         self, now: datetime, *, me: str | None = None, stopping: str | None = None
     ) -> Reclaimed:

@@ -640,6 +640,8 @@ class Dispatcher:
         """
         s = self.settings
         await self._beat()
+        # Rows of a run that died (this process's last run, or a dead peer's): those that never
+        # left are due again, the others in_doubt, now rather than when their lease ends.
         await self._recover()
         keep_alive = asyncio.create_task(self._keep_alive(), name="pushrules-liveness")
         writer = _ResultWriter(self, s.flush_interval, s.batch)
