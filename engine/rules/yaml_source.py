@@ -259,7 +259,9 @@ class _Builder:
         self.issues: list[YamlIssue] = []
         self.count = 0
         self.aliased = False  # whether an alias has been expanded (for the "too large" message)
-        self.seen: dict[int, tuple[Any, int]] = {}
+        #: Each node built (by id), with the values it counts for, when the text may share
+        #: one between places: an alias needs an anchor, and an anchor a ``&``.
+        self.seen: dict[int, tuple[Any, int]] | None = {} if "&" in text else None
         self.text = text
         self._lines: list[str] | None = None
 
@@ -286,8 +288,7 @@ class _Builder:
     def build(self, node: yaml.Node, depth: int, owner: str | None = None) -> Any:
         """``owner``: the key whose value ``node`` is (for hints that name it)."""
         seen = self.seen
-        done = seen.get(id(node))
-        if done is not None:
+        if seen is not None and (done := seen.get(id(node))) is not None:
             # An alias: the same node again. Reuse it, but count what it expands to, so that
             # nested aliases cannot blow up whoever walks the data later.
             self.count += done[1]
@@ -338,7 +339,8 @@ class _Builder:
         else:
             # The composer makes only these three kinds of node.
             result = self._mapping(cast(yaml.MappingNode, node), line, column, depth, owner)
-        seen[id(node)] = (result, self.count - before)
+        if seen is not None:
+            seen[id(node)] = (result, self.count - before)
         return result
 
     def _mapping(
