@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from engine.cli.main import main
+from engine.cli.main import COMMAND_GROUPS, build_parser, main
 from tests.helpers import REPO, make_project, write_rule
 
 BROKEN = """
@@ -183,3 +185,57 @@ def test_every_command_takes_project() -> None:
             continue
         options = {o for action in command._actions for o in action.option_strings}
         assert "--project" in options, f"pushrules {name} has no --project"
+
+
+#: The commands as ``pushrules --help`` has always listed them.
+HELP_ORDER = [
+    "validate", "compile", "init", "schema", "fmt", "preview", "test", "explain", "plan",
+    "sandbox", "send", "fire", "history", "outbox", "run", "next", "pause", "resume",
+]  # fmt: skip
+
+
+def test_each_group_registers_the_commands_it_is_listed_with(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """COMMAND_GROUPS says which group owns a command, for the parser to import that group
+    alone: each group's ``register`` adds exactly its listed commands, in that order, and
+    ``--help`` lists them all in the order it always has."""
+    for group, commands in COMMAND_GROUPS.items():
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(group).register(sub)
+        assert tuple(sub.choices) == commands, group
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = re.findall(r"^    (\w+)  ", capsys.readouterr().out, re.MULTILINE)
+    assert listed == HELP_ORDER == [c for names in COMMAND_GROUPS.values() for c in names]
+
+
+@pytest.mark.parametrize(
+    ("argv", "commands"),
+    [
+        (["validate", "--strict"], ["validate", "compile"]),
+        (["outbox", "prune"], ["send", "fire", "history", "outbox"]),
+        ([], HELP_ORDER),
+        (["--help"], HELP_ORDER),
+        (["-h", "validate"], HELP_ORDER),
+        (["valdate"], HELP_ORDER),
+    ],
+)
+def test_the_parser_holds_the_group_of_the_command_named(
+    argv: list[str], commands: list[str]
+) -> None:
+    """Only the group owning the command; every group with no command, an unknown one or an
+    option first, so the root's help and its errors list every command."""
+    parser = build_parser(argv)
+    assert list(next(a for a in parser._actions if a.dest == "command").choices) == commands
+
+
+def test_an_unknown_command_is_told_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["valdate"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        "invalid choice: 'valdate' (choose from " + ", ".join(f"'{c}'" for c in HELP_ORDER) + ")"
+        in err
+    )

@@ -1,7 +1,8 @@
 """The commands that only read rules never load APScheduler (only the daemon runs jobs), and
 ``validate`` and ``test`` (what a pre-commit hook runs) load neither the store, the HTTP client
 nor the server: each group of commands registers its parsers without importing what its
-commands use."""
+commands use. ``validate`` of a valid project loads only its own group of commands, and
+neither Cerberus (run only on a document the fast schema pass refuses) nor asyncio."""
 
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ def _run(argv):
     except SystemExit as exit:
         return exit.code
 code = main(sys.argv[1:])
-heavy = ("apscheduler", "sqlalchemy", "httpx", "uvicorn", "starlette")
+heavy = ("apscheduler", "sqlalchemy", "httpx", "uvicorn", "starlette", "cerberus", "asyncio")
 loaded = {h: sorted(m for m in sys.modules if m.split(".")[0] == h) for h in heavy}
-print(json.dumps({"code": code, **loaded}))
+groups = sorted(m for m in sys.modules if m.startswith("engine.cli."))
+print(json.dumps({"code": code, **loaded, "engine.cli": groups}))
 """
 
 
@@ -82,3 +84,27 @@ def test_validate_and_help_load_no_store_client_or_server(argv: list[str]) -> No
     assert result["code"] in (0, 2), done.stderr
     for package in ("sqlalchemy", "httpx", "uvicorn", "starlette", "apscheduler"):
         assert result[package] == [], f"pushrules {' '.join(argv)} loaded {result[package]}"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["validate"], ["validate", "rules/flight-canceled.yaml"]],
+    ids=["project", "one-file"],
+)
+def test_validate_of_a_valid_project_loads_its_group_alone(argv: list[str]) -> None:
+    """What a pre-commit hook runs on every commit: no other command group's module (their
+    imports cost as much as the checks), no Cerberus, no asyncio."""
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0, done.stdout  # the repository's project is valid
+    assert result["cerberus"] == [], f"pushrules {' '.join(argv)} loaded Cerberus"
+    assert result["asyncio"] == [], f"pushrules {' '.join(argv)} loaded asyncio"
+    assert result["engine.cli"] == ["engine.cli.check", "engine.cli.common", "engine.cli.main"]

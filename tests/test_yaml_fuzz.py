@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from engine.rules.checks import parse_rule
 from engine.rules.fragments import Fragments
 from engine.rules.project import parse_project
-from engine.rules.yaml_source import Scalar, load
+from engine.rules.yaml_source import Scalar, _Loader, load
 from tests.helpers import REPO, examples
 
 PROJECT, _ = parse_project(REPO, (REPO / "pushrules.yaml").read_text())
@@ -136,6 +136,28 @@ def test_scalars_keep_their_text_and_their_yaml_type(doc: dict) -> None:
             assert value.typed == original
         elif original == original:  # a float that is not NaN
             assert value.typed == original
+
+
+def _tags(node: yaml.Node | None) -> object:
+    if node is None or isinstance(node, yaml.ScalarNode):
+        return node and (node.tag, node.value)
+    if isinstance(node, yaml.SequenceNode):
+        return (node.tag, [_tags(item) for item in node.value])
+    return (node.tag, [(_tags(k), _tags(v)) for k, v in node.value])
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(st.dictionaries(st.sampled_from(KEYS), st.one_of(scalars, st.lists(scalars)), max_size=8))
+def test_the_loader_tags_nodes_as_the_safe_loader(doc: dict) -> None:
+    """Our loader's shortcuts (tags remembered, no path resolvers) change no tag, the first
+    time a value is seen or later."""
+    text = "plain: [0012, no, 1.10, 2026-12-24, ~, '1', <<, =]\n" + (
+        yaml.safe_dump(doc) if doc else ""
+    )
+    for _ in range(2):
+        assert _tags(yaml.compose(text, Loader=_Loader)) == _tags(
+            yaml.compose(text, Loader=yaml.SafeLoader)
+        )
 
 
 def test_plain_scalars_are_text_as_written() -> None:

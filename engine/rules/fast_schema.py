@@ -34,13 +34,17 @@ BoundsCheck = Callable[[object, Any], bool]
 
 
 def is_mapping(value: object) -> bool:
-    """Cerberus's ``dict`` type (a plain dict is tried first: the common case, and cheaper)."""
-    return isinstance(value, (dict, Mapping))
+    """Cerberus's ``dict`` type (a plain dict is tried first: the common case, and cheaper;
+    then text, which no mapping is, before the slower abstract check)."""
+    return isinstance(value, dict) or (not isinstance(value, str) and isinstance(value, Mapping))
 
 
 def is_sequence(value: object) -> bool:
-    """Cerberus's ``list`` type: a sequence that is not text."""
-    return isinstance(value, list) or (isinstance(value, Sequence) and not isinstance(value, str))
+    """Cerberus's ``list`` type: a sequence that is not text (a list or a dict answered
+    without the slower abstract check)."""
+    if isinstance(value, list):
+        return True
+    return not isinstance(value, (str, dict)) and isinstance(value, Sequence)
 
 
 class _Rules:

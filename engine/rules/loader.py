@@ -416,14 +416,16 @@ def _check_jobs(
             yield rel, (None, problems)
 
 
-_shared: tuple[Project, Fragments, frozenset[str]] | None = None
+#: What a load gives its forked workers: the project, templates, files whose rules are not
+#: kept, and the chunks of jobs (a worker is sent a chunk's index, not its texts).
+_shared: tuple[Project, Fragments, frozenset[str], list[list[Job]]] | None = None
 
 
-def _check_chunk(jobs: list[Job]) -> list[tuple[str, tuple[Rule | None, list[Problem]]]]:
+def _check_chunk(index: int) -> list[tuple[str, tuple[Rule | None, list[Problem]]]]:
     assert _shared is not None
-    project, fragments, drop = _shared
+    project, fragments, drop, chunks = _shared
     with _collector_paused():
-        return list(_check_jobs(jobs, project, fragments, drop))
+        return list(_check_jobs(chunks[index], project, fragments, drop))
 
 
 def _check_parallel(
@@ -440,13 +442,16 @@ def _check_parallel(
     from concurrent.futures import ProcessPoolExecutor
 
     global _shared
-    _shared = (project, fragments, drop)
     keeps = any(job[1] not in drop for job in jobs)
     helpers = workers if keeps else workers - 1
     own = [] if keeps else jobs[::workers]  # interleaved: a run of big files is shared out
     rest = jobs if keeps else [job for index, job in enumerate(jobs) if index % workers]
     count = max(helpers, -(-len(rest) // CHUNK))
     chunks = [rest[i::count] for i in range(count)]
+    # Forked after this, the workers have the chunks: sending one is sending its index. Its
+    # texts, pickled by the pool's threads, waited for this process's share to let go of the
+    # interpreter lock: the worker started 35 ms after this process.
+    _shared = (project, fragments, drop, chunks)
     try:
         context = multiprocessing.get_context("fork")
     except ValueError:  # pragma: no cover - no fork on this platform
@@ -456,7 +461,7 @@ def _check_parallel(
     gc.freeze()
     try:
         with ProcessPoolExecutor(max_workers=helpers, mp_context=context) as pool:
-            futures = [pool.submit(_check_chunk, chunk) for chunk in chunks]
+            futures = [pool.submit(_check_chunk, index) for index in range(len(chunks))]
             out = dict(_check_jobs(own, project, fragments, drop))
             for future in futures:
                 out.update(future.result())

@@ -50,6 +50,11 @@ _RESOLVERS: dict[str, list[tuple[str, Any]]] = {
 }
 
 
+#: The tag of each plain scalar resolved lately: keys and common values recur in every file.
+_PLAIN_TAGS: dict[str, str] = {}
+_PLAIN_TAGS_MAX = 8192
+
+
 class _Loader(_Base):  # type: ignore[misc]
     """The safe loader with its tag resolution done in one lookup: the loader calls it for
     every node, and the stock one (for path resolvers the safe loader never has) costs about a
@@ -58,11 +63,30 @@ class _Loader(_Base):  # type: ignore[misc]
     def resolve(self, kind: type, value: str, implicit: tuple[bool, bool]) -> str:
         if kind is yaml.ScalarNode:
             if implicit[0]:
-                for tag, pattern in _RESOLVERS.get(value[:1], _WILDCARDS):
-                    if pattern.match(value):
-                        return tag
+                tag = _PLAIN_TAGS.get(value)
+                if tag is None:
+                    tag = _resolve_plain(value)
+                    if len(_PLAIN_TAGS) >= _PLAIN_TAGS_MAX:
+                        _PLAIN_TAGS.clear()
+                    _PLAIN_TAGS[value] = tag
+                return tag
             return _STR
         return _SEQ if kind is yaml.SequenceNode else _MAP
+
+    def descend_resolver(self, current_node: Any, current_index: Any) -> None:
+        """Nothing: the stock one, called around every node, looks for path resolvers the
+        safe loader never has (7% of composing a rule)."""
+
+    def ascend_resolver(self) -> None:
+        """Nothing, as :meth:`descend_resolver`."""
+
+
+def _resolve_plain(value: str) -> str:
+    """The tag YAML gives a plain scalar (the safe loader's implicit resolvers)."""
+    for tag, pattern in _RESOLVERS.get(value[:1], _WILDCARDS):
+        if pattern.match(value):
+            return tag
+    return _STR
 
 
 #: Nodes a document may expand to through aliases before it is refused ("billion laughs").
@@ -78,6 +102,11 @@ TEXT_FIELDS = frozenset({"subject", "text", "longText", "alert", "title", "label
 
 _constructor = yaml.constructor.SafeConstructor()
 _SCALAR, _SEQUENCE = yaml.ScalarNode, yaml.SequenceNode
+
+
+#: A ``str`` subclass's instance made without a call to its ``__new__`` (the builder makes
+#: one for every key and scalar of a file: it sets the fields itself).
+_new_str = str.__new__
 
 
 class Scalar(str):
@@ -230,7 +259,9 @@ class _Builder:
         self.issues: list[YamlIssue] = []
         self.count = 0
         self.aliased = False  # whether an alias has been expanded (for the "too large" message)
-        self.seen: dict[int, tuple[Any, int]] = {}
+        #: Each node built (by id), with the values it counts for, when the text may share
+        #: one between places: an alias needs an anchor, and an anchor a ``&``.
+        self.seen: dict[int, tuple[Any, int]] | None = {} if "&" in text else None
         self.text = text
         self._lines: list[str] | None = None
 
@@ -257,8 +288,7 @@ class _Builder:
     def build(self, node: yaml.Node, depth: int, owner: str | None = None) -> Any:
         """``owner``: the key whose value ``node`` is (for hints that name it)."""
         seen = self.seen
-        done = seen.get(id(node))
-        if done is not None:
+        if seen is not None and (done := seen.get(id(node))) is not None:
             # An alias: the same node again. Reuse it, but count what it expands to, so that
             # nested aliases cannot blow up whoever walks the data later.
             self.count += done[1]
@@ -288,16 +318,19 @@ class _Builder:
         if kind is _SCALAR:
             if tag == _NULL:
                 result = None
-            elif tag in _TYPED:
-                try:
-                    # The tag's own constructor: construct_object would also remember the
-                    # node in the shared constructor, for ever (a leak growing with reloads).
-                    typed = _constructor.yaml_constructors[tag](_constructor, node)
-                except (yaml.YAMLError, ValueError):
-                    typed = None
-                result = Scalar(node.value, line, column, typed)
             else:
-                result = Scalar(node.value, line, column)
+                typed = None
+                if tag in _TYPED:
+                    try:
+                        # The tag's own constructor: construct_object would also remember the
+                        # node in the shared constructor, for ever (a leak growing with reloads).
+                        typed = _constructor.yaml_constructors[tag](_constructor, node)
+                    except (yaml.YAMLError, ValueError):
+                        typed = None
+                result = _new_str(Scalar, node.value)  # Scalar(node.value, line, column, typed)
+                result.line = line
+                result.column = column
+                result.typed = typed
         elif kind is _SEQUENCE:
             items = MarkedList(line, column)
             inner = depth + 1
@@ -306,7 +339,8 @@ class _Builder:
         else:
             # The composer makes only these three kinds of node.
             result = self._mapping(cast(yaml.MappingNode, node), line, column, depth, owner)
-        seen[id(node)] = (result, self.count - before)
+        if seen is not None:
+            seen[id(node)] = (result, self.count - before)
         return result
 
     def _mapping(
@@ -351,7 +385,11 @@ class _Builder:
             marks[key] = (kline, kcol)
             if key in TEXT_FIELDS:
                 self._check_cut_text(key, value_node)
-            result[Scalar(key, kline, kcol)] = self.build(value_node, inner, key)
+            marked = _new_str(Scalar, key)  # Scalar(key, kline, kcol)
+            marked.line = kline
+            marked.column = kcol
+            marked.typed = None
+            result[marked] = self.build(value_node, inner, key)
         return result
 
     def _check_cut_text(self, key: str, node: yaml.Node) -> None:
@@ -561,8 +599,13 @@ def read_source(path: Path, root: Path, top: Path, limit: int = MAX_FILE_BYTES) 
                     f"{what} is a link to {path.resolve()}, outside the project; copy it into "
                     "the project"
                 )
-        with path.open("rb") as handle:
-            data = handle.read(limit + 1)
+        with open(path, "rb") as handle:
+            # Sized by the file: read(limit + 1) would allocate the whole limit for each file
+            # (three times the cost of reading a rule); a file grown since is read on.
+            size = os.fstat(handle.fileno()).st_size
+            data = handle.read(min(size, limit) + 1)
+            if len(data) > size:
+                data += handle.read(limit + 1 - len(data))
         if len(data) > limit:
             size = os.stat(path).st_size
             raise Unreadable(
