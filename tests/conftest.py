@@ -159,10 +159,17 @@ def daemons() -> Iterator[StartDaemon]:
         clock: str | None = None,
         name: str | None = None,
         wait: bool = True,
+        new_interpreter: bool = False,
         **env: str,
     ) -> Daemon:
-        """A daemon answering /healthz; with ``wait=False`` only launched (call wait_ready)."""
-        daemon = Daemon(project, clock=clock, name=name or f"run{len(started)}")
+        """A daemon answering /healthz; with ``wait=False`` only launched (call wait_ready).
+        ``new_interpreter``: ``python -m engine run`` rather than forked (tests/zygote.py)."""
+        daemon = Daemon(
+            project,
+            clock=clock,
+            name=name or f"run{len(started)}",
+            new_interpreter=new_interpreter,
+        )
         started.append(daemon)
         return daemon.start(**env) if wait else daemon.launch(**env)
 

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import httpx
 
 from engine.outbox.store import OutboxRow, Store
+from tests import zygote
 from tests.helpers import REPO
 
 T = TypeVar("T")
@@ -184,11 +185,21 @@ class Project:
 class Daemon:
     """``python -m engine run`` on a project; the log goes to a file beside the project."""
 
-    def __init__(self, project: Project, *, clock: str | None = None, name: str = "daemon"):
+    def __init__(
+        self,
+        project: Project,
+        *,
+        clock: str | None = None,
+        name: str = "daemon",
+        new_interpreter: bool = False,
+    ):
+        """``new_interpreter``: started as ``python -m engine run``, not forked from the
+        preloaded fork server (see tests/zygote.py)."""
         self.project = project
         self.clock = clock
         self.log_path = project.root.parent / f"{project.root.name}-{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
+        self.new_interpreter = new_interpreter or zygote.exec_only()
+        self.process: subprocess.Popen[bytes] | zygote.Forked | None = None
         self.started_at = 0.0  # time.time() just before the process started
         self.ready_at = 0.0  # time.time() when /healthz first answered
 
@@ -207,12 +218,16 @@ class Daemon:
 
     def launch(self, **env: str) -> Daemon:
         """Start the process without waiting for it (several start faster together)."""
-        command = [sys.executable, "-m", "engine", "run", "--project", str(self.project.root)]
+        argv = ["run", "--project", str(self.project.root), "--log-format", "json"]
+        environment = self.env(**env)
+        self.started_at = time.time()
+        if not self.new_interpreter:
+            self.process = zygote.Forked(argv, environment, self.project.root, self.log_path)
+            return self
         with self.log_path.open("ab") as log:
-            self.started_at = time.time()
             self.process = subprocess.Popen(
-                [*command, "--log-format", "json"],
-                env=self.env(**env),
+                [sys.executable, "-m", "engine", *argv],
+                env=environment,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.project.root,

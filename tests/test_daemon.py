@@ -381,9 +381,10 @@ def test_sigterm_finishes_the_send_in_flight_then_exits_0(
     one_rule_project: Project, sandbox: RunningSandbox, daemons: StartDaemon
 ) -> None:
     """SIGTERM while Accengage takes 1.5 s to answer: the daemon waits for the answer, records
-    the row as sent (not in_doubt) and exits 0."""
+    the row as sent (not in_doubt) and exits 0. Started as an operator starts it, `python -m
+    engine run` in a new interpreter (other tests fork theirs from a preloaded one)."""
     project = one_rule_project
-    daemon = daemons(project)
+    daemon = daemons(project, new_interpreter=True)
     sandbox.set_faults(latency_ms=1500)
     assert daemon.post("ping", {"marker": "slow"}).status_code == 202
     wait_for(
