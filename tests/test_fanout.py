@@ -257,3 +257,60 @@ def test_a_running_daemon_takes_a_fan_out_bigger_than_1_mib_when_intake_max_body
     assert too_big.status_code == 413
     assert "intake.max_body in pushrules.yaml" in too_big.json()["error"]
     assert daemon.health()[0] == 200
+
+
+def test_a_prune_round_while_a_fan_out_is_written_loses_and_doubles_nothing(
+    store: Store, fan_out: tuple[Any, Any]
+) -> None:
+    """The daemon's pruning (small batches, in a thread) running while a fire of 10,000
+    targets is written: each waits its turn for the store, the fire lands whole and once, every
+    old row goes, and the maintained counts equal the rows."""
+    import threading
+    import time
+    from datetime import timedelta
+
+    from engine.daemon.maintenance import Maintenance
+    from engine.outbox.states import SENT
+    from engine.outbox.store import Fire, ResultUpdate
+    from engine.rules.project import RetentionConfig
+    from tests.helpers import URL, body, ok
+
+    day = timedelta(days=1)
+    old = store.enqueue_many([Fire("old", f"k{i}", [(URL, body(i))]) for i in range(600)], now=NOW)
+    ids = [i for fire in old for i in fire.ids]
+    rows = store.claim_ids("w", ids, NOW, timedelta(minutes=5))
+    store.record_results([ResultUpdate(r.id, ok(NOW), SENT, None, r.claimed_by) for r in rows])
+    later = NOW + 100 * day
+    housekeeping = Maintenance(store, RetentionConfig, lambda: later, pause=0, batch=50)
+    rule, project = fan_out
+    fire = decided(project, rule, "event:big")
+    rounds: list[dict[str, int]] = []
+    writing = threading.Event()
+
+    def prune() -> None:
+        writing.wait(30)
+        while sum(r.get("sent", 0) for r in rounds) < 600:
+            rounds.append(asyncio.run(housekeeping.prune_round()))
+
+    def hold_the_write(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        """Inside the fire's transaction, once its first rows are in: the pruner starts and
+        the write goes on a little later, so the two meet."""
+        if statement.lstrip().upper().startswith("INSERT INTO OUTBOX") and not writing.is_set():
+            writing.set()
+            time.sleep(0.3)
+
+    pruner = threading.Thread(target=prune)
+    pruner.start()
+    event.listen(store.engine, "after_cursor_execute", hold_the_write)
+    try:
+        [outcome] = record(store, [fire], now=later)
+    finally:
+        event.remove(store.engine, "after_cursor_execute", hold_the_write)
+    pruner.join(60)
+    assert not pruner.is_alive(), "the prune rounds never finished"
+    assert outcome.status == "queued" and len(outcome.ids) == TARGETS // 100
+    assert store.history(rule="old") == []
+    assert sum(r.get("sent", 0) for r in rounds) == 600
+    backlog = store.backlog()
+    assert backlog["pending"] == TARGETS // 100 and backlog[SENT] == 0
+    assert sum(backlog.values()) == len(store.history(limit=10_000))
