@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,37 +32,38 @@ print(json.dumps({"code": code, **loaded, "engine.cli": groups}))
 """
 
 
+def probe(
+    argv: list[str], code: str = PROBE
+) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
+    """What ``pushrules argv`` loaded, run by ``code`` in a new interpreter; and the run."""
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    lines = done.stdout.strip().splitlines()
+    return (json.loads(lines[-1]) if lines else {}), done
+
+
 @pytest.mark.parametrize(
     "argv",
     [["validate"], ["next"], ["next", "monday-digest", "--count", "3"]],
     ids=["validate", "next", "next-rule"],
 )
 def test_read_only_commands_do_not_import_apscheduler(argv: list[str]) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE, *argv],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result, done = probe(argv)
     assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["code"] == 0, done.stdout
     assert result["apscheduler"] == [], f"pushrules {' '.join(argv)} loaded {result['apscheduler']}"
 
 
 def test_the_probe_sees_apscheduler_when_the_scheduler_is_imported() -> None:
     """The probe itself can fail: importing the daemon's scheduler does load APScheduler."""
-    done = subprocess.run(
-        [sys.executable, "-c", "import engine.daemon.scheduler\n" + PROBE, "next"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert json.loads(done.stdout.strip().splitlines()[-1])["apscheduler"], done.stderr
+    result, done = probe(["next"], "import engine.daemon.scheduler\n" + PROBE)
+    assert result["apscheduler"], done.stderr
 
 
 @pytest.mark.parametrize(
@@ -71,15 +73,7 @@ def test_the_probe_sees_apscheduler_when_the_scheduler_is_imported() -> None:
 )
 def test_validate_and_help_load_no_store_client_or_server(argv: list[str]) -> None:
     """``test`` too: rule tests need no store (a pre-commit hook may run them)."""
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE.replace("main(sys.argv[1:])", "_run(sys.argv[1:])"), *argv],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result, done = probe(argv, PROBE.replace("main(sys.argv[1:])", "_run(sys.argv[1:])"))
     # --help exits 0 through SystemExit; plan 2 where the checkout is not a git repository.
     assert result["code"] in (0, 2), done.stderr
     for package in ("sqlalchemy", "httpx", "uvicorn", "starlette", "apscheduler"):
@@ -94,16 +88,8 @@ def test_validate_and_help_load_no_store_client_or_server(argv: list[str]) -> No
 def test_validate_of_a_valid_project_loads_its_group_alone(argv: list[str]) -> None:
     """What a pre-commit hook runs on every commit: no other command group's module (their
     imports cost as much as the checks), no Cerberus, no asyncio."""
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE, *argv],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result, done = probe(argv)
     assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["code"] == 0, done.stdout  # the repository's project is valid
     assert result["cerberus"] == [], f"pushrules {' '.join(argv)} loaded Cerberus"
     assert result["asyncio"] == [], f"pushrules {' '.join(argv)} loaded asyncio"
