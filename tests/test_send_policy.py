@@ -148,7 +148,9 @@ def test_settings_are_checked() -> None:
         DispatchSettings(concurrency=0)
     with pytest.raises(ValueError, match="on_unknown_outcome"):
         DispatchSettings(on_unknown_outcome="guess")  # type: ignore[arg-type]
-    assert DispatchSettings().batch == 32
+    assert DispatchSettings().batch == 128
+    assert DispatchSettings(rate_per_second=5).batch == 32
+    assert DispatchSettings().results_batch == 32
 
 
 def test_an_error_is_a_retry_when_the_request_provably_never_left() -> None:

@@ -239,9 +239,7 @@ class Daemon:
             for req in requests:
                 steps = decide_steps(self.project, req.rule, req.context, now)
                 decided.append((req, await in_steps(steps, hold.start, self._checking)))
-            log.info("XX decided")
             outcomes = await self._fires.submit((decided, now))
-            log.info("XX recorded")
             del decided  # freed while the collector is held: it never walks them
         self.metrics.fired(outcomes)
         if any(o.status == "queued" for o in outcomes):

@@ -613,7 +613,7 @@ class Dispatcher:
 
     async def _process(self, rows: Sequence[OutboxRow]) -> None:
         """Send these claimed rows and write their results before returning."""
-        writer = _ResultWriter(self, self.settings.flush_interval, self.settings.batch)
+        writer = _ResultWriter(self, self.settings.flush_interval, self.settings.results_batch)
         writer.start()
         pipe = _Pipeline(self, writer, low_water=0)
         try:
@@ -644,7 +644,7 @@ class Dispatcher:
         # left are due again, the others in_doubt, now rather than when their lease ends.
         await self._recover()
         keep_alive = asyncio.create_task(self._keep_alive(), name="pushrules-liveness")
-        writer = _ResultWriter(self, s.flush_interval, s.batch)
+        writer = _ResultWriter(self, s.flush_interval, s.results_batch)
         writer.start()
         pipe = _Pipeline(self, writer, low_water=s.batch // 2)
         self._wake = pipe.wake
