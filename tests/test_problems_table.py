@@ -340,6 +340,14 @@ ROWS = [
     ),
     pytest.param(
         RULE,
+        GOOD.replace("{event: flight.canceled}", '{cron: "0 9 * * *", timezone: ""}'),
+        None,
+        1,
+        "trigger.timezone",
+        id="trigger-empty-timezone",
+    ),
+    pytest.param(
+        RULE,
         GOOD.replace("{event: flight.canceled}", "{event: a, every: 5m}"),
         None,
         1,

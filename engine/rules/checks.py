@@ -282,7 +282,9 @@ def _check_trigger(
     from engine.rules import schedule
 
     kinds = [k for k in TRIGGER_KINDS if k in trigger]
-    timezone = str(trigger.get("timezone") or project.timezone)
+    # A timezone written empty is a mistake to report, not the project's timezone.
+    given = trigger.get("timezone")
+    timezone = project.timezone if given is None else str(given)
     zone_ok = True
     if "timezone" in trigger:
         try:
