@@ -48,14 +48,29 @@ def weight(item: pytest.Item) -> int:
 
 
 def stripes(items: list[pytest.Item], workers: int) -> list[pytest.Item]:
-    """The heaviest tests first, dealt in turn to ``workers`` equal stripes laid end to end.
+    """``workers`` shares laid end to end, each starting with its turn of the long tests (the
+    heaviest first), then a run of the short ones in file order.
 
-    pytest-xdist's worksteal gives each worker one contiguous share of the list and lets an
-    idle worker take the tail of another's: so each share starts with its part of the long
-    tests, and what is left to take at the end is short. In collection order, one worker could
-    start a 15-second test after the others had run out of work."""
-    ranked = sorted(items, key=weight, reverse=True)  # stable: the file order within a weight
-    return [item for k in range(workers) for item in ranked[k::workers]]
+    pytest-xdist's worksteal gives each worker one contiguous share of the list (the sizes
+    below are its own) and lets an idle worker take the tail of another's: so each share
+    starts with its part of the long tests, and what is left to take at the end is short. In
+    collection order, one worker could start a 15-second test after the others had run out of
+    work. The short tests stay together by file, so a module's fixtures (a filled store, a
+    browser) are set up in one worker, not in each."""
+    if workers <= 1:
+        return items
+    heavy = sorted((i for i in items if weight(i)), key=weight, reverse=True)  # stable
+    light = [i for i in items if not weight(i)]
+    ordered: list[pytest.Item] = []
+    left, taken = len(items), 0
+    for k in range(workers):
+        size = left // (workers - k)
+        left -= size
+        share = heavy[k::workers]
+        more = max(0, size - len(share))
+        ordered += share + light[taken : taken + more]
+        taken += more
+    return ordered + light[taken:]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
