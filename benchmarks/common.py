@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # the scripts run as python benchmarks/X.py
+    sys.path.insert(0, str(REPO))
 #: Where the generated projects' pushrules.yaml reads the credentials the daemon is given.
 LOGIN_VAR, PASSWORD_VAR = "BENCH_ACCENGAGE_LOGIN", "BENCH_ACCENGAGE_PASSWORD"
 

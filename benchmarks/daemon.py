@@ -66,14 +66,13 @@ import httpx
 from common import (
     LOGIN_VAR,
     PASSWORD_VAR,
+    REPO,
     Daemon,
     print_table,
     project_root,
     start_sandbox,
     stop_process,
 )
-
-REPO = Path(__file__).resolve().parent.parent
 
 PROBE_EVENT = "bench.clock_probe"
 PROBE_RULE = "zz-clock-probe"

@@ -25,7 +25,6 @@ import os
 import secrets
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -33,17 +32,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import httpx
+from common import (
+    ScratchSchema,
+    print_table,
+    start_sandbox,
+)
 
-import httpx  # noqa: E402
-from common import ScratchSchema, print_table, start_sandbox  # noqa: E402  (run as a script)
-
-from engine.outbox.schema import utcnow  # noqa: E402
-from engine.outbox.store import Fire, Store  # noqa: E402
-from engine.rules.secrets import SecretRef  # noqa: E402
-from engine.send.dispatch import Credentials, Dispatcher  # noqa: E402
-from engine.send.policy import DispatchSettings  # noqa: E402
+from engine.outbox.schema import utcnow
+from engine.outbox.store import Fire, Store
+from engine.rules.secrets import SecretRef
+from engine.send.dispatch import Credentials, Dispatcher
+from engine.send.policy import DispatchSettings
 
 LOGIN, PASSWORD = "bench@example.com", "bench-password"
 

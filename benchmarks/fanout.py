@@ -44,11 +44,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import httpx  # noqa: E402
-from common import (  # noqa: E402  (scripts run as python benchmarks/X.py)
+import httpx
+from common import (
     LOGIN_VAR,
     PASSWORD_VAR,
     Daemon,
@@ -56,11 +53,11 @@ from common import (  # noqa: E402  (scripts run as python benchmarks/X.py)
     project_root,
     stop_process,
 )
-from daemon import Sandbox, cpu_seconds, engine_version, free_port, percentile  # noqa: E402
+from daemon import Sandbox, cpu_seconds, engine_version, free_port, percentile
 
-from engine.outbox.store import Fire, Store  # noqa: E402
-from engine.render.compiler import FireContext, compile_fire  # noqa: E402
-from engine.rules.loader import Loader  # noqa: E402
+from engine.outbox.store import Fire, Store
+from engine.render.compiler import FireContext, compile_fire
+from engine.rules.loader import Loader
 
 EVENT, RULE = "bench.fanout", "fanout"
 TARGET_FIRE_S, TARGET_PING_P99_S = 2.0, 0.100

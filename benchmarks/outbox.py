@@ -35,15 +35,15 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from common import (
+    ScratchSchema,
+    print_table,
+)
+from sqlalchemy import text
 
-from common import ScratchSchema, print_table  # noqa: E402  (run as a script)
-from sqlalchemy import text  # noqa: E402
-
-from engine.outbox.schema import utcnow  # noqa: E402
-from engine.outbox.states import DEAD, HELD, IN_DOUBT, SENT  # noqa: E402
-from engine.outbox.store import AttemptResult, Fire, ResultUpdate, Store  # noqa: E402
+from engine.outbox.schema import utcnow
+from engine.outbox.states import DEAD, HELD, IN_DOUBT, SENT
+from engine.outbox.store import AttemptResult, Fire, ResultUpdate, Store
 
 URL = "https://api.example.invalid/sendInstantMessage.php"
 RULES = 50

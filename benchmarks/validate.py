@@ -33,12 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from common import project_root  # scripts run as python benchmarks/X.py
+from common import (
+    REPO,
+    project_root,  # scripts run as python benchmarks/X.py
+)
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from engine.rules.loader import Loader  # noqa: E402
+from engine.rules.loader import Loader
 
 APPS = ["flights-ios", "flights-android", "news-ios", "news-android"]
 EVENTS = [
