@@ -285,7 +285,13 @@ def run(args: argparse.Namespace, root: Path) -> Results:
         )
         pinger = None
         with Store(f"sqlite:///{store}", create=False) as outbox:
+            # The sandbox has every request a moment before the daemon has written the last
+            # answers (results are written in batches): wait for them before counting.
+            settled = time.monotonic() + 5
             counts = outbox.backlog()
+            while counts.get("sent", 0) < expected and time.monotonic() < settled:
+                time.sleep(0.05)
+                counts = outbox.backlog()
             rows = outbox.history(rule=RULE, limit=10 * len(bodies) * (args.targets // 100 + 1))
         for n, fire in enumerate(res.fires):
             fire.rows = sum(1 for r in rows if r.idem_key == f"event:fanout-{n}")
