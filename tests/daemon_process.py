@@ -55,6 +55,13 @@ FAST_TIMING: dict[str, str] = {
 }
 
 
+#: The one HTTP client of the tests' requests to daemons: ``httpx.get()`` builds a client, and
+#: its TLS context, at each call (20 ms of processor time), and the tests poll /healthz several
+#: times a second. No connection is kept: a daemon restarted on the same port would be handed
+#: its predecessor's.
+HTTP = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
+
+
 def require_e2e() -> None:
     """Fails a test that starts a real daemon without the ``e2e`` marker: the marker is how
     ``-m "not e2e"`` gives a fast run and how the slow tests are found."""
@@ -253,7 +260,7 @@ class Daemon:
                 f"the daemon exited with {self.process.returncode} at start\n{self.log()}"
             )
         try:
-            httpx.get(self.project.url + "/healthz", timeout=1.0)
+            HTTP.get(self.project.url + "/healthz", timeout=1.0)
         except httpx.HTTPError:
             return False
         return True
@@ -261,7 +268,7 @@ class Daemon:
     # -- HTTP -------------------------------------------------------------------------------
 
     def health(self) -> tuple[int, dict[str, Any]]:
-        response = httpx.get(self.project.url + "/healthz", timeout=5.0)
+        response = HTTP.get(self.project.url + "/healthz", timeout=5.0)
         return response.status_code, response.json()
 
     def post(
@@ -273,7 +280,7 @@ class Daemon:
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        return httpx.post(
+        return HTTP.post(
             f"{self.project.url}/events/{event}", content=content, headers=headers, timeout=10.0
         )
 

@@ -13,20 +13,19 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import pytest
 
 from engine.accengage.sandbox import RunningSandbox
 from engine.cli.main import main
 from engine.outbox.store import Store
 from tests.conftest import StartDaemon
-from tests.daemon_process import Daemon, Project, wait_for
+from tests.daemon_process import HTTP, Daemon, Project, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
 def metric(daemon: Daemon, name: str) -> float:
-    text = httpx.get(daemon.project.url + "/metrics", timeout=5.0).text
+    text = HTTP.get(daemon.project.url + "/metrics", timeout=5.0).text
     for line in text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[-1])

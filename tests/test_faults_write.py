@@ -40,7 +40,7 @@ from engine.outbox.states import IN_DOUBT, SENDING, SENT
 from engine.outbox.store import Store
 from engine.render.compiler import FireContext
 from tests.conftest import StartDaemon
-from tests.daemon_process import Daemon, Project, started_before, wait_for
+from tests.daemon_process import HTTP, Daemon, Project, started_before, wait_for
 from tests.helpers import load, make_project, write_rule
 from tests.test_scheduler import MemoryMarks, make_rule
 
@@ -66,7 +66,7 @@ def texts(sandbox: RunningSandbox) -> Counter[str]:
 
 def timed_get(url: str) -> tuple[float, httpx.Response]:
     started = time.monotonic()
-    response = httpx.get(url, timeout=30.0)
+    response = HTTP.get(url, timeout=30.0)
     return time.monotonic() - started, response
 
 

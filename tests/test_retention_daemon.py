@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-import httpx
 import pytest
 
 from engine.accengage.sandbox import RunningSandbox
 from engine.outbox.states import DROPPED, IN_DOUBT, SENT
 from engine.outbox.store import AttemptResult, Fire, ResultUpdate
 from tests.conftest import StartDaemon
-from tests.daemon_process import Project
+from tests.daemon_process import HTTP, Project
 
 pytestmark = pytest.mark.e2e
 
@@ -59,6 +58,6 @@ def test_the_leader_prunes_old_rows_while_it_sends(
     assert [r["body"]["sendInstantMessage"]["message"]["text"] for r in sandbox.requests()] == [
         "ping during"
     ]
-    metrics = httpx.get(project.url + "/metrics", timeout=5).text
+    metrics = HTTP.get(project.url + "/metrics", timeout=5).text
     assert 'pushrules_pruned_rows_total{kind="sent"} 1200.0' in metrics
     assert 'pushrules_outbox_backlog{state="in_doubt"} 5.0' in metrics
