@@ -122,13 +122,16 @@ def test_delete_and_recreate_churn_loses_no_event(
     arrive: every event answered 202 is in the outbox or recorded as taken by no rule, with
     why, and the churned rule takes every one of its events.
 
-    The files never stay still for ``watch_quiet`` (300 ms, the default) during the churn, so
-    every reload then is one forced by ``watch_max_delay`` (1 s here, 5 s by default): the
-    kind that must keep a rule whose file is missing for the moment."""
+    The files never stay still for ``watch_quiet`` (1 s here, 300 ms by default) during the
+    churn, so every reload then is one forced by ``watch_max_delay`` (1 s here, 5 s by default):
+    the kind that must keep a rule whose file is missing for the moment. (At 300 ms, a churn
+    thread held up a third of a second on a busy machine, or polls landing twice on the
+    missing file, looked like a settled folder without the rule, which the daemon rightly
+    drops.)"""
     project = Project(
         tmp_path / "project",
         sandbox.url,
-        timing={"daemon.watch_quiet": "300ms", "daemon.watch_max_delay": "1s"},
+        timing={"daemon.watch_quiet": "1s", "daemon.watch_max_delay": "1s"},
     )
     churned = project.rule("churned", "event: churned", "churned {{ event.marker }}")
     daemon = daemons(project)
