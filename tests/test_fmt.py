@@ -127,7 +127,7 @@ def relayout(text: str, rng: random.Random) -> str:
 
 
 @pytest.mark.slow
-@settings(max_examples=examples(120), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(80), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(BASE_RULES).flatmap(mutated), st.randoms(use_true_random=False))
 def test_generated_rules_keep_their_meaning(text: str, rng: random.Random) -> None:
     assert_kept(text)

@@ -98,7 +98,7 @@ PIECES = [
 
 
 @pytest.mark.filterwarnings("ignore:invalid escape sequence:DeprecationWarning")
-@settings(max_examples=examples(1500), deadline=None)
+@settings(max_examples=examples(600), deadline=None)
 @given(st.lists(st.sampled_from(PIECES), max_size=10).map("".join), st.booleans())
 def test_each_expression_alone_says_what_the_whole_text_says(text: str, as_p: bool) -> None:
     """Expressions are parsed one by one and cached, the plainest ones not even parsed; the

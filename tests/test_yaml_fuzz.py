@@ -106,7 +106,7 @@ def check(text: str) -> None:
         assert p.message
 
 
-@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(documents)
 def test_any_rule_shape_gives_problems_not_exceptions(doc: object) -> None:
     check(yaml.safe_dump(doc, allow_unicode=True))
