@@ -20,7 +20,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from multiprocessing.context import ForkServerContext
 from pathlib import Path
-from typing import Any
 
 #: Imported by the fork server before it forks anything: the daemon and what it imports later.
 PRELOAD = [
@@ -95,7 +94,3 @@ class Forked:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
-
-
-def launch(argv: Sequence[str], env: Mapping[str, str], cwd: Path, log: Path, **_: Any) -> Forked:
-    return Forked(argv, env, cwd, log)
