@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +13,9 @@ from engine.cli.common import (
     EXIT_PROBLEMS,
     EXIT_USAGE,
     UsageError,
+    fire_input_arguments,
     lazy,
     project_argument,
-    read_event,
     rule_to_fire,
     sandbox_store_argument,
 )
@@ -71,15 +70,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("rule", help="rule id: the rule file's name without .yaml")
     project_argument(p)
-    p.add_argument("--event", metavar="FILE", help="event payload, a JSON object (- for stdin)")
-    p.add_argument(
-        "--item", metavar="FILE", help="feed item for a poll rule, a JSON object (- for stdin)"
-    )
-    p.add_argument(
-        "--at",
-        metavar="T",
-        help="the moment, like '2026-12-24 18:00' in the rule's timezone (default: now)",
-    )
+    fire_input_arguments(p)
     p.add_argument("--format", choices=("text", "json"), default="text")
     sandbox_store_argument(p)
     p.set_defaults(func=lazy("engine.cli.review", "cmd_explain"))
@@ -133,32 +124,28 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from engine.cli.common import load_project_dir
+    from engine.cli.common import fire_context, load_project_dir
     from engine.review.explain import explain, format_explanation
-    from engine.rules.schedule import TriggerError, parse_at, parse_timezone
 
     _quiet_compiler()
     try:
         ruleset, project = load_project_dir(args.project)
-        event = read_event(args.event)
-        item = read_event(args.item, "item")
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE
     rule = rule_to_fire(ruleset, args.rule, "json" if args.format == "json" else "text")
     if rule is None:
         return EXIT_PROBLEMS
-    tz = parse_timezone(rule.timezone)
-    try:
-        at = parse_at(args.at, tz) if args.at is not None else datetime.now(tz)
-    except TriggerError as exc:
-        print(f"pushrules: --{exc}", file=sys.stderr)
+    try:  # --at read as compile reads it: in the rule's timezone unless it has an offset
+        context = fire_context(args, rule)
+    except UsageError as exc:
+        print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.sandbox:
         from engine.send.runtime import sandboxed
 
         project = sandboxed(project)
-    explanation = explain(project, rule, at=at, event=event, item=item)
+    explanation = explain(project, rule, at=context.now, event=context.event, item=context.item)
     if args.format == "json":
         print(json.dumps(explanation.data(), indent=2, ensure_ascii=False))
     else:
