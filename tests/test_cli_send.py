@@ -195,3 +195,28 @@ def test_quiet_hours_defer_is_left_to_the_daemon(
 def test_pausing_a_misspelt_rule_is_refused(project: Path, capsys) -> None:
     assert main(["pause", "shiped", "--project", str(project)]) == 2
     assert "did you mean 'shipped'" in capsys.readouterr().err
+
+
+def test_piped_history_is_one_line_a_row(
+    project: Path, sandbox: RunningSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Output that is not a terminal (a pipe, a file, this test) is a header and one line a
+    row, columns aligned and nothing folded, so grep and sort see whole rows."""
+    sandbox.set_faults(code=5)
+    long_key = "order-" + "x" * 180  # a row wider than any terminal
+    for order, key in (("H8", long_key), ("I9", "short")):
+        data = event_file(tmp_path, order=order, member="765c8")
+        main(["send", "shipped", "--event", data, "--key", key, "--project", str(project)])
+    capsys.readouterr()
+    assert main(["history", "--project", str(project)]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split() == [
+        "id", "rule", "key", "part", "state", "tries", "code", "label", "messageId", "created",
+        "(UTC)",
+    ]  # fmt: skip
+    assert len(rows) == 2
+    assert any(long_key in row for row in rows)
+    for row in rows:
+        assert row.split()[1:5] == ["shipped", row.split()[2], "1", "failed"]
+        assert "No or bad message" in row
+        assert row.index("failed") == header.index("state")

@@ -628,38 +628,57 @@ def _history_unmatched(project: Project, since: datetime | None, limit: int, fmt
     return EXIT_OK
 
 
+#: The columns of ``history``'s table.
+HISTORY_COLUMNS = (
+    "id",
+    "rule",
+    "key",
+    "part",
+    "state",
+    "tries",
+    "code",
+    "label",
+    "messageId",
+    "created (UTC)",
+)
+
+
+def _history_cells(r: OutboxRow, waits: Mapping[int, str | None]) -> tuple[str, ...]:
+    return (
+        str(r.id),
+        r.rule,
+        r.idem_key,
+        str(r.chunk + 1),
+        r.state,
+        str(r.attempts),
+        "" if r.return_code is None else str(r.return_code),
+        waits.get(r.id) or r.return_label or (r.last_error or ""),
+        r.message_id or "",
+        r.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+    )
+
+
 def _print_table(rows: Sequence[OutboxRow], waits: Mapping[int, str | None]) -> None:
+    """A table laid out to the terminal; piped or redirected, one line a row (for grep and
+    sort, and fast: rich's layout costs about 0.7 ms a row, 4 s for 5,000 rows)."""
+    cells = [_history_cells(r, waits) for r in rows]
+    if not sys.stdout.isatty():
+        cells = [tuple(" ".join(value.split()) for value in row) for row in cells]
+        widths = [
+            max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(HISTORY_COLUMNS)
+        ]
+        for line in (HISTORY_COLUMNS, *cells):
+            print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+        return
     from rich.console import Console
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in (
-        "id",
-        "rule",
-        "key",
-        "part",
-        "state",
-        "tries",
-        "code",
-        "label",
-        "messageId",
-        "created (UTC)",
-    ):
+    for column in HISTORY_COLUMNS:
         table.add_column(column, overflow="fold")
-    for r in rows:
-        table.add_row(
-            str(r.id),
-            r.rule,
-            r.idem_key,
-            str(r.chunk + 1),
-            r.state,
-            str(r.attempts),
-            "" if r.return_code is None else str(r.return_code),
-            waits.get(r.id) or r.return_label or (r.last_error or ""),
-            r.message_id or "",
-            r.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-        )
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    for row in cells:
+        table.add_row(*row)
+    Console().print(table)
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
