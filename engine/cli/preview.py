@@ -52,7 +52,7 @@ def register(sub: Any) -> None:
 
 def cmd_preview(args: argparse.Namespace) -> int:
     from engine.cli.check import compile_for_command
-    from engine.render.preview import render_page
+    from engine.render.preview import page_view, render_page
 
     fire = compile_for_command(args)
     if isinstance(fire, int):
@@ -60,13 +60,9 @@ def cmd_preview(args: argparse.Namespace) -> int:
     for note in fire.notes:
         print(f"pushrules: {note}", file=sys.stderr)
     page = render_page(
-        fire.rule,
-        fire.project,
-        fire.context,
-        fire.requests,
-        login=fire.login,
-        notes=fire.notes,
-        fires=fire.fires,
+        page_view(
+            fire.rule, fire.project, fire.context, fire.requests, fire.login, fire.notes, fire.fires
+        )
     )
     if args.out == "-":
         sys.stdout.write(page)

@@ -157,19 +157,9 @@ class PageView:
     more_requests: int
 
 
-def render_page(
-    rule: Rule,
-    project: Project,
-    context: FireContext,
-    requests: Sequence[CompiledRequest],
-    *,
-    login: str = "",
-    notes: Sequence[str] = (),
-    fires: bool = True,
-) -> str:
-    """The page for one fire of ``rule``: ``fires`` False when ``when`` was false, ``notes``
-    what the requests alone do not say (as ``compile`` prints them)."""
-    return _template().render(page=page_view(rule, project, context, requests, login, notes, fires))
+def render_page(view: PageView) -> str:
+    """The HTML of :func:`page_view`'s page: one file, loading nothing."""
+    return _template().render(page=view)
 
 
 @cache
