@@ -248,6 +248,7 @@ class Loader:
         by_id: dict[str, list[str]] = {}
         for _, rel, rule_id in paths:
             by_id.setdefault(rule_id, []).append(rel)
+        top = root / RULES_DIR
         for path, rel, rule_id in paths:
             if len(by_id[rule_id]) > 1:
                 others = " and ".join(f for f in by_id[rule_id] if f != rel)
@@ -284,7 +285,7 @@ class Loader:
                 present[rel] = rule_id  # unchanged since read: its entry stands
                 continue
             try:
-                text = read_source(Path(path), root, root / RULES_DIR)
+                text = read_source(Path(path), root, top)
             except Unreadable as exc:
                 problems.append(Problem(rel, exc.line, None, "", None, "error", exc.message))
                 held.add(rule_id)

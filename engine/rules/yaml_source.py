@@ -18,6 +18,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISLNK
 from typing import Any, Literal, cast
 
 import yaml
@@ -588,24 +589,20 @@ def read_source(path: Path, root: Path, top: Path, limit: int = MAX_FILE_BYTES) 
     read): a rule must not read ``/etc/...`` through a link.
 
     Only a link is resolved (a reload reads every file, and resolving costs more than
-    reading): :func:`yaml_files` does not enter folders that lead out of the project.
+    reading): :func:`yaml_files` does not enter folders that lead out of the project. Read
+    with the ``os`` calls themselves: ``Path.is_symlink`` and a buffered ``open`` took three
+    times as long as the reading (0.04 ms a file, a tenth of checking a rule).
     """
     what = "this file"
     try:
-        if path.is_symlink():
+        if S_ISLNK(os.lstat(path).st_mode):
             what = "this folder" if path.is_dir() else what
             if not inside(path, root, top):
                 raise Unreadable(
                     f"{what} is a link to {path.resolve()}, outside the project; copy it into "
                     "the project"
                 )
-        with open(path, "rb") as handle:
-            # Sized by the file: read(limit + 1) would allocate the whole limit for each file
-            # (three times the cost of reading a rule); a file grown since is read on.
-            size = os.fstat(handle.fileno()).st_size
-            data = handle.read(min(size, limit) + 1)
-            if len(data) > size:
-                data += handle.read(limit + 1 - len(data))
+        data = _read_bytes(path, limit)
         if len(data) > limit:
             size = os.stat(path).st_size
             raise Unreadable(
@@ -623,3 +620,23 @@ def read_source(path: Path, root: Path, top: Path, limit: int = MAX_FILE_BYTES) 
         raise Unreadable(
             f"this file is not UTF-8 text (byte 0x{data[exc.start]:02x}); save it as UTF-8", line
         ) from None
+
+
+def _read_bytes(path: Path, limit: int) -> bytes:
+    """The file's bytes, ``limit + 1`` at most (more than ``limit``: too big). Asked for in a
+    read of the file's size (not the limit, which would allocate the whole limit for each
+    file), and read on while a read gives more: a file grown since, or a short read."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        want = min(os.fstat(fd).st_size, limit) + 1
+        data = b""
+        while len(data) < want:
+            chunk = os.read(fd, want - len(data))
+            if not chunk:
+                break
+            data += chunk
+            if len(data) == want and want <= limit:
+                want = limit + 1  # grown since its size was read: read on, to the limit
+        return data
+    finally:
+        os.close(fd)
