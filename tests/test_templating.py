@@ -93,7 +93,7 @@ PIECES = [
     " + 1 ", " | default('x') ", " or ", " is defined ", "(", ")", "Hi ", "\n", "$", "{", "}",
     " now.strftime('%d') ", " 1 > ", "[", "]", "p", ":", "'", " true ", " none ", " not ", "in",
     ".if", ".x", " | upper", "|", " default", "('50% off')", '("a")', "(12)", "(-1)", "()",
-    " | d(", " is ", "\\", "#",
+    " | d(", " is ", "\\", "#", "12", "012", "0x1f", "1_0", "1.5", "e5", ".3", "x2",
 ]  # fmt: skip
 
 
@@ -108,6 +108,20 @@ def test_each_expression_alone_says_what_the_whole_text_says(text: str, as_p: bo
     names = frozenset({"p"}) if as_p else frozenset()
     templating._syntax_problem.cache_clear()
     assert syntax_problem(text, names) == whole_text_problem(text, names)
+
+
+def test_expressions_differing_in_numbers_share_a_parse_not_a_verdict() -> None:
+    """An expression is parsed once for every whole number in its place; a number Jinja reads
+    otherwise (``012`` is two tokens) or a name with digits is not taken for one."""
+    templating._syntax_problem.cache_clear()
+    templating._expression_names.cache_clear()
+    assert syntax_problem("Score {{ event.score > 12 }}") is None
+    assert syntax_problem("Score {{ event.score > 40 }}") is None
+    assert templating._expression_names.cache_info().misses == 1
+    problem = syntax_problem("Score {{ event.score > 012 }}")
+    assert problem is not None and problem.startswith("Jinja syntax:")
+    problem = syntax_problem("Score {{ score12 > 12 }}")
+    assert problem is not None and "unknown name 'score12'" in problem
 
 
 def test_literal_markers_are_fine_when_escaped() -> None:
