@@ -350,6 +350,8 @@ class _Builder:
         result = MarkedMap(line, column)
         marks = result.key_marks
         inner = depth + 1
+        # A text value (most are) is made here, as build would make it, without the call.
+        inline = self.seen is None and inner <= MAX_DEPTH
         for key_node, value_node in node.value:
             mark = key_node.start_mark
             kline, kcol = mark.line + 1, mark.column + 1
@@ -390,7 +392,18 @@ class _Builder:
             marked.line = kline
             marked.column = kcol
             marked.typed = None
-            result[marked] = self.build(value_node, inner, key)
+            if inline and type(value_node) is _SCALAR and value_node.tag == _STR:
+                if self.count >= MAX_NODES:
+                    raise self._too_many(value_node)
+                self.count += 1
+                mark = value_node.start_mark
+                value = _new_str(Scalar, value_node.value)
+                value.line = mark.line + 1
+                value.column = mark.column + 1
+                value.typed = None
+                result[marked] = value
+            else:
+                result[marked] = self.build(value_node, inner, key)
         return result
 
     def _check_cut_text(self, key: str, node: yaml.Node) -> None:
