@@ -18,6 +18,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +27,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from engine.accengage.sandbox import RunningSandbox
 from engine.outbox.store import OutboxRow, Store
 from tests import zygote
 from tests.helpers import REPO
@@ -343,6 +345,11 @@ class Daemon:
             except (ValueError, KeyError, TypeError):
                 out.append(line)
         return out
+
+
+def texts(sandbox: RunningSandbox) -> Counter[str]:
+    """The message text of every request the sandbox got, counted."""
+    return Counter(r["body"]["sendInstantMessage"]["message"]["text"] for r in sandbox.requests())
 
 
 def started_before(

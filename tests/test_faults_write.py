@@ -40,7 +40,7 @@ from engine.outbox.states import IN_DOUBT, SENDING, SENT
 from engine.outbox.store import Store
 from engine.render.compiler import FireContext
 from tests.conftest import StartDaemon
-from tests.daemon_process import HTTP, Daemon, Project, started_before, wait_for
+from tests.daemon_process import HTTP, Daemon, Project, started_before, texts, wait_for
 from tests.helpers import load, make_project, write_rule
 from tests.test_scheduler import MemoryMarks, make_rule
 
@@ -58,10 +58,6 @@ def write_lock(path: Path) -> Iterator[sqlite3.Connection]:
         conn.execute("ROLLBACK")
     finally:
         conn.close()
-
-
-def texts(sandbox: RunningSandbox) -> Counter[str]:
-    return Counter(r["body"]["sendInstantMessage"]["message"]["text"] for r in sandbox.requests())
 
 
 def timed_get(url: str) -> tuple[float, httpx.Response]:
@@ -260,7 +256,8 @@ def raw_mark(conn: sqlite3.Connection, rule: str) -> datetime | None:
 
 #: Daemons facing a lock held by another process: a fire write gives up after 500 ms (2 s by
 #: default), so the retries these tests wait for come sooner.
-LOCKED = {"daemon.lock_wait": "500ms"}
+#: Each fire is written at its time (not ahead), after the test has taken the lock.
+LOCKED = {"daemon.lock_wait": "500ms", "daemon.fire_ahead": "none"}
 
 
 def ticking(

@@ -103,6 +103,10 @@ class Daemon:
         self._timing = DaemonConfig()
         self._reloads: set[asyncio.Task[None]] = set()
         self._sandbox: Any = None
+        self._wakes: dict[datetime, asyncio.TimerHandle] = {}
+        #: Set once this instance knows whether it leads and, leading, has caught up (and so
+        #: taken back what an earlier run wrote ahead): the dispatcher waits for it.
+        self._started = asyncio.Event()
         self._watcher: Watcher | None = None
         self._server_ref: uvicorn.Server | None = None
         self.store: Store | None = None
@@ -237,13 +241,17 @@ class Daemon:
         with CollectorHold() as hold:
             decided: list[Decided] = []
             for req in requests:
-                steps = decide_steps(self.project, req.rule, req.context, now)
+                # Decided ahead, a fire meets its quiet hours at its own time.
+                moment = req.due if req.due is not None and req.due > now else now
+                steps = decide_steps(self.project, req.rule, req.context, moment)
                 decided.append((req, await in_steps(steps, hold.start, self._checking)))
             outcomes = await self._fires.submit((decided, now))
             del decided  # freed while the collector is held: it never walks them
         self.metrics.fired(outcomes)
         if any(o.status == "queued" for o in outcomes):
             self.dispatcher.wake()
+        for later in {o.not_before for o in outcomes if o.status == "queued" and o.not_before}:
+            self._wake_at(later)
         for outcome in outcomes:
             level = logging.WARNING if outcome.status in ("failed", "limited") else logging.INFO
             log.log(
@@ -255,6 +263,21 @@ class Daemon:
                 outcome.detail,
             )
         return outcomes
+
+    def _wake_at(self, moment: datetime) -> None:
+        """Have the dispatcher look at ``moment`` (a fire written ahead, or deferred by quiet
+        hours, is due then), rather than at its next idle poll: one timer an instant."""
+        if moment in self._wakes:
+            return
+        delay = (moment - self.clock.now()).total_seconds()
+        if delay <= 0:
+            return
+
+        def wake() -> None:
+            self._wakes.pop(moment, None)
+            self.dispatcher.wake()
+
+        self._wakes[moment] = asyncio.get_running_loop().call_later(delay, wake)
 
     async def _write_fires(
         self, batch: list[tuple[list[Decided], datetime]]
@@ -279,7 +302,7 @@ class Daemon:
 
     async def _on_schedule(self, rule: Rule, scheduled_at: datetime, key: str) -> None:
         context = FireContext(now=self._local(rule, scheduled_at))
-        await self._fire([FireRequest(rule, context, key)], self.clock.now())
+        await self._fire([FireRequest(rule, context, key, due=scheduled_at)], self.clock.now())
 
     async def _on_item(self, rule: Rule, item: Mapping[str, Any], key: str) -> None:
         now = self.clock.now()
@@ -422,6 +445,8 @@ class Daemon:
             self._on_poll,
             on_retry=self.metrics.fire_write_retried,
             retry_base=timing.fire_retry.total_seconds(),  # the schema caps it at RETRY_MAX
+            ahead=timing.fire_ahead,
+            withdraw=self._withdraw_ahead,
         )
         self.poller = Poller(self.store, self._on_item, self.clock)
         self.leadership = self.store.leadership()
@@ -448,7 +473,7 @@ class Daemon:
         watcher.prime()
         server = self._server()
         tasks = [
-            asyncio.create_task(self.dispatcher.run(self.stop), name="dispatcher"),
+            asyncio.create_task(self._dispatch(), name="dispatcher"),
             asyncio.create_task(
                 self._lead(timing.leadership_every.total_seconds()), name="leadership"
             ),
@@ -473,6 +498,23 @@ class Daemon:
         server.should_exit = True
         await self._shutdown(tasks)
         return 1 if failed else 0
+
+    async def _dispatch(self) -> None:
+        """The dispatcher, once this instance knows whether it leads: a leader first catches up,
+        taking back what an earlier run wrote ahead to decide it again, so a fire whose time
+        passed while no daemon ran is never sent late by a claim that came first."""
+        started = asyncio.create_task(self._started.wait())
+        stopped = asyncio.create_task(self.stop.wait())
+        await asyncio.wait([started, stopped], return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        stopped.cancel()
+        await self.dispatcher.run(self.stop)
+
+    async def _withdraw_ahead(
+        self, after: Mapping[str, datetime], otherwise: datetime | None
+    ) -> int:
+        assert self.store is not None
+        return await asyncio.to_thread(self.store.withdraw_ahead, after, otherwise)
 
     def _reload_on_signal(self) -> None:
         """SIGHUP: reload in a task held here (the loop keeps tasks only weakly), logged whole."""
@@ -525,10 +567,13 @@ class Daemon:
                 self._leading = False
                 log.warning("lost the scheduler leadership: another instance runs schedules")
                 await self.scheduler.shutdown()
+            self._started.set()  # leading, catch-up has settled what was written ahead
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), every)
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
+        for timer in self._wakes.values():
+            timer.cancel()
         if self._leading:
             await self.scheduler.shutdown()
         results = await asyncio.gather(*tasks, return_exceptions=True)

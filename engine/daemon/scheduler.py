@@ -63,6 +63,7 @@ from apscheduler.triggers.base import BaseTrigger
 
 from engine.daemon.clock import Clock
 from engine.outbox.batching import Coalescer, never
+from engine.outbox.keys import fire_key
 from engine.rules.rule import Rule
 from engine.rules.schedule import (
     MISSED_LIMIT,
@@ -95,6 +96,9 @@ FireCallback = Callable[[Rule, datetime, str], Awaitable[None]]
 """(rule, scheduled time on the clock as an aware UTC datetime, idempotency key)."""
 PollCallback = Callable[[Rule, datetime], Awaitable[object]]
 """A poll rule's turn to fetch its feed (the poller's result, if any, is ignored)."""
+WithdrawCallback = Callable[[Mapping[str, datetime], datetime | None], Awaitable[int]]
+"""Take back the fires written ahead of their time whose time is after ``after[rule]`` (or
+``otherwise`` for the rules not named; None: those are left alone); returns how many."""
 
 MARK_SCOPE = "schedule"
 #: Waits between attempts to read the marks at catch-up (seconds), doubling up to the max.
@@ -108,6 +112,8 @@ RETRY_BASE, RETRY_MAX = 1.0, 30.0
 LOG_EACH_SKIPPED = 5
 #: Effectively "never refuse a run": APScheduler drops a refused run for good.
 _MAX_INSTANCES = 1_000_000
+#: Tries to take back what a replaced rule wrote ahead, a retry wait apart (doubling).
+WITHDRAW_TRIES = 4
 #: Fire runs going on at once. A minute's 5,000 cron rules start together: a fire's compiled
 #: requests live until it is in the outbox, so had all of them been decided before the first
 #: write, the daemon would have held the 5,000 at once (and each run its suspended task: 70 MB
@@ -179,13 +185,6 @@ class CatchUp:
 
 
 # --------------------------------------------------------------------------- pure helpers
-
-
-def fire_key(scheduled_at: datetime) -> str:
-    """The idempotency key of a scheduled fire: UTC, so every instance computes the same."""
-    if scheduled_at.utcoffset() is None:
-        raise ValueError(f"a fire time must be timezone-aware, got {scheduled_at!r}")
-    return f"schedule:{scheduled_at.astimezone(UTC).isoformat()}"
 
 
 def job_kind(rule: Rule) -> JobKind | None:
@@ -303,9 +302,11 @@ class ClockTrigger(BaseTrigger):  # type: ignore[misc]  # APScheduler 3 has no t
     from then on (inclusive), so catch-up needs to look only before it.
     """
 
-    def __init__(self, inner: RuleTrigger, clock: Clock) -> None:
+    def __init__(self, inner: RuleTrigger, clock: Clock, ahead: timedelta = timedelta(0)) -> None:
         self.inner = inner
         self.clock = clock
+        #: APScheduler runs the job this long before each fire (``daemon.fire_ahead``).
+        self.ahead = ahead
         self.covered_from: datetime | None = None
 
     def get_next_fire_time(
@@ -314,9 +315,13 @@ class ClockTrigger(BaseTrigger):  # type: ignore[misc]  # APScheduler 3 has no t
         clock_now = self.clock.from_real(now)
         if previous_fire_time is None and self.covered_from is None:
             self.covered_from = clock_now.astimezone(UTC)
-        previous = None if previous_fire_time is None else self.clock.from_real(previous_fire_time)
+        previous = None
+        if previous_fire_time is not None:
+            previous = self.clock.from_real(previous_fire_time) + self.ahead
         fire = self.inner.get_next_fire_time(previous, clock_now)
-        return None if fire is None else self.clock.to_real(fire)
+        # A first fire closer than ``ahead`` gets a run time already past: APScheduler runs it
+        # at once (misfire_grace_time=None).
+        return None if fire is None else self.clock.to_real(fire) - self.ahead
 
     def __str__(self) -> str:
         return str(self.inner)
@@ -371,8 +376,20 @@ class Scheduler:
         on_retry: Callable[[str], None] | None = None,
         retry_base: float = RETRY_BASE,
         retry_max: float = RETRY_MAX,
+        ahead: timedelta = timedelta(0),
+        withdraw: WithdrawCallback | None = None,
     ) -> None:
+        """``ahead``: how long before its time a fire is decided and written (its requests
+        leave at that time). ``withdraw`` takes back what was written ahead by a rule version
+        no longer in force (the store's); without it nothing is written ahead."""
         self._clock = clock
+        self._ahead = ahead if withdraw is not None else timedelta(0)
+        self._withdraw = withdraw
+        #: Set once what earlier runs wrote ahead is settled (catch-up): fires wait for it.
+        self._settled = asyncio.Event()
+        #: Per rule, set once what its replaced version wrote ahead is taken back.
+        self._withdrawals: dict[str, asyncio.Event] = {}
+        self._withdrawing: set[asyncio.Task[None]] = set()
         self._marks = marks
         self._mark_writes: Coalescer[dict[str, datetime], None] = Coalescer(
             self._flush_marks, split=never
@@ -409,6 +426,11 @@ class Scheduler:
         self._pending.clear()
         self._queued.clear()
         self._stopping.clear()
+        self._withdrawals.clear()
+        if self._withdraw is None:
+            self._settled.set()
+        else:
+            self._settled.clear()  # catch-up settles what was written ahead first
         self._aps.start()
         self._marker = asyncio.get_running_loop().create_task(self._mark_periodically())
 
@@ -445,6 +467,12 @@ class Scheduler:
         """Make the jobs match ``rules``, touching only those whose rule's digest changed."""
         wanted = {rule_id: r for rule_id, r in rules.items() if job_kind(r) is not None}
         changes = Changes()
+        replaced = [
+            rule_id
+            for rule_id, entry in self._entries.items()
+            if entry.kind == "fire"
+            and (rule_id not in wanted or wanted[rule_id].digest != entry.rule.digest)
+        ]
         for rule_id in sorted(set(self._entries) - set(wanted)):
             self._remove(rule_id)
             changes.removed.append(rule_id)
@@ -469,6 +497,7 @@ class Scheduler:
             else:
                 changes.added.append(rule_id)
             self._add(entry)
+        self._take_back(replaced)
         if changes.added or changes.removed or changes.rescheduled:
             log.info(
                 "schedules: %d added, %d removed, %d rescheduled, %d unchanged",
@@ -478,6 +507,56 @@ class Scheduler:
                 len(changes.unchanged),
             )
         return changes
+
+    def _take_back(self, rule_ids: Sequence[str]) -> None:
+        """Fires written ahead by versions of these rules now replaced or gone are taken back,
+        in the background; each rule's next fires wait for it, so the new version's fire is
+        never refused as a duplicate of the old one's. Before catch-up, the start's own
+        settling covers every rule."""
+        if self._withdraw is None or not rule_ids or not self._settled.is_set():
+            return
+        gates = {rule_id: asyncio.Event() for rule_id in rule_ids}
+        self._withdrawals.update(gates)
+        task = asyncio.get_running_loop().create_task(
+            self._withdraw_replaced(gates), name="take back fires written ahead"
+        )
+        for tasks in (self._withdrawing, self._running):
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    async def _withdraw_replaced(self, gates: Mapping[str, asyncio.Event]) -> None:
+        assert self._withdraw is not None
+        now = self._clock.now()
+        delay = self._retry_base
+        try:
+            for attempt in range(1, WITHDRAW_TRIES + 1):
+                try:
+                    taken = await self._withdraw(dict.fromkeys(gates, now), None)
+                except Exception as exc:
+                    if attempt == WITHDRAW_TRIES:
+                        log.error(
+                            "could not take back the fires that rules %s wrote ahead before "
+                            "they changed (%s: %s): those not yet sent leave as written",
+                            ", ".join(sorted(gates)),
+                            type(exc).__name__,
+                            exc,
+                        )
+                        return
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self._retry_max)
+                    continue
+                if taken:
+                    log.info(
+                        "took back %d fire(s) written ahead by the previous version of %s",
+                        taken,
+                        ", ".join(sorted(gates)),
+                    )
+                return
+        finally:
+            for rule_id, gate in gates.items():
+                gate.set()
+                if self._withdrawals.get(rule_id) is gate:
+                    del self._withdrawals[rule_id]
 
     def next_fires(self) -> dict[str, datetime | None]:
         """Next fire (or poll) per scheduled rule, on the clock, in the rule's timezone."""
@@ -493,7 +572,8 @@ class Scheduler:
         kind = job_kind(rule)
         assert kind is not None
         schedule = rule_schedule(rule)
-        trigger = ClockTrigger(RuleTrigger(schedule), self._clock)
+        ahead = self._ahead if kind == "fire" else timedelta(0)
+        trigger = ClockTrigger(RuleTrigger(schedule), self._clock, ahead)
         return _Entry(rule, kind, schedule, trigger, parse_timezone(rule.timezone))
 
     def _add(self, entry: _Entry) -> None:
@@ -525,7 +605,10 @@ class Scheduler:
         """The job's next run on the clock; None once it has no more, or before start."""
         job = self._aps.get_job(rule_id)
         real = getattr(job, "next_run_time", None) if job is not None else None
-        return None if real is None else self._clock.from_real(real)
+        if real is None:
+            return None
+        entry = self._entries.get(rule_id)
+        return self._clock.from_real(real) + (entry.trigger.ahead if entry else timedelta(0))
 
     async def _run(self, entry: _Entry) -> None:
         """One APScheduler run: takes the fires due since the previous run and handles them.
@@ -563,8 +646,11 @@ class Scheduler:
 
     async def _run_now(self, entry: _Entry) -> None:
         rule = entry.rule
+        horizon = self._clock.now()
+        if entry.kind == "fire" and self._entries.get(rule.id) is entry:
+            horizon += entry.trigger.ahead  # a replaced job only takes fires already due
         try:
-            times = entry.claim_due(self._clock.now())
+            times = entry.claim_due(horizon)
             if not times:
                 return
             if entry.kind == "poll":
@@ -622,8 +708,22 @@ class Scheduler:
         pending.append(at)
         lock = self._locks.setdefault(rule.id, asyncio.Lock())
         try:
+            if self._withdraw is not None:
+                # What earlier runs, or this rule's replaced version, wrote ahead goes first.
+                await self._settled.wait()
+                gate = self._withdrawals.get(rule.id)
+                if gate is not None:
+                    await gate.wait()
             async with lock:
-                await self._on_fire(rule, at, key)
+                if at > self._clock.now() and not self._in_force(rule):
+                    # Decided ahead by a version replaced meanwhile: the new one has this fire.
+                    log.info(
+                        "rule %s: the fire due at %s is left to the rule's new version",
+                        rule.id,
+                        at.isoformat(),
+                    )
+                else:
+                    await self._on_fire(rule, at, key)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             if self._stopping.is_set():
@@ -641,6 +741,10 @@ class Scheduler:
         # it and the next start reconsiders it.
         pending.remove(at)
         return None
+
+    def _in_force(self, rule: Rule) -> bool:
+        entry = self._entries.get(rule.id)
+        return entry is not None and entry.rule.digest == rule.digest
 
     def _retry_later(self, rule: Rule, at: datetime, key: str, error: str) -> bool:
         """Start trying the write again in the background; False if it is too late for that."""
@@ -768,6 +872,7 @@ class Scheduler:
         scheduled = [r for r in rules.values() if job_kind(r) == "fire"]
         marks = await self._read_marks_until_read([r.id for r in scheduled])
         now = self._clock.now()
+        await self._take_back_earlier(marks, [r.id for r in scheduled], now)
         results: list[CatchUp] = []
         for rule in scheduled:
             mark = marks.get(rule.id)
@@ -787,6 +892,35 @@ class Scheduler:
         self._caught_up = True
         await self._write_marks([r.id for r in scheduled], now=now)
         return results
+
+    async def _take_back_earlier(
+        self, marks: Mapping[str, datetime], scheduled: Sequence[str], now: datetime
+    ) -> None:
+        """Take back what earlier runs wrote ahead and catch-up will decide again: fires after
+        their rule's mark (catch-up's, or the jobs'), every fire of a rule no longer scheduled
+        (it would not be sent had it waited). Tried until it is done, as reading the marks:
+        until then no fire is written, so none is refused as a duplicate of one taken back."""
+        if self._withdraw is None:
+            return
+        after = {rule_id: marks.get(rule_id, now) for rule_id in scheduled}
+        delay = MARKS_RETRY_FIRST
+        while True:
+            try:
+                taken = await self._withdraw(after, datetime.min.replace(tzinfo=UTC))
+                break
+            except Exception as exc:
+                log.error(
+                    "could not take back the fires written ahead by an earlier run (%s: %s); "
+                    "trying again in %g s, fires wait meanwhile",
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MARKS_RETRY_MAX)
+        if taken:
+            log.info("took back %d fire(s) an earlier run wrote ahead: decided again now", taken)
+        self._settled.set()
 
     def _until(self, rule: Rule, now: datetime) -> datetime:
         """Catch-up ends where the rule's current job began (it fires from there on)."""

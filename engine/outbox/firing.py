@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from typing import TYPE_CHECKING, Literal
 
+from engine.outbox.keys import scheduled_for
 from engine.outbox.states import HELD, PENDING
 from engine.render.compiler import (
     CompiledRequest,
@@ -57,6 +58,9 @@ class FireRequest:
     rule: Rule
     context: FireContext
     key: str
+    #: A scheduled fire decided ahead of its time (``daemon.fire_ahead``): its requests are
+    #: written now and leave at this instant, not before.
+    due: datetime | None = None
 
 
 def _minutes(text: str) -> int:
@@ -185,7 +189,10 @@ def _prepare(
             state = HELD
         counts[rule.id] += 1
     fire = Fire(rule.id, key, [(r.url, r.body) for r in decision.requests])
-    return None, fire, state, decision.not_before
+    not_before = decision.not_before
+    if req.due is not None and req.due > now:  # decided ahead: it leaves at its time
+        not_before = req.due if not_before is None else max(not_before, req.due)
+    return None, fire, state, not_before
 
 
 def fire_many(
@@ -280,6 +287,8 @@ def _outcome(
             "past the rule's limit: held for a person",
         )
     detail = f"{len(ids)} request{'s' if len(ids) != 1 else ''} queued"
-    if not_before is not None:
+    if not_before is not None and not_before == scheduled_for(fire.idem_key):
+        detail += f", leaving at its time, {not_before.isoformat()}"
+    elif not_before is not None:
         detail += f", deferred by quiet hours to {not_before.isoformat()}"
     return FireOutcome(fire.rule, fire.idem_key, "queued", tuple(ids), detail, not_before)

@@ -45,6 +45,7 @@ from sqlalchemy import (
     case,
     create_engine,
     event,
+    exists,
     func,
     inspect,
     make_url,
@@ -77,6 +78,7 @@ from engine.outbox.instances import (
     instance_gone,
     plan_reclaim,
 )
+from engine.outbox.keys import SCHEDULE_KEY, scheduled_for
 from engine.outbox.marks import Marks
 from engine.outbox.retention import Retention
 from engine.outbox.schema import (
@@ -188,6 +190,18 @@ def _history_statement(states: tuple[str, ...], by_rule: bool, since: bool) -> A
 
 
 _CLAIM_DUE = _claim_statement(by_ids=False, paused=False)
+# A fire written ahead, deleted whole while none of its rows has left pending (store.py
+# withdraw_ahead): the new version of its rule writes it again under the same key.
+_other = outbox.alias("other")
+_WITHDRAW_FIRE = outbox.delete().where(
+    outbox.c.rule == bindparam("r"),
+    outbox.c.idem_key == bindparam("k"),
+    ~exists().where(
+        _other.c.rule == bindparam("r"),
+        _other.c.idem_key == bindparam("k"),
+        or_(_other.c.state != PENDING, _other.c.attempts > 0),
+    ),
+)
 _CLAIM_DUE_PAUSED = _claim_statement(by_ids=False, paused=True)
 _CLAIM_IDS = _claim_statement(by_ids=True, paused=False)
 _CLAIM_IDS_PAUSED = _claim_statement(by_ids=True, paused=True)
@@ -1053,6 +1067,47 @@ class Store(Marks, Retention):
         q = select(at_rest.scalar_subquery() + on_the_way.scalar_subquery())
         with self._read() as conn:
             return int(conn.execute(q).scalar() or 0)
+
+    def withdraw_ahead(
+        self, after: Mapping[str, datetime], otherwise: datetime | None = None
+    ) -> int:
+        """Take back scheduled fires written ahead of their time (``daemon.fire_ahead``) whose
+        time is after ``after[rule]`` (``otherwise`` for a rule not named; None: leave those
+        alone), so that they are decided again. Returns the fires taken back.
+
+        A fire is taken back whole, and only while every row of it is ``pending`` and never
+        tried: one a person sent early (``pushrules send``) or that is on its way stays. A fire
+        written at or after its time (quiet hours defer those) is never taken back: its time
+        has come, and its rule's mark may be past it.
+        """
+        bounds = [_aware(at, "after") for at in after.values()]
+        if otherwise is not None:
+            bounds.append(_aware(otherwise, "otherwise"))
+        if not bounds:
+            return 0
+        floor = min(bounds)
+        # Through ix_outbox_due (its WHERE named as it is, so the planner may use it): rows
+        # due later than the earliest bound, a few even in a store of a million.
+        query = select(outbox.c.rule, outbox.c.idem_key, outbox.c.created_at).where(
+            _states(*DUE_STATES),
+            outbox.c.state == PENDING,
+            outbox.c.attempts == 0,
+            outbox.c.next_attempt_at > bindparam("floor", type_=UTCDateTime),
+            outbox.c.idem_key.startswith(SCHEDULE_KEY),
+            outbox.c.chunk == 0,
+        )
+        if otherwise is None:
+            query = query.where(outbox.c.rule.in_(list(after)))
+        with self.engine.begin() as conn:
+            fires = []
+            for rule, key, created_at in conn.execute(query, {"floor": floor}):
+                at = scheduled_for(key)
+                bound = after.get(rule, otherwise)
+                if at is not None and bound is not None and created_at < at and at > bound:
+                    fires.append({"r": rule, "k": key})
+            if not fires:
+                return 0
+            return sum(conn.execute(_WITHDRAW_FIRE, one).rowcount > 0 for one in fires)
 
     def leadership(self, name: str = "scheduler") -> Leadership:
         """Who runs the schedules when several daemons share this store (see Leadership)."""

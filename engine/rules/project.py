@@ -62,6 +62,7 @@ class DaemonConfig:
     leadership_every: timedelta = timedelta(seconds=10)
     lock_wait: timedelta = timedelta(seconds=2)
     fire_retry: timedelta = timedelta(seconds=1)
+    fire_ahead: timedelta = timedelta(seconds=5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,7 +305,9 @@ def _settings(table: Mapping[str, Any], section: Mapping[str, Any]) -> dict[str,
         if key not in section:
             continue
         bounds: Bounds | None = spec.get("bounds")
-        if bounds is not None and bounds.unit:
+        if bounds is not None and bounds.word and str(section[key]) == bounds.word:
+            values[key] = timedelta(0)  # fire_ahead: none
+        elif bounds is not None and bounds.unit:
             values[key] = parse_duration(str(section[key]), milliseconds=bounds.unit == "ms")
         elif bounds is not None:
             values[key] = int(native(section[key]))

@@ -772,6 +772,20 @@ DAEMON: dict[str, Any] = {
             "30s",
         ),
     },
+    "fire_ahead": {
+        **TEXT,
+        "bounds": Bounds(0.01, 60, "ms", word="none"),
+        **_timing(
+            "Fire ahead",
+            "How long before its time a scheduled fire (cron, every, at) is decided and written "
+            "to the outbox; its requests still leave at that time, not before. A minute's "
+            "thousand rules are then sent on the minute, not over the seconds after it. A rule "
+            "changed meanwhile takes back what its old version wrote, and fires anew; `none` "
+            "decides each fire at its time",
+            "10ms",
+            "1m (or none)",
+        ),
+    },
 }
 
 #: ``intake:`` of pushrules.yaml. The body of one event is held whole, then parsed: 64 MiB

@@ -1,0 +1,188 @@
+"""Scheduled fires written ahead of their time (``daemon.fire_ahead``): they leave at their
+time, a rule changed meanwhile takes back what its old version wrote, and a daemon started
+again takes back what it will decide anew, so nothing is sent twice, late, or not at all."""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from engine.accengage.sandbox import RunningSandbox
+from engine.outbox.keys import fire_key, scheduled_for
+from engine.outbox.states import PENDING, SENT
+from engine.outbox.store import Fire, Store
+from tests.conftest import StartDaemon
+from tests.daemon_process import Daemon, Project, started_before, texts, wait_for
+from tests.helpers import URL, body
+
+DUE = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+BEFORE = DUE - timedelta(seconds=5)
+
+
+def write(store: Store, rule: str, at: datetime, *, written: datetime, chunks: int = 1) -> int:
+    """A scheduled fire of ``rule`` for ``at``, written at ``written``; its first row id."""
+    fire = Fire(rule, fire_key(at), [(URL, body(f"{rule}-{i}")) for i in range(chunks)])
+    (result,) = store.enqueue_many([fire], now=written, not_before=max(at, written))
+    return result.ids[0]
+
+
+def keys(store: Store) -> Counter[tuple[str, str]]:
+    return Counter((r.rule, r.idem_key) for r in store.history(limit=100))
+
+
+def test_a_scheduled_key_names_its_instant() -> None:
+    assert scheduled_for(fire_key(DUE)) == DUE
+    assert scheduled_for("schedule:nonsense") is None
+    assert scheduled_for("order-42") is None
+    assert scheduled_for("schedule:2026-03-02T09:00:00") is None  # no offset: not ours
+
+
+def test_only_fires_written_ahead_and_not_yet_due_are_taken_back(store: Store) -> None:
+    ahead = write(store, "a", DUE, written=BEFORE, chunks=3)
+    on_time = write(store, "b", DUE, written=DUE)  # written at its time: never taken back
+    deferred = write(store, "c", BEFORE, written=BEFORE + timedelta(seconds=1))  # quiet hours
+    other = write(store, "d", DUE, written=BEFORE)  # a rule not named
+    taken = store.withdraw_ahead({"a": BEFORE, "b": BEFORE, "c": BEFORE - timedelta(hours=1)})
+    assert taken == 1
+    assert store.get(ahead) is None
+    assert store.get(ahead + 1) is None and store.get(ahead + 2) is None  # the whole fire
+    assert {store.get(i).state for i in (on_time, deferred, other)} == {PENDING}  # type: ignore[union-attr]
+    assert store.backlog()[PENDING] == 3  # the counts follow the rows taken back
+
+
+def test_a_fire_whose_time_is_not_after_the_bound_stays(store: Store) -> None:
+    row = write(store, "a", DUE, written=BEFORE)
+    assert store.withdraw_ahead({"a": DUE}) == 0  # the mark is at its time: it was handled
+    assert store.withdraw_ahead({"a": DUE + timedelta(minutes=1)}) == 0
+    assert store.get(row) is not None
+    # Rules not named fall to ``otherwise``: a rule no longer scheduled loses its fires.
+    assert store.withdraw_ahead({}, datetime.min.replace(tzinfo=UTC)) == 1
+    assert store.get(row) is None
+
+
+def test_a_fire_partly_claimed_or_tried_is_never_taken_back(store: Store) -> None:
+    first = write(store, "a", DUE, written=BEFORE, chunks=2)
+    # A person sends one of its rows early (`pushrules send`): the fire is on its way.
+    [claimed] = store.claim_ids("someone", [first], BEFORE, timedelta(minutes=1))
+    assert claimed.id == first
+    assert store.withdraw_ahead({"a": BEFORE}) == 0
+    assert store.get(first) is not None and store.get(first + 1) is not None
+
+
+def test_the_new_version_writes_the_fire_again_under_the_same_key(store: Store) -> None:
+    write(store, "a", DUE, written=BEFORE)
+    assert store.withdraw_ahead({"a": BEFORE + timedelta(seconds=1)}) == 1
+    again = write(store, "a", DUE, written=BEFORE + timedelta(seconds=2))
+    assert keys(store) == Counter({("a", fire_key(DUE)): 1})
+    assert store.get(again).next_attempt_at == DUE  # type: ignore[union-attr]
+    assert store.claim("w", 10, BEFORE + timedelta(seconds=3), timedelta(minutes=1)) == []
+    assert [r.id for r in store.claim("w", 10, DUE, timedelta(minutes=1))] == [again]
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+def minutely(project: Project, text: str) -> None:
+    project.rule("tick", 'cron: "0 9 * * *"\ntimezone: UTC', text)
+
+
+@pytest.mark.e2e
+def test_a_fire_written_ahead_leaves_at_its_time(
+    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
+) -> None:
+    def start(clock: str, attempt: int) -> Daemon:
+        project = Project(tmp_path / f"p{attempt}", sandbox.url, timing={"daemon.fire_ahead": "3s"})
+        minutely(project, "tick {{ now.isoformat() }}")
+        return daemons(project, clock=clock, name=f"run{attempt}")
+
+    daemon = started_before(start, DUE, leads=(6.0, 12.0, 30.0))
+    project = daemon.project
+    wait_for(lambda: project.rows("tick"), "the fire to be written ahead", log=daemon.log)
+    (row,) = project.rows("tick")
+    assert row.state == PENDING and row.next_attempt_at == DUE
+    assert daemon.clock is not None
+    assert datetime.fromisoformat(daemon.clock) <= row.created_at < DUE
+    assert not texts(sandbox), "nothing leaves before its time"
+    lead = (DUE - datetime.fromisoformat(daemon.clock)).total_seconds()
+    wait_for(lambda: texts(sandbox), "the fire at its time", timeout=lead + 10, log=daemon.log)
+    received = datetime.fromisoformat(sandbox.requests()[0]["received_at"]).timestamp()
+    assert received >= daemon.started_at + lead - 0.05, daemon.log()
+    assert daemon.stop() == 0
+    assert texts(sandbox) == Counter({"tick 2026-03-02T09:00:00+00:00": 1})
+    assert [r.state for r in project.rows("tick")] == [SENT]
+
+
+@pytest.mark.e2e
+def test_a_rule_changed_after_its_fire_was_written_ahead_sends_its_new_version_once(
+    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
+) -> None:
+    def start(clock: str, attempt: int) -> Daemon:
+        project = Project(
+            tmp_path / f"p{attempt}", sandbox.url, timing={"daemon.fire_ahead": "20s"}
+        )
+        minutely(project, "old version")
+        return daemons(project, clock=clock, name=f"run{attempt}")
+
+    daemon = started_before(start, DUE, leads=(12.0, 20.0, 40.0))
+    project = daemon.project
+    wait_for(lambda: project.rows("tick"), "the old version's fire, ahead", log=daemon.log)
+    minutely(project, "new version")
+    wait_for(
+        lambda: any("took back 1 fire" in m for m in daemon.messages()),
+        "the reload to take the old fire back",
+        log=daemon.log,
+    )
+    assert daemon.clock is not None
+    lead = (DUE - datetime.fromisoformat(daemon.clock)).total_seconds()
+    wait_for(lambda: texts(sandbox), "the fire at its time", timeout=lead + 10, log=daemon.log)
+    assert daemon.stop() == 0
+    assert texts(sandbox) == Counter({"new version": 1}), daemon.log()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("restart_after", "sent"),
+    [(timedelta(seconds=30), 1), (timedelta(minutes=20), 0)],
+    ids=["within-catch-up", "past-catch-up"],
+)
+def test_a_fire_written_ahead_by_a_daemon_that_stopped_is_decided_again(
+    tmp_path: Path,
+    sandbox: RunningSandbox,
+    daemons: StartDaemon,
+    restart_after: timedelta,
+    sent: int,
+) -> None:
+    """The first daemon writes the fire ahead and is killed before its time. The next start,
+    past that time, takes it back and lets catch-up decide: sent once if within the rule's
+    catch_up (10 minutes), skipped as a restart skips any older missed fire; never sent late
+    as it was written."""
+    project = Project(tmp_path / "p", sandbox.url, timing={"daemon.fire_ahead": "1m"})
+    minutely(project, "tick")
+    first = daemons(project, clock=(DUE - timedelta(seconds=30)).isoformat(), name="first")
+    wait_for(lambda: project.rows("tick"), "the fire written ahead", log=first.log)
+    wait_for(lambda: project.mark("tick"), "a mark before it", log=first.log)
+    first.signal(signal.SIGKILL)
+    first.process.wait(timeout=10)
+    assert not texts(sandbox)
+
+    second = daemons(project, clock=(DUE + restart_after).isoformat(), name="second")
+    wait_for(
+        lambda: any("earlier run wrote ahead" in m for m in second.messages()),
+        "the start to take the fire back",
+        log=second.log,
+    )
+    if sent:
+        wait_for(lambda: texts(sandbox), "the fire, caught up", log=second.log)
+    else:
+        wait_for(
+            lambda: any("older than catch_up" in m for m in second.messages()),
+            "catch-up to skip the fire",
+            log=second.log,
+        )
+    assert second.stop() == 0
+    assert sum(texts(sandbox).values()) == sent, second.log()
+    assert len(project.rows("tick")) == sent
