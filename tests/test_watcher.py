@@ -17,7 +17,13 @@ from typing import Any
 
 import pytest
 
-from engine.daemon.watcher import Debounce, Watcher, deep_fingerprint, fingerprint
+from engine.daemon.watcher import (
+    Debounce,
+    Watcher,
+    deep_fingerprint,
+    fingerprint,
+    fingerprint_digest,
+)
 from engine.rules.loader import Loader
 from tests.helpers import make_project, write_rule
 
@@ -223,7 +229,7 @@ def test_the_cheap_fingerprint_cannot_see_an_invisible_edit_the_deep_one_can(
     cheap, deep = deep_fingerprint(project)
     invisible_edit(path)()
     assert "FIRST" in path.read_text()
-    assert fingerprint(project) == cheap
+    assert fingerprint_digest(project) == cheap
     fresh_cheap, fresh_deep = deep_fingerprint(project)
     assert (fresh_cheap, fresh_deep != deep) == (cheap, True)
 

@@ -26,6 +26,7 @@ from engine.rules.schemas import RULE_CHECKER, TARGET_CHECKER
 from engine.rules.yaml_source import (
     MarkedList,
     MarkedMap,
+    Sharing,
     compact,
     load,
     native,
@@ -149,7 +150,7 @@ def parse_rule(
     return (None if out.failed else rule), problems
 
 
-def compact_rule(rule: Rule, shared: Mapping[int, tuple[Any, Any]]) -> Rule:
+def compact_rule(rule: Rule, shared: Sharing) -> Rule:
     """The rule as a loaded rule set keeps it: its data without the marks of the YAML (see
     :func:`~engine.rules.yaml_source.compact`); ``shared``: :func:`shared_values`."""
     return dataclasses.replace(
@@ -161,10 +162,11 @@ def compact_rule(rule: Rule, shared: Mapping[int, tuple[Any, Any]]) -> Rule:
     )
 
 
-def shared_values(fragments: Fragments) -> dict[int, tuple[Any, Any]]:
-    """The compact form of the templates' mappings and lists, which the rules using them
-    share (a merged message holds the template's own values): one copy for them all."""
-    shared: dict[int, tuple[Any, Any]] = {}
+def shared_values(fragments: Fragments) -> Sharing:
+    """What the rules of one load share: the compact form of the templates' mappings and
+    lists (a merged message holds the template's own values), one copy for them all, and one
+    copy of each value equal in several rules."""
+    shared = Sharing()
     for library in (fragments.messages, fragments.buttons):
         for template in library.values():
             share(template, shared)

@@ -31,7 +31,6 @@ from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from engine.rules.cases import CaseFile, ReadCaseFile, check_case_files, read_case_files
 from engine.rules.checks import compact_rule, parse_rule, shared_values
@@ -39,7 +38,7 @@ from engine.rules.fragments import BUTTONS_DIR, MESSAGES_DIR, Fragments, load_fr
 from engine.rules.problems import Problem
 from engine.rules.project import CONFIG_NAME, Project, load_project
 from engine.rules.rule import Rule
-from engine.rules.yaml_source import Unreadable, read_source, yaml_files, yaml_paths
+from engine.rules.yaml_source import Sharing, Unreadable, read_source, yaml_files, yaml_paths
 
 RULES_DIR = Path("rules")
 _RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -405,8 +404,8 @@ def _check_jobs(
     jobs: list[Job], project: Project, fragments: Fragments, drop: frozenset[str]
 ) -> Iterator[tuple[str, tuple[Rule | None, list[Problem]]]]:
     """Each job's rule, as a rule set keeps it (None for the files of ``drop``), and problems;
-    the rules share one copy of what they share (a template's values)."""
-    shared: dict[int, tuple[Any, Any]] | None = None
+    the rules share one copy of what they share (a template's values, equal values)."""
+    shared: Sharing | None = None
     for rule_id, rel, text, digest in jobs:
         rule, problems = parse_rule(rule_id, rel, text, project, fragments, digest)
         if rule is not None and rel not in drop:
