@@ -39,7 +39,7 @@ from engine.accengage.sandbox import RunningSandbox, SandboxConfig, start_in_thr
 from engine.outbox.schema import utcnow
 from engine.outbox.states import DEAD, FAILED, IN_DOUBT, PENDING, RETRYING, SENT
 from engine.outbox.store import Fire, OutboxRow, Store
-from engine.rules.secrets import SecretRef
+from engine.rules.secrets import Masker, SecretRef
 from engine.send.dispatch import Credentials, Dispatcher
 from engine.send.policy import (
     DispatchSettings,
@@ -184,8 +184,8 @@ def test_credentials_show_references_only(password: str) -> None:
     assert "PUSHRULES_TEST_PASSWORD" in repr(CREDENTIALS)
     sent = json.loads(with_user(json.dumps(body("x")), "l", password))
     assert next(iter(sent["sendInstantMessage"])) == "user"
-    assert redact(f'echo "{password}"', [password]) == 'echo "********"'
-    assert redact('a"b', ['a"b']) == "********"
+    assert redact(f'echo "{password}"', Masker([password])) == 'echo "********"'
+    assert redact('a"b', Masker(['a"b'])) == "********"
 
 
 # --- over HTTP, against the sandbox ----------------------------------------------------------

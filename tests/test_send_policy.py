@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from engine.outbox.states import DEAD, FAILED, IN_DOUBT, RETRYING, SENT
+from engine.rules.secrets import Masker
 from engine.send.policy import (
     DispatchSettings,
     Outcome,
@@ -190,6 +191,7 @@ def test_credentials_are_added_at_send_time_and_masked_in_texts() -> None:
     sent = json.loads(with_user(stored, "ops@example.com", "pw-1234"))
     assert sent["sendInstantMessage"]["user"] == {"login": "ops@example.com", "password": "pw-1234"}
     secrets = ["pw-1234", "ops@example.com"]  # as the dispatcher passes them
-    echoed = redact("bad login ops@example.com / pw-1234", secrets, "ops@example.com")
+    scrub = Masker(secrets, "ops@example.com")
+    echoed = redact("bad login ops@example.com / pw-1234", scrub)
     assert echoed is not None and "pw-1234" not in echoed and "ops@example.com" not in echoed
-    assert redact(None, ["pw-1234"]) is None
+    assert redact(None, scrub) is None

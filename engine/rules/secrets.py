@@ -86,6 +86,37 @@ _UNICODE_ESCAPE = re.compile(r"\\u[0-9a-f]{4}")
 _PERCENT = re.compile(r"%[0-9A-F]{2}")
 
 
+class Masker:
+    """:func:`mask` for given secrets, their encodings worked out once: the dispatcher masks
+    each text of an answer (four an attempt), and working them out took most of that time."""
+
+    __slots__ = ("_forms",)
+
+    def __init__(self, secrets: Iterable[str], login: str = "") -> None:
+        forms = {form for secret in secrets for form in encodings(secret, login)}
+        self._forms = sorted(forms, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        forms = self._forms
+        for form in forms:
+            if form in text:
+                text = text.replace(form, MASK)
+        spans = sorted(span for form in forms for span in _prefix_spans(text, form))
+        out: list[str] = []
+        done = 0
+        for start, end in spans:
+            if end <= done:
+                continue
+            if start < done:  # overlaps the previous span: extend it
+                out[-1] = MASK
+            else:
+                out.append(text[done:start])
+                out.append(MASK)
+            done = end
+        out.append(text[done:])
+        return "".join(out)
+
+
 def mask(text: str, secrets: Iterable[str], login: str = "") -> str:
     """``text`` with each secret masked in every encoding (see :func:`encodings`).
 
@@ -93,26 +124,7 @@ def mask(text: str, secrets: Iterable[str], login: str = "") -> str:
     longer the secret, so it survives. A run of :data:`MASK_PREFIX` or more leading characters
     of an encoding is masked as well, for answers that cut the echoed request themselves.
     """
-    forms = sorted(
-        {form for secret in secrets for form in encodings(secret, login)}, key=len, reverse=True
-    )
-    for form in forms:
-        if form in text:
-            text = text.replace(form, MASK)
-    spans = sorted(span for form in forms for span in _prefix_spans(text, form))
-    out: list[str] = []
-    done = 0
-    for start, end in spans:
-        if end <= done:
-            continue
-        if start < done:  # overlaps the previous span: extend it
-            out[-1] = MASK
-        else:
-            out.append(text[done:start])
-            out.append(MASK)
-        done = end
-    out.append(text[done:])
-    return "".join(out)
+    return Masker(secrets, login)(text)
 
 
 def _prefix_spans(text: str, form: str) -> Iterable[tuple[int, int]]:

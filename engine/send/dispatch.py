@@ -49,7 +49,7 @@ from engine.outbox.connections import busy_timeout, is_busy
 from engine.outbox.schema import utcnow
 from engine.outbox.states import DEAD, FAILED, IN_DOUBT, RETRYING, SENT
 from engine.outbox.store import AttemptResult, OutboxRow, Reclaimed, ResultUpdate, Store
-from engine.rules.secrets import MissingSecret, SecretRef, mask
+from engine.rules.secrets import Masker, MissingSecret, SecretRef
 from engine.send.metrics import DispatchMetrics
 from engine.send.policy import (
     DispatchSettings,
@@ -528,9 +528,7 @@ class Dispatcher:
         # The password always; the login too unless too short to mask without mangling text.
         hidden = (password, login) if len(login) >= 4 else (password,)
 
-        def scrub(text: str) -> str:
-            return mask(text, hidden, login)
-
+        scrub = Masker(hidden, login)
         headers_sent = False
         written: bool | None = None
 
@@ -565,14 +563,14 @@ class Dispatcher:
             duration_s=duration,
             http_status=outcome.http_status,
             return_code=outcome.return_code,
-            return_label=redact(outcome.return_label, hidden, login),
-            message_id=redact(outcome.message_id, hidden, login),
-            error=redact(outcome.error, hidden, login),
+            return_label=redact(outcome.return_label, scrub),
+            message_id=redact(outcome.message_id, scrub),
+            error=redact(outcome.error, scrub),
         )
         scrubbed = dataclasses.replace(
             outcome,
             error=attempt.error,
-            cause=redact(outcome.cause, hidden, login),
+            cause=redact(outcome.cause, scrub),
         )
         return attempt, scrubbed, error_kind
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import email.utils
 import json
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -18,7 +18,6 @@ from engine.accengage import api as accengage
 from engine.accengage.api import RETRYABLE_CODES, describe
 from engine.outbox.states import DEAD, FAILED, IN_DOUBT, RETRYING, SENT
 from engine.rules.schemas import DISPATCH
-from engine.rules.secrets import mask
 
 OutcomeKind = Literal["sent", "retry", "failed", "unknown"]
 UnknownPolicy = Literal["park", "retry"]
@@ -366,8 +365,6 @@ def final_error(outcome: Outcome, state: str, attempts: int) -> str | None:
     return outcome.error
 
 
-def redact(text: str | None, secrets: Iterable[str], login: str = "") -> str | None:
-    """Mask each secret in every encoding an answer may echo it in (engine.rules.secrets.mask)."""
-    if text is None:
-        return None
-    return mask(text, [s for s in secrets if s], login)
+def redact(text: str | None, scrub: Callable[[str], str]) -> str | None:
+    """``text`` through ``scrub`` (a :class:`~engine.rules.secrets.Masker`), None kept."""
+    return None if text is None else scrub(text)
