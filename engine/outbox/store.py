@@ -45,7 +45,6 @@ from sqlalchemy import (
     case,
     create_engine,
     event,
-    exists,
     func,
     inspect,
     make_url,
@@ -190,18 +189,15 @@ def _history_statement(states: tuple[str, ...], by_rule: bool, since: bool) -> A
 
 
 _CLAIM_DUE = _claim_statement(by_ids=False, paused=False)
-# A fire written ahead, deleted whole while none of its rows has left pending (store.py
-# withdraw_ahead): the new version of its rule writes it again under the same key.
-_other = outbox.alias("other")
-_WITHDRAW_FIRE = outbox.delete().where(
-    outbox.c.rule == bindparam("r"),
-    outbox.c.idem_key == bindparam("k"),
-    ~exists().where(
-        _other.c.rule == bindparam("r"),
-        _other.c.idem_key == bindparam("k"),
-        or_(_other.c.state != PENDING, _other.c.attempts > 0),
-    ),
+# A fire written ahead (store.py withdraw_ahead): its rows, locked (PostgreSQL) so that a
+# claim running meanwhile either got them first or waits, then deleted whole if none has left
+# pending; the new version of its rule writes it again under the same key.
+_FIRE_ROWS = (
+    select(outbox.c.id, outbox.c.state, outbox.c.attempts)
+    .where(outbox.c.rule == bindparam("r"), outbox.c.idem_key == bindparam("k"))
+    .with_for_update()
 )
+_DELETE_IDS = outbox.delete().where(outbox.c.id.in_(bindparam("ids", expanding=True)))
 _CLAIM_DUE_PAUSED = _claim_statement(by_ids=False, paused=True)
 _CLAIM_IDS = _claim_statement(by_ids=True, paused=False)
 _CLAIM_IDS_PAUSED = _claim_statement(by_ids=True, paused=True)
@@ -1105,9 +1101,13 @@ class Store(Marks, Retention):
                 bound = after.get(rule, otherwise)
                 if at is not None and bound is not None and created_at < at and at > bound:
                     fires.append({"r": rule, "k": key})
-            if not fires:
-                return 0
-            return sum(conn.execute(_WITHDRAW_FIRE, one).rowcount > 0 for one in fires)
+            taken = 0
+            for one in fires:
+                rows = conn.execute(_FIRE_ROWS, one).all()
+                if rows and all(r.state == PENDING and r.attempts == 0 for r in rows):
+                    conn.execute(_DELETE_IDS, {"ids": [r.id for r in rows]})
+                    taken += 1
+            return taken
 
     def leadership(self, name: str = "scheduler") -> Leadership:
         """Who runs the schedules when several daemons share this store (see Leadership)."""
