@@ -4,20 +4,27 @@ again takes back what it will decide anew, so nothing is sent twice, late, or no
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from engine.accengage.sandbox import RunningSandbox
+from engine.daemon.clock import Clock
+from engine.daemon.scheduler import Scheduler
 from engine.outbox.keys import fire_key, scheduled_for
 from engine.outbox.states import PENDING, SENT
 from engine.outbox.store import Fire, Store
+from engine.rules.rule import Rule
 from tests.conftest import StartDaemon
 from tests.daemon_process import Daemon, Project, started_before, texts, wait_for
 from tests.helpers import URL, body
+from tests.test_scheduler import MemoryMarks, make_rule, run
 
 DUE = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 BEFORE = DUE - timedelta(seconds=5)
@@ -186,3 +193,125 @@ def test_a_fire_written_ahead_by_a_daemon_that_stopped_is_decided_again(
     assert second.stop() == 0
     assert sum(texts(sandbox).values()) == sent, second.log()
     assert len(project.rows("tick")) == sent
+
+
+# --------------------------------------------------------------------------- the scheduler
+
+
+class Outbox:
+    """An outbox in memory for the scheduler: fires by (rule, key) with the version that wrote
+    them, and the store's taking back (fires written ahead whose time is after the bound)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.rows: dict[tuple[str, str], tuple[str, datetime]] = {}  # -> (digest, written at)
+        self.hold: asyncio.Event | None = None  # set: writes wait for it
+        self.writing = asyncio.Event()  # a write began
+
+    async def on_fire(self, rule: Rule, at: datetime, key: str) -> None:
+        self.writing.set()
+        if self.hold is not None:
+            await self.hold.wait()
+        self.rows.setdefault((rule.id, key), (rule.digest, self.clock.now()))
+
+    async def withdraw(self, after: Mapping[str, datetime], otherwise: datetime | None) -> int:
+        taken = 0
+        for (rule, key), (_, written) in list(self.rows.items()):
+            at, bound = scheduled_for(key), after.get(rule, otherwise)
+            if at is not None and bound is not None and written < at and at > bound:
+                del self.rows[(rule, key)]
+                taken += 1
+        return taken
+
+
+def scheduler_for(outbox: Outbox, ahead: timedelta) -> Scheduler:
+    async def no_poll(rule: Rule, at: datetime) -> None:
+        return None
+
+    return Scheduler(
+        outbox.clock, MemoryMarks(), outbox.on_fire, no_poll, ahead=ahead, withdraw=outbox.withdraw
+    )
+
+
+async def until(probe: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Polls ``probe`` to a deadline (generous for a busy machine; not a measure)."""
+    deadline = time.monotonic() + timeout
+    while not probe():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def test_an_every_rule_shorter_than_fire_ahead_sends_every_fire() -> None:
+    """Taken ahead, several fires of ``every: 1s`` come in one run: each is sent, none is
+    skipped as coalesced (they are not late, only early)."""
+    start = datetime(2026, 3, 2, 9, 0, 0, 500000, tzinfo=UTC)
+    outbox = Outbox(Clock.starting_at(start))
+    rule = make_rule("often", {"every": "1s"}, tz="UTC")
+
+    async def go() -> None:
+        scheduler = scheduler_for(outbox, timedelta(seconds=3))
+        await scheduler.start()
+        scheduler.apply({"often": rule})
+        await scheduler.catch_up({"often": rule})
+        await until(lambda: len(outbox.rows) >= 4, "four fires written ahead")
+        written.extend(sorted(key for _, key in outbox.rows))
+        await scheduler.shutdown()
+        # Stopping takes back what is written ahead and not due: the next leader decides it.
+        assert all(scheduled_for(key) <= outbox.clock.now() for _, key in outbox.rows)  # type: ignore[operator]
+
+    written: list[str] = []
+    run(go())
+    first = datetime(2026, 3, 2, 9, 0, 1, tzinfo=UTC)
+    assert written[:4] == [fire_key(first + timedelta(seconds=i)) for i in range(4)]
+
+
+def test_a_leader_started_again_writes_again_what_it_took_back() -> None:
+    """Leadership lost then won back in one process: the start takes back the fire written
+    ahead by the first term and the new term writes it again (it was lost before)."""
+    due = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+    outbox = Outbox(Clock.starting_at(due - timedelta(seconds=4)))
+    rule = make_rule("tick", {"cron": "0 9 * * *"}, tz="UTC")
+    key = fire_key(due)
+
+    async def go() -> None:
+        scheduler = scheduler_for(outbox, timedelta(seconds=10))
+        await scheduler.start()
+        scheduler.apply({"tick": rule})
+        await scheduler.catch_up({"tick": rule})
+        await until(lambda: ("tick", key) in outbox.rows, "the fire written ahead")
+        await scheduler.shutdown()
+        await scheduler.start()
+        scheduler.apply({"tick": rule})
+        await scheduler.catch_up({"tick": rule})
+        await until(lambda: ("tick", key) in outbox.rows, "the fire written again")
+        await scheduler.shutdown()
+
+    run(go())
+
+
+def test_an_edit_while_the_old_version_writes_its_fire_sends_the_new_version() -> None:
+    """The old version's write is under way when the rule changes: it lands, is taken back,
+    and the new version's fire takes its place (not refused as its duplicate)."""
+    due = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+    outbox = Outbox(Clock.starting_at(due - timedelta(seconds=4)))
+    old = make_rule("tick", {"cron": "0 9 * * *"}, tz="UTC")
+    new = make_rule("tick", {"cron": "0 9 * * *"}, tz="UTC", catch_up=timedelta(minutes=11))
+    key = fire_key(due)
+
+    async def go() -> None:
+        scheduler = scheduler_for(outbox, timedelta(seconds=10))
+        outbox.hold = asyncio.Event()
+        await scheduler.start()
+        scheduler.apply({"tick": old})
+        await scheduler.catch_up({"tick": old})
+        await asyncio.wait_for(outbox.writing.wait(), 10)
+        scheduler.apply({"tick": new})
+        await asyncio.sleep(0.05)
+        outbox.hold.set()  # the old version's write lands after the edit
+        await until(
+            lambda: outbox.rows.get(("tick", key), ("",))[0] == new.digest,
+            "the new version's fire",
+        )
+        await scheduler.shutdown()
+
+    run(go())

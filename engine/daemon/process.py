@@ -104,9 +104,10 @@ class Daemon:
         self._reloads: set[asyncio.Task[None]] = set()
         self._sandbox: Any = None
         self._wakes: dict[datetime, asyncio.TimerHandle] = {}
-        #: Set once this instance knows whether it leads and, leading, has caught up (and so
-        #: taken back what an earlier run wrote ahead): the dispatcher waits for it.
+        #: Set once this instance knows whether it leads and, leading, has taken back what an
+        #: earlier run wrote ahead (catch-up's first step): the dispatcher waits for it.
         self._started = asyncio.Event()
+        self._settling: asyncio.Task[bool] | None = None
         self._watcher: Watcher | None = None
         self._server_ref: uvicorn.Server | None = None
         self.store: Store | None = None
@@ -500,9 +501,9 @@ class Daemon:
         return 1 if failed else 0
 
     async def _dispatch(self) -> None:
-        """The dispatcher, once this instance knows whether it leads: a leader first catches up,
-        taking back what an earlier run wrote ahead to decide it again, so a fire whose time
-        passed while no daemon ran is never sent late by a claim that came first."""
+        """The dispatcher, once this instance knows whether it leads: a leader first takes back
+        what an earlier run wrote ahead and catch-up will decide again, so a fire whose time
+        passed while no daemon ran is not sent late by a claim that came first."""
         started = asyncio.create_task(self._started.wait())
         stopped = asyncio.create_task(self.stop.wait())
         await asyncio.wait([started, stopped], return_when=asyncio.FIRST_COMPLETED)
@@ -555,6 +556,10 @@ class Daemon:
                 log.info("leading: this instance runs the schedules and feeds")
                 await self.scheduler.start()
                 self.scheduler.apply(self.ruleset().rules)
+                # The dispatcher starts once what earlier runs wrote ahead is settled, not
+                # after the whole catch-up: the missed fires it writes go out as they land.
+                self._settling = asyncio.create_task(self.scheduler.settled(), name="settled")
+                self._settling.add_done_callback(lambda _: self._started.set())
                 for item in await self.scheduler.catch_up(self.ruleset().rules):
                     log.info(
                         "catch-up: %s %s at %s: %s",
@@ -567,7 +572,8 @@ class Daemon:
                 self._leading = False
                 log.warning("lost the scheduler leadership: another instance runs schedules")
                 await self.scheduler.shutdown()
-            self._started.set()  # leading, catch-up has settled what was written ahead
+            if not self._leading:
+                self._started.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), every)
 

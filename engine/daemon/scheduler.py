@@ -112,6 +112,8 @@ RETRY_BASE, RETRY_MAX = 1.0, 30.0
 LOG_EACH_SKIPPED = 5
 #: Effectively "never refuse a run": APScheduler drops a refused run for good.
 _MAX_INSTANCES = 1_000_000
+#: How long a replaced rule version's replacement time is remembered (see Scheduler._replaced).
+REPLACED_KEPT = timedelta(days=1)
 #: Tries to take back what a replaced rule wrote ahead, a retry wait apart (doubling).
 WITHDRAW_TRIES = 4
 #: Fire runs going on at once. A minute's 5,000 cron rules start together: a fire's compiled
@@ -389,6 +391,9 @@ class Scheduler:
         self._settled = asyncio.Event()
         #: Per rule, set once what its replaced version wrote ahead is taken back.
         self._withdrawals: dict[str, asyncio.Event] = {}
+        #: (rule, digest) of a version replaced or removed -> when (clock): its fires from then
+        #: on are the new version's (or nobody's), however late its runs reach them.
+        self._replaced: dict[tuple[str, str], datetime] = {}
         self._withdrawing: set[asyncio.Task[None]] = set()
         self._marks = marks
         self._mark_writes: Coalescer[dict[str, datetime], None] = Coalescer(
@@ -431,11 +436,36 @@ class Scheduler:
             self._settled.set()
         else:
             self._settled.clear()  # catch-up settles what was written ahead first
+        # Jobs made anew, as for a leader starting for the first time: a term that ended (the
+        # leadership lost, then won back) leaves its jobs having taken fires it may not have
+        # written, which this start's take-back and catch-up must see as not taken.
+        for entry in list(self._entries.values()):
+            self._entries.pop(entry.rule.id)
+            with contextlib.suppress(JobLookupError):
+                self._aps.remove_job(entry.rule.id)
+            self._add(self._entry(entry.rule))
         self._aps.start()
         self._marker = asyncio.get_running_loop().create_task(self._mark_periodically())
 
+    async def settled(self) -> bool:
+        """Waits until catch-up has taken back what earlier runs wrote ahead (True), or the
+        scheduler stops first (False)."""
+        return await self._until_or_stopped(self._settled)
+
+    async def _until_or_stopped(self, event: asyncio.Event) -> bool:
+        if event.is_set():
+            return True
+        waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(self._stopping.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return event.is_set()
+
     async def shutdown(self, *, timeout: float = 30.0) -> None:
-        """No new runs; running ones finish (cancelled past ``timeout``); marks are written."""
+        """No new runs; running ones finish (cancelled past ``timeout``); marks are written;
+        fires written ahead whose time has not come are taken back (see below)."""
         if not self._aps.running:
             return
         self._aps.pause()  # synchronous: no job is submitted from here on
@@ -460,6 +490,28 @@ class Scheduler:
         self._aps.shutdown(wait=False)
         await asyncio.sleep(0)  # AsyncIOScheduler shuts down in a loop callback
         await self._write_marks(self._fire_rules())
+        await self._take_back_coming()
+
+    async def _take_back_coming(self) -> None:
+        """What this leader wrote ahead and whose time has not come goes back, so that no
+        instance sends it after this one stopped: the next leader decides it (its job, or its
+        catch-up under the rule's catch_up). Best effort: a leader that dies cannot do this,
+        and the next one takes back at its start what its time has passed since."""
+        if self._withdraw is None or not self._settled.is_set():
+            return
+        now = self._clock.now()
+        try:
+            taken = await self._withdraw(dict.fromkeys(self._fire_rules(), now), None)
+        except Exception as exc:
+            log.warning(
+                "could not take back the fires written ahead of their time (%s: %s): they "
+                "leave as written, by whichever instance sends then",
+                type(exc).__name__,
+                exc,
+            )
+            return
+        if taken:
+            log.info("took back %d fire(s) written ahead: the next leader decides them", taken)
 
     # -- jobs -------------------------------------------------------------------------------
 
@@ -526,6 +578,9 @@ class Scheduler:
 
     async def _withdraw_replaced(self, gates: Mapping[str, asyncio.Event]) -> None:
         assert self._withdraw is not None
+        for rule_id in gates:  # a write of the old version under way lands first
+            async with self._locks.setdefault(rule_id, asyncio.Lock()):
+                pass
         now = self._clock.now()
         delay = self._retry_base
         try:
@@ -579,6 +634,7 @@ class Scheduler:
     def _add(self, entry: _Entry) -> None:
         rule = entry.rule
         self._entries[rule.id] = entry
+        self._replaced.pop((rule.id, rule.digest), None)  # a version back in force
         self._aps.add_job(
             self._run,
             trigger=entry.trigger,
@@ -596,7 +652,13 @@ class Scheduler:
         )
 
     def _remove(self, rule_id: str) -> None:
-        self._entries.pop(rule_id, None)
+        entry = self._entries.pop(rule_id, None)
+        if entry is not None:
+            now = self._clock.now()
+            for key, at in list(self._replaced.items()):  # kept a day: runs end well before
+                if now - at > REPLACED_KEPT:
+                    del self._replaced[key]
+            self._replaced[(rule_id, entry.rule.digest)] = now
         # An ``at`` job is already gone after its only fire.
         with contextlib.suppress(JobLookupError):
             self._aps.remove_job(rule_id)
@@ -647,8 +709,11 @@ class Scheduler:
     async def _run_now(self, entry: _Entry) -> None:
         rule = entry.rule
         horizon = self._clock.now()
-        if entry.kind == "fire" and self._entries.get(rule.id) is entry:
-            horizon += entry.trigger.ahead  # a replaced job only takes fires already due
+        replaced = self._replaced.get((rule.id, rule.digest))
+        if replaced is not None:  # a run of a replaced job: only what was due before that
+            horizon = min(horizon, replaced - _TICK)
+        elif entry.kind == "fire":
+            horizon += entry.trigger.ahead
         try:
             times = entry.claim_due(horizon)
             if not times:
@@ -678,27 +743,33 @@ class Scheduler:
         )
 
     async def _fire_due(self, rule: Rule, times: Sequence[datetime]) -> None:
+        """Fires already due: the newest is sent unless later than catch_up, the older ones
+        coalesced into it. Fires taken ahead of their time (``fire_ahead``) are each sent in
+        turn: none of them is late, an ``every: 1s`` takes several at once."""
         now = self._clock.now()
-        *older, newest = times
-        skipped = [
-            (at, f"coalesced: the later fire due at {newest.isoformat()} is sent instead")
-            for at in older
-        ]
-        late = now - newest
-        if late > rule.catch_up:
-            skipped.append(
-                (
-                    newest,
-                    f"late by {describe_age(late)}, more than catch_up "
-                    f"({describe_age(rule.catch_up)}); was the process suspended?",
+        due = [at for at in times if at <= now]
+        coming = [at for at in times if at > now]
+        if due:
+            *older, newest = due
+            skipped = [
+                (at, f"coalesced: the later fire due at {newest.isoformat()} is sent instead")
+                for at in older
+            ]
+            late = now - newest
+            if late > rule.catch_up:
+                skipped.append(
+                    (
+                        newest,
+                        f"late by {describe_age(late)}, more than catch_up "
+                        f"({describe_age(rule.catch_up)}); was the process suspended?",
+                    )
                 )
-            )
-            log_skipped(rule.id, skipped, "the scheduler ran late")
-            await self._write_marks([rule.id])
-            return
-        if skipped:
-            log_skipped(rule.id, skipped, "the scheduler ran late")
-        await self._deliver(rule, newest)
+            if skipped:
+                log_skipped(rule.id, skipped, "the scheduler ran late")
+            if late <= rule.catch_up:
+                await self._deliver(rule, newest)
+        for at in coming:
+            await self._deliver(rule, at)
         await self._write_marks([rule.id])
 
     async def _deliver(self, rule: Rule, at: datetime) -> str | None:
@@ -710,15 +781,16 @@ class Scheduler:
         try:
             if self._withdraw is not None:
                 # What earlier runs, or this rule's replaced version, wrote ahead goes first.
-                await self._settled.wait()
                 gate = self._withdrawals.get(rule.id)
-                if gate is not None:
-                    await gate.wait()
+                if not await self._until_or_stopped(self._settled) or (
+                    gate is not None and not await self._until_or_stopped(gate)
+                ):
+                    return "the scheduler stopped first"  # pending: catch-up has it next time
             async with lock:
-                if at > self._clock.now() and not self._in_force(rule):
-                    # Decided ahead by a version replaced meanwhile: the new one has this fire.
+                if self._superseded(rule, at):
                     log.info(
-                        "rule %s: the fire due at %s is left to the rule's new version",
+                        "rule %s: the fire due at %s is left to the rule's new version (or to "
+                        "nobody, the rule being gone)",
                         rule.id,
                         at.isoformat(),
                     )
@@ -742,9 +814,11 @@ class Scheduler:
         pending.remove(at)
         return None
 
-    def _in_force(self, rule: Rule) -> bool:
-        entry = self._entries.get(rule.id)
-        return entry is not None and entry.rule.digest == rule.digest
+    def _superseded(self, rule: Rule, at: datetime) -> bool:
+        """Whether the fire due at ``at`` belongs to a later version of the rule (or to none):
+        this version was replaced or removed at or before ``at``."""
+        replaced = self._replaced.get((rule.id, rule.digest))
+        return replaced is not None and at >= replaced
 
     def _retry_later(self, rule: Rule, at: datetime, key: str, error: str) -> bool:
         """Start trying the write again in the background; False if it is too late for that."""
@@ -786,6 +860,9 @@ class Scheduler:
                     self._on_retry(rule.id)
                 try:
                     async with self._locks.setdefault(rule.id, asyncio.Lock()):
+                        if self._superseded(rule, at):
+                            self._settle(rule.id, at)  # the new version has it, or nobody
+                            return
                         await self._on_fire(rule, at, key)
                 except Exception as exc:
                     waiting.attempts += 1
@@ -872,7 +949,10 @@ class Scheduler:
         scheduled = [r for r in rules.values() if job_kind(r) == "fire"]
         marks = await self._read_marks_until_read([r.id for r in scheduled])
         now = self._clock.now()
-        await self._take_back_earlier(marks, [r.id for r in scheduled], now)
+        if marks is None or not await self._take_back_earlier(
+            marks, [r.id for r in scheduled], now
+        ):
+            return []  # stopped first: nothing moved, the next start catches up
         results: list[CatchUp] = []
         for rule in scheduled:
             mark = marks.get(rule.id)
@@ -895,13 +975,14 @@ class Scheduler:
 
     async def _take_back_earlier(
         self, marks: Mapping[str, datetime], scheduled: Sequence[str], now: datetime
-    ) -> None:
+    ) -> bool:
         """Take back what earlier runs wrote ahead and catch-up will decide again: fires after
         their rule's mark (catch-up's, or the jobs'), every fire of a rule no longer scheduled
         (it would not be sent had it waited). Tried until it is done, as reading the marks:
-        until then no fire is written, so none is refused as a duplicate of one taken back."""
+        until then no fire is written, so none is refused as a duplicate of one taken back.
+        False if the scheduler stopped first."""
         if self._withdraw is None:
-            return
+            return True
         after = {rule_id: marks.get(rule_id, now) for rule_id in scheduled}
         delay = MARKS_RETRY_FIRST
         while True:
@@ -916,11 +997,13 @@ class Scheduler:
                     exc,
                     delay,
                 )
-            await asyncio.sleep(delay)
+            if await self._stopped_within(delay):
+                return False
             delay = min(delay * 2, MARKS_RETRY_MAX)
         if taken:
             log.info("took back %d fire(s) an earlier run wrote ahead: decided again now", taken)
         self._settled.set()
+        return True
 
     def _until(self, rule: Rule, now: datetime) -> datetime:
         """Catch-up ends where the rule's current job began (it fires from there on)."""
@@ -954,10 +1037,11 @@ class Scheduler:
             log_skipped(rule.id, skipped, context)
         return done
 
-    async def _read_marks_until_read(self, rule_ids: Sequence[str]) -> dict[str, datetime]:
-        """The marks, however long the store takes to give them. Reading none instead would
-        move every mark to now and lose the fires missed while stopped; until they are read,
-        no mark moves (``_caught_up`` stays false), so a stop meanwhile loses nothing either."""
+    async def _read_marks_until_read(self, rule_ids: Sequence[str]) -> dict[str, datetime] | None:
+        """The marks, however long the store takes to give them (None: the scheduler stopped
+        first). Reading none instead would move every mark to now and lose the fires missed
+        while stopped; until they are read, no mark moves (``_caught_up`` stays false), so a
+        stop meanwhile loses nothing either."""
         delay = MARKS_RETRY_FIRST
         while True:
             try:
@@ -970,7 +1054,8 @@ class Scheduler:
                     exc,
                     delay,
                 )
-            await asyncio.sleep(delay)
+            if await self._stopped_within(delay):
+                return None
             delay = min(delay * 2, MARKS_RETRY_MAX)
 
     def _read_marks(self, rule_ids: Iterable[str]) -> dict[str, datetime]:

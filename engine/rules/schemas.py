@@ -775,15 +775,14 @@ DAEMON: dict[str, Any] = {
     "fire_ahead": {
         **TEXT,
         "bounds": Bounds(0.01, 60, "ms", word="none"),
-        **_timing(
+        **doc(
             "Fire ahead",
             "How long before its time a scheduled fire (cron, every, at) is decided and written "
             "to the outbox; its requests still leave at that time, not before. A minute's "
             "thousand rules are then sent on the minute, not over the seconds after it. A rule "
-            "changed meanwhile takes back what its old version wrote, and fires anew; `none` "
-            "decides each fire at its time",
-            "10ms",
-            "1m (or none)",
+            "changed meanwhile takes back what its old version wrote, and fires anew. 10ms to "
+            f"1m: {_DURATION_MS_WORDS}; or none, to decide each fire at its time.",
+            json={"type": "string", "anyOf": [{"pattern": DURATION_MS_PATTERN}, {"const": "none"}]},
         ),
     },
 }
