@@ -1,13 +1,14 @@
 """The leader's housekeeping, off the hot path: state counts folded, retention applied.
 
-Every few seconds the leader folds the state counts PostgreSQL's triggers append (so
-``/healthz`` reads a few rows); every ten minutes it prunes what ``retention:`` lets go (see
-engine/outbox/retention.py), one batch of a few hundred rows per transaction in a worker
-thread, with a pause between batches so that fires and results waiting for SQLite's write lock
-go first. A batch waits at most :data:`WRITE_WAIT` for that lock. Any store error ends the round,
-logged and counted, and the next round starts over: pruning never stops sending, and a batch
-cut short rolls back whole. Only the leader prunes (the deletes are safe from several
-instances at once, which ``pushrules outbox prune`` beside a daemon relies on; one is enough).
+Every few seconds (``daemon.fold_every``) the leader folds the state counts PostgreSQL's
+triggers append (so ``/healthz`` reads a few rows); every ten minutes it prunes what
+``retention:`` lets go (see engine/outbox/retention.py), one batch of a few hundred rows per
+transaction in a worker thread, with a pause between batches so that fires and results
+waiting for SQLite's write lock go first. A batch waits at most :data:`WRITE_WAIT` for that
+lock. Any store error ends the round, logged and counted, and the next round starts over:
+pruning never stops sending, and a batch cut short rolls back whole. Only the leader prunes
+(the deletes are safe from several instances at once, which ``pushrules outbox prune`` beside
+a daemon relies on; one is enough).
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from typing import Final, Protocol
 
 from engine.outbox.connections import busy_timeout
 from engine.outbox.retention import BATCH, KINDS, retained
-from engine.rules.project import RetentionConfig
+from engine.rules.project import DaemonConfig, RetentionConfig
 from engine.rules.secrets import hide_url_password
 
 log = logging.getLogger("pushrules.retention")
 
-#: Seconds between two folds of the state counts (and between two looks at the prune clock).
-FOLD_EVERY: Final = 5.0
+#: Seconds between two folds of the state counts (and between two looks at the prune clock):
+#: ``daemon.fold_every``'s default.
+FOLD_EVERY: Final = DaemonConfig().fold_every.total_seconds()
 #: Seconds between two prune rounds; the first comes one fold after this instance leads.
 PRUNE_EVERY: Final = 600.0
 #: Seconds between two batches of a round.

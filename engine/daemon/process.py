@@ -457,6 +457,7 @@ class Daemon:
             self.clock.now,
             on_pruned=self.metrics.pruned,
             on_failed=self.metrics.prune_failed,
+            fold_every=timing.fold_every.total_seconds(),
         )
 
         loop = asyncio.get_running_loop()

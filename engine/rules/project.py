@@ -63,6 +63,7 @@ class DaemonConfig:
     lock_wait: timedelta = timedelta(seconds=2)
     fire_retry: timedelta = timedelta(seconds=1)
     fire_ahead: timedelta = timedelta(seconds=5)
+    fold_every: timedelta = timedelta(seconds=5)
 
 
 @dataclass(frozen=True, slots=True)

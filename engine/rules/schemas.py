@@ -785,6 +785,17 @@ DAEMON: dict[str, Any] = {
             json={"type": "string", "anyOf": [{"pattern": DURATION_MS_PATTERN}, {"const": "none"}]},
         ),
     },
+    "fold_every": {
+        **TEXT,
+        "bounds": Bounds(0.1, 600, "ms"),
+        **_timing(
+            "Fold every",
+            "How often the leader folds the outbox's state counts and looks at the prune clock: "
+            "its first prune round comes this long after it leads",
+            "100ms",
+            "10m",
+        ),
+    },
 }
 
 #: ``intake:`` of pushrules.yaml. The body of one event is held whole, then parsed: 64 MiB
