@@ -13,11 +13,12 @@ test_problems_table.py, and rules and settings mutated by hypothesis):
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import re
 import textwrap
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,7 @@ def validator(kind: str) -> Draft202012Validator:
     return Draft202012Validator(schema)
 
 
+@lru_cache(maxsize=8)  # _readable, then schema_errors, read each generated text
 def editor_view(text: str) -> Any:
     """The data an editor's YAML 1.2 reader makes of ``text`` (dates stay text: no JSON type)."""
     data = YAML(typ="safe", pure=True).load(text)
@@ -338,11 +340,16 @@ def _paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 SENTINEL = "@@raw@@"
 
 
+@cache
+def _parsed(base: str) -> Any:
+    return pyyaml.safe_load(base)
+
+
 @st.composite
 def mutated(draw: st.DrawFn, base: str) -> str:
     """``base`` with one to three mistakes, or none: a value replaced, a key or item removed, a
     key added or misspelt."""
-    data = pyyaml.safe_load(base)
+    data = copy.deepcopy(_parsed(base))  # parsed once: 11 ms a draw with PyYAML
     raws: list[str] = []
     for _ in range(draw(st.integers(0, 3))):
         path = draw(st.sampled_from(_paths(data)))
