@@ -225,9 +225,13 @@ class Daemon:
         """Start the process and wait until it answers /healthz."""
         return self.launch(**env).wait_ready()
 
+    def argv(self) -> list[str]:
+        """The ``pushrules`` command line of the daemon."""
+        return ["run", "--project", str(self.project.root), "--log-format", "json"]
+
     def launch(self, **env: str) -> Daemon:
         """Start the process without waiting for it (several start faster together)."""
-        argv = ["run", "--project", str(self.project.root), "--log-format", "json"]
+        argv = self.argv()
         environment = self.env(**env)
         self.started_at = time.time()
         if not self.new_interpreter:

@@ -18,7 +18,8 @@ import pytest
 from engine.accengage.sandbox import RunningSandbox
 from engine.cli.main import main
 from engine.outbox.store import Store
-from tests.daemon_process import START_TIMEOUT, Daemon, free_port, wait_for
+from tests import zygote
+from tests.daemon_process import Daemon, free_port
 from tests.daemon_process import Project as DaemonProject
 from tests.helpers import REPO, make_project, write_rule
 from tests.test_cli import broken  # noqa: F401 (fixture)
@@ -94,44 +95,26 @@ def test_sandbox_send_needs_no_credentials(
 class SandboxDaemon(Daemon):
     """``pushrules run --sandbox``: its own sandbox endpoint, the trial outbox of the project."""
 
-    def start(self, **env: str) -> SandboxDaemon:
-        command = [sys.executable, "-m", "engine", "run", "--project", str(self.project.root)]
-        command += ["--sandbox", "--sandbox-port", str(free_port()), "--log-format", "json"]
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                command,
-                env=self.env(**env),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.project.root,
-            )
-        wait_for(
-            self._answers, "the daemon to answer /healthz", timeout=START_TIMEOUT, log=self.log
-        )
-        return self
+    def argv(self) -> list[str]:
+        return [*super().argv(), "--sandbox", "--sandbox-port", str(free_port())]
 
 
-def _send_sandbox(root: Path, event: Path) -> subprocess.Popen[str]:
+def _send_sandbox(root: Path, event: Path, log: Path) -> subprocess.Popen[bytes] | zygote.Forked:
+    """``pushrules send race --sandbox`` in a process of its own, its output in ``log``: forked
+    from the preloaded fork server (tests/zygote.py) like the daemons, since the test runs
+    rounds of three until the daemon wins one (a new interpreter each: 0.5 s of CPU)."""
+    argv = ["send", "race", "--event", str(event), "--sandbox", "--project", str(root)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PUSHRULES_", "TEST_"))}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine",
-            "send",
-            "race",
-            "--event",
-            str(event),
-            "--sandbox",
-            "--project",
-            str(root),
-        ],
-        env={**env, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=root,
-    )
+    if not zygote.exec_only():
+        return zygote.Forked(argv, env, root, log)
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "engine", *argv],
+            env={**env, "PYTHONPATH": str(REPO)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+        )
 
 
 @pytest.mark.e2e
@@ -158,10 +141,12 @@ def test_send_sandbox_reports_the_outcome_when_a_running_daemon_sends_the_row(
         rounds = 0
         while not daemon_won and time.monotonic() < deadline:
             rounds += 1
-            runs = [_send_sandbox(trial.root, event) for _ in range(3)]
-            for run in runs:
-                out, err = run.communicate(timeout=60)
-                assert run.returncode == 0, f"exit {run.returncode}\n{out}\n{err}\n{daemon.log()}"
+            logs = [tmp_path / f"send-{rounds}-{n}.log" for n in range(3)]
+            runs = [_send_sandbox(trial.root, event, log) for log in logs]
+            for run, log in zip(runs, logs, strict=True):
+                code = run.wait(timeout=60)
+                out = log.read_text()
+                assert code == 0, f"exit {code}\n{out}\n{daemon.log()}"
                 assert "  sent  returnCode 0" in out, out
             with Store(trial_store) as store:
                 rows = store.history(rule="race", limit=1000)
