@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
-import httpx
+import aiohttp
 import pytest
 
 from engine.accengage.sandbox import RunningSandbox
@@ -255,27 +255,33 @@ async def post_many(url: str, count: int, concurrency: int) -> list[int]:
 
     A request that gets no answer is sent again with the same key, as the intake asks of its
     clients: on a loaded machine a keep-alive connection may be closed by the server just as
-    it is reused, and the key is what makes that retry safe (checked by the caller).
+    it is reused, and the key is what makes that retry safe (checked by the caller). aiohttp's
+    client: with httpx's the test took 9 s of CPU (4.3 in this process, 4.7 in the daemon), with
+    aiohttp's 3.2 s (0.5 and 2.6).
     """
     gate = asyncio.Semaphore(concurrency)
     headers = {"Authorization": f"Bearer {TOKEN}"}
     # Idle connections expire before the server's keep-alive timeout (5 s) ends them.
-    limits = httpx.Limits(max_connections=concurrency, keepalive_expiry=2.0)
+    connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=2.0)
+    timeout = aiohttp.ClientTimeout(total=30.0)
 
-    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=30.0) as client:
+    async with aiohttp.ClientSession(
+        headers=headers, connector=connector, timeout=timeout
+    ) as client:
 
         async def send(n: int) -> int:
-            response = await client.post(
+            async with client.post(
                 f"{url}/events/bulk",
                 json={"marker": f"m{n}"},
                 headers={"Idempotency-Key": f"bulk-{n}"},
-            )
-            return response.status_code
+            ) as response:
+                await response.read()
+                return response.status
 
         async def one(n: int) -> int:
             async with gate:
                 for _ in range(2):
-                    with contextlib.suppress(httpx.TransportError):
+                    with contextlib.suppress(aiohttp.ClientConnectionError, TimeoutError):
                         return await send(n)
                 return await send(n)
 
