@@ -355,6 +355,7 @@ def _rules_sets(depth: int) -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries({}, optional=optional)
 
 
+@functools.cache  # the same for a depth: built once, not at each example that draws from it
 def _any_value(depth: int) -> st.SearchStrategy[Any]:
     leaf = st.one_of(st.none(), st.booleans(), st.integers(0, 2), st.sampled_from(["x", "", "yes"]))
     if depth == 0:
