@@ -124,6 +124,7 @@ def test_timing_settings_take_milliseconds_and_default_to_the_daemon_s_own(
         + "dispatch:\n  poll_every: 50ms\n"
         + "daemon:\n  watch_every: 100ms\n  watch_quiet: 1s500ms\n  watch_max_delay: 2s\n"
         + "  leadership_every: 1s\n  lock_wait: 500ms\n  fire_retry: 200ms\n  fold_every: 500ms\n"
+        + "  fire_ahead: none\n"
     )
     loaded, problems = load_project(root)
     assert loaded is not None, problems
@@ -135,6 +136,7 @@ def test_timing_settings_take_milliseconds_and_default_to_the_daemon_s_own(
         lock_wait=timedelta(milliseconds=500),
         fire_retry=timedelta(milliseconds=200),
         fold_every=timedelta(milliseconds=500),
+        fire_ahead=timedelta(0),
     )
     assert dispatch_settings(loaded).poll_every == 0.05
     assert loaded.where("daemon.fire_retry") == f"pushrules.yaml:{line_of(config, 'fire_retry:')}"
@@ -147,6 +149,7 @@ def test_timing_settings_take_milliseconds_and_default_to_the_daemon_s_own(
         ("daemon:\n  leadership_every", "1h", "from 100ms to 10m"),
         ("daemon:\n  fire_retry", "0.5s", "whole numbers"),
         ("daemon:\n  fold_every", "50ms", "from 100ms to 10m"),
+        ("daemon:\n  fire_ahead", "2m", "from 10ms to 1m, or none"),
         ("dispatch:\n  poll_every", "2m", "from 10ms to 1m"),
         ("dispatch:\n  timeout", "500ms", "unknown unit 'ms'"),  # whole seconds there
     ],
