@@ -102,11 +102,11 @@ def test_a_fire_written_ahead_leaves_at_its_time(
     tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
 ) -> None:
     def start(clock: str, attempt: int) -> Daemon:
-        project = Project(tmp_path / f"p{attempt}", sandbox.url, timing={"daemon.fire_ahead": "3s"})
+        project = Project(tmp_path / f"p{attempt}", sandbox.url, timing={"daemon.fire_ahead": "2s"})
         minutely(project, "tick {{ now.isoformat() }}")
         return daemons(project, clock=clock, name=f"run{attempt}")
 
-    daemon = started_before(start, DUE, leads=(6.0, 12.0, 30.0))
+    daemon = started_before(start, DUE, leads=(4.0, 10.0, 30.0))
     project = daemon.project
     wait_for(lambda: project.rows("tick"), "the fire to be written ahead", log=daemon.log)
     (row,) = project.rows("tick")
@@ -134,7 +134,7 @@ def test_a_rule_changed_after_its_fire_was_written_ahead_sends_its_new_version_o
         minutely(project, "old version")
         return daemons(project, clock=clock, name=f"run{attempt}")
 
-    daemon = started_before(start, DUE, leads=(12.0, 20.0, 40.0))
+    daemon = started_before(start, DUE, leads=(5.0, 12.0, 40.0))
     project = daemon.project
     wait_for(lambda: project.rows("tick"), "the old version's fire, ahead", log=daemon.log)
     minutely(project, "new version")
