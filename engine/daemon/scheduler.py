@@ -48,7 +48,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from apscheduler.events import (
     EVENT_JOB_ERROR,
@@ -91,6 +91,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("pushrules.scheduler")
+T = TypeVar("T")
 
 FireCallback = Callable[[Rule, datetime, str], Awaitable[None]]
 """(rule, scheduled time on the clock as an aware UTC datetime, idempotency key)."""
@@ -984,22 +985,13 @@ class Scheduler:
         if self._withdraw is None:
             return True
         after = {rule_id: marks.get(rule_id, now) for rule_id in scheduled}
-        delay = MARKS_RETRY_FIRST
-        while True:
-            try:
-                taken = await self._withdraw(after, datetime.min.replace(tzinfo=UTC))
-                break
-            except Exception as exc:
-                log.error(
-                    "could not take back the fires written ahead by an earlier run (%s: %s); "
-                    "trying again in %g s, fires wait meanwhile",
-                    type(exc).__name__,
-                    exc,
-                    delay,
-                )
-            if await self._stopped_within(delay):
-                return False
-            delay = min(delay * 2, MARKS_RETRY_MAX)
+        withdraw = self._withdraw
+        taken = await self._until_done(
+            lambda: withdraw(after, datetime.min.replace(tzinfo=UTC)),
+            "take back the fires written ahead by an earlier run (fires wait meanwhile)",
+        )
+        if taken is None:
+            return False
         if taken:
             log.info("took back %d fire(s) an earlier run wrote ahead: decided again now", taken)
         self._settled.set()
@@ -1042,14 +1034,23 @@ class Scheduler:
         first). Reading none instead would move every mark to now and lose the fires missed
         while stopped; until they are read, no mark moves (``_caught_up`` stays false), so a
         stop meanwhile loses nothing either."""
+        return await self._until_done(
+            lambda: asyncio.to_thread(self._read_marks, rule_ids),
+            "read the scheduler's marks (fires missed while stopped are caught up once they "
+            "can be read)",
+        )
+
+    async def _until_done(self, attempt: Callable[[], Awaitable[T]], failed: str) -> T | None:
+        """``attempt()``'s result, tried again for as long as it fails (waits of 1 s doubling
+        up to 30 s, each logged); None if the scheduler stops first."""
         delay = MARKS_RETRY_FIRST
         while True:
             try:
-                return await asyncio.to_thread(self._read_marks, rule_ids)
+                return await attempt()
             except Exception as exc:
                 log.error(
-                    "could not read the scheduler's marks (%s: %s): fires missed while stopped "
-                    "are caught up once they can be read; trying again in %g s",
+                    "could not %s: %s: %s; trying again in %g s",
+                    failed,
                     type(exc).__name__,
                     exc,
                     delay,
