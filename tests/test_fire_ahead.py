@@ -315,3 +315,67 @@ def test_an_edit_while_the_old_version_writes_its_fire_sends_the_new_version() -
         await scheduler.shutdown()
 
     run(go())
+
+
+def test_a_leader_that_lost_the_leadership_leaves_what_it_wrote_ahead() -> None:
+    """Stopping as a leader takes back what is not due (the next decides it); losing the
+    leadership does not: the new leader's own write of that fire was refused as a duplicate."""
+    due = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+    rule = make_rule("tick", {"cron": "0 9 * * *"}, tz="UTC")
+    key = fire_key(due)
+    left: dict[bool, bool] = {}
+
+    async def go(take_back: bool) -> None:
+        outbox = Outbox(Clock.starting_at(due - timedelta(seconds=4)))
+        scheduler = scheduler_for(outbox, timedelta(seconds=10))
+        await scheduler.start()
+        scheduler.apply({"tick": rule})
+        await scheduler.catch_up({"tick": rule})
+        await until(lambda: ("tick", key) in outbox.rows, "the fire written ahead")
+        await scheduler.shutdown(take_back=take_back)
+        left[take_back] = ("tick", key) in outbox.rows
+
+    run(go(True))
+    run(go(False))
+    assert left == {True: False, False: True}
+
+
+def test_fires_held_back_by_a_store_away_at_start_are_not_written_past_catch_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The start's taking back fails for a while: the fires the jobs took meanwhile wait, and
+    those that the wait made later than catch_up are skipped, as a restart would, not written
+    late."""
+    import engine.daemon.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "MARKS_RETRY_FIRST", 0.1)
+    monkeypatch.setattr(scheduler_module, "MARKS_RETRY_MAX", 0.1)
+    start = datetime(2026, 3, 2, 9, 0, 0, 500000, tzinfo=UTC)
+    outbox = Outbox(Clock.starting_at(start))
+    catch_up = timedelta(seconds=1)
+    rule = make_rule("often", {"every": "1s"}, tz="UTC", catch_up=catch_up)
+    withdraw = outbox.withdraw
+    away_until = time.monotonic() + 3.0
+
+    async def flaky(after: Mapping[str, datetime], otherwise: datetime | None) -> int:
+        if time.monotonic() < away_until:
+            raise OSError("the store is away")
+        return await withdraw(after, otherwise)
+
+    outbox.withdraw = flaky  # type: ignore[method-assign]
+
+    async def go() -> None:
+        scheduler = scheduler_for(outbox, timedelta(seconds=1))
+        await scheduler.start()
+        scheduler.apply({"often": rule})
+        await scheduler.catch_up({"often": rule})
+        await until(lambda: len(outbox.rows) >= 2, "fires written once the store is back")
+        await scheduler.shutdown(take_back=False)
+
+    run(go())
+    late = {
+        key: written - at
+        for (_, key), (_, written) in outbox.rows.items()
+        if (at := scheduled_for(key)) is not None
+    }
+    assert late and max(late.values()) <= catch_up + timedelta(milliseconds=300), late

@@ -572,7 +572,9 @@ class Daemon:
             elif not leading and self._leading:
                 self._leading = False
                 log.warning("lost the scheduler leadership: another instance runs schedules")
-                await self.scheduler.shutdown()
+                # What it wrote ahead stays: the new leader may have written ahead already,
+                # its own write of a fire refused as a duplicate of ours.
+                await self.scheduler.shutdown(take_back=False)
             if not self._leading:
                 self._started.set()
             with contextlib.suppress(TimeoutError):
@@ -582,7 +584,12 @@ class Daemon:
         for timer in self._wakes.values():
             timer.cancel()
         if self._leading:
-            await self.scheduler.shutdown()
+            # Takes back what it wrote ahead only if it still leads (no one else wrote since).
+            try:
+                still = await asyncio.to_thread(self.leadership.try_acquire)
+            except Exception:
+                still = False
+            await self.scheduler.shutdown(take_back=still)
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for task, result in zip(tasks, results, strict=True):
             if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):

@@ -464,9 +464,11 @@ class Scheduler:
                 wait.cancel()
         return event.is_set()
 
-    async def shutdown(self, *, timeout: float = 30.0) -> None:
+    async def shutdown(self, *, timeout: float = 30.0, take_back: bool = True) -> None:
         """No new runs; running ones finish (cancelled past ``timeout``); marks are written;
-        fires written ahead whose time has not come are taken back (see below)."""
+        with ``take_back``, fires written ahead whose time has not come are taken back. Only
+        a leader that still holds the leadership may take back: one that lost it would delete
+        what the new leader wrote ahead (its own write of a fire refused as a duplicate)."""
         if not self._aps.running:
             return
         self._aps.pause()  # synchronous: no job is submitted from here on
@@ -491,7 +493,8 @@ class Scheduler:
         self._aps.shutdown(wait=False)
         await asyncio.sleep(0)  # AsyncIOScheduler shuts down in a loop callback
         await self._write_marks(self._fire_rules())
-        await self._take_back_coming()
+        if take_back:
+            await self._take_back_coming()
 
     async def _take_back_coming(self) -> None:
         """What this leader wrote ahead and whose time has not come goes back, so that no
@@ -520,6 +523,10 @@ class Scheduler:
         """Make the jobs match ``rules``, touching only those whose rule's digest changed."""
         wanted = {rule_id: r for rule_id, r in rules.items() if job_kind(r) is not None}
         changes = Changes()
+        now = self._clock.now()
+        for key, at in list(self._replaced.items()):  # kept a day: runs end well before
+            if now - at > REPLACED_KEPT:
+                del self._replaced[key]
         replaced = [
             rule_id
             for rule_id, entry in self._entries.items()
@@ -550,7 +557,7 @@ class Scheduler:
             else:
                 changes.added.append(rule_id)
             self._add(entry)
-        self._take_back(replaced)
+        self._take_back(replaced, now)
         if changes.added or changes.removed or changes.rescheduled:
             log.info(
                 "schedules: %d added, %d removed, %d rescheduled, %d unchanged",
@@ -561,7 +568,7 @@ class Scheduler:
             )
         return changes
 
-    def _take_back(self, rule_ids: Sequence[str]) -> None:
+    def _take_back(self, rule_ids: Sequence[str], now: datetime) -> None:
         """Fires written ahead by versions of these rules now replaced or gone are taken back,
         in the background; each rule's next fires wait for it, so the new version's fire is
         never refused as a duplicate of the old one's. Before catch-up, the start's own
@@ -571,18 +578,18 @@ class Scheduler:
         gates = {rule_id: asyncio.Event() for rule_id in rule_ids}
         self._withdrawals.update(gates)
         task = asyncio.get_running_loop().create_task(
-            self._withdraw_replaced(gates), name="take back fires written ahead"
+            self._withdraw_replaced(gates, now), name="take back fires written ahead"
         )
         for tasks in (self._withdrawing, self._running):
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
-    async def _withdraw_replaced(self, gates: Mapping[str, asyncio.Event]) -> None:
+    async def _withdraw_replaced(self, gates: Mapping[str, asyncio.Event], now: datetime) -> None:
+        """``now``: when the rules were replaced; their fires after it are the new versions'."""
         assert self._withdraw is not None
         for rule_id in gates:  # a write of the old version under way lands first
             async with self._locks.setdefault(rule_id, asyncio.Lock()):
                 pass
-        now = self._clock.now()
         delay = self._retry_base
         try:
             for attempt in range(1, WITHDRAW_TRIES + 1):
@@ -655,11 +662,7 @@ class Scheduler:
     def _remove(self, rule_id: str) -> None:
         entry = self._entries.pop(rule_id, None)
         if entry is not None:
-            now = self._clock.now()
-            for key, at in list(self._replaced.items()):  # kept a day: runs end well before
-                if now - at > REPLACED_KEPT:
-                    del self._replaced[key]
-            self._replaced[(rule_id, entry.rule.digest)] = now
+            self._replaced[(rule_id, entry.rule.digest)] = self._clock.now()
         # An ``at`` job is already gone after its only fire.
         with contextlib.suppress(JobLookupError):
             self._aps.remove_job(rule_id)
@@ -787,6 +790,15 @@ class Scheduler:
                     gate is not None and not await self._until_or_stopped(gate)
                 ):
                     return "the scheduler stopped first"  # pending: catch-up has it next time
+            late = self._clock.now() - at
+            if late > rule.catch_up:  # waited past it (a store away at start): as a restart
+                log_skipped(
+                    rule.id,
+                    [(at, f"late by {describe_age(late)}, more than catch_up")],
+                    "its write waited for the store",
+                )
+                self._settle(rule.id, at)
+                return None
             async with lock:
                 if self._superseded(rule, at):
                     log.info(
