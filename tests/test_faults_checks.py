@@ -276,6 +276,29 @@ def test_a_shared_message_problem_is_reported_once(tmp_path: Path) -> None:
     assert "flights-ios" not in ios_only.message
 
 
+def test_a_for_each_inside_a_for_each_target_is_refused_where_it_is_written(
+    tmp_path: Path,
+) -> None:
+    """Found by the editor schema's agreement test: validate took a for_each key under a
+    for_each's target (any value), which would have gone to Accengage as a criterion."""
+    root = make_project(tmp_path / "p")
+    text = (
+        "trigger: {event: route.fare}\n"
+        "apps: {flights-ios: {parentMessageId: '1'}}\n"
+        "message: {text: New fare}\n"
+        "targets:\n"
+        "  - for_each: '{{ event.followers }}'\n"
+        "    as: member\n"
+        "    target:\n"
+        "      memberId: '{{ member.id }}'\n"
+        "      for_each: no\n"
+    )
+    write_rule(root, "nested", text)
+    [p] = [p for p in problems(root) if p.is_error]
+    assert (p.line, p.column, p.code, p.field) == (9, 7, 9, "targets[0].target.for_each")
+    assert "cannot hold for_each" in p.message
+
+
 def test_android_only_field_names_every_ios_app_once(tmp_path: Path) -> None:
     root = make_project(tmp_path / "p")
     write_rule(root, "three", THREE_APPS.replace("contentAvailable: true", "longText: Long"))

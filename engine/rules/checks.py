@@ -842,6 +842,14 @@ def _check_dynamic_target(
     inner = target["target"]
     for err in TARGET_CHECKER.check(inner):
         out.add((*path, "target", *err.path), 9, err.message)
+    for key in ("for_each", "as", "target"):
+        if isinstance(inner, Mapping) and key in inner and not out.touched((*path, "target", key)):
+            out.add(
+                (*path, "target", key),
+                9,
+                f"a for_each's target cannot hold {key}: one for_each a target (to send to a "
+                "list within each item, flatten it in the event or feed)",
+            )
     _check_one_target(inner, (*path, "target"), multi_app, project, out)
 
 
