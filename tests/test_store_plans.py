@@ -281,6 +281,16 @@ CASES: dict[str, Case] = {
         {"seen_keys_pkey"},
     ),
     "fold counts": Case(lambda s: s.fold_counts(), set(), set()),
+    # fires written ahead, taken back at a reload (these rules) and at a leader's start (all):
+    # pending rows only, the backlog, whatever the history
+    "take back, reload": Case(
+        lambda s: s.withdraw_ahead({"rule-1": NOW}), {"ix_outbox_state"}, BY_STATE
+    ),
+    "take back, start": Case(
+        lambda s: s.withdraw_ahead({"rule-1": NOW - DAY}, NOW - 400 * DAY),
+        {"ix_outbox_state"},
+        BY_STATE,
+    ),
     # the leader's batches (nothing is old enough for these: one probe each)
     "prune sent": Case(
         lambda s: s.prune_batch("sent", 365 * DAY, NOW), {"ix_outbox_state"}, {"ix_outbox_state"}

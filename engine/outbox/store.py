@@ -1082,8 +1082,8 @@ class Store(Marks, Retention):
         if not bounds:
             return 0
         floor = min(bounds)
-        # Through ix_outbox_due (its WHERE named as it is, so the planner may use it): rows
-        # due later than the earliest bound, a few even in a store of a million.
+        # The pending rows only, through an index by state (tests/test_store_plans.py): the
+        # backlog, however long the history.
         query = select(outbox.c.rule, outbox.c.idem_key, outbox.c.created_at).where(
             _states(*DUE_STATES),
             outbox.c.state == PENDING,
