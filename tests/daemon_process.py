@@ -8,6 +8,7 @@ the daemon's log attached, since that log is the first thing someone debugging C
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -74,10 +75,27 @@ def require_e2e() -> None:
         )
 
 
+#: Ports handed out by free_port: each xdist worker has its own thousand, below the kernel's
+#: ephemeral range (32768 and up on Linux), where the sandboxes' and the clients' ports come from.
+#: A port the kernel picked and freed could be handed to two workers at once: one worker's
+#: daemon then failed to bind while the other's answered its health checks.
+_PORT_BASE = 20000
+_next_port = itertools.count()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port on 127.0.0.1 that nothing holds now and no other test worker hands out."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    base = _PORT_BASE + (int(worker) % 12 if worker.isdigit() else 0) * 1000
+    for _ in range(1000):
+        port = base + next(_next_port) % 1000
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in {base}-{base + 999}")
 
 
 def wait_for(
@@ -269,7 +287,8 @@ class Daemon:
             HTTP.get(self.project.url + "/healthz", timeout=1.0)
         except httpx.HTTPError:
             return False
-        return True
+        # This daemon's answer, not another's on the same port: it has bound it and says so.
+        return "pushrules running" in self.log(tail=None)
 
     # -- HTTP -------------------------------------------------------------------------------
 
