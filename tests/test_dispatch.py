@@ -759,3 +759,31 @@ def test_concurrency_is_split_into_small_pools() -> None:
         assert sum(sizes) == concurrency
         assert max(sizes) <= POOL_SIZE
         assert max(sizes) - min(sizes) <= 1
+
+
+def test_an_idle_dispatcher_sends_a_row_written_ahead_at_its_time(
+    store: Store, sandbox: RunningSandbox
+) -> None:
+    """Nobody wakes it: the idle dispatcher sleeps until the row comes due, not for the rest
+    of its poll_every (a fire written ahead of its time, a retry, the end of quiet hours)."""
+    settings = dataclasses.replace(FAST, poll_every=30.0)
+
+    async def scenario() -> float:
+        stop = asyncio.Event()
+        async with Dispatcher(store, settings, CREDENTIALS) as d:
+            task = asyncio.create_task(d.run(stop))
+            await asyncio.sleep(0.2)  # idle, sleeping its 30 s
+            due = utcnow() + timedelta(seconds=0.5)
+            fire = Fire("rule", "ahead", [(sandbox.url, body("ahead"))])
+            store.enqueue_many([fire], now=utcnow(), not_before=due)
+            d.wake()  # as the daemon does after a write: it learns the row's time
+            deadline = time.monotonic() + 10
+            while not sandbox.requests() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            stop.set()
+            await asyncio.wait_for(task, 5)
+        received = datetime.fromisoformat(sandbox.requests()[0]["received_at"])
+        return (received - due).total_seconds()
+
+    late = run(scenario)
+    assert 0 <= late < 5, late  # at its time, not at the end of a 30 s sleep

@@ -355,7 +355,9 @@ def test_history_and_backlog(store: Store) -> None:
     counts = store.backlog()
     assert set(counts) == set(STATES)
     assert (counts[SENT], counts[PENDING], counts[FAILED]) == (1, 2, 0)
-    assert store.next_due() == T0
+    assert store.next_due(T0 - timedelta(seconds=1)) == T0
+    later = store.next_due(T0)  # rows already due do not count: the next one to come due
+    assert later is not None and later > T0
 
 
 # --- seen keys and pauses --------------------------------------------------------------------

@@ -216,7 +216,7 @@ CASES: dict[str, Case] = {
         lambda s: s.claim("w", 16, NOW - DAY, LEASE), {PK, "ix_outbox_due"}, PG_PK | BY_STATE
     ),
     "next_due": Case(
-        lambda s: s.next_due(), {"ix_outbox_due"}, {"ix_outbox_due", "ix_outbox_state"}
+        lambda s: s.next_due(NOW - DAY), {"ix_outbox_due"}, {"ix_outbox_due", "ix_outbox_state"}
     ),
     "reclaim": Case(lambda s: s.reclaim(NOW), {"ix_outbox_state"}, BY_STATE),
     "mark_leaving": Case(lambda s: s.mark_leaving({"w#1": [1, 2]}, NOW), {PK}, PG_PK | BY_STATE),
@@ -350,7 +350,7 @@ def test_sqlite_claims_stay_on_ix_outbox_due_with_a_pending_backlog(tmp_path: Pa
         try:
             for call in (
                 lambda s: s.claim("w", 16, NOW, LEASE),
-                lambda s: s.next_due(),
+                lambda s: s.next_due(NOW),
             ):
                 (statement, accesses), *_ = [p for p in planner.accesses(call) if "outbox" in p[0]]
                 assert "INDEXED BY ix_outbox_due" in statement

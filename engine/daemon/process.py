@@ -103,7 +103,6 @@ class Daemon:
         self._timing = DaemonConfig()
         self._reloads: set[asyncio.Task[None]] = set()
         self._sandbox: Any = None
-        self._wakes: dict[datetime, asyncio.TimerHandle] = {}
         #: Set once this instance knows whether it leads and, leading, has taken back what an
         #: earlier run wrote ahead (catch-up's first step): the dispatcher waits for it.
         self._started = asyncio.Event()
@@ -251,8 +250,6 @@ class Daemon:
         self.metrics.fired(outcomes)
         if any(o.status == "queued" for o in outcomes):
             self.dispatcher.wake()
-        for later in {o.not_before for o in outcomes if o.status == "queued" and o.not_before}:
-            self._wake_at(later)
         for outcome in outcomes:
             level = logging.WARNING if outcome.status in ("failed", "limited") else logging.INFO
             log.log(
@@ -264,21 +261,6 @@ class Daemon:
                 outcome.detail,
             )
         return outcomes
-
-    def _wake_at(self, moment: datetime) -> None:
-        """Have the dispatcher look at ``moment`` (a fire written ahead, or deferred by quiet
-        hours, is due then), rather than at its next idle poll: one timer an instant."""
-        if moment in self._wakes:
-            return
-        delay = (moment - self.clock.now()).total_seconds()
-        if delay <= 0:
-            return
-
-        def wake() -> None:
-            self._wakes.pop(moment, None)
-            self.dispatcher.wake()
-
-        self._wakes[moment] = asyncio.get_running_loop().call_later(delay, wake)
 
     async def _write_fires(
         self, batch: list[tuple[list[Decided], datetime]]
@@ -581,8 +563,6 @@ class Daemon:
                 await asyncio.wait_for(self.stop.wait(), every)
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
-        for timer in self._wakes.values():
-            timer.cancel()
         if self._leading:
             # Takes back what it wrote ahead only if it still leads (no one else wrote since).
             try:

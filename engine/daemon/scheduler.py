@@ -395,7 +395,7 @@ class Scheduler:
         #: (rule, digest) of a version replaced or removed -> when (clock): its fires from then
         #: on are the new version's (or nobody's), however late its runs reach them.
         self._replaced: dict[tuple[str, str], datetime] = {}
-        self._withdrawing: set[asyncio.Task[None]] = set()
+
         self._marks = marks
         self._mark_writes: Coalescer[dict[str, datetime], None] = Coalescer(
             self._flush_marks, split=never
@@ -580,9 +580,8 @@ class Scheduler:
         task = asyncio.get_running_loop().create_task(
             self._withdraw_replaced(gates, now), name="take back fires written ahead"
         )
-        for tasks in (self._withdrawing, self._running):
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+        self._running.add(task)  # held, and waited for at shutdown
+        task.add_done_callback(self._running.discard)
 
     async def _withdraw_replaced(self, gates: Mapping[str, asyncio.Event], now: datetime) -> None:
         """``now``: when the rules were replaced; their fires after it are the new versions'."""

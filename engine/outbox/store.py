@@ -1032,13 +1032,20 @@ class Store(Marks, Retention):
         with self.engine.begin() as conn:
             return fold_counts(conn)
 
-    def next_due(self) -> datetime | None:
-        """When the earliest pending or retrying row is due (the dispatcher's idle sleep)."""
+    def next_due(self, after: datetime) -> datetime | None:
+        """When the earliest pending or retrying row comes due after ``after`` (the dispatcher's
+        idle sleep: a fire written ahead, a retry, the end of quiet hours). Rows already due
+        are not counted: those of a paused rule stay so, and would wake it for nothing."""
+        _aware(after, "after")
         with self._read() as conn:
             return conn.execute(
                 select(func.min(outbox.c.next_attempt_at))
-                .where(_states(*DUE_STATES))
-                .with_hint(outbox, _BY_DUE, "sqlite")
+                .where(
+                    _states(*DUE_STATES),
+                    outbox.c.next_attempt_at > bindparam("after", type_=UTCDateTime),
+                )
+                .with_hint(outbox, _BY_DUE, "sqlite"),
+                {"after": after},
             ).scalar()
 
     # -- fires and marks ---------------------------------------------------------------------

@@ -707,8 +707,9 @@ class Dispatcher:
                     idle = len(rows) < wanted  # the store has nothing more due right now
                     if pipe.load <= pipe.low_water and not idle:
                         continue
+                wait = await self._idle_wait() if idle else None
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(s.poll_every if idle else None):
+                    async with asyncio.timeout(wait):
                         await pipe.wake.wait()
         except asyncio.CancelledError:
             cancelled = True
@@ -720,6 +721,20 @@ class Dispatcher:
             leftovers = await pipe.close(cancel=cancelled)
             await writer.close()
             await self._unclaim(leftovers)
+
+    async def _idle_wait(self) -> float:
+        """An idle dispatcher's sleep: ``poll_every``, or until a row comes due sooner (a fire
+        written ahead of its time, a retry, the end of quiet hours), so that it leaves then,
+        whichever instance or command wrote it."""
+        wait = self.settings.poll_every
+        now = self._clock()
+        try:
+            due = await self._db(self.store.next_due, now)
+        except Exception:  # the store is away: the next claim says so
+            return wait
+        if due is not None:
+            wait = min(wait, max(0.0, (due - now).total_seconds()))
+        return wait
 
     def wake(self) -> None:
         """New rows are due: claim them now rather than at the end of the idle sleep."""
