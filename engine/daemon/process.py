@@ -39,7 +39,7 @@ from engine.daemon.intake import create_app, no_rule_note
 from engine.daemon.maintenance import Maintenance
 from engine.daemon.metrics import Metrics
 from engine.daemon.poller import Poller
-from engine.daemon.scheduler import Changes, Scheduler
+from engine.daemon.scheduler import Changes, Scheduler, name_some
 from engine.daemon.watcher import Watcher
 from engine.errors import PushrulesError
 from engine.outbox.batching import Coalescer
@@ -742,8 +742,7 @@ def _describe(changes: Changes | None, most: int = 10) -> str:
         ("rescheduled", changes.rescheduled),
     ):
         if ids:
-            more = f" and {len(ids) - most} more" if len(ids) > most else ""
-            parts.append(f"{what} {', '.join(ids[:most])}{more}")
+            parts.append(f"{what} {name_some(ids, most)}")
     return f"; schedules {'; '.join(parts)}" if parts else ""
 
 

@@ -87,6 +87,7 @@ __all__ = [
     "WaitingWrite",
     "fire_key",
     "job_kind",
+    "name_some",
     "plan_catch_up",
 ]
 
@@ -205,6 +206,14 @@ def rule_schedule(rule: Rule) -> Schedule:
     """The rule's schedule (for ``poll``, its ``every``); ``every`` counts from the epoch, so
     its phase, and so its fire keys, are the same on every instance and after a restart."""
     return schedule_for(rule.trigger, parse_timezone(rule.timezone))
+
+
+def name_some(ids: Iterable[str], most: int = 10) -> str:
+    """Rule ids for a log line, sorted, at most ``most`` named: a shared template edited
+    changes thousands of rules at once."""
+    names = sorted(ids)
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
 
 
 def describe_age(age: timedelta) -> str:
@@ -599,7 +608,7 @@ class Scheduler:
                         log.error(
                             "could not take back the fires that rules %s wrote ahead before "
                             "they changed (%s: %s): those not yet sent leave as written",
-                            ", ".join(sorted(gates)),
+                            name_some(gates),
                             type(exc).__name__,
                             exc,
                         )
@@ -611,7 +620,7 @@ class Scheduler:
                     log.info(
                         "took back %d fire(s) written ahead by the previous version of %s",
                         taken,
-                        ", ".join(sorted(gates)),
+                        name_some(gates),
                     )
                 return
         finally:

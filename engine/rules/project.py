@@ -307,7 +307,7 @@ def _settings(table: Mapping[str, Any], section: Mapping[str, Any]) -> dict[str,
             continue
         bounds: Bounds | None = spec.get("bounds")
         if bounds is not None and bounds.word and str(section[key]) == bounds.word:
-            values[key] = timedelta(0)  # fire_ahead: none
+            values[key] = timedelta(0)  # a timing setting's word (fire_ahead: none): none of it
         elif bounds is not None and bounds.unit:
             values[key] = parse_duration(str(section[key]), milliseconds=bounds.unit == "ms")
         elif bounds is not None:
