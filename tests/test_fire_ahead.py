@@ -233,6 +233,13 @@ def scheduler_for(outbox: Outbox, ahead: timedelta) -> Scheduler:
     )
 
 
+async def lead(scheduler: Scheduler, rule: Rule) -> None:
+    """What a daemon does on becoming the leader: start, the rule's job, catch-up."""
+    await scheduler.start()
+    scheduler.apply({rule.id: rule})
+    await scheduler.catch_up({rule.id: rule})
+
+
 async def until(probe: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
     """Polls ``probe`` to a deadline (generous for a busy machine; not a measure)."""
     deadline = time.monotonic() + timeout
@@ -250,9 +257,7 @@ def test_an_every_rule_shorter_than_fire_ahead_sends_every_fire() -> None:
 
     async def go() -> None:
         scheduler = scheduler_for(outbox, timedelta(seconds=3))
-        await scheduler.start()
-        scheduler.apply({"often": rule})
-        await scheduler.catch_up({"often": rule})
+        await lead(scheduler, rule)
         await until(lambda: len(outbox.rows) >= 4, "four fires written ahead")
         written.extend(sorted(key for _, key in outbox.rows))
         await scheduler.shutdown()
@@ -275,14 +280,10 @@ def test_a_leader_started_again_writes_again_what_it_took_back() -> None:
 
     async def go() -> None:
         scheduler = scheduler_for(outbox, timedelta(seconds=10))
-        await scheduler.start()
-        scheduler.apply({"tick": rule})
-        await scheduler.catch_up({"tick": rule})
+        await lead(scheduler, rule)
         await until(lambda: ("tick", key) in outbox.rows, "the fire written ahead")
         await scheduler.shutdown()
-        await scheduler.start()
-        scheduler.apply({"tick": rule})
-        await scheduler.catch_up({"tick": rule})
+        await lead(scheduler, rule)
         await until(lambda: ("tick", key) in outbox.rows, "the fire written again")
         await scheduler.shutdown()
 
@@ -301,9 +302,7 @@ def test_an_edit_while_the_old_version_writes_its_fire_sends_the_new_version() -
     async def go() -> None:
         scheduler = scheduler_for(outbox, timedelta(seconds=10))
         outbox.hold = asyncio.Event()
-        await scheduler.start()
-        scheduler.apply({"tick": old})
-        await scheduler.catch_up({"tick": old})
+        await lead(scheduler, old)
         await asyncio.wait_for(outbox.writing.wait(), 10)
         scheduler.apply({"tick": new})
         await asyncio.sleep(0.05)
@@ -328,9 +327,7 @@ def test_a_leader_that_lost_the_leadership_leaves_what_it_wrote_ahead() -> None:
     async def go(take_back: bool) -> None:
         outbox = Outbox(Clock.starting_at(due - timedelta(seconds=4)))
         scheduler = scheduler_for(outbox, timedelta(seconds=10))
-        await scheduler.start()
-        scheduler.apply({"tick": rule})
-        await scheduler.catch_up({"tick": rule})
+        await lead(scheduler, rule)
         await until(lambda: ("tick", key) in outbox.rows, "the fire written ahead")
         await scheduler.shutdown(take_back=take_back)
         left[take_back] = ("tick", key) in outbox.rows
@@ -366,9 +363,7 @@ def test_fires_held_back_by_a_store_away_at_start_are_not_written_past_catch_up(
 
     async def go() -> None:
         scheduler = scheduler_for(outbox, timedelta(seconds=1))
-        await scheduler.start()
-        scheduler.apply({"often": rule})
-        await scheduler.catch_up({"often": rule})
+        await lead(scheduler, rule)
         await until(lambda: len(outbox.rows) >= 2, "fires written once the store is back")
         await scheduler.shutdown(take_back=False)
 
