@@ -18,7 +18,7 @@ from engine.accengage.sandbox import RunningSandbox
 from engine.daemon.clock import Clock
 from engine.daemon.scheduler import Scheduler
 from engine.outbox.keys import fire_key, scheduled_for
-from engine.outbox.states import PENDING, SENT
+from engine.outbox.states import HELD, PENDING, SENT
 from engine.outbox.store import Fire, Store
 from engine.rules.rule import Rule
 from tests.conftest import StartDaemon
@@ -78,6 +78,27 @@ def test_a_fire_partly_claimed_or_tried_is_never_taken_back(store: Store) -> Non
     assert claimed.id == first
     assert store.withdraw_ahead({"a": BEFORE}) == 0
     assert store.get(first) is not None and store.get(first + 1) is not None
+
+
+def test_a_fire_held_by_its_rules_limit_is_taken_back_but_not_one_a_person_moved(
+    store: Store,
+) -> None:
+    """A fire past its rule's limit is written held: the rule's new version must decide it
+    (its new message, or a limit the author raised), not the old one wait for a person."""
+    fire = Fire("a", fire_key(DUE), [(URL, body("old"))])
+    (limited,) = store.enqueue_many([fire], now=BEFORE, state=HELD, not_before=DUE)
+    fire_b = Fire("b", fire_key(DUE), [(URL, body("b"))])
+    (held,) = store.enqueue_many([fire_b], now=BEFORE, not_before=DUE)
+    store.hold(ids=held.ids, now=BEFORE + timedelta(seconds=1))  # a person holds it
+    fire_c = Fire("c", fire_key(DUE), [(URL, body("c"))])
+    (released,) = store.enqueue_many([fire_c], now=BEFORE, state=HELD, not_before=DUE)
+    store.release(ids=released.ids, now=BEFORE + timedelta(seconds=1))  # a person lets it go
+    bound = BEFORE + timedelta(seconds=2)
+    assert store.withdraw_ahead({"a": bound, "b": bound, "c": bound}) == 1
+    assert store.get(limited.ids[0]) is None
+    assert store.get(held.ids[0]).state == HELD  # type: ignore[union-attr]
+    assert store.get(released.ids[0]).state == PENDING  # type: ignore[union-attr]
+    assert store.backlog().get(HELD, 0) == 1  # the counts follow
 
 
 def test_the_new_version_writes_the_fire_again_under_the_same_key(store: Store) -> None:

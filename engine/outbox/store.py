@@ -193,10 +193,17 @@ _CLAIM_DUE = _claim_statement(by_ids=False, paused=False)
 # claim running meanwhile either got them first or waits, then deleted whole if none has left
 # pending; the new version of its rule writes it again under the same key.
 _FIRE_ROWS = (
-    select(outbox.c.id, outbox.c.state, outbox.c.attempts)
+    select(outbox.c.id, outbox.c.state, outbox.c.attempts, outbox.c.created_at, outbox.c.updated_at)
     .where(outbox.c.rule == bindparam("r"), outbox.c.idem_key == bindparam("k"))
     .with_for_update()
 )
+
+
+def _as_written(state: str, attempts: int, created_at: datetime, updated_at: datetime) -> bool:
+    """Whether a row of a fire is as its write left it: nobody claimed, tried or moved it."""
+    return state in (PENDING, HELD) and attempts == 0 and updated_at == created_at
+
+
 _DELETE_IDS = outbox.delete().where(outbox.c.id.in_(bindparam("ids", expanding=True)))
 _CLAIM_DUE_PAUSED = _claim_statement(by_ids=False, paused=True)
 _CLAIM_IDS = _claim_statement(by_ids=True, paused=False)
@@ -1078,10 +1085,13 @@ class Store(Marks, Retention):
         time is after ``after[rule]`` (``otherwise`` for a rule not named; None: leave those
         alone), so that they are decided again. Returns the fires taken back.
 
-        A fire is taken back whole, and only while every row of it is ``pending`` and never
-        tried: one a person sent early (``pushrules send``) or that is on its way stays. A fire
-        written at or after its time (quiet hours defer those) is never taken back: its time
-        has come, and its rule's mark may be past it.
+        A fire is taken back whole, and only while every row of it is as it was written:
+        ``pending`` and never tried, or ``held`` by its rule's ``limit`` and never moved since
+        (a person's ``hold`` or ``release`` moves its time). One a person sent early
+        (``pushrules send``), held or released, or that is on its way stays. A held fire is
+        taken back so the rule's new version decides it: its new message, or a limit raised.
+        A fire written at or after its time (quiet hours defer those) is never taken back: its
+        time has come, and its rule's mark may be past it.
         """
         bounds = [_aware(at, "after") for at in after.values()]
         if otherwise is not None:
@@ -1089,18 +1099,20 @@ class Store(Marks, Retention):
         if not bounds:
             return 0
         floor = min(bounds)
-        # The pending rows only, through an index by state (tests/test_store_plans.py): the
-        # backlog, however long the history.
+        # The pending and held rows only, through an index by state (tests/test_store_plans.py):
+        # the backlog and what waits for a person, however long the history.
         query = select(outbox.c.rule, outbox.c.idem_key, outbox.c.created_at).where(
-            _states(*DUE_STATES),
-            outbox.c.state == PENDING,
+            _states(PENDING, HELD),
             outbox.c.attempts == 0,
+            outbox.c.updated_at == outbox.c.created_at,
             outbox.c.next_attempt_at > bindparam("floor", type_=UTCDateTime),
             outbox.c.idem_key.startswith(SCHEDULE_KEY),
             outbox.c.chunk == 0,
         )
-        if otherwise is None:
-            query = query.where(outbox.c.rule.in_(list(after)))
+        if otherwise is None:  # these rules' rows by state, not their histories
+            query = query.where(outbox.c.rule.in_(list(after))).with_hint(
+                outbox, _BY_STATE, "sqlite"
+            )
         with self.engine.begin() as conn:
             fires = []
             for rule, key, created_at in conn.execute(query, {"floor": floor}):
@@ -1111,7 +1123,9 @@ class Store(Marks, Retention):
             taken = 0
             for one in fires:
                 rows = conn.execute(_FIRE_ROWS, one).all()
-                if rows and all(r.state == PENDING and r.attempts == 0 for r in rows):
+                if rows and all(
+                    _as_written(r.state, r.attempts, r.created_at, r.updated_at) for r in rows
+                ):
                     conn.execute(_DELETE_IDS, {"ids": [r.id for r in rows]})
                     taken += 1
             return taken
