@@ -39,6 +39,7 @@ from engine.accengage.sandbox import RunningSandbox, SandboxConfig, start_in_thr
 from engine.outbox.schema import utcnow
 from engine.outbox.states import DEAD, FAILED, IN_DOUBT, PENDING, RETRYING, SENT
 from engine.outbox.store import Fire, OutboxRow, Store
+from engine.rules.project import Project
 from engine.rules.secrets import Masker, SecretRef
 from engine.send.dispatch import Credentials, Dispatcher
 from engine.send.policy import (
@@ -47,6 +48,7 @@ from engine.send.policy import (
     redact,
     with_user,
 )
+from engine.send.runtime import SANDBOX_LOGIN, SANDBOX_PASSWORD, credentials
 from tests.conftest import store_url_context
 from tests.helpers import body
 
@@ -787,3 +789,25 @@ def test_an_idle_dispatcher_sends_a_row_written_ahead_at_its_time(
 
     late = run(scenario)
     assert 0 <= late < 5, late  # at its time, not at the end of a 30 s sleep
+
+
+def test_a_sandbox_trial_sends_the_stand_in_credentials_never_the_real_ones(
+    store: Store, sandbox: RunningSandbox, password: str
+) -> None:
+    """The sandbox shows every request it got to whoever asks (``/requests``, its record
+    file): ``--sandbox`` must not hand it the real login and password, set as they are here."""
+    project = Project(Path("."), sandbox.url, SecretRef("env", LOGIN_VAR), None, {})
+    [row_id] = enqueue(store, sandbox.url, 1, "trial")
+
+    async def trial() -> list[OutboxRow]:
+        async with Dispatcher(store, FAST, credentials(project, sandbox=True)) as d:
+            return await d.deliver([row_id], 3.0)
+
+    [row] = run(trial)
+    assert row.state == SENT
+    [got] = sandbox.requests()
+    assert got["body"]["sendInstantMessage"]["user"] == {
+        "login": SANDBOX_LOGIN,
+        "password": SANDBOX_PASSWORD,
+    }
+    assert password not in json.dumps(sandbox.requests())

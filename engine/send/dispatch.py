@@ -49,7 +49,7 @@ from engine.outbox.connections import busy_timeout, is_busy
 from engine.outbox.schema import utcnow
 from engine.outbox.states import DEAD, FAILED, IN_DOUBT, RETRYING, SENT
 from engine.outbox.store import AttemptResult, OutboxRow, Reclaimed, ResultUpdate, Store
-from engine.rules.secrets import Masker, MissingSecret, SecretRef
+from engine.rules.secrets import Masker, MissingSecret
 from engine.send.metrics import DispatchMetrics
 from engine.send.policy import (
     DispatchSettings,
@@ -76,12 +76,18 @@ WRITE_FAILED = frozenset({"http11.send_request_headers.failed", "http11.send_req
 # --- credentials -------------------------------------------------------------------------------
 
 
+class Secret(Protocol):
+    """A value read when it is needed: a :class:`SecretRef`, or the sandbox's stand-in."""
+
+    def resolve(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class Credentials:
     """Where the Accengage login and password live; read at send time, never kept."""
 
-    login: SecretRef
-    password: SecretRef
+    login: Secret
+    password: Secret
 
     def resolve(self) -> tuple[str, str]:
         """Both values, or :class:`MissingSecret` naming the reference that failed."""

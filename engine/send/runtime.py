@@ -15,42 +15,36 @@ import httpx
 
 from engine.outbox.store import AttemptResult, OutboxRow, Store
 from engine.rules.project import Project
-from engine.rules.secrets import MissingSecret, SecretRef
+from engine.rules.secrets import SecretRef
 from engine.send.dispatch import Credentials, Dispatcher
 from engine.send.policy import DispatchSettings
 
-#: What ``--sandbox`` sends as credentials when the real ones are not set: the sandbox only
-#: checks that they are there, and a trial should not need secrets.
+#: What ``--sandbox`` sends as credentials, always: the sandbox only checks that they are there,
+#: shows every request it received to whoever asks (``/requests``, its record file), and a trial
+#: needs no secrets. The real ones are never read for it, so never sent there.
 SANDBOX_LOGIN = "sandbox-login"
 SANDBOX_PASSWORD = "sandbox-password"
 
 
 def credentials(project: Project, *, sandbox: bool = False) -> Credentials:
+    if sandbox:
+        return Credentials(_StandIn(SANDBOX_LOGIN), _StandIn(SANDBOX_PASSWORD))
     login = project.login or SecretRef("env", "ACCENGAGE_LOGIN")
     password = project.password or SecretRef("env", "ACCENGAGE_PASSWORD")
-    if sandbox:
-        return Credentials(
-            _OrDefault(login, SANDBOX_LOGIN),  # type: ignore[arg-type]
-            _OrDefault(password, SANDBOX_PASSWORD),  # type: ignore[arg-type]
-        )
     return Credentials(login, password)
 
 
 @dataclasses.dataclass(frozen=True)
-class _OrDefault:
-    """A secret reference that falls back to a stand-in value: for the sandbox only."""
+class _StandIn:
+    """A secret reference that is not secret: the sandbox's credentials."""
 
-    ref: SecretRef
-    default: str
+    value: str
 
     def resolve(self) -> str:
-        try:
-            return self.ref.resolve()
-        except MissingSecret:
-            return self.default
+        return self.value
 
     def describe(self) -> str:
-        return f"{self.ref.describe()} (sandbox stand-in when unset)"
+        return "the sandbox's stand-in"
 
     def __str__(self) -> str:
         return self.describe()
