@@ -267,3 +267,35 @@ def test_an_unreachable_store_is_a_message_not_a_traceback(
     err = capsys.readouterr().err
     assert "the store (store: in pushrules.yaml) cannot be used" in err, err
     assert "hunter2" not in err
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://ops:Pr0dPass@api.example.invalid/sendInstantMessage.php",
+        "https://ops@api.example.invalid/sendInstantMessage.php",  # sent as HTTP Basic auth
+    ],
+)
+def test_a_user_or_password_in_the_accengage_url_is_an_error_that_hides_it(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _project(tmp_path, None)
+    text, line = config_with(("accengage", "url"), url, tmp_path / "x.db", 1)
+    (root / "pushrules.yaml").write_text(text)
+    assert main(["validate", str(root)]) == 1
+    out = capsys.readouterr()
+    assert f"pushrules.yaml:{line}:" in out.out + out.err
+    assert "accengage.login" in out.out + out.err
+    assert "Pr0dPass" not in out.out + out.err
+    event = tmp_path / "event.json"
+    event.write_text('{"order": "A1", "member": "765c8"}')
+    assert main(["compile", "shipped", "--event", str(event), "--project", str(root)]) != 0
+    assert "Pr0dPass" not in "".join(capsys.readouterr())
+
+
+def test_a_url_with_an_at_sign_after_its_host_is_fine(tmp_path: Path) -> None:
+    root = _project(tmp_path, None)
+    url = "https://api.example.invalid?team=a@b"
+    text, _ = config_with(("accengage", "url"), url, tmp_path / "x.db", 1)
+    (root / "pushrules.yaml").write_text(text)
+    assert main(["validate", str(root)]) == 0

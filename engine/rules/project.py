@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from engine.accengage import api as accengage
 from engine.rules.problems import Problem, Severity, field_path
@@ -292,6 +293,15 @@ def _check_settings(doc: Mapping[str, Any], report: Any) -> None:
             ("accengage", "url"),
             None,
             "the Accengage URL must start with https:// (or http:// for a local test endpoint)",
+        )
+    elif isinstance(url, str) and "@" in urlsplit(url).netloc:
+        # A literal secret in this file, printed by compile and kept in every outbox row.
+        report(
+            ("accengage", "url"),
+            None,
+            f"'{hide_url_password(url)}' holds a user (and maybe a password) before its host: "
+            "remove it; Accengage takes the login and password in the request, from "
+            "accengage.login and accengage.password ({env: NAME} or {file: PATH})",
         )
 
 

@@ -69,6 +69,8 @@ TIME_OF_DAY_PATTERN = r"^0*(?:1?[0-9]|2[0-3]):0*[0-5]?[0-9]$"
 #: One ``{{ ... }}`` expression (``when``, ``for_each``): see templating.is_expression.
 EXPRESSION_PATTERN = r"^\s*\{\{(?:(?!\{\{)[\s\S])*\}\}\s*$"
 HTTP_URL_PATTERN = r"^https?://"
+#: The same with no user before the host (project.py refuses one in ``accengage.url``).
+HTTP_URL_NO_USER_PATTERN = r"^https?://[^/?#@]*([/?#]|$)"
 #: Text, as JSON Schema sees it: any scalar, which pushrules keeps as written.
 SCALAR_JSON: dict[str, Any] = {"type": ["string", "number", "boolean"]}
 #: ``HOST:PORT``, the port from 1 to 65535 (project.py's check of ``listen``).
@@ -860,7 +862,7 @@ PROJECT: dict[str, Any] = {
                 **doc(
                     "Accengage URL",
                     "The address of the sendInstantMessage route, https://...",
-                    json={"type": "string", "pattern": HTTP_URL_PATTERN},
+                    json={"type": "string", "pattern": HTTP_URL_NO_USER_PATTERN},
                 ),
             },
             "login": {
