@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,25 @@ def test_quiet_hours_defer_is_left_to_the_daemon(
     )
     assert "the daemon sends it then" in capsys.readouterr().err
     assert sandbox.requests() == []
+
+
+def test_the_same_key_run_again_leaves_a_deferred_push_waiting(
+    project: Path, sandbox: RunningSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A script retrying its `send --key` must not send at once what quiet hours deferred."""
+    write_rule(project, "quiet", RULE + 'quiet_hours: {from: "00:00", to: "23:59"}\n')
+    data = event_file(tmp_path, order="Q2", member="765c8")
+    noon = (datetime.now(UTC) + timedelta(days=1)).replace(hour=12, minute=0, second=0, microsecond=0)
+    args = ["send", "quiet", "--event", data, "--key", "k-q", "--at", noon.isoformat()]
+    assert main([*args, "--project", str(project)]) == 0
+    assert "the daemon sends it then" in capsys.readouterr().err
+    assert main([*args, "--project", str(project)]) == 0
+    err = capsys.readouterr().err
+    assert "duplicate" in err and "waits in the outbox until" in err
+    assert sandbox.requests() == []
+    main(["history", "--project", str(project), "--format", "json"])
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["state"] == "pending" and row["attempts"] == 0
 
 
 def test_pausing_a_misspelt_rule_is_refused(project: Path, capsys) -> None:

@@ -38,6 +38,7 @@ from engine.cli.common import (
 )
 from engine.outbox.states import (
     DEAD,
+    DUE_STATES,
     FAILED,
     HELD,
     IN_DOUBT,
@@ -342,13 +343,16 @@ def unreadable_credentials(project: Project) -> str | None:
 
 def _deliverable(store: Store, outcomes: Sequence[FireOutcome]) -> list[int]:
     """Rows to send now: not those deferred by quiet hours, nor those of a paused rule, which
-    the daemon sends when their time comes."""
+    the daemon sends when their time comes. A duplicate (the same key run again, a script's
+    retry) sends what the first run left due, never a row that waits for its time."""
     paused = store.paused()
     ids: list[int] = []
     for o in outcomes:
         if o.status not in ("queued", "duplicate"):
             continue
-        if o.not_before is not None:
+        if o.status == "duplicate":
+            ids.extend(_due_of_duplicate(store, o, paused))
+        elif o.not_before is not None:
             print(
                 f"{o.rule}: left in the outbox until {o.not_before.isoformat()}: the daemon "
                 "sends it then",
@@ -362,6 +366,35 @@ def _deliverable(store: Store, outcomes: Sequence[FireOutcome]) -> list[int]:
         else:
             ids.extend(o.ids)
     return ids
+
+
+def _due_of_duplicate(store: Store, outcome: FireOutcome, paused: Mapping[str, Any]) -> list[int]:
+    """The rows of an earlier fire with this key that are due now, or on their way (their
+    outcome is waited for); the others are said."""
+    now = datetime.now(UTC)
+    due: list[int] = []
+    waiting: datetime | None = None
+    for row_id in outcome.ids:
+        row = store.get(row_id)
+        if row is None or row.state not in (*DUE_STATES, SENDING):
+            continue  # sent, held, parked or dropped: history says which
+        if row.state != SENDING and row.next_attempt_at > now:
+            waiting = row.next_attempt_at if waiting is None else min(waiting, row.next_attempt_at)
+        else:
+            due.append(row_id)
+    if waiting is not None:
+        print(
+            f"{outcome.rule}: the earlier fire with this key waits in the outbox until "
+            f"{waiting.isoformat()}: the daemon sends it then",
+            file=sys.stderr,
+        )
+    if due and (outcome.rule in paused or "*" in paused):
+        print(
+            f"{outcome.rule}: the rule is paused: its fire is kept and sent when resumed",
+            file=sys.stderr,
+        )
+        return []
+    return due
 
 
 def _dry_run(project: Project, requests: list[FireRequest]) -> int:
