@@ -377,3 +377,24 @@ def test_compile_reads_at_in_the_rules_timezone_as_explain_does(
     assert "quiet hours" not in captured.err
     assert main([*argv, "Monday"]) == 2
     assert "--at: 'Monday' is not understood" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["next", "--count", "0"], "--count: 0 is out of range: write a whole number from 1"),
+        (["next", "--count", "three"], "--count: 'three' is not a whole number"),
+        (["history", "--limit", "-1"], "--limit: -1 is out of range"),
+        (["send", "r", "--wait", "-5"], "--wait: -5 is out of range: write a number from 0"),
+        (["sandbox", "--fail-rate", "2"], "--fail-rate: 2 is out of range: write a number from 0"),
+        (["run", "--sandbox-port", "70000"], "--sandbox-port: 70000 is out of range"),
+    ],
+)
+def test_a_number_out_of_its_range_is_refused_with_the_range(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`next --count 0` printed "never again" for a daily rule: a person reads a dead rule."""
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    assert expected in capsys.readouterr().err

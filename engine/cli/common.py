@@ -52,6 +52,27 @@ def lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def number(
+    kind: Callable[[str], float], low: float, high: float | None = None
+) -> Callable[[str], Any]:
+    """An option's type: a number of ``kind`` from ``low`` to ``high``, refused by argparse
+    with the range otherwise (``next --count 0`` printed "never again" for a daily rule)."""
+    word = "a whole number" if kind is int else "a number"
+    span = f"from {low:g} to {high:g}" if high is not None else f"of {low:g} or more"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {word}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: write {word} {span}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
 def project_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--project",

@@ -17,6 +17,7 @@ from engine.cli.common import (
     lazy,
     load_project_dir,
     load_settings,
+    number,
     parse_time,
     project_argument,
     sandbox_store_argument,
@@ -57,7 +58,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--sandbox-port",
-        type=int,
+        type=number(int, 0, 65535),
         default=SANDBOX_PORT,
         metavar="PORT",
         help=f"the sandbox's port (default {SANDBOX_PORT})",
@@ -87,7 +88,9 @@ def register(sub: Any) -> None:
     p.add_argument("rule", nargs="?", help="one rule (default: every scheduled rule)")
     project_argument(p)
     p.add_argument("--from", dest="from_", metavar="ISO8601", help="start (default: now)")
-    p.add_argument("--count", type=int, default=3, help="fire times per rule (default 3)")
+    p.add_argument(
+        "--count", type=number(int, 1, 1000), default=3, help="fire times per rule (default 3)"
+    )
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=lazy("engine.cli.daemon", "cmd_next"))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.accengage.api import SANDBOX_PORT
-from engine.cli.common import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, lazy, load_settings
+from engine.cli.common import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, lazy, load_settings, number
 
 
 def register(sub: Any) -> None:
@@ -24,18 +24,21 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)")
     p.add_argument(
-        "--port", type=int, default=SANDBOX_PORT, help=f"default {SANDBOX_PORT}; 0 picks a free one"
+        "--port",
+        type=number(int, 0, 65535),
+        default=SANDBOX_PORT,
+        help=f"default {SANDBOX_PORT}; 0 picks a free one",
     )
     p.add_argument(
         "--fail-rate",
-        type=float,
+        type=number(float, 0, 1),
         default=0.0,
         metavar="R",
         help="share of requests answered HTTP 503, from 0 to 1",
     )
     p.add_argument(
         "--latency",
-        type=float,
+        type=number(float, 0, 600_000),
         default=0.0,
         metavar="MS",
         help="delay before each answer, in milliseconds",

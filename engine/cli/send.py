@@ -30,6 +30,7 @@ from engine.cli.common import (
     lazy,
     load_project_dir,
     load_settings,
+    number,
     parse_time,
     project_argument,
     read_event,
@@ -80,7 +81,7 @@ def register(sub: Any) -> None:
         )
         p.add_argument(
             "--wait",
-            type=float,
+            type=number(float, 0, 86_400),
             default=30.0,
             metavar="SECONDS",
             help="how long to keep retrying before leaving it to the daemon (default 30)",
@@ -144,7 +145,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--since", metavar="T", help="a duration back from now (2h, 1d) or an ISO 8601 time"
     )
-    p.add_argument("--limit", type=int, default=100, help="rows at most (default 100)")
+    p.add_argument("--limit", type=number(int, 1), default=100, help="rows at most (default 100)")
     p.add_argument(
         "--format",
         choices=("text", "json"),
@@ -197,7 +198,7 @@ def register(sub: Any) -> None:
     def wait(a: argparse.ArgumentParser) -> None:
         a.add_argument(
             "--wait",
-            type=float,
+            type=number(float, 0, 86_400),
             default=30.0,
             metavar="SECONDS",
             help="how long to keep retrying (default 30)",
