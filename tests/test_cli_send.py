@@ -199,7 +199,9 @@ def test_the_same_key_run_again_leaves_a_deferred_push_waiting(
     """A script retrying its `send --key` must not send at once what quiet hours deferred."""
     write_rule(project, "quiet", RULE + 'quiet_hours: {from: "00:00", to: "23:59"}\n')
     data = event_file(tmp_path, order="Q2", member="765c8")
-    noon = (datetime.now(UTC) + timedelta(days=1)).replace(hour=12, minute=0, second=0, microsecond=0)
+    noon = (datetime.now(UTC) + timedelta(days=1)).replace(
+        hour=12, minute=0, second=0, microsecond=0
+    )
     args = ["send", "quiet", "--event", data, "--key", "k-q", "--at", noon.isoformat()]
     assert main([*args, "--project", str(project)]) == 0
     assert "the daemon sends it then" in capsys.readouterr().err

@@ -247,6 +247,20 @@ def test_when_condition(tmp_path: Path) -> None:
     assert not passes_when(rule, FireContext(NOW, {"delay_minutes": 30}))
 
 
+@pytest.mark.parametrize("word", ["false", "False", " no ", "off", "0", "null"])
+def test_a_when_giving_a_text_that_reads_no_fails_the_fire_instead_of_sending(
+    tmp_path: Path, word: str
+) -> None:
+    """Jinja holds any text but "" true: an event's "vip": "false" would have sent."""
+    rule, _ = rule_from(tmp_path, GOOD + 'when: "{{ event.vip }}"\n')
+    with pytest.raises(CompileError, match=r"when: it gave the text .* compare it instead"):
+        passes_when(rule, FireContext(NOW, {"vip": word}))
+    assert passes_when(rule, FireContext(NOW, {"vip": True}))
+    assert passes_when(rule, FireContext(NOW, {"vip": "gold"}))  # a present text: true
+    assert not passes_when(rule, FireContext(NOW, {"vip": False}))
+    assert not passes_when(rule, FireContext(NOW, {"vip": ""}))
+
+
 def test_now_and_vars_in_templates(tmp_path: Path) -> None:
     text = GOOD.replace("{{ event.subject }}", "{{ vars.greeting }} {{ now.strftime('%H:%M') }}")
     rule, project = rule_from(tmp_path, text + "vars: {greeting: Morning}\n")

@@ -113,15 +113,30 @@ def template_context(rule: Rule, ctx: FireContext) -> dict[str, Any]:
     }
 
 
+#: Texts that read as "no" to a person but are true to Jinja, as every text but "" is: an
+#: event's ``"vip": "false"`` under ``when: "{{ event.vip }}"`` would send.
+_NO_WORDS = frozenset({"false", "no", "off", "0", "none", "null"})
+
+
 def passes_when(rule: Rule, ctx: FireContext) -> bool:
-    """The rule's ``when`` condition (true when it has none)."""
+    """The rule's ``when`` condition (true when it has none). A ``when`` that gives a text
+    reading as "no" fails the fire, loudly, rather than send it on Jinja's reading."""
     if not rule.when:
         return True
     try:
         with templating.fire_budget():
-            return bool(templating.evaluate(rule.when, template_context(rule, ctx)))
+            value = templating.evaluate(rule.when, template_context(rule, ctx))
     except templating.RenderError as exc:
         raise CompileError(rule.id, "when", str(exc), reference=exc.reference) from None
+    if isinstance(value, str) and value.strip().lower() in _NO_WORDS:
+        raise CompileError(
+            rule.id,
+            "when",
+            f"it gave the text {value!r}, which is true, as any text but an empty one is; "
+            f"compare it instead, like {{{{ event.vip == 'true' }}}} (or make the field "
+            "a JSON true/false)",
+        )
+    return bool(value)
 
 
 #: Targets a compile in steps renders between two pauses (a few milliseconds of work), and
