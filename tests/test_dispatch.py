@@ -48,7 +48,13 @@ from engine.send.policy import (
     redact,
     with_user,
 )
-from engine.send.runtime import SANDBOX_LOGIN, SANDBOX_PASSWORD, credentials
+from engine.send.runtime import (
+    SANDBOX_LOGIN,
+    SANDBOX_PASSWORD,
+    credentials,
+    make_dispatcher,
+    sandboxed,
+)
 from tests.conftest import store_url_context
 from tests.helpers import body
 
@@ -811,3 +817,21 @@ def test_a_sandbox_trial_sends_the_stand_in_credentials_never_the_real_ones(
         "password": SANDBOX_PASSWORD,
     }
     assert password not in json.dumps(sandbox.requests())
+
+
+def test_a_sandbox_run_sends_a_trial_row_written_for_a_sandbox_since_stopped(
+    store: Store, sandbox: RunningSandbox
+) -> None:
+    """`send --sandbox` deferred by quiet hours leaves a row naming its own sandbox, stopped
+    with the command: the next sandbox run must send it to its sandbox, not to that port."""
+    gone = "http://127.0.0.1:9/sendInstantMessage.php"  # nothing listens there
+    [row_id] = enqueue(store, gone, 1, "deferred-trial")
+    project = sandboxed(Project(Path("."), gone, None, None, {}), sandbox.url)
+
+    async def trial() -> list[OutboxRow]:
+        async with make_dispatcher(project, store, sandbox=True, settings=FAST) as d:
+            return await d.deliver([row_id], 3.0)
+
+    [row] = run(trial)
+    assert row.state == SENT
+    assert len(sandbox.requests()) == 1

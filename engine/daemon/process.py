@@ -418,6 +418,9 @@ class Daemon:
             credentials(project, sandbox=self.options.sandbox),
             clock=self.clock.now,
             metrics=self.metrics.dispatch,
+            # Trial rows deferred by an earlier `send --sandbox` name that command's sandbox,
+            # gone with it: in a sandbox run, every row goes to this run's sandbox.
+            route=project.url if self.options.sandbox else None,
         )
         # daemon: is read at start, like the store and the dispatch settings.
         timing = self._timing = project.daemon

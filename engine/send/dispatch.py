@@ -394,7 +394,10 @@ class Dispatcher:
         on_attempt: Callable[[OutboxRow, AttemptResult, str], None] | None = None,
         metrics: DispatchMetrics | None = None,
         rng: random.Random | None = None,
+        route: str | None = None,
     ) -> None:
+        """``route``: send every row there, whatever URL it was written with (a ``--sandbox``
+        run: its store holds trial rows only, some written for sandboxes since stopped)."""
         if credentials is None:
             raise ValueError("the dispatcher needs Credentials(login=..., password=...)")
         self.store = store
@@ -414,6 +417,7 @@ class Dispatcher:
         self.metrics = metrics if metrics is not None else DispatchMetrics()
         self._wake: asyncio.Event | None = None
         self._clock = clock
+        self._route = parsed_url(route) if route is not None else None
         self._on_attempt = on_attempt
         self._rng = rng or random.Random()
         s = self.settings
@@ -553,9 +557,8 @@ class Dispatcher:
         try:
             async with asyncio.timeout(self.settings.deadline):
                 async with self._pools.client() as client:
-                    response = await client.post(
-                        parsed_url(row.url), content=content, extensions=extensions
-                    )
+                    url = self._route or parsed_url(row.url)
+                    response = await client.post(url, content=content, extensions=extensions)
             outcome = classify_response(
                 response.status_code, response.headers, response.content, self._clock(), scrub
             )

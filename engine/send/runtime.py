@@ -102,4 +102,5 @@ def make_dispatcher(
         settings or dispatch_settings(project),
         credentials(project, sandbox=sandbox),
         on_attempt=on_attempt,
+        route=project.url if sandbox else None,
     )
