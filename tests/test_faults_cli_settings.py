@@ -299,3 +299,15 @@ def test_a_url_with_an_at_sign_after_its_host_is_fine(tmp_path: Path) -> None:
     text, _ = config_with(("accengage", "url"), url, tmp_path / "x.db", 1)
     (root / "pushrules.yaml").write_text(text)
     assert main(["validate", str(root)]) == 0
+
+
+def test_a_password_in_the_store_url_is_a_warning_that_hides_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _project(tmp_path, None)
+    text, line = config_with(("store",), "postgresql+psycopg://ops:Pr0dPass@db/pushrules", root, 1)
+    (root / "pushrules.yaml").write_text(text)
+    assert main(["validate", str(root)]) == 0  # a warning: the daemon runs on it as it did
+    out = "".join(capsys.readouterr())
+    assert f"pushrules.yaml:{line}:" in out and "PGPASSWORD" in out
+    assert "Pr0dPass" not in out

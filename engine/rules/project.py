@@ -276,6 +276,16 @@ def _check_settings(doc: Mapping[str, Any], report: Any) -> None:
             f"'{hide_url_password(store)}' is not a store URL; write sqlite:///pushrules.db "
             "or postgresql+psycopg://user@host/database",
         )
+    elif isinstance(store, str) and hide_url_password(store) != store:
+        # A literal secret in a file kept in git; a warning, as a daemon may run on it today.
+        report(
+            ("store",),
+            None,
+            f"'{hide_url_password(store)}' holds the database password: anyone who reads the "
+            "repository reads it; remove it from the URL and set PGPASSWORD (or a ~/.pgpass "
+            "file) where the daemon runs",
+            "warning",
+        )
     listen = doc.get("listen")
     if isinstance(listen, str):
         host, _, port = listen.rpartition(":")
