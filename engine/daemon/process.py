@@ -44,7 +44,14 @@ from engine.daemon.watcher import Watcher
 from engine.errors import PushrulesError
 from engine.outbox.batching import Coalescer
 from engine.outbox.connections import busy_timeout
-from engine.outbox.firing import Decided, FireOutcome, FireRequest, decide_steps, record
+from engine.outbox.firing import (
+    Decided,
+    FireOutcome,
+    FireRequest,
+    decide_steps,
+    record,
+    rule_quiet_until,
+)
 from engine.outbox.store import Store
 from engine.render.compiler import FireContext, Steps
 from engine.rules.checks import compile_templates
@@ -54,7 +61,7 @@ from engine.rules.project import DaemonConfig, Project
 from engine.rules.rule import Rule
 from engine.rules.schedule import parse_timezone
 from engine.rules.secrets import MissingSecret, SecretRef
-from engine.send.dispatch import Dispatcher
+from engine.send.dispatch import Dispatcher, Quiet
 from engine.send.runtime import credentials, dispatch_settings, open_store, sandboxed
 
 log = logging.getLogger("pushrules.daemon")
@@ -74,6 +81,17 @@ class Options:
     sandbox_port: int = SANDBOX_PORT
     listen: str | None = None  # overrides pushrules.yaml's listen
     clock: Clock = field(default_factory=Clock)
+
+
+def quiet_hook(rules: Callable[[], Mapping[str, Rule]]) -> Quiet:
+    """The dispatcher's ``quiet``, read from the rules current at each ask (a reload changes
+    them). A rule removed since its rows were written has no quiet hours left to keep."""
+
+    def quiet(rule_id: str, now: datetime) -> datetime | None:
+        rule = rules().get(rule_id)
+        return None if rule is None else rule_quiet_until(rule, now)
+
+    return quiet
 
 
 class StartupError(PushrulesError):
@@ -421,6 +439,7 @@ class Daemon:
             # Trial rows deferred by an earlier `send --sandbox` name that command's sandbox,
             # gone with it: in a sandbox run, every row goes to this run's sandbox.
             route=project.url if self.options.sandbox else None,
+            quiet=quiet_hook(lambda: self.ruleset().rules),
         )
         # daemon: is read at start, like the store and the dispatch settings.
         timing = self._timing = project.daemon

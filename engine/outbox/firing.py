@@ -83,6 +83,17 @@ def quiet_until(quiet: QuietHours, at: datetime) -> datetime | None:
     return local.replace(tzinfo=at.tzinfo).astimezone(at.tzinfo)
 
 
+def rule_quiet_until(rule: Rule, now: datetime) -> datetime | None:
+    """When ``rule``'s quiet hours holding ``now`` end, in its timezone; None outside them.
+
+    The one reading of a rule's quiet hours: when a fire is decided, and again when one of
+    its rows is about to leave (the dispatcher's ``quiet``).
+    """
+    if rule.quiet_hours is None:
+        return None
+    return quiet_until(rule.quiet_hours, now.astimezone(parse_timezone(rule.timezone)))
+
+
 Verdict = Literal["send", "filtered", "failed", "empty", "skipped"]
 
 
@@ -147,8 +158,7 @@ def decide_steps(
     if not requests:
         return Decision("empty", detail="the targets expanded to nobody")
     if rule.quiet_hours is not None:
-        local = now.astimezone(parse_timezone(rule.timezone))
-        until = quiet_until(rule.quiet_hours, local)
+        until = rule_quiet_until(rule, now)
         if until is not None:
             if rule.quiet_hours.then == "skip":
                 detail = f"quiet hours until {until.isoformat()}: skipped"

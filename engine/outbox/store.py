@@ -18,6 +18,8 @@ States and moves (``docs`` and the dispatcher rely on these):
         (reclaim)--> in_doubt
     in_doubt --the same claim's answer, arriving late--> sent | retrying | failed | dead
     sending --unclaim (graceful stop, never sent)--> pending | retrying
+    sending --defer (never sent: its rule's quiet hours; due again at their end)-->
+        pending | retrying
     held | pending | retrying | in_doubt | failed | dead --drop--> dropped
 
 Timestamps are timezone-aware UTC in Python and naive UTC in the database, which both dialects
@@ -265,6 +267,8 @@ _REQUEUE = (
     )
     .returning(outbox.c.id)
 )
+#: A requeue that also moves the row's time: its rule's quiet hours hold it until then.
+_DEFER = _REQUEUE.values(next_attempt_at=bindparam("until", type_=UTCDateTime))
 _PARK = (
     update(outbox)
     .where(outbox.c.id.in_(_IDS), outbox.c.claimed_by == _TOKEN, _states(SENDING))
@@ -683,6 +687,26 @@ class Store(Marks, Retention):
         params = {"ids": list(ids), "token": claimed_by, "now": now or utcnow()}
         with self.engine.begin() as conn:
             return len(conn.execute(_REQUEUE, params).scalars().all())
+
+    def defer(
+        self, groups: Mapping[tuple[str, datetime], Sequence[int]], *, now: datetime
+    ) -> set[int]:
+        """Give back claimed rows that must not leave yet, each due again at its own time.
+
+        ``groups`` maps (claim token, time) to rows: the dispatcher's rows whose rule is in its
+        quiet hours, each due again when they end. As :meth:`unclaim` does, the attempt is not
+        counted and a row whose request had left, or whose claim was taken back, is not
+        touched. One transaction for the lot. Returns the ids deferred.
+        """
+        _aware(now, "now")
+        deferred: set[int] = set()
+        with self.engine.begin() as conn:
+            for (token, until), ids in groups.items():
+                if ids:
+                    _aware(until, "until")
+                    params = {"ids": list(ids), "token": token, "now": now, "until": until}
+                    deferred.update(conn.execute(_DEFER, params).scalars())
+        return deferred
 
     # -- results -----------------------------------------------------------------------------
 

@@ -19,6 +19,9 @@ The rules, in the order they matter:
   (``failed``) and recorded with the API's meaning.
 * A 2xx answer that is not the documented JSON is ``in_doubt``: Accengage may well have sent
   the push, so resending blindly could send it twice.
+* A rule's quiet hours hold its rows at this edge too (the ``quiet`` hook): a row released,
+  resumed or retried into them is given back unsent, due again when they end, its attempt not
+  counted. A fire made during them was already deferred or skipped when it was decided.
 * Credentials are resolved for each attempt and exist only in the request bytes: never stored,
   logged, or put in an error message (answers are scrubbed of them before they are recorded).
 """
@@ -35,7 +38,7 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, ParamSpec, Protocol, TypeVar
@@ -61,6 +64,9 @@ from engine.send.policy import (
     redact,
     with_user,
 )
+
+#: The end of a rule's quiet hours if ``now`` is inside them, else None: (rule id, now) -> end.
+Quiet = Callable[[str, datetime], datetime | None]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -372,6 +378,37 @@ class _Pipeline:
         return leftovers
 
 
+def quiet_ends(rules: Iterable[str], quiet: Quiet, now: datetime) -> dict[str, datetime]:
+    """The rules of a batch that are quiet at ``now``, each asked once, with their end."""
+    ends = {rule: _quiet_end(quiet, rule, now) for rule in set(rules)}
+    return {rule: end for rule, end in ends.items() if end is not None}
+
+
+def _quiet_end(quiet: Quiet, rule: str, now: datetime) -> datetime | None:
+    """``quiet`` for one rule; a failure to tell (a bug) is logged and sends, as before quiet
+    hours were judged here, rather than stopping every rule's sending."""
+    try:
+        return quiet(rule, now)
+    except Exception:
+        LOG.exception("could not tell whether rule %s is in its quiet hours; sending", rule)
+        return None
+
+
+def split_quiet(
+    rows: Sequence[OutboxRow], ends: Mapping[str, datetime]
+) -> tuple[list[OutboxRow], dict[tuple[str, datetime], list[int]]]:
+    """The rows to send now, and the others by (claim, time they are due again)."""
+    send: list[OutboxRow] = []
+    wait: dict[tuple[str, datetime], list[int]] = {}
+    for row in rows:
+        end = ends.get(row.rule)
+        if end is None:
+            send.append(row)
+        else:
+            wait.setdefault((row.claimed_by or "", end), []).append(row.id)
+    return send, wait
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -395,9 +432,11 @@ class Dispatcher:
         metrics: DispatchMetrics | None = None,
         rng: random.Random | None = None,
         route: str | None = None,
+        quiet: Quiet | None = None,
     ) -> None:
         """``route``: send every row there, whatever URL it was written with (a ``--sandbox``
-        run: its store holds trial rows only, some written for sandboxes since stopped)."""
+        run: its store holds trial rows only, some written for sandboxes since stopped).
+        ``quiet``: when a rule's quiet hours end, if they hold now (see :data:`Quiet`)."""
         if credentials is None:
             raise ValueError("the dispatcher needs Credentials(login=..., password=...)")
         self.store = store
@@ -420,6 +459,8 @@ class Dispatcher:
         self._route = parsed_url(route) if route is not None else None
         self._on_attempt = on_attempt
         self._rng = rng or random.Random()
+        #: The daemon's rules' quiet hours, judged again as rows leave (None: never quiet).
+        self._quiet = quiet
         s = self.settings
         mode = s.store_calls
         if mode == "auto":
@@ -661,6 +702,34 @@ class Dispatcher:
             except Exception as exc:
                 LOG.error("could not give back unsent rows %s: %s", ids, exc)
 
+    async def _hold_quiet(self, rows: Sequence[OutboxRow]) -> list[OutboxRow]:
+        """The claimed rows that may leave now. Those of a rule in its quiet hours go back,
+        due when they end: a fire is judged against them when it is made, but its rows may
+        come due later inside them (released, resumed or retried), and must wait all the same,
+        whether the rule defers or skips (skip is for a new fire; these were wanted)."""
+        if self._quiet is None or not rows:
+            return list(rows)
+        now = self._clock()
+        ends = quiet_ends((r.rule for r in rows), self._quiet, now)
+        if not ends:
+            return list(rows)
+        send, wait = split_quiet(rows, ends)
+        try:
+            deferred = await self._db(self.store.defer, wait, now=now)
+        except Exception as exc:  # they stay claimed, unsent: their lease's end gives them back
+            LOG.error("could not put back rows held by quiet hours: %s", exc)
+            return send
+        for rule, end in sorted(ends.items()):
+            n = sum(1 for r in rows if r.rule == rule and r.id in deferred)
+            LOG.info(
+                "rule %s: %d row(s) wait for the end of its quiet hours at %s (released, "
+                "resumed or retried inside them)",
+                rule,
+                n,
+                end.isoformat(timespec="minutes"),
+            )
+        return send
+
     async def _process(self, rows: Sequence[OutboxRow]) -> None:
         """Send these claimed rows and write their results before returning."""
         writer = _ResultWriter(self, self.settings.flush_interval, self.settings.results_batch)
@@ -677,8 +746,9 @@ class Dispatcher:
     async def run_once(self, limit: int | None = None) -> int:
         """Claim one batch of due rows and send it; returns how many rows were handled."""
         rows = await self._claim(limit or self.settings.batch)
-        if rows:
-            await self._process(rows)
+        sendable = await self._hold_quiet(rows)
+        if sendable:
+            await self._process(sendable)
         return len(rows)
 
     async def run(self, stop: asyncio.Event, *, drain: bool = False) -> None:
@@ -712,7 +782,7 @@ class Dispatcher:
                         rows = await self._claim_quietly(wanted)
                         if not rows:
                             break
-                    pipe.feed(rows)
+                    pipe.feed(await self._hold_quiet(rows))
                     idle = len(rows) < wanted  # the store has nothing more due right now
                     if pipe.load <= pipe.low_water and not idle:
                         continue
@@ -763,6 +833,7 @@ class Dispatcher:
             rows = await self._db(
                 self.store.claim_ids, self.instance, wanted, self._clock(), self.settings.lease
             )
+            rows = await self._hold_quiet(rows)
             if rows:
                 await self._process(rows)
             current = await self._db(self.store.get_many, wanted, attempts=False)
