@@ -387,6 +387,7 @@ def test_compile_reads_at_in_the_rules_timezone_as_explain_does(
         (["history", "--limit", "-1"], "--limit: -1 is out of range"),
         (["send", "r", "--wait", "-5"], "--wait: -5 is out of range: write a number from 0"),
         (["sandbox", "--fail-rate", "2"], "--fail-rate: 2 is out of range: write a number from 0"),
+        (["sandbox", "--latency", "nan"], "--latency: nan is out of range"),
         (["run", "--sandbox-port", "70000"], "--sandbox-port: 70000 is out of range"),
     ],
 )

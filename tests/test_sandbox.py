@@ -347,7 +347,9 @@ def test_cli_defaults_and_refusals(capsys: pytest.CaptureFixture[str]) -> None:
     parser = build_parser()
     defaults = parser.parse_args(["sandbox"])
     assert (defaults.host, defaults.port, defaults.code) == ("127.0.0.1", DEFAULT_PORT, None)
-    assert main(["sandbox", "--fail-rate", "2"]) == 2
+    with pytest.raises(SystemExit) as refused:
+        main(["sandbox", "--fail-rate", "2"])
+    assert refused.value.code == 2
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = str(taken.getsockname()[1])
         assert main(["sandbox", "--port", port]) == 1

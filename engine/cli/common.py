@@ -65,7 +65,7 @@ def number(
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {word}") from None
-        if value < low or (high is not None and value > high):
+        if not low <= value or (high is not None and not value <= high):  # NaN too
             raise argparse.ArgumentTypeError(f"{text} is out of range: write {word} {span}")
         return value
 
