@@ -197,6 +197,25 @@ ROWS = [
         "message.subjet",
         id="13-unknown-message-field",
     ),
+    # aps keeps YAML's types: unquoted, these are a number or a boolean, which Accengage
+    # refuses (validate said clean and every fire failed)
+    pytest.param(
+        RULE, before_text("  aps: {alert: 12:30}"), 5, 6, "message.aps.alert", id="5-aps-time"
+    ),
+    pytest.param(
+        RULE, before_text("  aps: {sound: 1.5}"), 5, 6, "message.aps.sound", id="5-aps-number"
+    ),
+    pytest.param(
+        RULE, before_text("  aps: {alert: Off}"), 5, 6, "message.aps.alert", id="5-aps-boolean"
+    ),
+    pytest.param(
+        RULE,
+        with_target("    aps: {alert: {body: yes}}"),
+        9,
+        9,
+        "targets[0].aps.alert.body",
+        id="9-target-aps-alert-dictionary-boolean",
+    ),
     pytest.param(
         RULE,
         with_target("    aps: {alert: 'Hi', sond: x}"),

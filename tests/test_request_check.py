@@ -81,6 +81,14 @@ def test_examples_and_base_are_sent() -> None:
         (varied(message__data={"n": 1}), (5, "message.data.n must be a string")),
         (varied(message__aps={"badge": True}), (5, "message.aps.badge must be an integer")),
         (varied(message__aps={"alert": 1}), (5, "message.aps.alert must be a string or an object")),
+        (
+            varied(message__aps={"alert": {"body": True}}),
+            (5, "message.aps.alert.body must be a string or a list of strings"),
+        ),
+        (
+            varied(targets__0__aps={"alert": {"loc-args": ["a", 1]}}),
+            (9, "targets[0].aps.alert.loc-args must be a string or a list of strings"),
+        ),
         (varied(message__aps={"category": "x"}), (13, "message.aps.category is unknown")),
         (
             varied(message__customParams={"k": "v"}),

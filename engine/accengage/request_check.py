@@ -262,6 +262,13 @@ def _check_aps(aps: object, path: str, code: int, problems: list[Problem]) -> No
         elif not isinstance(value, _TYPES[kind]):
             what = "a string or an object" if kind == "alert" else "a string"
             problems.append((code, f"{path}.{key} must be {what}"))
+        elif isinstance(value, dict):  # Apple's alert dictionary: texts, lists of texts
+            for name, item in value.items():
+                texts = item if isinstance(item, list) else [item]
+                if not all(isinstance(text, str) for text in texts):
+                    problems.append(
+                        (code, f"{path}.{key}.{name} must be a string or a list of strings")
+                    )
 
 
 def _check_buttons(buttons: object, path: str, problems: list[Problem]) -> None:

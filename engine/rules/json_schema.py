@@ -122,6 +122,10 @@ class _Builder:
             return dict(_TEXT)
         if kind == "yamlbool":
             return {"anyOf": [{"type": "boolean"}, {"enum": YAML11_BOOL_WORDS}]}
+        if kind == "yamltext":
+            # YAML 1.2 (the editor's) reads these as text, pushrules' YAML 1.1 does not.
+            not_text = [{"enum": YAML11_BOOL_WORDS}, {"pattern": YAML11_INT_TEXT}]
+            return {"type": "string", "not": {"anyOf": not_text}}
         if kind == "yamlint":
             number: dict[str, Any] = {"type": "integer"}
             bounds = rules.get("bounds")

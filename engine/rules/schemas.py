@@ -21,6 +21,9 @@ from engine.rules.yaml_source import Scalar
 TEXT: dict[str, Any] = {"type": "string"}
 BOOL: dict[str, Any] = {"type": "yamlbool"}
 INT: dict[str, Any] = {"type": "yamlint"}
+#: Text as YAML reads it, for values sent with YAML's types (``as_written``): ``12:30``,
+#: ``yes`` or ``1.5`` unquoted are a number or a boolean there, which Accengage refuses.
+YAML_TEXT: dict[str, Any] = {"type": "yamltext"}
 
 
 def doc(
@@ -226,10 +229,23 @@ def _fields(table: Mapping[str, str]) -> dict[str, Any]:
     return {name: _api_field(name, _KINDS[kind]) for name, kind in table.items()}
 
 
+#: The API types inside ``aps``, whose values keep YAML's types: text must be text there, and
+#: Apple's alert dictionary holds texts and lists of texts (``loc-args``).
+_APS_KINDS: dict[str, dict[str, Any]] = {
+    **_KINDS,
+    "string": YAML_TEXT,
+    "alert": {
+        "type": ["yamltext", "dict"],
+        "valuesrules": {"type": ["yamltext", "list"], "schema": YAML_TEXT},
+    },
+}
+
 APS: dict[str, Any] = {
     "type": "dict",
     "allow_unknown": False,
-    "schema": _fields(accengage.APS_FIELD_TYPES),
+    "schema": {
+        name: _api_field(name, _APS_KINDS[kind]) for name, kind in accengage.APS_FIELD_TYPES.items()
+    },
     **doc(*API_DOCS["aps"], as_written=True),  # Apple's dictionary keeps YAML's types
 }
 
@@ -1079,6 +1095,11 @@ def is_yaml_bool(value: object) -> bool:
     return isinstance(value, Scalar) and isinstance(value.typed, bool)
 
 
+def is_yaml_text(value: object) -> bool:
+    """Text that YAML reads as text: quoted, or plain and not a number, boolean or null."""
+    return isinstance(value, str) and (not isinstance(value, Scalar) or value.typed is None)
+
+
 def is_yaml_int(value: object) -> bool:
     if isinstance(value, int) and not isinstance(value, bool):
         return True
@@ -1107,6 +1128,15 @@ class YamlInt(metaclass=_YamlIntType):
     """Matches what YAML reads as a whole number."""
 
 
+class _YamlTextType(type):
+    def __instancecheck__(cls, value: object) -> bool:
+        return is_yaml_text(value)
+
+
+class YamlText(metaclass=_YamlTextType):
+    """Matches what YAML reads as text."""
+
+
 @cache
 def _validator_class() -> type:
     """Cerberus with the two YAML-aware types and the ``bounds`` rule; imported on the first
@@ -1118,6 +1148,7 @@ def _validator_class() -> type:
             **cerberus.Validator.types_mapping,
             "yamlbool": cerberus.TypeDefinition("yamlbool", (YamlBool,), ()),
             "yamlint": cerberus.TypeDefinition("yamlint", (YamlInt,), ()),
+            "yamltext": cerberus.TypeDefinition("yamltext", (YamlText,), ()),
         }
 
         # Cerberus reads the docstring as the rule's own schema: any Bounds constraint is fine.
@@ -1140,6 +1171,7 @@ TYPE_CHECKS: dict[str, Check] = {
     "list": is_sequence,
     "yamlbool": is_yaml_bool,
     "yamlint": is_yaml_int,
+    "yamltext": is_yaml_text,
 }
 
 
@@ -1183,6 +1215,7 @@ _TYPE_WORDS = {
     "list": "a list (lines starting with '- ')",
     "yamlbool": "true or false",
     "yamlint": "a whole number",
+    "yamltext": "text in quotes (unquoted, 12:30, yes or 1.5 are a number or true/false here)",
 }
 
 
