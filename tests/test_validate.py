@@ -328,6 +328,33 @@ def test_last_good_version_is_kept_after_a_file_breaks(root: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "off",
+    [
+        'enabled: "false"',  # a type error: enabled takes YAML's true/false
+        "enabled: 'no'  # stop it now",
+        "enabled: false\nmessage_typo: x",  # a good switch in a file broken otherwise
+    ],
+)
+def test_a_broken_file_that_switches_its_rule_off_stops_its_last_good_version(
+    root: Path, off: str
+) -> None:
+    """The off switch of an emergency must not keep the push running because of how it is
+    spelt (or of another mistake in the file): the last good version is kept, switched off."""
+    from engine.rules.loader import Loader
+
+    write_rule(root, "r", GOOD)
+    loader = Loader(root, workers=1)
+    assert loader.load().rules["r"].enabled
+    write_rule(root, "r", GOOD + off + "\n")
+    second = loader.load()
+    assert not second.ok
+    assert second.rules["r"].enabled is False
+    assert second.stale == {"r"}
+    write_rule(root, "r", GOOD)  # mended: the file says again what runs
+    assert loader.load().rules["r"].enabled
+
+
+@pytest.mark.parametrize(
     ("setting", "field"),
     [
         ("store: whatever", "store"),

@@ -22,6 +22,7 @@ otherwise walk the growing heap of parsed files again and again.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import os
@@ -94,6 +95,23 @@ class _Entry:
     #: The file's ``stat`` taken before its text was read, or None when that cannot vouch for
     #: the text (it was modified too recently, see :func:`_trusted`): then it is read again.
     stat: StatKey | None = None
+    #: A broken file that says ``enabled: false`` in any spelling: its last good version is
+    #: kept switched off, not running (see :func:`_asks_off`).
+    off: bool = False
+
+
+#: A top-level ``enabled:`` whose value reads as "off" to a person, quoted or not.
+_OFF = re.compile(
+    r"^enabled[ \t]*:[ \t]*(['\"]?)(?:false|no|off|0)\1[ \t]*(?:#.*)?$",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+def _asks_off(text: str) -> bool:
+    """Whether a file switches its rule off, read from its text alone: the one intent a broken
+    file still carries out (an off switch written `enabled: "false"` is an error, and keeping
+    the last good version running would keep the push an operator is trying to stop)."""
+    return _OFF.search(text) is not None
 
 
 def _stat_key(path: str) -> StatKey | None:
@@ -320,8 +338,11 @@ class Loader:
         checked = self._check(todo, present, texts, project, fragments, context, drop)
         for rel, (new_rule, new_problems) in checked.items():
             dropped = new_rule is None and rel in drop and not any(p.is_error for p in new_problems)
-            text_hash, stat = texts[rel][1], texts[rel][2]
-            self._entries[rel] = _Entry(text_hash, context, new_rule, new_problems, dropped, stat)
+            text, text_hash, stat = texts[rel]
+            off = new_rule is None and _asks_off(text)
+            self._entries[rel] = _Entry(
+                text_hash, context, new_rule, new_problems, dropped, stat, off
+            )
         for rel, (_, _, stat) in texts.items():
             self._entries[rel].stat = stat  # read again, the same text: vouched for anew
         for gone in set(self._entries) - set(present):
@@ -336,7 +357,8 @@ class Loader:
                 rules[rule_id] = entry.rule
                 self._last_good[rule_id] = entry.rule
             elif rule_id in self._last_good:
-                rules[rule_id] = self._last_good[rule_id]
+                kept = self._last_good[rule_id]
+                rules[rule_id] = dataclasses.replace(kept, enabled=False) if entry.off else kept
                 stale.add(rule_id)
         keep = held if settled else held | set(self._last_good)
         vanishing = set()
