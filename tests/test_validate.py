@@ -414,3 +414,15 @@ def test_tests_are_checked_against_their_rules_when_checked_on_several_cores(
     [problem] = several.problems
     assert problem.file == "rule-tests/digest.yaml" and "reads no event" in problem.message
     assert set(several.rules) == {"digest"}  # the others' rules were not sent back
+
+
+def test_a_macro_written_inside_jinja_is_not_checked_as_one(root: Path) -> None:
+    """Jinja's output is neutralised when filled in: `{{ '${x}' }}` never reaches Accengage as
+    a macro, so it cannot be one nothing fills; a macro written outside Jinja still is."""
+    inside = GOOD.replace('text: "Hi ${first_name}"', "text: \"Hi {{ '${nickname}' }}\"")
+    assert inside != GOOD
+    write_rule(root, "inside", inside)
+    write_rule(root, "named", GOOD.replace("${first_name}", "${ {{ event.field }} }"))
+    write_rule(root, "outside", GOOD.replace("${first_name}", "${nickname}"))
+    found = {(p.file, p.code) for p in problems(root) if p.code == 15}
+    assert found == {("rules/outside.yaml", 15)}

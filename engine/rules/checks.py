@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -749,7 +750,7 @@ def _check_macros(
     )
     target_names = [_target_data_names(t) for t in targets]
     for path, text in accengage.macro_texts(message):
-        for name in accengage.macros(text):
+        for name in written_macros(text):
             if name in fillable or name in devices:
                 continue
             missing = [i for i, names in enumerate(target_names) if name not in names]
@@ -761,6 +762,25 @@ def _check_macros(
                     f"or to device_fields{hint}"
                 )
                 add(path, 15, f"${{{name}}} cannot be filled for {which}: {why}", severity)
+
+
+#: A Jinja expression, statement or comment in a rule's text.
+_JINJA_SPAN = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", re.DOTALL)
+
+
+def written_macros(text: str) -> list[str]:
+    """The ``${name}`` macros an author wrote outside Jinja: one Jinja makes is neutralised
+    when the text is filled in (data never becomes a macro), and one whose name Jinja fills
+    cannot be checked before it fires (the request check at fire time does)."""
+    if "${" not in text:
+        return []
+    spans = [(m.start(), m.end()) for m in _JINJA_SPAN.finditer(text)]
+    names: dict[str, None] = {}
+    for match in accengage.MACRO.finditer(text):
+        inside = any(start <= match.start() < end for start, end in spans)
+        if not inside and "{{" not in match.group(1) and "{%" not in match.group(1):
+            names[match.group(1).strip()] = None
+    return list(names)
 
 
 def _check_target_macros(
@@ -781,7 +801,7 @@ def _check_target_macros(
         base = ("targets", index, *(("target",) if inner is not target else ()), "aps")
         own = fillable | _target_data_names(target)
         for path, text in accengage.alert_texts(inner["aps"].get("alert"), (*base, "alert")):
-            for name in accengage.macros(text):
+            for name in written_macros(text):
                 if name not in own:
                     why = _unfilled(name, own) or (
                         f"add {name} to this target's data, to the message's data, "
