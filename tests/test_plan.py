@@ -315,6 +315,77 @@ def test_a_timezone_change_in_pushrules_yaml_moves_rules_without_their_own(
     assert change["next_after"][0] == "2026-03-27T09:00:00+00:00"
 
 
+PROMO = """
+trigger:
+  event: promo
+apps:
+  flights-android: {parentMessageId: "5"}
+message:
+  text: A promotion
+targets:
+  - language: en
+"""
+QUIET = PROMO.replace("apps:", 'quiet_hours: {from: "21:00", to: "08:00", then: skip}\napps:')
+
+
+def test_a_timezone_change_in_pushrules_yaml_moves_what_reads_the_rules_timezone(
+    repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An event rule without a timezone of its own keeps its quiet hours, and gives ``now``
+    and ``rule.timezone``, in the project's: Paris -> New York changes what it sends, and
+    the plan says why, though its file did not change. A rule reading none of them, or
+    naming its own timezone, is unchanged."""
+    project = repo / "notifications"
+    write_rule(project, "quiet", QUIET)
+    write_rule(project, "evening", PROMO.replace("apps:", 'when: "{{ now.hour >= 18 }}"\napps:'))
+    write_rule(project, "weekday", QUIET.replace("A promotion", "Day {{ now.weekday() }}"))
+    write_rule(project, "zone", PROMO.replace("A promotion", '"{{ rule.timezone }}"'))
+    write_rule(project, "named", PROMO.replace("A promotion", '"{{ rule.id }}"'))
+    write_rule(project, "paris", QUIET.replace("promo\n", "promo\n  timezone: Europe/Paris\n"))
+    commit_all(repo, "rules that read the time")
+    edit(project / "pushrules.yaml", "timezone: Europe/Paris", "timezone: America/New_York")
+    code, plan, _ = run_plan(capsys, project, "--base", "HEAD")
+    assert code == 0
+    changed = {c["rule"]: (c["parts"], c.get("timezone")) for c in plan["changed"]}
+    moved = {"before": "Europe/Paris", "after": "America/New_York"}
+    assert changed == {
+        "evening": (["timezone"], {**moved, "reads": ["now"]}),
+        "quiet": (["timezone"], {**moved, "reads": ["quiet hours"]}),
+        "weekday": (["timezone"], {**moved, "reads": ["quiet hours", "now"]}),
+        "zone": (["timezone"], {**moved, "reads": ["rule.timezone"]}),
+    }
+    assert main(["plan", str(project), "--base", "HEAD", "--from", FROM]) == 0
+    text = capsys.readouterr().out
+    assert "changed    quiet: timezone: Europe/Paris -> America/New_York (quiet hours)\n" in text
+
+
+def test_a_rules_own_timezone_moves_its_quiet_hours(
+    repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An event rule's ``trigger.timezone`` is where its quiet hours are judged: a push
+    skipped at 22:00 in Paris is sent at that moment in New York (16:00), as its test case
+    shows."""
+    project = repo / "notifications"
+    write_rule(project, "quiet", QUIET)
+    (project / "rule-tests").mkdir()
+    (project / "rule-tests/quiet.yaml").write_text(
+        "cases:\n  - name: at ten in the evening in Paris\n"
+        '    event: {}\n    at: "2026-01-05T22:00:00+01:00"\n    expect: {requests: 0}\n'
+    )
+    commit_all(repo, "a rule with quiet hours")
+    edit(project / "rules/quiet.yaml", "promo\n", "promo\n  timezone: America/New_York\n")
+    code, plan, _ = run_plan(capsys, project, "--base", "HEAD")
+    assert code == 0
+    [change] = plan["changed"]
+    assert (change["rule"], change["parts"]) == ("quiet", ["trigger", "timezone"])
+    assert change["timezone"]["reads"] == ["quiet hours"]
+    [case] = change["cases"]
+    # Held back before (the requests are the same), sent after.
+    [held] = case["diff"]
+    assert held["path"] == "not_sent" and "after" not in held
+    assert held["before"].startswith("22:00 is in the quiet hours (21:00 to 08:00)")
+
+
 def test_enabled_and_disabled(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     project = repo / "notifications"
     edit(project / "rules/hello.yaml", "trigger:", "enabled: false\ntrigger:")

@@ -214,3 +214,22 @@ def test_what_looks_like_a_reference_but_is_not_one_goes_to_jinja(text: str) -> 
     context = {"p": {"id": 1}}
     through_jinja = text.replace("{{", "{{ (").replace("}}", ") }}")
     assert _outcome(text, context) == _outcome(through_jinja, context)
+
+
+@pytest.mark.parametrize(
+    ("text", "reads"),
+    [
+        ("{{ now.hour >= 18 }}", ("now",)),
+        ("{% if now.weekday() < 5 %}weekday{% endif %}", ("now",)),
+        ("{{ rule.timezone }} {{ rule['timezone'] }}", ("rule.timezone",)),
+        ("{{ rule }}", ("rule.timezone",)),
+        ("{{ rule.id }} for {{ now }}", ("now",)),
+        ("{{ rule.id ~ rule.description }}", ()),
+        ("{% set now = 3 %}{{ now }} {{ event.now }}", ()),
+        ("{{ now", ()),
+    ],
+)
+def test_timezone_reads_are_now_and_the_rules_timezone(text: str, reads: tuple[str, ...]) -> None:
+    """What a template gives in the rule's timezone: ``now``, and ``rule`` but for its id and
+    description; names the template sets itself, or an event's field, are not them."""
+    assert templating.timezone_reads(text) == reads

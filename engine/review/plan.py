@@ -28,12 +28,16 @@ from engine.rules.problems import Problem
 from engine.rules.problems import format_text as problems_text
 from engine.rules.rule import Rule
 from engine.rules.schedule import SCHEDULED, next_fires
+from engine.rules.templating import is_template, timezone_reads
 from engine.rules.yaml_source import Scalar, Unreadable, load, read_source
 
 #: The parts of a rule a change is reported in, in this order. ``limits`` covers ``limit``,
-#: ``quiet_hours`` and ``catch_up``; ``other`` keys the rule format does not know.
+#: ``quiet_hours`` and ``catch_up``; ``other`` keys the rule format does not know;
+#: ``timezone`` the rule's resolved timezone where it moves more than the schedule (that shows
+#: as ``trigger``, with its fire times): see :func:`_timezone_reads`.
 PARTS = (
     "trigger",
+    "timezone",
     "when",
     "apps",
     "message",
@@ -130,6 +134,10 @@ class RuleChange:
     next_before: tuple[str, ...] = ()
     next_after: tuple[str, ...] = ()
     cases: tuple[CaseDiff, ...] = ()
+    #: With the ``timezone`` part: the resolved timezone before and after, and what of the
+    #: rule reads it (``quiet hours``, ``now``, ``rule.timezone``).
+    timezone: tuple[str, str] | None = None
+    timezone_reads: tuple[str, ...] = ()
 
     @property
     def toggled(self) -> bool:
@@ -146,8 +154,19 @@ class RuleChange:
 
     @property
     def what(self) -> str:
-        """The parts that changed, for people (``enabled`` is said by :attr:`kind`)."""
-        return ", ".join(p for p in self.parts if not (p == "enabled" and self.toggled))
+        """The parts that changed, for people (``enabled`` is said by :attr:`kind`): the
+        timezone with its change and what it moves, since the rule file may not show it."""
+        return ", ".join(
+            self._timezone_words() if p == "timezone" else p
+            for p in self.parts
+            if not (p == "enabled" and self.toggled)
+        )
+
+    def _timezone_words(self) -> str:
+        if self.timezone is None:
+            return "timezone"
+        before, after = self.timezone
+        return f"timezone: {before} -> {after} ({', '.join(self.timezone_reads)})"
 
 
 @dataclass(frozen=True)
@@ -180,22 +199,31 @@ class Plan:
             "added": list(self.added),
             "removed": list(self.removed),
             "renamed": [{"from": old, "to": new} for old, new in self.renamed],
-            "changed": [
-                {
-                    "rule": c.rule,
-                    "parts": list(c.parts),
-                    "enabled": list(c.enabled),
-                    "next_before": list(c.next_before),
-                    "next_after": list(c.next_after),
-                    "cases": [{"name": k.name, "diff": list(k.diff)} for k in c.cases],
-                }
-                for c in self.changed
-            ],
+            "changed": [_change_json(c) for c in self.changed],
             "problems": {
                 "new": [asdict(p) for p in self.new_problems],
                 "fixed": [asdict(p) for p in self.fixed_problems],
             },
         }
+
+
+def _change_json(change: RuleChange) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "rule": change.rule,
+        "parts": list(change.parts),
+        "enabled": list(change.enabled),
+        "next_before": list(change.next_before),
+        "next_after": list(change.next_after),
+        "cases": [{"name": k.name, "diff": list(k.diff)} for k in change.cases],
+    }
+    if change.timezone is not None:  # only with the part: other changes keep their shape
+        before, after = change.timezone
+        out["timezone"] = {
+            "before": before,
+            "after": after,
+            "reads": list(change.timezone_reads),
+        }
+    return out
 
 
 # --- one version of the project --------------------------------------------------------------
@@ -361,8 +389,15 @@ def _rule_change(
 ) -> RuleChange | None:
     old = before.ruleset.rules.get(old_id)
     new = after.ruleset.rules.get(new_id)
+    timezone: tuple[str, str] | None = None
+    reads: tuple[str, ...] = ()
     if old is not None and new is not None:
         parts = _changed(_model_parts(old), _model_parts(new))
+        if old.timezone != new.timezone:
+            reads = _timezone_reads(old, new)
+        if reads:
+            timezone = (old.timezone, new.timezone)
+            parts = [p for p in PARTS if p in parts or p == "timezone"]
     else:
         parts = _changed(_source_parts(before.source(old_id)), _source_parts(after.source(new_id)))
     if not parts:
@@ -384,6 +419,8 @@ def _rule_change(
         tuple(next_before),
         tuple(next_after),
         tuple(diffs),
+        timezone,
+        reads,
     )
 
 
@@ -391,10 +428,40 @@ def _changed(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
     return [part for part in PARTS if before.get(part) != after.get(part)]
 
 
+#: How :func:`_timezone_reads` names a rule's quiet hours, judged in its timezone.
+QUIET_HOURS = "quiet hours"
+
+
+def _timezone_reads(old: Rule, new: Rule) -> tuple[str, ...]:
+    """What of a rule, on either version, reads its timezone besides the schedule: its quiet
+    hours, and ``now`` or ``rule.timezone`` in any of its templates (``when``, message,
+    targets, trigger, vars). A rule reading none of them sends the same in any timezone."""
+    found: set[str] = set()
+    for rule in (old, new):
+        if rule.quiet_hours is not None:
+            found.add(QUIET_HOURS)
+        found.update(*(timezone_reads(text) for text in _rule_texts(rule) if is_template(text)))
+    return tuple(r for r in (QUIET_HOURS, "now", "rule.timezone") if r in found)
+
+
+def _rule_texts(rule: Rule) -> Iterable[str]:
+    """Every text of a checked rule, templates merged: the ones that may be templates."""
+    values: list[Any] = [rule.when, rule.trigger, rule.targets, rule.vars]
+    values += [p.message for p in rule.apps]
+    while values:
+        value = values.pop()
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, Mapping):
+            values.extend(value.values())
+        elif isinstance(value, list | tuple):
+            values.extend(value)
+
+
 def _model_parts(rule: Rule) -> dict[str, Any]:
     """What a checked rule means, by part: templates merged; the timezone resolved, and part
-    of the trigger when it places the fires (a rule firing on events only reads it in
-    ``now``, which its test cases show)."""
+    of the trigger when it places the fires (the rest it moves is the ``timezone`` part, see
+    :func:`_rule_change`)."""
     timezone = rule.timezone if rule.trigger_kind in SCHEDULED else None
     return {
         "trigger": (rule.trigger_kind, _plain(rule.trigger), timezone),

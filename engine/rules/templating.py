@@ -673,6 +673,34 @@ def references(text: str) -> tuple[str, ...]:
     return tuple(sorted(found, key=lambda p: (p.count("."), p)))
 
 
+#: The ``rule`` fields a template may read that do not depend on the rule's timezone.
+_ZONELESS_RULE_FIELDS = frozenset({"rule.id", "rule.description"})
+
+
+@lru_cache(maxsize=4096)
+def timezone_reads(text: str) -> tuple[str, ...]:
+    """Which of ``now`` and ``rule.timezone`` a template reads: both are the rule's timezone
+    (``now`` is the fire's moment there), so a change of that timezone changes what the
+    template gives. ``rule`` read whole counts as ``rule.timezone``; ``rule.id`` does not."""
+    try:
+        ast = ENV.parse(text)
+    except (jinja2.TemplateSyntaxError, RecursionError):
+        return ()
+    names = _loaded_names(ast)
+    found = ["now"] if "now" in names else []
+    if "rule" in names:
+        uses = sum(n.name == "rule" and n.ctx == "load" for n in ast.find_all(nodes.Name))
+        zoneless = sum(
+            isinstance(n, nodes.Getattr | nodes.Getitem)
+            and isinstance(n.node, nodes.Name)
+            and _path(n) in _ZONELESS_RULE_FIELDS
+            for n in ast.find_all((nodes.Getattr, nodes.Getitem))
+        )
+        if uses > zoneless:
+            found.append("rule.timezone")
+    return tuple(found)
+
+
 def blank_references(text: str, context: Mapping[str, Any]) -> list[str]:
     """Which of the inputs a template reads are null, missing or empty, in words:
     ``["event.member_id is null"]``. Used to say why a target id came out empty."""
