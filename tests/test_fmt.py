@@ -11,11 +11,13 @@ from __future__ import annotations
 import random
 import re
 import textwrap
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -75,7 +77,43 @@ def assert_kept(text: str, kind: str = "rule") -> str:
         assert before[0] == after[0]
         assert [p.message for p in before[1]] == [p.message for p in after[1]]
     assert format_text(once, kind) == once, f"not stable:\n{once}"
+    missing = comments_above(text, header=False) - comments_above(once, header=True)
+    assert not missing, f"comments lost or moved: {sorted(missing)}\n{text}\n---\n{once}"
     return once
+
+
+def comments_above(text: str, header: bool) -> Counter[tuple[str, str]]:
+    """Each full-line comment with the key (``-`` for a list item, "" for the end of the file)
+    of the line it stands above. The comments above a file's first line stay at its top, so
+    with ``header=False`` they are left out."""
+    lines = text.splitlines()
+    inside: set[int] = set()
+    stack = [yaml.compose(text, Loader=yaml.SafeLoader)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.ScalarNode):
+            end = node.end_mark.line + (1 if node.end_mark.column else 0)
+            inside.update(range(node.start_mark.line + 1, end))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(v for pair in node.value for v in pair)
+    found: Counter[tuple[str, str]] = Counter()
+    pending: list[str] = []
+    started = header
+    for number, line in enumerate(lines):
+        body = line.strip()
+        if number in inside or not body:
+            continue
+        if body.startswith("#"):
+            pending.append(body)
+            continue
+        if started:
+            key = "-" if body.startswith("-") else body.split(":")[0]
+            found.update((comment, key) for comment in pending)
+        started, pending = True, []
+    found.update((comment, "") for comment in pending)
+    return found
 
 
 def repo_files() -> list[Any]:
@@ -102,7 +140,8 @@ def test_docs_examples_keep_their_meaning(text: str) -> None:
 
 def relayout(text: str, rng: random.Random) -> str:
     """The same YAML written another way: 4-space indents, top-level keys shuffled, comments
-    and blank lines put in."""
+    (full-line and end-of-line) and blank lines put in, some text values written with ``|`` or
+    ``>``."""
     blocks: list[list[str]] = []
     for line in text.splitlines():
         if line and not line[0].isspace() and not line.startswith("- "):
@@ -120,7 +159,12 @@ def relayout(text: str, rng: random.Random) -> str:
             indent = (len(line) - len(body)) * 2
             if rng.random() < 0.15 and not line.rstrip().endswith("|"):
                 out.append(" " * indent + "# a note")
-            out.append(" " * indent + body)
+            if rng.random() < 0.2 and re.fullmatch(r"(- )?[\w-]+: [A-Za-z][\w .,!]*", body):
+                key, value = body.split(": ", 1)
+                out.append(" " * indent + f"{key}: {rng.choice(['|', '|-', '>', '>-'])}")
+                out.append(" " * (indent + 6) + value)
+                continue
+            out.append(" " * indent + body + ("   # on its line" if rng.random() < 0.15 else ""))
         if rng.random() < 0.3:
             out.append("")
     return "\n".join(out) + "\n"
@@ -172,6 +216,92 @@ def test_layout_keys_quotes_and_comments() -> None:
         """
     )
     assert_kept(messy)
+
+
+@pytest.mark.parametrize("value", ["{event: promo}", "{event: promo, delay: 5m}"])
+def test_a_comment_below_a_flow_value_with_its_own_comment_is_kept(value: str) -> None:
+    """ruamel keeps ``# about apps`` with the end-of-line comment of the flow value above it;
+    it cannot be written inside ``{...}``, so it goes to the next key written in block style."""
+    text = textwrap.dedent(
+        f"""\
+        trigger: {value}   # the event
+        # about apps
+        apps:
+          flights-android: {{parentMessageId: "5"}}   # android
+        # about the message
+        message:
+          text: Hello
+        targets: [{{language: en}}]   # everyone
+        # the end
+        """
+    )
+    out = assert_kept(text)
+    assert "# the event\n# about apps\napps:\n" in out, out
+    assert "# android\n# about the message\nmessage:\n" in out, out
+    assert out.endswith("# everyone\n# the end\n"), out
+
+
+def test_a_comment_at_the_end_stays_at_the_end() -> None:
+    """The lines after the last key are the file's end, not that key's: it may move up."""
+    text = "message:\n  text: Hello\ntrigger:\n  event: promo   # the event\n\n# the end\n"
+    out = assert_kept(text)
+    assert out.startswith("trigger:\n  event: promo   # the event\nmessage:"), out
+    assert out.endswith("  text: Hello\n\n# the end\n"), out
+
+
+@pytest.mark.parametrize("indicator", ["|", "|-", ">", ">-"])
+@pytest.mark.parametrize("last", ["", "        # part of the value\n\n"], ids=["", "then-blank"])
+def test_a_comment_below_a_block_value_stays_above_its_key(indicator: str, last: str) -> None:
+    """A ``|`` or ``>`` value has no end-of-line comment: the comment below it is the next
+    key's, and stays above it when the keys are reordered (``sound`` goes before
+    ``collapseKey``). Indented as that key, it is not read as part of the value."""
+    layout = textwrap.dedent(
+        """\
+        trigger:
+            event: promo
+        apps:
+            flights-android: {parentMessageId: "5"}
+        message:
+            text: Hello
+            collapseKey: INDICATOR
+                promo
+        LAST    # iOS-style default sound
+            sound: default
+        targets:
+          - language: en
+        """
+    )
+    text = layout.replace("INDICATOR", indicator).replace("LAST", last)
+    out = assert_kept(text)
+    assert "\n  # iOS-style default sound\n  sound: default\n" in out, out
+    assert out.count("# part of the value") == bool(last)
+
+
+def test_a_comment_above_the_first_key_of_a_mapping_stays_with_that_key() -> None:
+    text = textwrap.dedent(
+        """\
+        trigger: {event: promo}
+        apps:
+          flights-android: {parentMessageId: "5"}
+        message:
+          # the greeting
+          text: Hello
+          subject: Hi
+        targets:
+          # the first target
+          - memberId: m1
+            # in English
+            language: en
+          # the second target
+          - memberId: m2   # m2
+            # in French
+            language: fr
+        """
+    )
+    out = assert_kept(text)
+    assert "message:\n  subject: Hi\n  # the greeting\n  text: Hello\n" in out, out
+    assert "# the first target\n  - memberId: m1\n    # in English\n    language: en\n" in out
+    assert "# the second target\n  - memberId: m2   # m2\n    # in French\n" in out, out
 
 
 def test_a_flow_list_of_one_key_mappings_keeps_its_braces() -> None:

@@ -24,7 +24,11 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import CommentMark, YAMLError
 from ruamel.yaml.nodes import ScalarNode
 from ruamel.yaml.resolver import VersionedResolver
-from ruamel.yaml.scalarstring import DoubleQuotedScalarString
+from ruamel.yaml.scalarstring import (
+    DoubleQuotedScalarString,
+    FoldedScalarString,
+    LiteralScalarString,
+)
 from ruamel.yaml.tag import Tag
 from ruamel.yaml.tokens import CommentToken
 
@@ -120,50 +124,82 @@ def format_text(text: str, kind: str) -> str:
 # --- comments ------------------------------------------------------------------------------
 
 
-def _slots(node: Any) -> Iterator[tuple[Any, Any]]:
-    """Every (collection, key or index) in the order the file lists them."""
-    if isinstance(node, CommentedMap):
-        for key, value in node.items():
-            yield node, key
-            yield from _slots(value)
-    elif isinstance(node, CommentedSeq):
-        for index, value in enumerate(node):
-            yield node, index
-            yield from _slots(value)
+def _slots(node: Any, in_flow: bool = False) -> Iterator[tuple[Any, Any, bool]]:
+    """Every (collection, key or index, whether it is written in flow style) in file order."""
+    if isinstance(node, CommentedMap | CommentedSeq):
+        in_flow = in_flow or bool(node.fa.flow_style())
+        keys = node if isinstance(node, CommentedMap) else range(len(node))
+        for key in keys:
+            yield node, key, in_flow
+            yield from _slots(node[key], in_flow)
 
 
 def _move_comment_tails(data: Any) -> None:
     """Give each full-line comment (and blank line) to the key or item below it.
 
-    ruamel keeps the lines that follow a value's end-of-line comment with that value; moved,
-    they would leave the key they describe. Each such tail goes to the next key or item
-    instead, in front of it, which is where a reader sees it.
+    ruamel keeps the lines that follow a value's end-of-line comment with that value, and the
+    lines above a nested mapping's first key with its parent; moved, they would leave the key
+    they describe. Each goes to the next key or item written in block style instead (ruamel
+    cannot write a comment inside ``{...}`` or ``[...]``), in front of it, which is where a
+    reader sees it; a tail that no such key follows goes to the end of the file.
     """
     slots = list(_slots(data))
-    for position, (owner, key) in enumerate(slots):
+    for position, (owner, key, _) in enumerate(slots):
         entry = owner.ca.items.get(key)
+        if not entry:
+            continue
+        value = owner[key]
+        if isinstance(owner, CommentedMap) and isinstance(value, CommentedMap) and value:
+            _first_key_comments(entry, value)
         index = 2 if isinstance(owner, CommentedMap) else 0
-        token = entry[index] if entry and len(entry) > index else None
-        if not isinstance(token, CommentToken) or position + 1 == len(slots):
+        token = entry[index] if len(entry) > index else None
+        if not isinstance(token, CommentToken):
             continue
-        value = str(token.value)
-        cut = value.find("\n") + 1
-        if cut == 0 or cut == len(value):
+        own, tail = _split_comment(str(token.value), value)
+        if not tail:
             continue
-        own, tail = value[:cut], value[cut:]
         if own.strip():
             token.value = own
         else:
             entry[index] = None
-            if isinstance(owner, CommentedMap) and isinstance(
-                owner[key], CommentedMap | CommentedSeq
-            ):
-                inner = owner[key].ca.comment
+            if isinstance(value, CommentedMap | CommentedSeq):
+                inner = value.ca.comment
                 if inner and inner[0] is token:
                     inner[0] = None
-        next_owner, next_key = slots[position + 1]
-        target = next_owner.ca.items.setdefault(next_key, [None, None, None, None])
-        target[1] = [CommentToken(tail, CommentMark(0), None), *(target[1] or [])]
+        # At its old column, a comment below a ``|`` value could be read as part of it: written
+        # at the margin, it is indented as the line below it afterwards (_indent_comments).
+        tail = "\n".join(line.lstrip(" \t") for line in tail.split("\n"))
+        comment = CommentToken(tail, CommentMark(0), None)
+        below = next(((o, k) for o, k, flow in slots[position + 1 :] if not flow), None)
+        if below is None:
+            if data.ca.comment is None:
+                data.ca.comment = [None, None]  # ruamel writes the end only with this
+            data.ca.end = [*(data.ca.end or []), comment]
+        else:
+            target = below[0].ca.items.setdefault(below[1], [None, None, None, None])
+            target[1] = [comment, *(target[1] or [])]
+
+
+def _split_comment(text: str, value: Any) -> tuple[str, str]:
+    """A comment token's text as (the value's end-of-line comment, the full lines after it).
+
+    The token of a ``|`` or ``>`` value starts below its last line, so all of it is lines after
+    it; any other token starts on the value's line (its comment, or just the line's end).
+    """
+    if isinstance(value, LiteralScalarString | FoldedScalarString):
+        return "", text
+    cut = text.find("\n") + 1
+    return (text, "") if cut == 0 else (text[:cut], text[cut:])
+
+
+def _first_key_comments(entry: list[Any], value: CommentedMap) -> None:
+    """The lines above a nested mapping's first key go with that key, which may be reordered."""
+    above = entry[3] if len(entry) > 3 else None
+    if not above:
+        return
+    entry[3] = None
+    first = value.ca.items.setdefault(next(iter(value)), [None, None, None, None])
+    first[1] = [*(above if isinstance(above, list) else [above]), *(first[1] or [])]
 
 
 _COMMENT = re.compile(r"^[ \t]*#")
@@ -195,7 +231,9 @@ def _multiline_scalar_lines(text: str) -> set[int]:
         if node is None:
             continue
         if isinstance(node, pyyaml.ScalarNode):
-            inside.update(range(node.start_mark.line + 1, node.end_mark.line + 1))
+            # A ``|`` or ``>`` value ends at the start of the line below it: that line is not in it.
+            end = node.end_mark.line + (1 if node.end_mark.column else 0)
+            inside.update(range(node.start_mark.line + 1, end))
         elif isinstance(node, pyyaml.SequenceNode):
             stack.extend(node.value)
         elif isinstance(node, pyyaml.MappingNode):
