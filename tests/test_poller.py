@@ -211,6 +211,79 @@ def test_on_first_poll_send_fires_the_first_batch(server: FeedServer, store: Sto
     assert again.sent == 0
 
 
+class KilledWhileRecording:
+    """The store of a process killed once it has fired a poll's items, before it recorded
+    their keys: ``see_keys`` never returns (here: raises) for the feed's keys."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def unseen_keys(self, scope: str, keys: Any) -> list[str]:
+        return self.store.unseen_keys(scope, keys)
+
+    def see_keys(self, scope: str, keys: Any, now: datetime) -> list[str]:
+        if scope.startswith("feed:"):
+            raise RuntimeError("killed")
+        return self.store.see_keys(scope, keys, now)
+
+
+def test_a_poll_killed_before_it_records_its_fired_items_loses_none(
+    server: FeedServer, store: Store
+) -> None:
+    """The leader killed between firing a poll's items and recording their keys: the next
+    poll, by whichever instance leads, fires them again (the outbox refuses each as a
+    duplicate of its key), where recording first lost them for good."""
+    feed = server.route("/offers")
+    feed.json(offers(1))
+    rule = poll_rule(server.url("/offers"), items="offers", key="id")
+    polls(Poller(store, Items(), Clock()), rule)  # primes the feed
+    feed.json(offers(1, 2, 3))
+    dying = Items()
+    (killed,) = polls(Poller(KilledWhileRecording(store), dying, Clock()), rule)  # type: ignore[arg-type]
+    assert dying.keys == ["item:2", "item:3"] and not killed.ok
+    after = Items()
+    (next_leader,) = polls(Poller(store, after, Clock()), rule)
+    assert after.keys == ["item:2", "item:3"] and next_leader.new == 2
+    (later,) = polls(Poller(store, Items(), Clock()), rule)
+    assert later.new == 0
+
+
+def test_an_item_whose_firing_raised_is_tried_again_by_the_next_leader_too(
+    server: FeedServer, store: Store
+) -> None:
+    server.route("/offers").json(offers(1, 2))
+    rule = poll_rule(server.url("/offers"), items="offers", key="id", on_first_poll="send")
+    failing = Items(fail={"item:2"})
+    (first,) = polls(Poller(store, failing, Clock()), rule)
+    assert failing.keys == ["item:1"] and first.sent == 1
+    other = Items()  # another instance: it never knew this process's retry list
+    polls(Poller(store, other, Clock()), rule)
+    assert other.keys == ["item:2"]
+
+
+class Killed(BaseException):
+    """The process ends here (SIGKILL, power): nothing after it runs."""
+
+
+def test_a_poll_killed_while_it_fires_its_items_loses_none(
+    server: FeedServer, store: Store
+) -> None:
+    feed = server.route("/offers")
+    feed.json(offers(1))
+    rule = poll_rule(server.url("/offers"), items="offers", key="id")
+    polls(Poller(store, Items(), Clock()), rule)  # primes the feed
+    feed.json(offers(1, 2, 3))
+
+    async def dies(rule: Rule, item: Mapping[str, Any], key: str) -> None:
+        raise Killed
+
+    with pytest.raises(Killed):
+        polls(Poller(store, dies, Clock()), rule)
+    after = Items()
+    polls(Poller(store, after, Clock()), rule)
+    assert after.keys == ["item:2", "item:3"]
+
+
 @pytest.mark.parametrize(
     ("items", "body", "key", "expected"),
     [

@@ -280,6 +280,11 @@ CASES: dict[str, Case] = {
         {"sqlite_autoindex_seen_keys_1"},
         {"seen_keys_pkey"},
     ),
+    "a poll's new keys (read before it fires)": Case(
+        lambda s: s.unseen_keys(feed_scope("feed"), ["item-1", "new"]),
+        {"sqlite_autoindex_seen_keys_1"},
+        {"seen_keys_pkey"},
+    ),
     "fold counts": Case(lambda s: s.fold_counts(), set(), set()),
     # fires written ahead, taken back at a reload (these rules) and at a leader's start (all):
     # pending rows only, the backlog, whatever the history

@@ -99,6 +99,22 @@ class Marks:
                     conn.execute(touch.values(seen_at=now), {"keys": old})
         return [key for key in wanted if key in new]
 
+    def unseen_keys(self, scope: str, keys: Sequence[str]) -> list[str]:
+        """The keys of ``scope`` never recorded, in the order given; writes nothing (a poll asks
+        before it fires, and records only what it fired: see engine/daemon/poller.py)."""
+        wanted = list(dict.fromkeys(keys))
+        if not wanted:
+            return []
+        known: set[str] = set()
+        query = select(seen_keys.c.key).where(
+            seen_keys.c.scope == scope, seen_keys.c.key.in_(bindparam("keys", expanding=True))
+        )
+        with self._read() as conn:
+            for start in range(0, len(wanted), _BATCH):
+                part = wanted[start : start + _BATCH]
+                known.update(conn.execute(query, {"keys": part}).scalars())
+        return [key for key in wanted if key not in known]
+
     def prune_seen(self, scope: str, before: datetime) -> int:
         """Forget keys of ``scope`` seen before ``before`` (a feed's old items)."""
         with self.engine.begin() as conn:
