@@ -426,3 +426,15 @@ def test_a_macro_written_inside_jinja_is_not_checked_as_one(root: Path) -> None:
     write_rule(root, "outside", GOOD.replace("${first_name}", "${nickname}"))
     found = {(p.file, p.code) for p in problems(root) if p.code == 15}
     assert found == {("rules/outside.yaml", 15)}
+
+
+def test_a_limit_longer_than_the_sent_rows_are_kept_is_a_warning(tmp_path: Path) -> None:
+    """The limit counts the outbox's rows, which retention prunes: a 7-day limit over rows
+    kept 1 day lets more through than it says."""
+    root = make_project(tmp_path / "p")
+    config = root / "pushrules.yaml"
+    config.write_text(config.read_text() + "retention:\n  sent: 1d\n")
+    write_rule(root, "weekly", GOOD + "limit: {count: 2, per: 7d}\n")
+    write_rule(root, "hourly", GOOD + "limit: {count: 2, per: 1h}\n")
+    found = [(p.file, p.field, p.severity) for p in problems(root)]
+    assert found == [("rules/weekly.yaml", "limit.per", "warning")]

@@ -248,7 +248,7 @@ def _build(
     _check_target_macros(targets, base_message, project, out)
     catch_up = _duration(doc.get("catch_up"), ("catch_up",), out) or DEFAULT_CATCH_UP
     quiet = _check_quiet_hours(doc.get("quiet_hours"), out)
-    limit = _check_limit(doc.get("limit"), out)
+    limit = _check_limit(doc.get("limit"), out, project)
     _check_templates(doc, out)
     if out.failed or kind is None or trigger is None:  # no trigger: no kind either
         return None
@@ -398,13 +398,26 @@ def _check_quiet_hours(value: Any, out: _Collector) -> QuietHours | None:
     return QuietHours(str(value["from"]), str(value["to"]), str(value.get("then") or "defer"))
 
 
-def _check_limit(value: Any, out: _Collector) -> Limit | None:
+def _check_limit(value: Any, out: _Collector, project: Project) -> Limit | None:
     if value is None:
         return None
     count = int(native(value["count"])) if "count" in value else 0
     if "count" in value and count < 1:
         out.add(("limit", "count"), None, "must be at least 1")
     per = _duration(value.get("per"), ("limit", "per"), out)
+    kept = project.retention.sent
+    if per and kept is not None and per > kept:
+        # The limit counts the outbox's rows; retention prunes sent ones after `kept`.
+        from engine.rules.schedule import format_duration
+
+        out.add(
+            ("limit", "per"),
+            None,
+            f"is longer than retention.sent in pushrules.yaml ({format_duration(kept)}): "
+            f"fires pruned by then no longer count, so more than {count} could be sent in "
+            f"{format_duration(per)}; shorten per or keep sent rows longer",
+            "warning",
+        )
     return Limit(count, per) if per and count >= 1 else None
 
 
