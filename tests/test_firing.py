@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from engine.outbox.firing import FireRequest, fire, fire_many, quiet_until
+from engine.outbox.firing import FireRequest, decide, fire, fire_many, quiet_until, record
 from engine.outbox.states import HELD, PENDING
 from engine.outbox.store import Store
 from engine.render.compiler import FireContext
@@ -136,6 +137,29 @@ def test_past_the_limit_fires_are_held_not_sent(setup) -> None:
     assert store.get(later.ids[0]).state == HELD
     after_window = fire(store, project, rule, ctx("m10"), "event:10", now=NOW + timedelta(hours=2))
     assert after_window.status == "queued"
+
+
+def test_a_duplicate_takes_no_place_under_the_limit(setup) -> None:
+    store, project, rule = setup("limit: {count: 2, per: 1h}\n")
+    assert fire(store, project, rule, ctx(), "event:1", now=NOW).status == "queued"
+    later = NOW + timedelta(hours=2)  # event:1 is out of the window, but still in the outbox
+    keys = ["event:1", "event:2", "event:3", "event:4"]
+    outcomes = fire_many(store, project, [FireRequest(rule, ctx(), key) for key in keys], now=later)
+    assert [o.status for o in outcomes] == ["duplicate", "queued", "queued", "limited"]
+
+
+def test_one_refused_fire_of_a_limited_rule_fails_alone(setup) -> None:
+    store, project, rule = setup("limit: {count: 2, per: 1h}\n")
+    decided = [
+        (FireRequest(rule, ctx(f"m{i}"), f"event:{i}"), decide(project, rule, ctx(f"m{i}"), NOW))
+        for i in range(4)
+    ]
+    bad = decided[1][1]
+    decided[1] = (decided[1][0], replace(bad, requests=(replace(bad.requests[0], url="ftp://x"),)))
+    outcomes = record(store, decided, now=NOW)
+    # The refused fire takes no place: the two after it are sent, the last one held.
+    assert [o.status for o in outcomes] == ["queued", "failed", "queued", "limited"]
+    assert "http" in outcomes[1].detail
 
 
 def test_for_each_over_nobody_is_empty(setup) -> None:

@@ -174,10 +174,9 @@ Decided = tuple[FireRequest, Decision]
 
 
 def _prepare(
-    store: Store, decided: Decided, now: datetime, counts: dict[str, int]
-) -> tuple[FireOutcome | None, Fire | None, str, datetime | None]:
-    """Count a decided fire against its limit: an outcome when it stops here, else what to
-    enqueue."""
+    decided: Decided, now: datetime
+) -> tuple[FireOutcome | None, Fire | None, datetime | None]:
+    """A decided fire's outcome when it stops here, else what to enqueue and when it leaves."""
     from engine.outbox.store import Fire
 
     req, decision = decided
@@ -188,45 +187,53 @@ def _prepare(
             log.error(
                 "rule %s did not fire (key %s): %s", rule.id, key, decision.detail, exc_info=trace
             )
-        return FireOutcome(rule.id, key, decision.verdict, detail=decision.detail), None, "", None
-    state = PENDING
-    if rule.limit is not None:
-        # Counted once per batch, then carried along it: a feed answering 10,000 items at
-        # once is limited too.
-        if rule.id not in counts:
-            counts[rule.id] = store.count_fires(rule.id, now - rule.limit.per)
-        if counts[rule.id] >= rule.limit.count:
-            state = HELD
-        counts[rule.id] += 1
+        return FireOutcome(rule.id, key, decision.verdict, detail=decision.detail), None, None
     fire = Fire(rule.id, key, [(r.url, r.body) for r in decision.requests])
     not_before = decision.not_before
     if req.due is not None and req.due > now:  # decided ahead: it leaves at its time
         not_before = req.due if not_before is None else max(not_before, req.due)
-    return None, fire, state, not_before
+    return None, fire, not_before
 
 
 def fire_many(
     store: Store, project: Project, requests: Sequence[FireRequest], *, now: datetime
 ) -> list[FireOutcome]:
     """Decide and record several fires; all that enter the outbox do so in one transaction
-    per state, so 1,000 events cost a handful of commits, not 1,000."""
+    per leaving time (and one for limited rules), so 1,000 events cost a handful of commits,
+    not 1,000."""
     decided = [(req, decide(project, req.rule, req.context, now)) for req in requests]
     return record(store, decided, now=now)
 
 
 def record(store: Store, decided: Sequence[Decided], *, now: datetime) -> list[FireOutcome]:
     """Count decided fires against their limits and write those that send: one transaction per
-    state, each fire all or nothing (1,000 requests of a ``for_each`` included)."""
+    leaving time, each fire all or nothing (1,000 requests of a ``for_each`` included).
+
+    The fires of rules with a ``limit`` go in one transaction of their own, which counts each
+    such rule's fires once and writes them under a lock per rule (:meth:`Store.enqueue_limited`):
+    a feed answering 10,000 items at once is limited too, and several instances firing the rule
+    at once cannot each read the same count and all send. Other fires pay for neither.
+    """
     outcomes: list[FireOutcome | None] = []
-    groups: dict[tuple[str, datetime | None], list[tuple[int, Fire]]] = {}
-    counts: dict[str, int] = {}
+    groups: dict[datetime | None, list[tuple[int, Fire]]] = {}
+    limited: list[tuple[int, Fire, datetime | None]] = []
+    limits: dict[str, tuple[int, datetime]] = {}
     for index, one in enumerate(decided):
-        outcome, fire, state, not_before = _prepare(store, one, now, counts)
+        outcome, fire, not_before = _prepare(one, now)
         outcomes.append(outcome)
-        if fire is not None:
-            groups.setdefault((state, not_before), []).append((index, fire))
-    for (state, not_before), fires in groups.items():
-        for index, outcome in _enqueue_group(store, fires, now, state, not_before):
+        if fire is None:
+            continue
+        limit = one[0].rule.limit
+        if limit is None:
+            groups.setdefault(not_before, []).append((index, fire))
+        else:
+            limited.append((index, fire, not_before))
+            limits[fire.rule] = (limit.count, now - limit.per)
+    for not_before, fires in groups.items():
+        for index, outcome in _enqueue_group(store, fires, now, PENDING, not_before):
+            outcomes[index] = outcome
+    if limited:
+        for index, outcome in _enqueue_limited(store, limited, limits, now):
             outcomes[index] = outcome
     return [o for o in outcomes if o is not None]
 
@@ -255,6 +262,27 @@ def _enqueue_group(
     return [
         (index, _outcome(fire, result.ids, result.created, state, not_before))
         for (index, fire), result in zip(fires, results, strict=True)
+    ]
+
+
+def _enqueue_limited(
+    store: Store,
+    fires: list[tuple[int, Fire, datetime | None]],
+    limits: dict[str, tuple[int, datetime]],
+    now: datetime,
+) -> list[tuple[int, FireOutcome]]:
+    """:func:`_enqueue_group` for fires of limited rules: one transaction, or each fire alone
+    (in its order, each counted anew) if the store refuses one."""
+    try:
+        results = store.enqueue_limited([(f, nb) for _, f, nb in fires], limits, now=now)
+    except ValueError as exc:
+        if len(fires) == 1:
+            index, fire, _ = fires[0]
+            return [(index, _refused(fire, exc))]
+        return [pair for one in fires for pair in _enqueue_limited(store, [one], limits, now)]
+    return [
+        (index, _outcome(fire, result.ids, result.created, state, not_before))
+        for (index, fire, not_before), (result, state) in zip(fires, results, strict=True)
     ]
 
 

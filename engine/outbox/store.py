@@ -118,6 +118,8 @@ from engine.outbox.states import (
 from engine.rules.secrets import hide_url_password
 
 DEFAULT_URL: Final = "sqlite:///pushrules.db"
+#: Names the advisory lock (PostgreSQL) that a limited rule's count-and-write holds.
+LIMIT_LOCK_PREFIX: Final = "pushrules-limit:"
 #: What a rule's limit counts at rest: a fire in any state but dropped.
 _FIRE_STATES_AT_REST: Final = tuple(s for s in AT_REST if s != DROPPED)
 
@@ -411,6 +413,90 @@ def encode_body(body: Mapping[str, Any]) -> str:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
 
+def _fire_rows(fire: Fire, state: str, now: datetime, due: datetime) -> list[dict[str, Any]]:
+    """The rows of one fire, checked (ValueError: a request the store will not keep)."""
+    _check_key("rule", fire.rule)
+    _check_key("idem_key", fire.idem_key)
+    if not fire.requests:
+        raise ValueError(f"fire {fire.rule}/{fire.idem_key} has no request")
+    rows = []
+    for chunk, (url, body) in enumerate(fire.requests):
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"request URL {url!r} must start with http:// or https://")
+        rows.append(
+            {
+                "rule": fire.rule,
+                "idem_key": fire.idem_key,
+                "chunk": chunk,
+                "url": url,
+                "body": encode_body(body),
+                "state": state,
+                "attempts": 0,
+                "created_at": now,
+                "updated_at": now,
+                "next_attempt_at": due,
+            }
+        )
+    return rows
+
+
+_Prepared = list[tuple[Fire, list[dict[str, Any]]]]
+
+
+def _first_of_each(prepared: _Prepared) -> tuple[_Prepared, dict[tuple[str, str], int]]:
+    """Each fire once, and where it first comes. The same fire twice in one call (two POSTs
+    with one Idempotency-Key, coalesced into one batch) is one fire: the first is written, the
+    others find it, as they would had they come a moment later."""
+    firsts: dict[tuple[str, str], int] = {}
+    for index, (fire, _) in enumerate(prepared):
+        firsts.setdefault((fire.rule, fire.idem_key), index)
+    return [prepared[index] for index in firsts.values()], firsts
+
+
+def _results(
+    prepared: _Prepared,
+    firsts: dict[tuple[str, str], int],
+    found: dict[tuple[str, str], EnqueueResult],
+) -> list[EnqueueResult]:
+    results: list[EnqueueResult] = []
+    for index, (fire, _) in enumerate(prepared):
+        key = (fire.rule, fire.idem_key)
+        first = found[key]
+        # Only the first occurrence created the fire; a repeat is a duplicate of it.
+        results.append(first if firsts[key] == index else EnqueueResult(first.ids, False))
+    return results
+
+
+def _count_fires(conn: Connection, rule: str, since: datetime) -> int:
+    """:meth:`Store.count_fires` in ``conn``'s transaction."""
+    fires = (outbox.c.rule == rule, outbox.c.created_at >= since, outbox.c.chunk == 0)
+    # Rows at rest through ix_outbox_rule_state (states named, not "!= dropped": each is
+    # one range), rows on their way (the backlog) through ix_outbox_state.
+    at_rest = select(func.count()).where(
+        _states(*AT_REST), outbox.c.state.in_(_FIRE_STATES_AT_REST), *fires
+    )
+    on_the_way = (
+        select(func.count())
+        .where(outbox.c.state.in_(ON_THE_WAY), *fires)
+        .with_hint(outbox, _BY_STATE, "sqlite")
+    )
+    q = select(at_rest.scalar_subquery() + on_the_way.scalar_subquery())
+    return int(conn.execute(q).scalar() or 0)
+
+
+def _existing_keys(conn: Connection, rule: str, keys: Sequence[str]) -> set[str]:
+    """Which of ``keys`` are fires of ``rule`` in the outbox already (by uq_outbox_fire)."""
+    there: set[str] = set()
+    for start in range(0, len(keys), 500):
+        q = select(outbox.c.idem_key).where(
+            outbox.c.rule == rule,
+            outbox.c.idem_key.in_(keys[start : start + 500]),
+            outbox.c.chunk == 0,
+        )
+        there.update(conn.execute(q).scalars())
+    return there
+
+
 def _outbox_row(m: RowMapping, log: tuple[AttemptRow, ...] = ()) -> OutboxRow:
     return OutboxRow(**{c.name: m[c.name] for c in outbox.columns}, attempt_log=log)
 
@@ -551,85 +637,103 @@ class Store(Marks, Retention):
         if state not in (PENDING, HELD):
             raise ValueError(f"a new row is pending or held, not {state!r}")
         due = _aware(not_before, "not_before") if not_before is not None else now
-        prepared: list[tuple[Fire, list[dict[str, Any]]]] = []
-        for fire in fires:
-            _check_key("rule", fire.rule)
-            _check_key("idem_key", fire.idem_key)
-            if not fire.requests:
-                raise ValueError(f"fire {fire.rule}/{fire.idem_key} has no request")
-            rows = []
-            for chunk, (url, body) in enumerate(fire.requests):
-                if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-                    raise ValueError(f"request URL {url!r} must start with http:// or https://")
-                rows.append(
-                    {
-                        "rule": fire.rule,
-                        "idem_key": fire.idem_key,
-                        "chunk": chunk,
-                        "url": url,
-                        "body": encode_body(body),
-                        "state": state,
-                        "attempts": 0,
-                        "created_at": now,
-                        "updated_at": now,
-                        "next_attempt_at": due,
-                    }
-                )
-            prepared.append((fire, rows))
-        # The same fire twice in one call (two POSTs with one Idempotency-Key, coalesced into
-        # one batch) is one fire: the first is written, the others find it, as they would had
-        # they come a moment later.
-        firsts: dict[tuple[str, str], int] = {}
-        for index, (fire, _) in enumerate(prepared):
-            firsts.setdefault((fire.rule, fire.idem_key), index)
-        unique = [prepared[index] for index in firsts.values()]
+        prepared = [(fire, _fire_rows(fire, state, now, due)) for fire in fires]
+        unique, firsts = _first_of_each(prepared)
+        with self.engine.begin() as conn:
+            found = self._write_fires(conn, unique)
+        return _results(prepared, firsts, found)
 
+    def enqueue_limited(
+        self,
+        fires: Sequence[tuple[Fire, datetime | None]],
+        limits: Mapping[str, tuple[int, datetime]],
+        *,
+        now: datetime,
+    ) -> list[tuple[EnqueueResult, str]]:
+        """Fires of rules with a ``limit`` (each with its ``not_before``), in one transaction
+        that counts each rule's fires and writes them: the first new fires within the rule's
+        ``limits[rule]`` (at most that many fires since that instant) are pending, the rest
+        held. Returns each fire's result and the state it was written in.
+
+        Counting and writing apart would let several instances (or one daemon's concurrent
+        triggers) each read the same count and all send. So the transaction first takes a lock
+        per rule, in one order (no deadlock): on PostgreSQL an advisory lock until its end; on
+        SQLite the write lock its ``BEGIN IMMEDIATE`` holds already. A fire already in the
+        outbox takes no place under the limit: it is a duplicate, written before.
+        """
+        _aware(now, "now")
+        prepared = [
+            (fire, _fire_rows(fire, PENDING, now, _aware(nb, "not_before") if nb else now))
+            for fire, nb in fires
+        ]
+        unknown = sorted({fire.rule for fire, _ in prepared} - set(limits))
+        if unknown:
+            raise ValueError(f"no limit given for rule(s) {', '.join(unknown)}")
+        unique, firsts = _first_of_each(prepared)
+        states: dict[tuple[str, str], str] = {}
+        with self.engine.begin() as conn:
+            for rule in sorted({fire.rule for fire, _ in unique}):
+                if self.dialect == "postgresql":
+                    key = advisory_key(LIMIT_LOCK_PREFIX + rule)
+                    conn.execute(select(func.pg_advisory_xact_lock(key)))
+                keys = [fire.idem_key for fire, _ in unique if fire.rule == rule]
+                there = _existing_keys(conn, rule, keys)
+                count, since = limits[rule]
+                fired = _count_fires(conn, rule, _aware(since, "since"))
+                for idem_key in keys:
+                    if idem_key in there:
+                        continue
+                    states[(rule, idem_key)] = PENDING if fired < count else HELD
+                    fired += 1
+            for fire, rows in unique:
+                state = states.get((fire.rule, fire.idem_key), PENDING)  # a duplicate: unused
+                for row in rows:
+                    row["state"] = state
+            found = self._write_fires(conn, unique)
+        results = _results(prepared, firsts, found)
+        return [
+            (result, states.get((fire.rule, fire.idem_key), PENDING))
+            for (fire, _), result in zip(prepared, results, strict=True)
+        ]
+
+    def _write_fires(
+        self, conn: Connection, unique: list[tuple[Fire, list[dict[str, Any]]]]
+    ) -> dict[tuple[str, str], EnqueueResult]:
+        """Insert fires (one each) whole, or find each already there, in ``conn``'s transaction."""
         # The same order in every transaction: two concurrent calls sharing fires then wait for
         # each other on PostgreSQL instead of deadlocking.
         ordered = sorted(unique, key=lambda p: (p[0].rule, p[0].idem_key))
-        with self.engine.begin() as conn:
-            heads = [rows[0] for _, rows in ordered]
-            stmt = (
-                self._insert(outbox)
-                .on_conflict_do_nothing(index_elements=["rule", "idem_key", "chunk"])
-                .returning(outbox.c.rule, outbox.c.idem_key, outbox.c.id)
+        heads = [rows[0] for _, rows in ordered]
+        stmt = (
+            self._insert(outbox)
+            .on_conflict_do_nothing(index_elements=["rule", "idem_key", "chunk"])
+            .returning(outbox.c.rule, outbox.c.idem_key, outbox.c.id)
+        )
+        won = {(r.rule, r.idem_key): r.id for r in conn.execute(stmt, heads)} if heads else {}
+        tails = [
+            row for fire, rows in unique if (fire.rule, fire.idem_key) in won for row in rows[1:]
+        ]
+        tail_ids: dict[tuple[str, str, int], int] = {}
+        if tails:
+            ins = outbox.insert().returning(
+                outbox.c.rule, outbox.c.idem_key, outbox.c.chunk, outbox.c.id
             )
-            won = {(r.rule, r.idem_key): r.id for r in conn.execute(stmt, heads)} if heads else {}
-            tails = [
-                row
-                for fire, rows in unique
-                if (fire.rule, fire.idem_key) in won
-                for row in rows[1:]
-            ]
-            tail_ids: dict[tuple[str, str, int], int] = {}
-            if tails:
-                ins = outbox.insert().returning(
-                    outbox.c.rule, outbox.c.idem_key, outbox.c.chunk, outbox.c.id
-                )
-                for r in conn.execute(ins, tails):
-                    tail_ids[(r.rule, r.idem_key, r.chunk)] = r.id
-            found: dict[tuple[str, str], EnqueueResult] = {}
-            for fire, rows in unique:
-                key = (fire.rule, fire.idem_key)
-                if key in won:
-                    ids = [won[key]] + [
-                        tail_ids[(*key, cast(int, row["chunk"]))] for row in rows[1:]
-                    ]
-                    found[key] = EnqueueResult(ids, True)
-                else:
-                    existing = conn.execute(
-                        select(outbox.c.id)
-                        .where(outbox.c.rule == fire.rule, outbox.c.idem_key == fire.idem_key)
-                        .order_by(outbox.c.chunk)
-                    ).scalars()
-                    found[key] = EnqueueResult(list(existing), False)
-        results: list[EnqueueResult] = []
-        for index, (fire, _) in enumerate(prepared):
+            for r in conn.execute(ins, tails):
+                tail_ids[(r.rule, r.idem_key, r.chunk)] = r.id
+        found: dict[tuple[str, str], EnqueueResult] = {}
+        for fire, rows in unique:
             key = (fire.rule, fire.idem_key)
-            first = found[key]
-            # Only the first occurrence created the fire; a repeat is a duplicate of it.
-            results.append(first if firsts[key] == index else EnqueueResult(first.ids, False))
-        return results
+            if key in won:
+                ids = [won[key]] + [tail_ids[(*key, cast(int, row["chunk"]))] for row in rows[1:]]
+                found[key] = EnqueueResult(ids, True)
+            else:
+                existing = conn.execute(
+                    select(outbox.c.id)
+                    .where(outbox.c.rule == fire.rule, outbox.c.idem_key == fire.idem_key)
+                    .order_by(outbox.c.chunk)
+                ).scalars()
+                found[key] = EnqueueResult(list(existing), False)
+        return found
 
     # -- claim -------------------------------------------------------------------------------
 
@@ -1087,20 +1191,8 @@ class Store(Marks, Retention):
         Chunk 0 stands for its fire; a held fire counts too, since it was a fire all the same.
         """
         since = _aware(since, "since")
-        fires = (outbox.c.rule == rule, outbox.c.created_at >= since, outbox.c.chunk == 0)
-        # Rows at rest through ix_outbox_rule_state (states named, not "!= dropped": each is
-        # one range), rows on their way (the backlog) through ix_outbox_state.
-        at_rest = select(func.count()).where(
-            _states(*AT_REST), outbox.c.state.in_(_FIRE_STATES_AT_REST), *fires
-        )
-        on_the_way = (
-            select(func.count())
-            .where(outbox.c.state.in_(ON_THE_WAY), *fires)
-            .with_hint(outbox, _BY_STATE, "sqlite")
-        )
-        q = select(at_rest.scalar_subquery() + on_the_way.scalar_subquery())
         with self._read() as conn:
-            return int(conn.execute(q).scalar() or 0)
+            return _count_fires(conn, rule, since)
 
     def withdraw_ahead(
         self, after: Mapping[str, datetime], otherwise: datetime | None = None
