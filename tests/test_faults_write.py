@@ -18,6 +18,7 @@ import logging
 import re
 import signal
 import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -28,6 +29,8 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.exc import OperationalError
 
 from engine.accengage.sandbox import RunningSandbox, SandboxConfig, start_in_thread
 from engine.daemon.clock import Clock
@@ -181,6 +184,56 @@ def test_a_short_busy_timeout_fails_fast_and_says_so(tmp_path: Path) -> None:
             assert is_busy(caught.value)
         store.set_mark("s", "n", NOW)  # the default wait applies again outside the block
         assert store.get_mark("s", "n") == NOW
+
+
+@contextlib.contextmanager
+def table_lock(url: str, *, at_most: float = 10.0) -> Iterator[None]:
+    """PostgreSQL: another session holding ``LOCK TABLE outbox IN EXCLUSIVE MODE`` (readers
+    pass, writers wait) until the block ends, or ``at_most`` seconds, whichever comes first:
+    a store call that waits for it without limit then returns late instead of hanging."""
+    locked, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("LOCK TABLE outbox IN EXCLUSIVE MODE")
+                locked.set()
+                release.wait(at_most)
+                conn.rollback()
+        finally:
+            locked.set()
+            engine.dispose()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert locked.wait(10), "could not take the table lock"
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join(10)
+
+
+@pytest.mark.postgres
+def test_a_short_busy_timeout_fails_fast_on_postgresql_too(postgres_store: str) -> None:
+    """Inside busy_timeout a lock held by another session fails the write within the limit,
+    as busy (nothing written, so made again as it was); outside it the write waits."""
+    request = [("https://example.test/push", {"sendInstantMessage": {"n": 1}})]
+    with Store(postgres_store) as store:
+        with table_lock(postgres_store, at_most=5):
+            started = time.monotonic()
+            with busy_timeout(0.3), pytest.raises(OperationalError) as caught:
+                store.enqueue("r", "k", request, now=NOW)
+            assert 0.25 < time.monotonic() - started < 1.5
+            assert is_busy(caught.value)
+        assert store.enqueue("r", "k", request, now=NOW).created  # nothing was left behind
+
+        # Outside the block the limit is gone, also on the pooled connection that had it.
+        with table_lock(postgres_store, at_most=1.0):
+            started = time.monotonic()
+            assert store.enqueue("r", "k2", request, now=NOW).created
+            assert time.monotonic() - started > 0.8
 
 
 # --------------------------------------------------------------------------- point 1, daemon
