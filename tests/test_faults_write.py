@@ -468,6 +468,32 @@ def test_the_loop_stays_responsive_while_another_process_holds_the_lock(
         assert texts(slow) == {"ping 1": 1, "ping 2": 1}
 
 
+@pytest.mark.e2e
+@pytest.mark.postgres
+def test_an_event_is_answered_503_within_lock_wait_on_postgresql(
+    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon, postgres_store: str
+) -> None:
+    """Another session holding a table lock the write needs: the event is answered 503
+    "retry" after ``lock_wait``, not when the lock is released, and the retry lands once."""
+    project = Project(
+        tmp_path / "p", sandbox.url, timing={"daemon.lock_wait": "500ms"}, store_url=postgres_store
+    )
+    project.rule("ping", "event: ping", "ping {{ event.n }}")
+    daemon = daemons(project)
+    assert daemon.post("ping", {"n": 1}, key="first").status_code == 202
+    with table_lock(postgres_store, at_most=8):
+        started = time.monotonic()
+        answer = daemon.post("ping", {"n": 2}, key="second")
+        post_seconds = time.monotonic() - started
+        assert answer.status_code == 503, (post_seconds, answer.text)
+        assert "retry" in answer.json()["error"] and answer.headers["retry-after"] == "5"
+        assert post_seconds < 3.0
+        seconds, response = timed_get(project.url + "/healthz")
+        assert response.status_code == 200 and seconds < 1.0, response.text
+    assert daemon.post("ping", {"n": 2}, key="second").status_code == 202
+    wait_for(lambda: texts(sandbox) == {"ping 1": 1, "ping 2": 1}, "both events to be sent")
+
+
 # --------------------------------------------------------------------------- point 2, unit
 
 
