@@ -314,13 +314,14 @@ LOCKED = {"daemon.lock_wait": "500ms", "daemon.fire_ahead": "none"}
 
 
 def ticking(
-    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
+    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon, store_url: str | None = None
 ) -> Callable[[str, int], Daemon]:
     """Starts a daemon on a fresh project with an every-minute cron rule (see started_before:
-    each attempt has its own project, so a slow start leaves nothing behind)."""
+    each attempt has its own project, so a slow start leaves nothing behind; on SQLite its own
+    store too)."""
 
     def start(clock: str, attempt: int) -> Daemon:
-        project = Project(tmp_path / f"p{attempt}", sandbox.url, timing=LOCKED)
+        project = Project(tmp_path / f"p{attempt}", sandbox.url, timing=LOCKED, store_url=store_url)
         project.rule("tick", 'cron: "* * * * *"\ntimezone: UTC', "tick at {{ now }}")
         return daemons(project, clock=clock, name=f"run{attempt}")
 
@@ -381,6 +382,33 @@ def test_a_cron_fire_written_while_the_store_is_locked_lands_once(
     wait_for(
         lambda: (project.mark("tick") or due) > due, "the mark to move past the fire", timeout=40
     )
+
+
+@pytest.mark.e2e
+@pytest.mark.postgres
+def test_a_cron_fire_written_while_a_postgresql_table_is_locked_lands_once(
+    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon, postgres_store: str
+) -> None:
+    """On PostgreSQL the write gives up after lock_wait too: the fire is retried and listed
+    as waiting while the lock is held, not written late when it ends."""
+    due = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+    daemon = started_before(ticking(tmp_path, sandbox, daemons, postgres_store), due)
+    project = daemon.project
+    with table_lock(postgres_store, at_most=30):
+        report = daemon.wait_health(
+            lambda h: any(w["failed_attempts"] >= 2 for w in h["fire_writes_waiting"]),
+            "the locked fire write to be retried and reported",
+            timeout=25,
+        )
+        (waiting,) = report["fire_writes_waiting"]
+        assert waiting["rule"] == "tick" and waiting["scheduled_at"] == due.isoformat()
+        assert "lock timeout" in waiting["last_error"]
+        assert project.rows("tick") == []  # a reader passes an EXCLUSIVE lock
+    wait_for(lambda: texts(sandbox), "the fire to be sent", timeout=30, log=daemon.log)
+    assert [(r.idem_key, r.chunk) for r in project.rows("tick")] == [
+        (f"schedule:{due.isoformat()}", 0)
+    ]
+    assert sum(texts(sandbox).values()) == 1
 
 
 @pytest.mark.e2e
