@@ -123,7 +123,8 @@ def wait_for(
 
 
 class Project:
-    """A project folder: pushrules.yaml (sending to a sandbox), templates, rules, a SQLite store."""
+    """A project folder: pushrules.yaml (sending to a sandbox), templates, rules, a store (a
+    SQLite file unless ``store_url`` names another)."""
 
     def __init__(
         self,
@@ -132,8 +133,10 @@ class Project:
         *,
         intake_token_var: str | None = None,
         timing: dict[str, str] | None = None,
+        store_url: str | None = None,
     ):
         self.root = root
+        self._store_url = store_url
         self.sandbox_url = sandbox_url
         self.port = free_port()
         self.intake_token_var = intake_token_var
@@ -145,7 +148,8 @@ class Project:
 
     @property
     def store_url(self) -> str:
-        return f"sqlite:///{self.root / 'store.db'}"
+        """The store given (a PostgreSQL schema), or a SQLite file in the project."""
+        return self._store_url or f"sqlite:///{self.root / 'store.db'}"
 
     @property
     def url(self) -> str:

@@ -492,12 +492,7 @@ class PostgresProject(Project):
     """A project whose store is a PostgreSQL schema shared with other instances."""
 
     def __init__(self, root: Path, sandbox_url: str, store_url: str) -> None:
-        self._store_url = store_url
-        super().__init__(root, sandbox_url)
-
-    @property
-    def store_url(self) -> str:
-        return self._store_url
+        super().__init__(root, sandbox_url, store_url=store_url)
 
 
 @pytest.mark.e2e

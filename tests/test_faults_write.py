@@ -18,6 +18,7 @@ import logging
 import re
 import signal
 import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -28,6 +29,8 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.exc import OperationalError
 
 from engine.accengage.sandbox import RunningSandbox, SandboxConfig, start_in_thread
 from engine.daemon.clock import Clock
@@ -183,6 +186,56 @@ def test_a_short_busy_timeout_fails_fast_and_says_so(tmp_path: Path) -> None:
         assert store.get_mark("s", "n") == NOW
 
 
+@contextlib.contextmanager
+def table_lock(url: str, *, at_most: float = 10.0) -> Iterator[None]:
+    """PostgreSQL: another session holding ``LOCK TABLE outbox IN EXCLUSIVE MODE`` (readers
+    pass, writers wait) until the block ends, or ``at_most`` seconds, whichever comes first:
+    a store call that waits for it without limit then returns late instead of hanging."""
+    locked, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("LOCK TABLE outbox IN EXCLUSIVE MODE")
+                locked.set()
+                release.wait(at_most)
+                conn.rollback()
+        finally:
+            locked.set()
+            engine.dispose()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert locked.wait(10), "could not take the table lock"
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join(10)
+
+
+@pytest.mark.postgres
+def test_a_short_busy_timeout_fails_fast_on_postgresql_too(postgres_store: str) -> None:
+    """Inside busy_timeout a lock held by another session fails the write within the limit,
+    as busy (nothing written, so made again as it was); outside it the write waits."""
+    request = [("https://example.test/push", {"sendInstantMessage": {"n": 1}})]
+    with Store(postgres_store) as store:
+        with table_lock(postgres_store, at_most=5):
+            started = time.monotonic()
+            with busy_timeout(0.3), pytest.raises(OperationalError) as caught:
+                store.enqueue("r", "k", request, now=NOW)
+            assert 0.25 < time.monotonic() - started < 1.5
+            assert is_busy(caught.value)
+        assert store.enqueue("r", "k", request, now=NOW).created  # nothing was left behind
+
+        # Outside the block the limit is gone, also on the pooled connection that had it.
+        with table_lock(postgres_store, at_most=1.0):
+            started = time.monotonic()
+            assert store.enqueue("r", "k2", request, now=NOW).created
+            assert time.monotonic() - started > 0.8
+
+
 # --------------------------------------------------------------------------- point 1, daemon
 
 EVENT_RULE = "event: order"
@@ -261,13 +314,14 @@ LOCKED = {"daemon.lock_wait": "500ms", "daemon.fire_ahead": "none"}
 
 
 def ticking(
-    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon
+    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon, store_url: str | None = None
 ) -> Callable[[str, int], Daemon]:
     """Starts a daemon on a fresh project with an every-minute cron rule (see started_before:
-    each attempt has its own project, so a slow start leaves nothing behind)."""
+    each attempt has its own project, so a slow start leaves nothing behind; on SQLite its own
+    store too)."""
 
     def start(clock: str, attempt: int) -> Daemon:
-        project = Project(tmp_path / f"p{attempt}", sandbox.url, timing=LOCKED)
+        project = Project(tmp_path / f"p{attempt}", sandbox.url, timing=LOCKED, store_url=store_url)
         project.rule("tick", 'cron: "* * * * *"\ntimezone: UTC', "tick at {{ now }}")
         return daemons(project, clock=clock, name=f"run{attempt}")
 
@@ -328,6 +382,33 @@ def test_a_cron_fire_written_while_the_store_is_locked_lands_once(
     wait_for(
         lambda: (project.mark("tick") or due) > due, "the mark to move past the fire", timeout=40
     )
+
+
+@pytest.mark.e2e
+@pytest.mark.postgres
+def test_a_cron_fire_written_while_a_postgresql_table_is_locked_lands_once(
+    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon, postgres_store: str
+) -> None:
+    """On PostgreSQL the write gives up after lock_wait too: the fire is retried and listed
+    as waiting while the lock is held, not written late when it ends."""
+    due = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+    daemon = started_before(ticking(tmp_path, sandbox, daemons, postgres_store), due)
+    project = daemon.project
+    with table_lock(postgres_store, at_most=30):
+        report = daemon.wait_health(
+            lambda h: any(w["failed_attempts"] >= 2 for w in h["fire_writes_waiting"]),
+            "the locked fire write to be retried and reported",
+            timeout=25,
+        )
+        (waiting,) = report["fire_writes_waiting"]
+        assert waiting["rule"] == "tick" and waiting["scheduled_at"] == due.isoformat()
+        assert "lock timeout" in waiting["last_error"]
+        assert project.rows("tick") == []  # a reader passes an EXCLUSIVE lock
+    wait_for(lambda: texts(sandbox), "the fire to be sent", timeout=30, log=daemon.log)
+    assert [(r.idem_key, r.chunk) for r in project.rows("tick")] == [
+        (f"schedule:{due.isoformat()}", 0)
+    ]
+    assert sum(texts(sandbox).values()) == 1
 
 
 @pytest.mark.e2e
@@ -413,6 +494,32 @@ def test_the_loop_stays_responsive_while_another_process_holds_the_lock(
         )
         assert all(r.state != IN_DOUBT for r in project.rows("ping"))
         assert texts(slow) == {"ping 1": 1, "ping 2": 1}
+
+
+@pytest.mark.e2e
+@pytest.mark.postgres
+def test_an_event_is_answered_503_within_lock_wait_on_postgresql(
+    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon, postgres_store: str
+) -> None:
+    """Another session holding a table lock the write needs: the event is answered 503
+    "retry" after ``lock_wait``, not when the lock is released, and the retry lands once."""
+    project = Project(
+        tmp_path / "p", sandbox.url, timing={"daemon.lock_wait": "500ms"}, store_url=postgres_store
+    )
+    project.rule("ping", "event: ping", "ping {{ event.n }}")
+    daemon = daemons(project)
+    assert daemon.post("ping", {"n": 1}, key="first").status_code == 202
+    with table_lock(postgres_store, at_most=8):
+        started = time.monotonic()
+        answer = daemon.post("ping", {"n": 2}, key="second")
+        post_seconds = time.monotonic() - started
+        assert answer.status_code == 503, (post_seconds, answer.text)
+        assert "retry" in answer.json()["error"] and answer.headers["retry-after"] == "5"
+        assert post_seconds < 3.0
+        seconds, response = timed_get(project.url + "/healthz")
+        assert response.status_code == 200 and seconds < 1.0, response.text
+    assert daemon.post("ping", {"n": 2}, key="second").status_code == 202
+    wait_for(lambda: texts(sandbox) == {"ping 1": 1, "ping 2": 1}, "both events to be sent")
 
 
 # --------------------------------------------------------------------------- point 2, unit

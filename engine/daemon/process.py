@@ -294,7 +294,7 @@ class Daemon:
         return result
 
     def _record(self, decided: list[Decided], now: datetime) -> list[FireOutcome]:
-        """In a worker thread, waiting at most ``daemon.lock_wait`` for the store's write lock:
+        """In a worker thread, waiting at most ``daemon.lock_wait`` for the store's locks:
         an event is then answered 503 "retry" quickly, and a scheduled fire is tried again
         (engine/daemon/scheduler.py)."""
         assert self.store is not None

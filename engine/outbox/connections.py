@@ -1,4 +1,5 @@
-"""How the store's connections behave: SQLite's pragmas, its write lock at BEGIN, busy timeouts."""
+"""How the store's connections behave: SQLite's pragmas, its write lock at BEGIN, busy timeouts
+(SQLite's busy timeout, PostgreSQL's lock timeout)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,21 @@ from sqlalchemy.exc import OperationalError
 
 #: Milliseconds a SQLite writer waits for the write lock unless :func:`busy_timeout` says less.
 DEFAULT_BUSY_MS: Final = 15000
+#: PostgreSQL's SQLSTATE for a lock not granted in time (lock_not_available).
+LOCK_NOT_AVAILABLE: Final = "55P03"
 _BUSY_MS: ContextVar[int | None] = ContextVar("pushrules_busy_ms", default=None)
 
 
 @contextlib.contextmanager
 def busy_timeout(seconds: float) -> Iterator[None]:
-    """Store calls made inside wait at most ``seconds`` for SQLite's write lock, then raise
-    "database is locked" (see :func:`is_busy`) instead of stalling for the default 15 s.
+    """Store calls made inside wait at most ``seconds`` for a lock, then fail (see
+    :func:`is_busy`) instead of stalling: on SQLite for the write lock ("database is locked",
+    instead of the default 15 s), on PostgreSQL for any lock a statement needs (``lock_timeout``
+    for each transaction begun inside, instead of no limit: a ``LOCK TABLE`` by another session
+    would hold an event's answer as long as it lasts).
 
     A context variable, so it holds for this thread or task only (``asyncio.to_thread``
-    carries it into the thread). No effect on PostgreSQL, whose writers lock rows, not files.
+    carries it into the thread): the dispatcher's calls never inherit the intake's limit.
     """
     token = _BUSY_MS.set(max(1, int(seconds * 1000)))
     try:
@@ -32,13 +38,19 @@ def busy_timeout(seconds: float) -> Iterator[None]:
 
 
 def is_busy(exc: BaseException) -> bool:
-    """True if SQLite refused to start a write because another connection held the lock:
-    nothing was done, so the call can be made again as it was."""
-    return (
-        isinstance(exc, OperationalError)
-        and "database is locked" in str(exc.orig)
-        and str(exc.statement or "").startswith("BEGIN")
-    )
+    """True if the store refused a transaction because another connection held a lock past
+    :func:`busy_timeout`: nothing of it was done, so the call can be made again as it was.
+
+    SQLite refuses at BEGIN, before any statement. PostgreSQL may refuse any statement, but
+    the error aborts the whole transaction, which the store's ``engine.begin()`` rolls back.
+    Either way only the failed transaction is undone: a retry is safe for a call whose
+    writes are one transaction (the dispatcher's store calls are).
+    """
+    if not isinstance(exc, OperationalError):
+        return False
+    if getattr(exc.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE:
+        return True
+    return "database is locked" in str(exc.orig) and str(exc.statement or "").startswith("BEGIN")
 
 
 class _SQLiteCompiler(SQLiteCompiler):
@@ -92,6 +104,15 @@ def _apply_busy_timeout(conn: Connection) -> None:
     if info.get("busy_ms", DEFAULT_BUSY_MS) != wanted:
         conn.exec_driver_sql(f"PRAGMA busy_timeout={wanted}")
         info["busy_ms"] = wanted
+
+
+def _postgres_begin(conn: Connection) -> None:
+    # psycopg opens the transaction at its first statement, this one: the limit is the
+    # transaction's own and ends with it, so a pooled connection carries nothing to the next
+    # caller. Outside busy_timeout nothing is sent (no round trip, PostgreSQL's default wait).
+    wanted = _BUSY_MS.get()
+    if wanted is not None:
+        conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{wanted}ms'")
 
 
 _READ_ONLY: Final = "pushrules_read_only"

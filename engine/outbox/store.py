@@ -62,6 +62,7 @@ from sqlalchemy.sql.elements import BindParameter
 from engine.errors import PushrulesError
 from engine.outbox.connections import (
     _READ_ONLY,
+    _postgres_begin,
     _sqlite_begin,
     _sqlite_on_connect,
     use_index_hints,
@@ -560,8 +561,11 @@ class Store(Marks, Retention):
             use_index_hints(engine)
             return engine
         if quick:
-            return create_engine(url, echo=echo, connect_args={"connect_timeout": 5})
-        return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=8, max_overflow=8)
+            engine = create_engine(url, echo=echo, connect_args={"connect_timeout": 5})
+        else:
+            engine = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=8, max_overflow=8)
+        event.listen(engine, "begin", _postgres_begin)
+        return engine
 
     def close(self) -> None:
         self.engine.dispose()

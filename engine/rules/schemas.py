@@ -773,7 +773,7 @@ DAEMON: dict[str, Any] = {
         "bounds": Bounds(0.01, 30, "ms"),
         **_timing(
             "Lock wait",
-            "How long a fire's write waits for the store's write lock before it fails (an event "
+            "How long a fire's write waits for the store's locks before it fails (an event "
             "is answered 503, a scheduled fire written again)",
             "10ms",
             "30s",
