@@ -10,7 +10,8 @@ import pytest
 
 from engine.accengage.sandbox import RunningSandbox
 from engine.cli.main import main
-from tests.helpers import make_project, write_rule
+from engine.outbox.store import Fire, Store
+from tests.helpers import body, make_project, write_rule
 
 PASSWORD = "pw-Zq81-never-shown"
 RULE = """
@@ -242,3 +243,23 @@ def test_piped_history_is_one_line_a_row(
         assert row.split()[1:5] == ["shipped", row.split()[2], "1", "failed"]
         assert "No or bad message" in row
         assert row.index("failed") == header.index("state")
+
+
+def test_outbox_resend_of_a_trial_row_never_posts_to_the_real_accengage_url(
+    project: Path, sandbox: RunningSandbox, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Here `sandbox` is pushrules.yaml's accengage.url, "the real Accengage". A row of the
+    trial outbox, written for a trial sandbox gone since, resent with --sandbox, goes to a
+    sandbox of the command's own."""
+    trial = Store(f"sqlite:///{project / 'pushrules-sandbox.db'}")
+    gone = "http://127.0.0.1:9/sendInstantMessage.php"
+    (written,) = trial.enqueue_many(
+        [Fire("shipped", "trial-1", [(gone, body("trial"))])], now=datetime.now(UTC)
+    )
+    trial.hold(ids=written.ids)
+    trial.drop(written.ids[0])  # a row a person can resend
+    trial.close()
+    args = ["outbox", "resend", str(written.ids[0]), "--sandbox", "--wait", "5"]
+    assert main([*args, "--project", str(project)]) == 0
+    assert sandbox.requests() == []
+    assert "sent" in capsys.readouterr().out

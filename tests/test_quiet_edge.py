@@ -199,3 +199,30 @@ def test_the_daemons_hook_reads_the_current_rules(project: Callable[..., RuleSet
     assert hook("loud", paris(26, 23).astimezone(UTC)) is None
     del current["quiet"]
     assert hook("quiet", paris(26, 23).astimezone(UTC)) is None
+
+
+def test_in_the_hour_dst_repeats_quiet_rows_wait_for_the_second_end_and_starve_nobody(
+    store: Store, sandbox: RunningSandbox, tmp_path: Path
+) -> None:
+    """Paris, 2026-10-25: 02:00-03:00 is lived twice. Quiet 22:00-02:30, at the second 02:10
+    (01:10 UTC): quiet until the second 02:30 (01:30 UTC). The end was the first 02:30, in the
+    past: the rows came back due at once, claimed and given back in a loop ahead of the rest."""
+    root = make_project(tmp_path / "project")
+    write_rule(root, "quiet", RULE + 'quiet_hours: {from: "22:00", to: "02:30"}\n')
+    write_rule(root, "loud", RULE)
+    rules = dict(load(root).rules)
+    now = datetime(2026, 10, 25, 1, 10, tzinfo=UTC)
+    clock = Clock(now)
+    fires = [Fire("quiet", f"q-{n}", [(sandbox.url, body("quiet"))]) for n in range(3)]
+    store.enqueue_many(fires, now=now.replace(minute=0))
+    store.enqueue_many([Fire("loud", "l-1", [(sandbox.url, body("loud"))])], now=now)
+
+    async def claims() -> None:
+        async with dispatcher(store, rules, clock) as d:
+            for _ in range(5):
+                await d.run_once(limit=2)
+
+    asyncio.run(claims())
+    assert texts(sandbox) == ["loud"]
+    ends = {r.next_attempt_at for r in store.history(rule="quiet", limit=10)}
+    assert ends == {datetime(2026, 10, 25, 1, 30, tzinfo=UTC)}

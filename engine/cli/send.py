@@ -745,7 +745,8 @@ def cmd_outbox(args: argparse.Namespace) -> int:
             if args.action == "drop":
                 print(f"#{row.id} {row.rule} part {row.chunk + 1}: dropped")
         if args.action == "resend" and changed:
-            rows = asyncio.run(_deliver(project, store, changed, args.wait, args.sandbox))
+            with _maybe_sandbox(project, args.sandbox) as target:
+                rows = asyncio.run(_deliver(target, store, changed, args.wait, args.sandbox))
             for row in rows:
                 print(_row_line(row))
             code = max(code, _exit_for(rows, []))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import TYPE_CHECKING, Literal
 
 from engine.outbox.keys import scheduled_for
@@ -78,9 +78,16 @@ def quiet_until(quiet: QuietHours, at: datetime) -> datetime | None:
     if not inside:
         return None
     day = at.date() if now < end else at.date() + timedelta(days=1)
-    local = datetime.combine(day, time(end // 60, end % 60))
+    local = datetime.combine(day, time(end // 60, end % 60)).replace(tzinfo=at.tzinfo)
+    # In the hour a DST change repeats, the end's first occurrence may be behind ``at`` (the
+    # second 02:10 of a period ending 02:30): the end is then the second one. Compared in UTC,
+    # as aware times in one zone compare by their wall clocks.
+    if local.astimezone(UTC) <= at.astimezone(UTC):
+        local = local.replace(fold=1)
+        if local.astimezone(UTC) <= at.astimezone(UTC):
+            return None
     # Through UTC so a DST change inside the quiet period does not shift the end.
-    return local.replace(tzinfo=at.tzinfo).astimezone(at.tzinfo)
+    return local.astimezone(UTC).astimezone(at.tzinfo)
 
 
 def rule_quiet_until(rule: Rule, now: datetime) -> datetime | None:

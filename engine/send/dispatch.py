@@ -381,7 +381,9 @@ class _Pipeline:
 def quiet_ends(rules: Iterable[str], quiet: Quiet, now: datetime) -> dict[str, datetime]:
     """The rules of a batch that are quiet at ``now``, each asked once, with their end."""
     ends = {rule: _quiet_end(quiet, rule, now) for rule in set(rules)}
-    return {rule: end for rule, end in ends.items() if end is not None}
+    # An end not after now would give the rows back due at once, to be claimed and given back
+    # again in a loop that starves every other rule: such a row leaves.
+    return {rule: end for rule, end in ends.items() if end is not None and end > now}
 
 
 def _quiet_end(quiet: Quiet, rule: str, now: datetime) -> datetime | None:

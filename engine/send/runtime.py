@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from engine.accengage import api
 from engine.outbox.store import AttemptResult, OutboxRow, Store
 from engine.rules.project import Project
 from engine.rules.secrets import SecretRef
@@ -80,9 +81,15 @@ def dispatch_settings(project: Project) -> DispatchSettings:
 SANDBOX_STORE = "sqlite:///pushrules-sandbox.db"
 
 
+#: Where ``run --sandbox`` serves its sandbox: a trial with no sandbox of its own names it,
+#: never the real Accengage (a dispatcher of the trial store sends every row to its URL).
+SANDBOX_URL = f"http://127.0.0.1:{api.SANDBOX_PORT}{api.ROUTE}"
+
+
 def sandboxed(project: Project, url: str | None = None) -> Project:
-    """The project as a ``--sandbox`` trial sees it: the sandbox's URL and its own store."""
-    return dataclasses.replace(project, url=url or project.url, store=SANDBOX_STORE)
+    """The project as a ``--sandbox`` trial sees it: the sandbox's URL (the default sandbox's
+    when none is given, never the real one) and its own store."""
+    return dataclasses.replace(project, url=url or SANDBOX_URL, store=SANDBOX_STORE)
 
 
 def open_store(project: Project) -> Store:
