@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -263,3 +264,25 @@ def test_outbox_resend_of_a_trial_row_never_posts_to_the_real_accengage_url(
     assert main([*args, "--project", str(project)]) == 0
     assert sandbox.requests() == []
     assert "sent" in capsys.readouterr().out
+
+
+def test_the_same_key_run_again_inside_quiet_hours_sends_nothing(
+    project: Path, sandbox: RunningSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A row the first run left due (its rule was paused then) is not sent by a retry that
+    comes inside the rule's quiet hours: the daemon would hold it until they end."""
+    here = datetime.now(ZoneInfo("Europe/Paris"))  # the project's timezone
+    hours = (
+        f'{{from: "{here - timedelta(hours=1):%H:%M}", to: "{here + timedelta(hours=1):%H:%M}"}}'
+    )
+    write_rule(project, "quiet", RULE + f"quiet_hours: {hours}\n")
+    data = event_file(tmp_path, order="Q3", member="765c8")
+    args = ["send", "quiet", "--event", data, "--key", "k-q3", "--project", str(project)]
+    assert main(["pause", "quiet", "--project", str(project)]) == 0
+    outside = (here - timedelta(hours=2)).replace(microsecond=0)  # before the quiet hours
+    assert main([*args, "--at", outside.isoformat()]) == 0
+    assert main(["resume", "quiet", "--project", str(project)]) == 0
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "quiet hours" in capsys.readouterr().err
+    assert sandbox.requests() == []

@@ -55,6 +55,7 @@ if TYPE_CHECKING:  # the store and the compiler load when a command runs, not fo
     from engine.outbox.firing import FireOutcome, FireRequest
     from engine.outbox.store import AttemptResult, OutboxRow, Store
     from engine.rules.project import Project
+    from engine.rules.rule import Rule
 
 EXIT_LEFT_TO_DAEMON = 75  # EX_TEMPFAIL: try again later (the daemon will)
 FINAL_STATES = (SENT, FAILED, DEAD, IN_DOUBT)
@@ -310,7 +311,7 @@ def _fire_and_deliver(
             outcomes = fire_many(store, project, requests, now=now)
             for outcome in outcomes:
                 _print_outcome(outcome)
-            ids = _deliverable(store, outcomes)
+            ids = _deliverable(store, outcomes, {r.rule.id: r.rule for r in requests})
             if not ids:
                 return EXIT_OK if all(o.status != "failed" for o in outcomes) else EXIT_PROBLEMS
             rows = asyncio.run(_deliver(project, store, ids, args.wait, args.sandbox))
@@ -342,7 +343,9 @@ def unreadable_credentials(project: Project) -> str | None:
     return None
 
 
-def _deliverable(store: Store, outcomes: Sequence[FireOutcome]) -> list[int]:
+def _deliverable(
+    store: Store, outcomes: Sequence[FireOutcome], rules: Mapping[str, Rule]
+) -> list[int]:
     """Rows to send now: not those deferred by quiet hours, nor those of a paused rule, which
     the daemon sends when their time comes. A duplicate (the same key run again, a script's
     retry) sends what the first run left due, never a row that waits for its time."""
@@ -352,7 +355,7 @@ def _deliverable(store: Store, outcomes: Sequence[FireOutcome]) -> list[int]:
         if o.status not in ("queued", "duplicate"):
             continue
         if o.status == "duplicate":
-            ids.extend(_due_of_duplicate(store, o, paused))
+            ids.extend(_due_of_duplicate(store, o, paused, rules.get(o.rule)))
         elif o.not_before is not None:
             print(
                 f"{o.rule}: left in the outbox until {o.not_before.isoformat()}: the daemon "
@@ -369,10 +372,23 @@ def _deliverable(store: Store, outcomes: Sequence[FireOutcome]) -> list[int]:
     return ids
 
 
-def _due_of_duplicate(store: Store, outcome: FireOutcome, paused: Mapping[str, Any]) -> list[int]:
+def _due_of_duplicate(
+    store: Store, outcome: FireOutcome, paused: Mapping[str, Any], rule: Rule | None
+) -> list[int]:
     """The rows of an earlier fire with this key that are due now, or on their way (their
-    outcome is waited for); the others are said."""
+    outcome is waited for); the others are said. Inside the rule's quiet hours none is sent:
+    the daemon holds them until the hours end, as it would."""
+    from engine.outbox.firing import rule_quiet_until
+
     now = datetime.now(UTC)
+    until = rule_quiet_until(rule, now) if rule is not None else None
+    if until is not None:
+        print(
+            f"{outcome.rule}: the earlier fire with this key waits for the end of the rule's "
+            f"quiet hours, {until.isoformat()}: the daemon sends it then",
+            file=sys.stderr,
+        )
+        return []
     due: list[int] = []
     waiting: datetime | None = None
     for row_id in outcome.ids:
