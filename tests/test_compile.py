@@ -261,6 +261,12 @@ def test_a_when_giving_a_text_that_reads_no_fails_the_fire_instead_of_sending(
     assert not passes_when(rule, FireContext(NOW, {"vip": ""}))
 
 
+def test_a_when_whose_value_is_a_text_asked_for_is_not_read_as_no(tmp_path: Path) -> None:
+    """`and` gives its last value: "no" here is Norwegian, which the author asked for."""
+    rule, _ = rule_from(tmp_path, GOOD + 'when: "{{ event.optin and event.lang }}"\n')
+    assert passes_when(rule, FireContext(NOW, {"optin": True, "lang": "no"}))
+
+
 def test_now_and_vars_in_templates(tmp_path: Path) -> None:
     text = GOOD.replace("{{ event.subject }}", "{{ vars.greeting }} {{ now.strftime('%H:%M') }}")
     rule, project = rule_from(tmp_path, text + "vars: {greeting: Morning}\n")

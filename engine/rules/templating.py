@@ -474,6 +474,11 @@ def _lone_reference(text: str) -> tuple[str, tuple[str, ...]] | None:
     return match.group(1), attributes
 
 
+def is_lone_reference(text: str) -> bool:
+    """Whether ``text`` is one value read and nothing else (``{{ event.vip }}``)."""
+    return _lone_reference(text) is not None
+
+
 #: What ``getattr`` finds on a plain dict: for any other name the sandbox's lookup fails over
 #: to the item, which is then all it does (a JSON event's dicts, their ``.id``).
 _DICT_NAMES = frozenset(dir(dict))
