@@ -109,7 +109,8 @@ def register(sub: Any) -> None:
             "resume",
             "lift a pause and release the fires it held",
             "Lift a pause made by `pushrules pause`: the fires kept in the outbox while paused, "
-            "and those held past the rule's limit, are sent by the daemon at once (or dropped "
+            "and those held past the rule's limit, are sent by the daemon at once, or when "
+            "the rule's quiet hours end if they hold now (or dropped "
             "with --drop-unsent). A rule cannot be resumed alone while `pause --all` is in "
             "force: `resume --all` lifts that.",
             "  pushrules resume flight-canceled\n"
@@ -296,7 +297,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if lifted:
         print(f"resumed: {', '.join(lifted)}")
     if released:
-        print(f"{released} held request(s) released: the daemon sends them now")
+        print(
+            f"{released} held request(s) released: the daemon sends them now (or when the "
+            "rule's quiet hours end, if they hold now)"
+        )
     if dropped:
         print(f"{dropped} unsent request(s) dropped")
     if still:
