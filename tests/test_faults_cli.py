@@ -276,6 +276,30 @@ def test_next_names_an_invalid_or_unknown_rule(
     assert main(["next", "--project", str(root)]) == 0
     out = capsys.readouterr().out
     assert "morning\n" in out and "broken-morning  (invalid: see `pushrules validate`" in out
+    # A running daemon keeps the last good version firing: next must not say it stops.
+    assert "keeps firing its last good version" in out
+
+
+@pytest.mark.parametrize(
+    ("start", "first"),
+    [
+        ("2026-03-29 01:00", "2026-03-29T03:00:00+02:00"),  # the rule's time, Paris
+        ("2026-03-29T01:00+01:00", "2026-03-29T03:00:00+02:00"),  # the same moment
+        ("2026-03-29T01:00Z", "2026-03-30T02:30:00+02:00"),  # 03:00 in Paris: past 02:30
+    ],
+)
+def test_next_from_reads_a_time_without_offset_in_the_rules_timezone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], start: str, first: str
+) -> None:
+    """As explain --at and a rule test's at: read it; it was read as UTC (another day here:
+    02:30 is skipped by the spring change, so the fire of the 29th is at 03:00)."""
+    root = make_project(tmp_path / "p")
+    write_rule(root, "night", CRON_RULE.replace('"0 9 * * *"', '"30 2 * * *"'))
+    args = ["next", "night", "--from", start, "--count", "1", "--project", str(root)]
+    assert main(args) == 0
+    assert capsys.readouterr().out.splitlines()[1].strip() == first
+    assert main(["next", "--from", "garbage", "--project", str(root)]) == 2
+    assert "--from: 'garbage' is not understood" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

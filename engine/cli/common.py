@@ -147,17 +147,18 @@ def read_event(source: str | None, what: str = "event") -> dict[str, Any] | None
     return value
 
 
-def parse_time(text: str | None, option: str = "--at") -> datetime:
-    """An ISO 8601 time from the command line (UTC when it names no offset); now if None."""
+def parse_time(text: str | None, option: str = "--at", timezone: str = "UTC") -> datetime:
+    """A time from the command line, read as ``at:`` is: a local time in ``timezone`` unless
+    the text names an offset (``2026-12-24 09:00``, ``2026-12-24T09:00+01:00``); now if None.
+    Commands pass the zone their output speaks (a rule's, the project's; history's UTC)."""
+    from engine.rules.schedule import TriggerError, parse_at, parse_timezone
+
     if text is None:
         return datetime.now(UTC)
     try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise UsageError(
-            f"{option} {text!r} is not an ISO 8601 time like 2026-12-24T09:00:00+01:00"
-        ) from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+        return parse_at(text, parse_timezone(timezone))
+    except TriggerError as exc:
+        raise UsageError(f"{option}{str(exc).removeprefix('at')}") from None
 
 
 def load_project_dir(project_dir: Path) -> tuple[RuleSet, Project]:

@@ -87,7 +87,13 @@ def register(sub: Any) -> None:
     )
     p.add_argument("rule", nargs="?", help="one rule (default: every scheduled rule)")
     project_argument(p)
-    p.add_argument("--from", dest="from_", metavar="ISO8601", help="start (default: now)")
+    p.add_argument(
+        "--from",
+        dest="from_",
+        metavar="T",
+        help="start, like '2026-03-29 01:00' in the rule's timezone (the project's for every "
+        "rule), or with an offset (default: now)",
+    )
     p.add_argument(
         "--count", type=number(int, 1, 1000), default=3, help="fire times per rule (default 3)"
     )
@@ -170,8 +176,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_next(args: argparse.Namespace) -> int:
     """The coming fire times of scheduled rules, in each rule's timezone."""
     try:
-        ruleset, _ = load_project_dir(args.project)
-        start = parse_time(args.from_)
+        ruleset, project = load_project_dir(args.project)
+        # In the zone the answer speaks: the rule's, or the project's for every rule.
+        named = ruleset.rules.get(args.rule) if args.rule else None
+        zone = named.timezone if named is not None else project.timezone
+        start = parse_time(args.from_, "--from", zone)
     except UsageError as exc:
         print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -204,12 +213,20 @@ def cmd_next(args: argparse.Namespace) -> int:
         for moment in moments or ["never again"]:
             print(f"  {moment}")
     for rule_id in invalid:
-        print(f"{rule_id}  (invalid: see `pushrules validate`; it does not fire until fixed)")
+        print(f"{rule_id}  ({_INVALID})")
     return EXIT_OK
 
 
+#: What ``next`` says of a rule whose file has errors (the loader keeps its last good version).
+_INVALID = (
+    "invalid: see `pushrules validate`; this version never fires, and a running daemon keeps "
+    "firing its last good version (switched off if the file says enabled: false)"
+)
+
+
 def invalid_rules(ruleset: RuleSet) -> list[str]:
-    """Rules whose file has errors: they are not in the rule set, and do not fire."""
+    """Rules whose file has errors: this version is not in the rule set and never fires (a
+    running daemon keeps the last good one)."""
     from pathlib import PurePosixPath
 
     return sorted(
@@ -229,7 +246,7 @@ def _not_scheduled(ruleset: RuleSet, rule_id: str) -> str:
     if rule_id in ruleset.rules:
         return f"it fires on {ruleset.rules[rule_id].trigger_kind}, not on a schedule"
     if rule_id in invalid_rules(ruleset):
-        return "invalid: see `pushrules validate`; it does not fire until fixed"
+        return _INVALID
     known = sorted(ruleset.rules) + invalid_rules(ruleset)
     return f"no such rule in rules/{did_you_mean(rule_id, known)}"
 

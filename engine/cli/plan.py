@@ -61,8 +61,9 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--from",
         dest="from_",
-        metavar="ISO8601",
-        help="list fire times after this time (default: now)",
+        metavar="T",
+        help="list fire times after this time, like '2026-03-29 01:00' (UTC) or with an "
+        "offset (default: now)",
     )
     p.set_defaults(func=lazy("engine.cli.plan", "cmd_plan"))
 

@@ -144,7 +144,10 @@ def register(sub: Any) -> None:
         "sending, sent, retrying, failed, dead, in_doubt, held, dropped",
     )
     p.add_argument(
-        "--since", metavar="T", help="a duration back from now (2h, 1d) or an ISO 8601 time"
+        "--since",
+        metavar="T",
+        help="a duration back from now (2h, 1d) or a time, like '2026-11-30 08:00' (UTC, as "
+        "history shows times) or with an offset",
     )
     p.add_argument("--limit", type=number(int, 1), default=100, help="rows at most (default 100)")
     p.add_argument(
