@@ -443,3 +443,27 @@ def test_example_files_carry_the_modeline() -> None:
         schema = Path(re.sub(r".*\$schema=", "", first))
         assert first.startswith("# yaml-language-server: $schema="), path
         assert (path.parent / schema).resolve() == (REPO / "schemas" / f"{kind}.json").resolve()
+
+
+#: Rule-test files (rule-tests/), which the random agreement tests do not generate: each
+#: line is one an author writes, and the editor must say what validate says of it.
+CASE_BASE = "cases:\n  - name: a\n    event: {x: 1}\n"
+
+
+@pytest.mark.parametrize(
+    ("line", "valid"),
+    [
+        ("    expect: {sent: true}\n", True),
+        ("    expect: {sent: no, because: when}\n", True),
+        ("    expect: {sent: false, because: when}\n", True),
+        ("    expect: {error: ''}\n", False),
+        ("    expect: {error: 'template error'}\n", True),
+    ],
+)
+def test_the_editor_schema_agrees_on_rule_test_files(line: str, valid: bool) -> None:
+    from engine.rules.cases import parse_case_file
+
+    _, problems = parse_case_file("rule-tests/t.yaml", CASE_BASE + line)
+    ours = [p.message for p in problems if p.is_error]
+    theirs = schema_errors("tests", CASE_BASE + line)
+    assert (not ours, not theirs) == (valid, valid), (ours, theirs)

@@ -119,6 +119,8 @@ class _Builder:
         if kind == "string":
             if "allowed" in rules:
                 return {"type": "string", "enum": list(rules["allowed"])}
+            if rules.get("empty") is False:  # minLength binds text only, as empty: False does
+                return {**_TEXT, "minLength": 1}
             return dict(_TEXT)
         if kind == "yamlbool":
             return {"anyOf": [{"type": "boolean"}, {"enum": YAML11_BOOL_WORDS}]}

@@ -1022,7 +1022,9 @@ RULE_TEST_EXPECT: dict[str, Any] = {
     "sent": {
         **BOOL,
         **doc(
-            "Sent", "false: the fire sends nothing (say why with because).", json={"const": False}
+            "Sent",
+            "false: the fire sends nothing (say why with because); true: it sends (what body "
+            "or requests say).",
         ),
     },
     "because": {
