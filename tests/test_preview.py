@@ -331,3 +331,22 @@ def test_a_large_fire_shows_its_first_requests_and_counts_the_rest(
     assert "12 requests, 1150 targets" in text
     assert "2 more, with the other targets, are left out of this page" in text
     assert "and 1147 more targets" in text
+
+
+@pytest.mark.parametrize(
+    ("then", "sent", "clock"), [("skip", False, "23:30"), ("defer", True, "08:00")]
+)
+def test_inside_quiet_hours_the_page_says_what_becomes_of_the_push(
+    tmp_path: Path, then: str, sent: bool, clock: str
+) -> None:
+    """Skipped: nothing would be sent (the phones were drawn as if it were). Deferred: the
+    phones show the time it arrives, the end of the quiet hours, not the fire's."""
+    root = make_project(tmp_path / "p")
+    rule = (REPO / "rules" / "monday-digest.yaml").read_text()
+    write_rule(root, "digest", rule.replace("then: defer", f"then: {then}"))
+    out = tmp_path / "page.html"
+    args = ["preview", "digest", "--project", str(root), "--at", "2026-01-05 23:30"]
+    assert main([*args, "--out", str(out)]) == 0
+    page = html.unescape(out.read_text())
+    assert ("Nothing would be sent." not in page) == sent
+    assert f'<div class="clock">{clock}</div>' in page

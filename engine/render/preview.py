@@ -182,8 +182,13 @@ def page_view(
     login: str = "",
     notes: Sequence[str] = (),
     fires: bool = True,
+    *,
+    quiet_until: datetime | None = None,
+    skipped: bool = False,
 ) -> PageView:
-    """What the page shows, before it is HTML (tests read this)."""
+    """What the page shows, before it is HTML (tests read this). ``quiet_until``: the fire is
+    inside the rule's quiet hours, which end then; ``skipped``: they drop it (``then: skip``),
+    so nothing would be sent; otherwise it arrives at their end, the time the phones show."""
     targets = [t for r in requests for t in r.body["sendInstantMessage"]["targets"]]
     apps = (
         tuple(_app_view(rule, project, requests[0].body["sendInstantMessage"], targets))
@@ -198,17 +203,19 @@ def page_view(
     shown = [
         {"url": r.url, "body": for_display(r.body, login)} for r in requests[:MAX_SHOWN_REQUESTS]
     ]
+    # When the phones get it: at the fire, or when the quiet hours deferring it end.
+    shown_at = context.now if quiet_until is None or skipped else quiet_until
     return PageView(
         rule=rule.id,
         file=rule.file,
         description=rule.description,
         trigger=describe_trigger(rule),
         fired_at=context.now.isoformat(timespec="minutes"),
-        clock=context.now.strftime("%H:%M"),
-        date=_date(context.now),
+        clock=shown_at.strftime("%H:%M"),
+        date=_date(shown_at),
         inputs=inputs,
         fires=fires,
-        sent=bool(requests),
+        sent=bool(requests) and not skipped,
         notes=tuple(notes),
         apps=apps,
         requests=len(requests),
