@@ -341,13 +341,7 @@ def test_a_cron_fire_written_while_the_store_is_locked_lands_once(
     db = project.root / "store.db"
 
     with write_lock(db) as lock:
-        report = daemon.wait_health(
-            lambda h: any(w["failed_attempts"] >= 2 for w in h["fire_writes_waiting"]),
-            "the locked fire write to be retried and reported",
-            timeout=25,
-        )
-        (waiting,) = report["fire_writes_waiting"]
-        assert waiting["rule"] == "tick" and waiting["scheduled_at"] == due.isoformat()
+        waiting = retried_tick(daemon, due)
         assert "locked" in waiting["last_error"]
         assert waiting["gives_up_at"] == (due + timedelta(minutes=10)).isoformat()
         seconds, response = timed_get(project.url + "/metrics")
@@ -384,6 +378,19 @@ def test_a_cron_fire_written_while_the_store_is_locked_lands_once(
     )
 
 
+def retried_tick(daemon: Daemon, due: datetime) -> dict[str, Any]:
+    """The /healthz entry of rule tick's fire due at ``due``, once its locked write has been
+    retried and reported."""
+    report = daemon.wait_health(
+        lambda h: any(w["failed_attempts"] >= 2 for w in h["fire_writes_waiting"]),
+        "the locked fire write to be retried and reported",
+        timeout=25,
+    )
+    (waiting,) = report["fire_writes_waiting"]
+    assert waiting["rule"] == "tick" and waiting["scheduled_at"] == due.isoformat()
+    return dict(waiting)
+
+
 @pytest.mark.e2e
 @pytest.mark.postgres
 def test_a_cron_fire_written_while_a_postgresql_table_is_locked_lands_once(
@@ -395,13 +402,7 @@ def test_a_cron_fire_written_while_a_postgresql_table_is_locked_lands_once(
     daemon = started_before(ticking(tmp_path, sandbox, daemons, postgres_store), due)
     project = daemon.project
     with table_lock(postgres_store, at_most=30):
-        report = daemon.wait_health(
-            lambda h: any(w["failed_attempts"] >= 2 for w in h["fire_writes_waiting"]),
-            "the locked fire write to be retried and reported",
-            timeout=25,
-        )
-        (waiting,) = report["fire_writes_waiting"]
-        assert waiting["rule"] == "tick" and waiting["scheduled_at"] == due.isoformat()
+        waiting = retried_tick(daemon, due)
         assert "lock timeout" in waiting["last_error"]
         assert project.rows("tick") == []  # a reader passes an EXCLUSIVE lock
     wait_for(lambda: texts(sandbox), "the fire to be sent", timeout=30, log=daemon.log)
