@@ -199,17 +199,20 @@ def test_the_same_key_run_again_leaves_a_deferred_push_waiting(
     project: Path, sandbox: RunningSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A script retrying its `send --key` must not send at once what quiet hours deferred."""
-    write_rule(project, "quiet", RULE + 'quiet_hours: {from: "00:00", to: "23:59"}\n')
-    data = event_file(tmp_path, order="Q2", member="765c8")
-    noon = (datetime.now(UTC) + timedelta(days=1)).replace(
-        hour=12, minute=0, second=0, microsecond=0
+    # Quiet two to four hours from now: not now, so the waiting row itself is what is said.
+    here = datetime.now(ZoneInfo("Europe/Paris"))
+    hours = (
+        f'{{from: "{here + timedelta(hours=2):%H:%M}", to: "{here + timedelta(hours=4):%H:%M}"}}'
     )
-    args = ["send", "quiet", "--event", data, "--key", "k-q", "--at", noon.isoformat()]
+    write_rule(project, "quiet", RULE + f"quiet_hours: {hours}\n")
+    data = event_file(tmp_path, order="Q2", member="765c8")
+    inside = (here + timedelta(hours=3)).replace(microsecond=0)
+    args = ["send", "quiet", "--event", data, "--key", "k-q", "--at", inside.isoformat()]
     assert main([*args, "--project", str(project)]) == 0
     assert "the daemon sends it then" in capsys.readouterr().err
     assert main([*args, "--project", str(project)]) == 0
     err = capsys.readouterr().err
-    assert "duplicate" in err and "the daemon sends it then" in err
+    assert "duplicate" in err and "waits in the outbox until" in err
     assert sandbox.requests() == []
     main(["history", "--project", str(project), "--format", "json"])
     [row] = json.loads(capsys.readouterr().out)
@@ -286,3 +289,38 @@ def test_the_same_key_run_again_inside_quiet_hours_sends_nothing(
     assert main(args) == 0
     assert "quiet hours" in capsys.readouterr().err
     assert sandbox.requests() == []
+
+
+def test_the_same_key_run_again_inside_quiet_hours_of_a_fire_already_sent_says_nothing_waits(
+    project: Path, sandbox: RunningSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    here = datetime.now(ZoneInfo("Europe/Paris"))
+    hours = (
+        f'{{from: "{here - timedelta(hours=1):%H:%M}", to: "{here + timedelta(hours=1):%H:%M}"}}'
+    )
+    write_rule(project, "quiet", RULE + f"quiet_hours: {hours}\n")
+    data = event_file(tmp_path, order="Q9", member="765c8")
+    args = ["send", "quiet", "--event", data, "--key", "k-q9", "--project", str(project)]
+    outside = (here - timedelta(hours=2)).replace(microsecond=0)
+    assert main([*args, "--at", outside.isoformat()]) == 0
+    assert len(sandbox.requests()) == 1  # sent at once: outside its quiet hours
+    capsys.readouterr()
+    assert main(args) == 0  # the same key again, now inside the quiet hours
+    assert "the daemon sends it then" not in capsys.readouterr().err  # it was sent already
+    assert len(sandbox.requests()) == 1
+
+
+def test_history_since_takes_the_times_history_json_prints(
+    project: Path, sandbox: RunningSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = event_file(tmp_path, order="B2", member="765c8")
+    assert main(["send", "shipped", "--event", data, "--project", str(project)]) == 0
+    capsys.readouterr()
+    assert main(["history", "--project", str(project), "--format", "json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    created = row["created_at"]  # with microseconds
+    for since in (created, created[:10]):  # the row's own time; its day alone
+        code = main(["history", "--project", str(project), "--since", since, "--format", "json"])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert len(json.loads(captured.out)) == 1

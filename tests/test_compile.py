@@ -365,3 +365,14 @@ def test_the_fire_budget_counts_its_steps_not_the_time_between_them(
     slow = {"flight": "AF1", "passengers": [Slow() for _ in range(100)]}
     with pytest.raises(CompileError, match="processor time"):
         run_steps(compile_steps(rule, project, FireContext(NOW, slow)))
+
+
+@pytest.mark.parametrize(
+    "when", ['{{ event["vip"] }}', "{{ event.vip | lower }}", "{{ event.vip | default('no') }}"]
+)
+def test_a_when_of_one_value_filtered_or_indexed_giving_no_fails_too(
+    tmp_path: Path, when: str
+) -> None:
+    rule, _ = rule_from(tmp_path, GOOD + f"when: {json.dumps(when)}\n")
+    with pytest.raises(CompileError, match="compare it instead"):
+        passes_when(rule, FireContext(NOW, {"vip": "false"}))

@@ -423,3 +423,21 @@ def test_a_number_out_of_its_range_is_refused_with_the_range(
         main(argv)
     assert done.value.code == 2
     assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-03-27", "2026-03-27T00:00:00+01:00"),  # a date alone: its midnight
+        ("2026-03-27T00:00:00.123+01:00", "2026-03-27T00:00:00.123000+01:00"),
+        ("2026-03-27T00+01:00", "2026-03-27T00:00:00+01:00"),
+        ("2026-03-27 08:30", "2026-03-27T08:30:00+01:00"),  # local, in the zone given
+        ("2026-03-27T08:30Z", "2026-03-27T09:30:00+01:00"),
+    ],
+)
+def test_a_time_option_takes_every_iso_form_and_reads_a_local_one_in_its_zone(
+    text: str, expected: str
+) -> None:
+    from engine.cli.common import parse_time
+
+    assert parse_time(text, "--from", "Europe/Paris").isoformat() == expected

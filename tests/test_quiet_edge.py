@@ -226,3 +226,17 @@ def test_in_the_hour_dst_repeats_quiet_rows_wait_for_the_second_end_and_starve_n
     assert texts(sandbox) == ["loud"]
     ends = {r.next_attempt_at for r in store.history(rule="quiet", limit=10)}
     assert ends == {datetime(2026, 10, 25, 1, 30, tzinfo=UTC)}
+
+
+def test_quiet_hours_ending_in_the_spring_gap_end_when_the_gap_does() -> None:
+    """Paris 2026-03-29: 02:00-03:00 does not exist. Quiet 22:00-02:30 ends at 03:00, as a
+    fixed time of `at:` or cron in the gap does; a fire at 01:50 was deferred to 03:30, after a
+    fire at 03:10 that was no longer quiet."""
+    from engine.outbox.firing import quiet_until
+    from engine.rules.rule import QuietHours
+
+    paris = ZoneInfo("Europe/Paris")
+    quiet = QuietHours("22:00", "02:30", "defer")
+    assert quiet_until(quiet, datetime(2026, 3, 29, 3, 10, tzinfo=paris)) is None
+    end = quiet_until(quiet, datetime(2026, 3, 29, 1, 50, tzinfo=paris))
+    assert end == datetime(2026, 3, 29, 3, 0, tzinfo=paris)

@@ -155,8 +155,13 @@ def parse_time(text: str | None, option: str = "--at", timezone: str = "UTC") ->
 
     if text is None:
         return datetime.now(UTC)
+    zone = parse_timezone(timezone)
+    try:  # any ISO 8601 form (what history --format json prints, a date alone, ...)
+        return parse_at(datetime.fromisoformat(text.strip()), zone)
+    except ValueError:
+        pass
     try:
-        return parse_at(text, parse_timezone(timezone))
+        return parse_at(text, zone)
     except TriggerError as exc:
         raise UsageError(f"{option}{str(exc).removeprefix('at')}") from None
 

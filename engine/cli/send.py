@@ -379,33 +379,37 @@ def _due_of_duplicate(
     store: Store, outcome: FireOutcome, paused: Mapping[str, Any], rule: Rule | None
 ) -> list[int]:
     """The rows of an earlier fire with this key that are due now, or on their way (their
-    outcome is waited for); the others are said. Inside the rule's quiet hours none is sent:
-    the daemon holds them until the hours end, as it would."""
+    outcome is waited for); the others are said. Inside the rule's quiet hours no due row is
+    sent: the daemon holds them until the hours end, as it would."""
     from engine.outbox.firing import rule_quiet_until
 
     now = datetime.now(UTC)
-    until = rule_quiet_until(rule, now) if rule is not None else None
-    if until is not None:
-        print(
-            f"{outcome.rule}: the earlier fire with this key waits for the end of the rule's "
-            f"quiet hours, {until.isoformat()}: the daemon sends it then",
-            file=sys.stderr,
-        )
-        return []
     due: list[int] = []
+    sending: list[int] = []
     waiting: datetime | None = None
     for row_id in outcome.ids:
         row = store.get(row_id)
         if row is None or row.state not in (*DUE_STATES, SENDING):
             continue  # sent, held, parked or dropped: history says which
-        if row.state != SENDING and row.next_attempt_at > now:
+        if row.state == SENDING:
+            sending.append(row_id)
+        elif row.next_attempt_at > now:
             waiting = row.next_attempt_at if waiting is None else min(waiting, row.next_attempt_at)
         else:
             due.append(row_id)
+    until = rule_quiet_until(rule, now) if rule is not None and due else None
+    if until is not None:
+        waiting = until if waiting is None else min(waiting, until)
+        due = []
     if waiting is not None:
+        why = (
+            "for the end of the rule's quiet hours, "
+            if until is not None
+            else "in the outbox until "
+        )
         print(
-            f"{outcome.rule}: the earlier fire with this key waits in the outbox until "
-            f"{waiting.isoformat()}: the daemon sends it then",
+            f"{outcome.rule}: the earlier fire with this key waits {why}{waiting.isoformat()}: "
+            "the daemon sends it then",
             file=sys.stderr,
         )
     if due and (outcome.rule in paused or "*" in paused):
@@ -413,8 +417,8 @@ def _due_of_duplicate(
             f"{outcome.rule}: the rule is paused: its fire is kept and sent when resumed",
             file=sys.stderr,
         )
-        return []
-    return due
+        return sending
+    return sending + due
 
 
 def _dry_run(project: Project, requests: list[FireRequest]) -> int:

@@ -27,7 +27,7 @@ from engine.render.compiler import (
 )
 from engine.rules.project import Project
 from engine.rules.rule import QuietHours, Rule
-from engine.rules.schedule import parse_timezone
+from engine.rules.schedule import parse_at, parse_timezone
 
 if TYPE_CHECKING:  # the store loads with the first fire, not for a rule test or explain
     from engine.outbox.store import Fire, Store
@@ -78,7 +78,9 @@ def quiet_until(quiet: QuietHours, at: datetime) -> datetime | None:
     if not inside:
         return None
     day = at.date() if now < end else at.date() + timedelta(days=1)
-    local = datetime.combine(day, time(end // 60, end % 60)).replace(tzinfo=at.tzinfo)
+    # An end the spring change skips (02:30 on a night 02:00 goes to 03:00) is the end of
+    # that gap, as a fixed time of `at:` or cron is (parse_at).
+    local = parse_at(datetime.combine(day, time(end // 60, end % 60)), at.tzinfo or UTC)
     # In the hour a DST change repeats, the end's first occurrence may be behind ``at`` (the
     # second 02:10 of a period ending 02:30): the end is then the second one. Compared in UTC,
     # as aware times in one zone compare by their wall clocks.

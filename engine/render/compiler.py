@@ -119,10 +119,11 @@ _NO_WORDS = frozenset({"false", "no", "off", "0", "none", "null"})
 
 
 def passes_when(rule: Rule, ctx: FireContext) -> bool:
-    """The rule's ``when`` condition (true when it has none). A ``when`` that is one value
-    read alone (``{{ event.vip }}``) and gives a text reading as "no" fails the fire, loudly,
-    rather than send it on Jinja's reading. Only then: in ``{{ event.optin and event.lang }}``
-    the text is a value the author asked for (``no``, Norwegian), not a yes/no."""
+    """The rule's ``when`` condition (true when it has none). A ``when`` that gives one value
+    (``{{ event.vip }}``, ``{{ event.vip | lower }}``) and gives a text reading as "no" fails
+    the fire, loudly, rather than send it on Jinja's reading. Only then: in
+    ``{{ event.optin and event.lang }}`` the text is a value the author asked for (``no``,
+    Norwegian), not a yes/no."""
     if not rule.when:
         return True
     try:
@@ -133,7 +134,7 @@ def passes_when(rule: Rule, ctx: FireContext) -> bool:
     if (
         isinstance(value, str)
         and value.strip().lower() in _NO_WORDS
-        and templating.is_lone_reference(rule.when)
+        and templating.gives_one_value(rule.when)
     ):
         raise CompileError(
             rule.id,

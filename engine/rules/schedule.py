@@ -350,7 +350,7 @@ _AT = re.compile(
 )
 
 
-def parse_at(text: str, tz: zoneinfo.ZoneInfo) -> datetime:
+def parse_at(text: object, tz: tzinfo) -> datetime:
     """A one-off local date-time; an explicit offset in the text wins over ``tz``.
 
     A local time skipped by DST moves to the end of the gap, a repeated one takes
@@ -838,7 +838,7 @@ def schedule_for(
     if kind == "every":
         start = EPOCH if anchor is None else _utc(anchor)
         return EverySchedule(parse_duration(value), start.astimezone(tz), tz)  # type: ignore[arg-type]
-    return AtSchedule(parse_at(value, tz), tz)  # type: ignore[arg-type]
+    return AtSchedule(parse_at(value, tz), tz)
 
 
 def fire_times(schedule: Schedule, start: datetime, count: int) -> list[datetime]:

@@ -474,9 +474,18 @@ def _lone_reference(text: str) -> tuple[str, tuple[str, ...]] | None:
     return match.group(1), attributes
 
 
-def is_lone_reference(text: str) -> bool:
-    """Whether ``text`` is one value read and nothing else (``{{ event.vip }}``)."""
-    return _lone_reference(text) is not None
+@lru_cache(maxsize=4096)
+def gives_one_value(text: str) -> bool:
+    """Whether ``{{ expression }}`` gives one value read, filtered or not (``event.vip``,
+    ``event["vip"] | lower``), rather than picking among several (``a and b``, ``a or b``,
+    ``a if c else b``), whose result is a value the author asked for."""
+    try:
+        body = ENV.parse(text).body
+    except (jinja2.TemplateSyntaxError, RecursionError):
+        return False
+    if len(body) != 1 or not isinstance(body[0], nodes.Output) or len(body[0].nodes) != 1:
+        return False
+    return not isinstance(body[0].nodes[0], nodes.And | nodes.Or | nodes.CondExpr)
 
 
 #: What ``getattr`` finds on a plain dict: for any other name the sandbox's lookup fails over
