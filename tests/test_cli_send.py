@@ -40,6 +40,16 @@ def project(tmp_path: Path, sandbox: RunningSandbox, monkeypatch: pytest.MonkeyP
     return root
 
 
+def quiet_rule(project: Path, start: int, end: int) -> datetime:
+    """Rule ``quiet``, quiet from ``start`` to ``end`` hours from now (the project's zone, Paris):
+    a window placed around now, or away from it, whatever the time of day the test runs.
+    Returns now there."""
+    here = datetime.now(ZoneInfo("Europe/Paris"))
+    span = f"{here + timedelta(hours=start):%H:%M}", f"{here + timedelta(hours=end):%H:%M}"
+    write_rule(project, "quiet", RULE + f'quiet_hours: {{from: "{span[0]}", to: "{span[1]}"}}\n')
+    return here
+
+
 def event_file(tmp_path: Path, **fields: str) -> str:
     path = tmp_path / f"event-{len(list(tmp_path.iterdir()))}.json"
     path.write_text(json.dumps(fields))
@@ -200,11 +210,7 @@ def test_the_same_key_run_again_leaves_a_deferred_push_waiting(
 ) -> None:
     """A script retrying its `send --key` must not send at once what quiet hours deferred."""
     # Quiet two to four hours from now: not now, so the waiting row itself is what is said.
-    here = datetime.now(ZoneInfo("Europe/Paris"))
-    hours = (
-        f'{{from: "{here + timedelta(hours=2):%H:%M}", to: "{here + timedelta(hours=4):%H:%M}"}}'
-    )
-    write_rule(project, "quiet", RULE + f"quiet_hours: {hours}\n")
+    here = quiet_rule(project, 2, 4)
     data = event_file(tmp_path, order="Q2", member="765c8")
     inside = (here + timedelta(hours=3)).replace(microsecond=0)
     args = ["send", "quiet", "--event", data, "--key", "k-q", "--at", inside.isoformat()]
@@ -274,11 +280,7 @@ def test_the_same_key_run_again_inside_quiet_hours_sends_nothing(
 ) -> None:
     """A row the first run left due (its rule was paused then) is not sent by a retry that
     comes inside the rule's quiet hours: the daemon would hold it until they end."""
-    here = datetime.now(ZoneInfo("Europe/Paris"))  # the project's timezone
-    hours = (
-        f'{{from: "{here - timedelta(hours=1):%H:%M}", to: "{here + timedelta(hours=1):%H:%M}"}}'
-    )
-    write_rule(project, "quiet", RULE + f"quiet_hours: {hours}\n")
+    here = quiet_rule(project, -1, 1)
     data = event_file(tmp_path, order="Q3", member="765c8")
     args = ["send", "quiet", "--event", data, "--key", "k-q3", "--project", str(project)]
     assert main(["pause", "quiet", "--project", str(project)]) == 0
@@ -294,11 +296,7 @@ def test_the_same_key_run_again_inside_quiet_hours_sends_nothing(
 def test_the_same_key_run_again_inside_quiet_hours_of_a_fire_already_sent_says_nothing_waits(
     project: Path, sandbox: RunningSandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    here = datetime.now(ZoneInfo("Europe/Paris"))
-    hours = (
-        f'{{from: "{here - timedelta(hours=1):%H:%M}", to: "{here + timedelta(hours=1):%H:%M}"}}'
-    )
-    write_rule(project, "quiet", RULE + f"quiet_hours: {hours}\n")
+    here = quiet_rule(project, -1, 1)
     data = event_file(tmp_path, order="Q9", member="765c8")
     args = ["send", "quiet", "--event", data, "--key", "k-q9", "--project", str(project)]
     outside = (here - timedelta(hours=2)).replace(microsecond=0)
