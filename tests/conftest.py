@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from engine.accengage.sandbox import RunningSandbox, start_in_thread
 from engine.outbox.store import Store
@@ -112,7 +114,16 @@ class PostgresSchema:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._admin(f'DROP SCHEMA IF EXISTS "{self.name}" CASCADE')
+        # A process of the test may still be touching the schema (a daemon stopping): the drop
+        # can then be chosen as a deadlock's victim, and is simply made again.
+        for attempt in range(5):
+            try:
+                self._admin(f'DROP SCHEMA IF EXISTS "{self.name}" CASCADE')
+                return
+            except OperationalError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.2)
 
 
 def store_url_context(kind: str, tmp_path: Path) -> Iterator[str]:

@@ -394,7 +394,11 @@ def retried_tick(daemon: Daemon, due: datetime) -> dict[str, Any]:
 @pytest.mark.e2e
 @pytest.mark.postgres
 def test_a_cron_fire_written_while_a_postgresql_table_is_locked_lands_once(
-    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon, postgres_store: str
+    # The schema before the daemons: torn down after them, never dropped under one running.
+    tmp_path: Path,
+    sandbox: RunningSandbox,
+    postgres_store: str,
+    daemons: StartDaemon,
 ) -> None:
     """On PostgreSQL the write gives up after lock_wait too: the fire is retried and listed
     as waiting while the lock is held, not written late when it ends."""
@@ -500,7 +504,11 @@ def test_the_loop_stays_responsive_while_another_process_holds_the_lock(
 @pytest.mark.e2e
 @pytest.mark.postgres
 def test_an_event_is_answered_503_within_lock_wait_on_postgresql(
-    tmp_path: Path, sandbox: RunningSandbox, daemons: StartDaemon, postgres_store: str
+    # The schema before the daemons: torn down after them, never dropped under one running.
+    tmp_path: Path,
+    sandbox: RunningSandbox,
+    postgres_store: str,
+    daemons: StartDaemon,
 ) -> None:
     """Another session holding a table lock the write needs: the event is answered 503
     "retry" after ``lock_wait``, not when the lock is released, and the retry lands once."""
