@@ -529,6 +529,9 @@ def test_an_event_is_answered_503_within_lock_wait_on_postgresql(
         assert response.status_code == 200 and seconds < 1.0, response.text
     assert daemon.post("ping", {"n": 2}, key="second").status_code == 202
     wait_for(lambda: texts(sandbox) == {"ping 1": 1, "ping 2": 1}, "both events to be sent")
+    # Expected under a held lock: one line saying so, not a traceback per event.
+    [said] = [m for m in daemon.messages() if "could not be recorded" in m]
+    assert "locked by another writer" in said and "Traceback" not in daemon.log(tail=None)
 
 
 # --------------------------------------------------------------------------- point 2, unit

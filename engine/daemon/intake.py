@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from engine.daemon.collector import CollectorHold
+from engine.outbox.connections import is_busy
 from engine.outbox.firing import FireOutcome
 from engine.rules.loader import RuleSet
 from engine.rules.schemas import MAX_BODY_DEFAULT
@@ -244,8 +245,16 @@ def create_app(state: IntakeState) -> Starlette:
             del body
             try:
                 outcomes = await state.fire_event(name, payload, f"event:{event_id}")
-            except Exception:
-                log.exception("event %r (%s) could not be recorded", name, event_id)
+            except Exception as exc:
+                if is_busy(exc):  # expected under a held lock: one line each, not a traceback
+                    log.warning(
+                        "event %r (%s) could not be recorded: the store is locked by another "
+                        "writer past daemon.lock_wait; answered 503, to be retried",
+                        name,
+                        event_id,
+                    )
+                else:
+                    log.exception("event %r (%s) could not be recorded", name, event_id)
                 raise _refuse(
                     503,
                     "the event could not be recorded (the store is busy or unreachable): retry "
