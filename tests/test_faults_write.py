@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import signal
 import sqlite3
@@ -592,3 +593,61 @@ def test_a_fire_never_written_is_retried_then_given_up_past_catch_up(
     assert retried and set(retried) == {"once"} and len(retried) == len(tries) - 1
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "given up" in errors[0] and "pushrules send once" in errors[0]
+
+
+@pytest.mark.e2e
+def test_healthz_answers_503_while_the_store_cannot_be_written(
+    tmp_path: Path, sandbox: RunningSandbox
+) -> None:
+    """A full disk (here: a file-size limit on the daemon, so its reads work and its writes
+    fail): events were answered 503, yet /healthz said 200 ok. Not a lock (which is waited out
+    and stays 200): a store that cannot take writes is a daemon that cannot send."""
+    import resource
+    import subprocess
+    import sys
+
+    project = Project(tmp_path / "p", sandbox.url)
+    project.rule("ping", "event: ping", "ping {{ event.n }}")
+    env = {"ACCENGAGE_LOGIN": "test-login", "ACCENGAGE_PASSWORD": "test-password"}
+    argv = [sys.executable, "-m", "engine", "run", "--project", str(project.root)]
+
+    def run(limit: int | None) -> subprocess.Popen[bytes]:
+        def full_disk() -> None:
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        process = subprocess.Popen(  # output to a pipe: the limit would cut a log file too
+            argv,
+            env={**os.environ, **env},
+            cwd=project.root,
+            preexec_fn=full_disk,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(lambda: _answers(project.url), "the daemon to answer /healthz", timeout=30)
+        return process
+
+    first = run(None)  # makes the store, then stops
+    first.terminate()
+    first.communicate(timeout=30)
+    daemon = run(40 * 1024)
+    try:
+        codes = []  # until the store's files reach the limit
+        while 503 not in codes and len(codes) < 200:
+            post = HTTP.post(f"{project.url}/events/ping", json={"n": len(codes)}, timeout=10)
+            codes.append(post.status_code)
+        assert codes[-1] == 503 and set(codes) <= {202, 503}, codes
+        health = HTTP.get(f"{project.url}/healthz", timeout=5)
+        assert health.status_code == 503, health.text
+        assert any("cannot be written" in p for p in health.json()["problems"])
+    finally:
+        daemon.terminate()
+        daemon.communicate(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        HTTP.get(url + "/healthz", timeout=1.0)
+    except httpx.HTTPError:
+        return False
+    return True

@@ -43,7 +43,7 @@ from engine.daemon.scheduler import Changes, Scheduler, name_some
 from engine.daemon.watcher import Watcher
 from engine.errors import PushrulesError
 from engine.outbox.batching import Coalescer
-from engine.outbox.connections import busy_timeout
+from engine.outbox.connections import busy_timeout, is_busy
 from engine.outbox.firing import (
     Decided,
     FireOutcome,
@@ -60,7 +60,7 @@ from engine.rules.problems import format_text
 from engine.rules.project import DaemonConfig, Project
 from engine.rules.rule import Rule
 from engine.rules.schedule import parse_timezone
-from engine.rules.secrets import MissingSecret, SecretRef
+from engine.rules.secrets import MissingSecret, SecretRef, hide_url_password
 from engine.send.dispatch import Dispatcher, Quiet
 from engine.send.runtime import credentials, dispatch_settings, open_store, sandboxed
 
@@ -111,6 +111,9 @@ class Daemon:
         self._ruleset: RuleSet | None = None
         self._project: Project | None = None
         self._last_reload: dict[str, Any] = {}
+        #: The last fire write that failed for another reason than a lock held past lock_wait
+        #: (a full disk, a read-only store), until one succeeds: /healthz answers 503 meanwhile.
+        self._write_failed: tuple[datetime, str] | None = None
         self._compiled: set[str] = set()
         # A batch that fails for a reason other than the database is re-written caller by
         # caller, so one bad fire fails alone (see engine/outbox/batching.py).
@@ -202,6 +205,12 @@ class Daemon:
             credentials(self.project, sandbox=self.options.sandbox).resolve()
         except MissingSecret as exc:
             problems.append(f"credentials: {exc}")
+        if self._write_failed is not None:
+            at, error = self._write_failed
+            problems.append(
+                f"the store cannot be written: the last fire write, at {at.isoformat()}, failed "
+                f"({error}); events are answered 503 and scheduled fires retried until one lands"
+            )
         if self._last_reload.get("failed"):
             problems.append(
                 f"the last reload failed ({self._last_reload['failed']}); the daemon runs the "
@@ -286,7 +295,17 @@ class Daemon:
         assert self.store is not None
         everything = [one for decided, _ in batch for one in decided]
         now = max(moment for _, moment in batch)
-        outcomes = await asyncio.to_thread(self._record, everything, now)
+        try:
+            outcomes = await asyncio.to_thread(self._record, everything, now)
+        except Exception as exc:
+            if not is_busy(exc):  # a lock held past lock_wait is not the store failing
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                self._write_failed = (
+                    self.clock.now(),
+                    hide_url_password(f"{type(exc).__name__}: {first}"),
+                )
+            raise
+        self._write_failed = None
         result, start = [], 0
         for decided, _ in batch:
             result.append(outcomes[start : start + len(decided)])
