@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -651,3 +652,31 @@ def _answers(url: str) -> bool:
     except httpx.HTTPError:
         return False
     return True
+
+
+@pytest.mark.e2e
+def test_a_refusal_to_start_is_a_json_line_under_log_format_json(
+    tmp_path: Path, sandbox: RunningSandbox
+) -> None:
+    """A store newer than the code is refused, its message a log line like the others (it was
+    printed as plain text, which a JSON log collector drops)."""
+    import subprocess
+    import sys
+
+    from engine.outbox.schema import SCHEMA_VERSION
+
+    project = Project(tmp_path / "p", sandbox.url)
+    Store(project.store_url).close()
+    with sqlite3.connect(project.root / "store.db") as conn:
+        conn.execute(
+            "INSERT INTO schema_version VALUES (?, '2026-01-01 00:00:00')", (SCHEMA_VERSION + 1,)
+        )
+    env = {**os.environ, "ACCENGAGE_LOGIN": "l", "ACCENGAGE_PASSWORD": "p"}
+    argv = [sys.executable, "-m", "engine", "run", "--project", str(project.root)]
+    done = subprocess.run(
+        [*argv, "--log-format", "json"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]  # every line is JSON
+    assert any("newer than this pushrules" in e["message"] for e in entries), lines

@@ -808,6 +808,6 @@ def run(options: Options) -> int:
     daemon = Daemon(options)
     try:
         return asyncio.run(daemon.run())
-    except StartupError as exc:
+    except PushrulesError as exc:  # a store it cannot use, a schema too new: in the log's format
         log.error("%s", exc)
         return 1
