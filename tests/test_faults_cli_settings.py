@@ -301,11 +301,18 @@ def test_a_url_with_an_at_sign_after_its_host_is_fine(tmp_path: Path) -> None:
     assert main(["validate", str(root)]) == 0
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://ops:Pr0dPass@db/pushrules",
+        "postgresql+psycopg://ops@db/pushrules?sslmode=require&password=Pr0dPass",  # libpq's form
+    ],
+)
 def test_a_password_in_the_store_url_is_a_warning_that_hides_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str
 ) -> None:
     root = _project(tmp_path, None)
-    text, line = config_with(("store",), "postgresql+psycopg://ops:Pr0dPass@db/pushrules", root, 1)
+    text, line = config_with(("store",), url, root, 1)
     (root / "pushrules.yaml").write_text(text)
     assert main(["validate", str(root)]) == 0  # a warning: the daemon runs on it as it did
     out = "".join(capsys.readouterr())

@@ -142,10 +142,13 @@ def _prefix_spans(text: str, form: str) -> Iterable[tuple[int, int]]:
 
 
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+#: libpq also takes the password as a query parameter: ``...?password=pw``.
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&\s'\"]*", re.IGNORECASE)
 
 
 def hide_url_password(text: str) -> str:
-    """``postgres://user:pw@host/db`` -> ``postgres://user:********@host/db``, wherever a URL
-    stands in ``text``: a store URL is quoted in messages (a typo in its scheme, a refused
-    connection) that reach logs, ``validate`` and the unauthenticated /healthz."""
-    return _URL_PASSWORD.sub(rf"\g<1>{MASK}@", text)
+    """``postgres://user:pw@host/db`` -> ``postgres://user:********@host/db`` (and
+    ``?password=pw`` -> ``?password=********``), wherever a URL stands in ``text``: a store URL
+    is quoted in messages (a typo in its scheme, a refused connection) that reach logs,
+    ``validate`` and the unauthenticated /healthz."""
+    return _QUERY_PASSWORD.sub(rf"\g<1>{MASK}", _URL_PASSWORD.sub(rf"\g<1>{MASK}@", text))
