@@ -229,8 +229,9 @@ def parse_feed(raw: bytes) -> Any:
 
 @dataclass(slots=True)
 class _Marked:
-    new: list[str]
-    first: bool | None  # None: the store failed before it could tell
+    """What recording a poll's keys did: the store's error, or whether it moved the feed's
+    primed key (which happens about once a day, :data:`REFRESH`)."""
+
     error: BaseException | None
     primed_touched: bool = False
 
@@ -412,25 +413,26 @@ class Poller:
         return keyed, len(problems)
 
     def _mark(self, rule_id: str, primed_key: str, keys: Sequence[str], now: datetime) -> _Marked:
-        """Record the keys found, then the feed's primed key, and learn whether the feed was
-        primed before (in a thread).
+        """Record the keys found, then the feed's primed key (in a thread). Whether the feed was
+        new and which keys are new were read before the items fired (:meth:`_unseen`).
 
         Keys first: a crash in between leaves the feed unprimed, so the next poll records
         again rather than sending what was already there; and the feed's last good read never
         runs ahead of its keys' ``seen_at``, which retention relies on.
         """
         try:
-            new = self._seen.see_keys(feed_scope(rule_id), keys, now) if keys else []
+            if keys:
+                self._seen.see_keys(feed_scope(rule_id), keys, now)
         except Exception as exc:
-            return _Marked([], None, exc)
+            return _Marked(exc)
         primed_at = self._primed.get((rule_id, primed_key))
         if primed_at is not None and now - primed_at < REFRESH:
-            return _Marked(new, False, None)
+            return _Marked(None)
         try:
-            fresh = self._seen.see_keys(primed_scope(rule_id), [primed_key], now)
+            self._seen.see_keys(primed_scope(rule_id), [primed_key], now)
         except Exception as exc:
-            return _Marked(new, None, exc)
-        return _Marked(new, primed_at is None and bool(fresh), None, primed_touched=True)
+            return _Marked(exc)
+        return _Marked(None, primed_touched=True)
 
     async def _deliver(
         self, rule: Rule, items: Mapping[str, Mapping[str, Any]]
