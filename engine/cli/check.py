@@ -25,6 +25,8 @@ from engine.cli.common import (
 from engine.rules.problems import Problem, format_json
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from engine.render.compiler import CompiledRequest, FireContext
     from engine.rules.project import Project
     from engine.rules.rule import Rule
@@ -189,6 +191,14 @@ class OneFire:
     notes: list[str]
     #: The login as shown: its value, or which reference is not set.
     login: str
+    #: The end of the rule's quiet hours when the fire falls inside them, else None.
+    quiet_until: datetime | None = None
+
+    @property
+    def skipped(self) -> bool:
+        """Inside quiet hours that drop the push (``then: skip``): nothing would be sent."""
+        quiet = self.rule.quiet_hours
+        return self.quiet_until is not None and quiet is not None and quiet.then == "skip"
 
     def shown(self) -> list[dict[str, Any]]:
         """The requests as ``compile`` prints them: url and body, the password masked."""
@@ -200,6 +210,7 @@ class OneFire:
 def compile_for_command(args: argparse.Namespace, fmt: str = "text") -> OneFire | int:
     """The rule ``args.rule`` of ``args.project`` compiled for ``--event``/``--item``/``--at``;
     or, after printing why (the rule's problems, a failed template), the exit code."""
+    from engine.outbox.firing import rule_quiet_until
     from engine.render.compiler import CompileError, compile_fire, missing_input, passes_when
     from engine.rules.loader import Loader
 
@@ -223,7 +234,8 @@ def compile_for_command(args: argparse.Namespace, fmt: str = "text") -> OneFire 
             )
             return OneFire(rule, project, context, False, [], [note], login)
         requests = compile_fire(rule, project, context)
-        notes = fire_notes(rule, context, len(requests))
+        until = rule_quiet_until(rule, context.now)
+        notes = fire_notes(rule, context, len(requests), until)
     except CompileError as exc:
         hint = missing_input(exc, event=args.event is not None, item=args.item is not None)
         if hint:
@@ -234,7 +246,7 @@ def compile_for_command(args: argparse.Namespace, fmt: str = "text") -> OneFire 
         else:
             print(f"pushrules: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS
-    return OneFire(rule, project, context, True, requests, notes, login)
+    return OneFire(rule, project, context, True, requests, notes, login, until)
 
 
 def shown_login(project: Project) -> str:
@@ -249,16 +261,15 @@ def shown_login(project: Project) -> str:
         return f"<{project.login.describe()} is not set>"
 
 
-def fire_notes(rule: Rule, context: FireContext, requests: int) -> list[str]:
+def fire_notes(
+    rule: Rule, context: FireContext, requests: int, until: datetime | None
+) -> list[str]:
     """What would become of a compiled fire that the JSON alone does not say: targets that
-    expanded to nobody, quiet hours that defer or skip it."""
-    from engine.outbox.firing import quiet_until
-
+    expanded to nobody, quiet hours (ending at ``until``) that defer or skip it."""
     if not requests:
         return [EMPTY_FOR_EACH]
     notes = []
     quiet = rule.quiet_hours
-    until = quiet_until(quiet, context.now) if quiet is not None else None
     if quiet is not None and until is not None:
         at = context.now.isoformat(timespec="minutes")
         window = f"quiet hours ({quiet.start} to {quiet.end})"

@@ -59,11 +59,6 @@ def cmd_preview(args: argparse.Namespace) -> int:
         return fire
     for note in fire.notes:
         print(f"pushrules: {note}", file=sys.stderr)
-    from engine.outbox.firing import rule_quiet_until
-
-    quiet = fire.rule.quiet_hours
-    until = rule_quiet_until(fire.rule, fire.context.now)
-    skipped = until is not None and quiet is not None and quiet.then == "skip"
     page = render_page(
         page_view(
             fire.rule,
@@ -73,8 +68,8 @@ def cmd_preview(args: argparse.Namespace) -> int:
             fire.login,
             fire.notes,
             fire.fires,
-            quiet_until=until,
-            skipped=skipped,
+            quiet_until=fire.quiet_until,
+            skipped=fire.skipped,
         )
     )
     if args.out == "-":
