@@ -420,3 +420,11 @@ def test_files_outside_a_project_and_unknown_files(
     assert main(["fmt", str(root / "notes.yaml")]) == 0
     assert "not a file pushrules reads" in capsys.readouterr().err
     assert (root / "notes.yaml").read_text() == "a:    1\n"
+
+
+@pytest.mark.parametrize("comment", ["", "   # on its line"])
+def test_a_null_list_item_stays_written_and_its_comment_on_its_line(comment: str) -> None:
+    """ruamel wrote `- ~` as `- ` (a trailing space), and a comment after it went to the next
+    line at the next run: fmt was not stable (found by the generated-rules test)."""
+    once = assert_kept(f"trigger: {{event: x}}\ntargets:\n  - ~{comment}\ncatch_up: 30m\n")
+    assert "  - null" in once and " \n" not in once

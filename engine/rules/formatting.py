@@ -89,7 +89,15 @@ def _yaml() -> YAML:
     handler.width = 1_000_000  # never fold a long value over lines
     # [{memberId: m1}] as written, not ruamel's [memberId: m1]: the same to YAML, not to a reader.
     handler.brace_single_entry_mapping_in_flow_sequence = True
+    # A null as ``null``, as in flow style: ruamel writes it empty in block style, and an empty
+    # list item is ``- `` (a trailing space; an end-of-line comment after it moved to the next
+    # line at the next run: fmt was not stable).
+    handler.representer.add_representer(type(None), _represent_null)
     return handler
+
+
+def _represent_null(representer: Any, _: None) -> Any:
+    return representer.represent_scalar("tag:yaml.org,2002:null", "null")
 
 
 def format_text(text: str, kind: str) -> str:
